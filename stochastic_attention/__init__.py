@@ -1,0 +1,19 @@
+"""stochastic-attention: random-permutation windowed attention in linear time."""
+
+from .functional import (
+    BACKENDS,
+    attended_keys,
+    random_permutation,
+    sliding_window_attention,
+    stochastic_attention,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "attended_keys",
+    "random_permutation",
+    "sliding_window_attention",
+    "stochastic_attention",
+]

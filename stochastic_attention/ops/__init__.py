@@ -1,0 +1,1 @@
+"""Operators: pure functions on tensors. ``patterns`` defines visibility; one module per backend."""

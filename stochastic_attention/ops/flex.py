@@ -1,0 +1,128 @@
+"""The flex backend: PyTorch FlexAttention with a block mask built directly from the window.
+
+Works in slot space like the blocked backend. The key sequence is ``[sink keys ; slot keys]``,
+so a query block needs only the key blocks its windows reach plus the first (sink) block: the
+``BlockMask`` is built from those index ranges, never from an n x n tensor. The element mask
+(``mask_mod``) is the shared rule of :mod:`.patterns`. GPU: forward and backward, compiled.
+CPU: forward only, under ``torch.compile`` (PyTorch has no CPU backward for FlexAttention).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .patterns import band_extent, visible
+from .patterns import inverse_permutation
+from .permute import gather_seq
+
+BLOCK = 128
+
+
+def available() -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def unsupported_reason(q: torch.Tensor, needs_grad: bool) -> str | None:
+    """Why this call cannot run on the flex backend, or None if it can."""
+    if not available():
+        return "torch.nn.attention.flex_attention is not available in this PyTorch"
+    if q.device.type == "cpu" and needs_grad:
+        return ("PyTorch has no FlexAttention backward on CPU; use backend='blocked' for training,"
+                " or call under torch.no_grad()")
+    if q.device.type not in ("cpu", "cuda", "xpu"):
+        return f"FlexAttention does not run on device {q.device.type!r}"
+    return None
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def key_block_ranges(n: int, window: int, layout: str, causal: bool, sinks: int, device) -> torch.Tensor:
+    """For each query block: [first, last] key block its windows reach, in the sink-prefixed keys."""
+    q_start = torch.arange(0, n, BLOCK, device=device)
+    q_end = torch.clamp(q_start + BLOCK - 1, max=n - 1)
+    if layout == "block":
+        lo = torch.div(q_start, window, rounding_mode="floor") * window
+        hi = torch.div(q_end, window, rounding_mode="floor") * window + window - 1
+    else:
+        left, right = band_extent(window, causal)
+        lo, hi = q_start - left, q_end + right
+    lo, hi = lo.clamp(min=0) + sinks, hi.clamp(max=n - 1) + sinks
+    return torch.stack([torch.div(lo, BLOCK, rounding_mode="floor"),
+                        torch.div(hi, BLOCK, rounding_mode="floor")], dim=-1)
+
+
+def build_block_mask(n, window, layout, causal, sinks, mask_mod, batch, heads, device):
+    """BlockMask from per-query-block key ranges: a (n/BLOCK)^2 bool table at most, never n x n."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    ranges = key_block_ranges(n, window, layout, causal, sinks, device)  # [QB, 2]
+    kv_block = torch.arange(-(-(n + sinks) // BLOCK), device=device)
+    need = (kv_block >= ranges[:, :1]) & (kv_block <= ranges[:, 1:])
+    if sinks > 0:
+        need[:, : (sinks - 1) // BLOCK + 1] = True
+    count = need.sum(-1)
+    # Indices of the needed blocks first; kv_indices must span every key block (the CPU kernel checks).
+    idx = need.to(torch.int8).argsort(dim=-1, descending=True, stable=True)
+    return BlockMask.from_kv_blocks(
+        count.to(torch.int32).expand(batch, heads, -1).contiguous(),
+        idx.to(torch.int32).expand(batch, heads, -1, -1).contiguous(),
+        BLOCK_SIZE=BLOCK,
+        mask_mod=mask_mod,
+        seq_lengths=(n, n + sinks),
+    )
+
+
+def attention(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask, scale):
+    """Same contract as the blocked path of the dispatcher (window < n, validated inputs)."""
+    B, H, n, D = q.shape
+    groups = H // k.shape[1]
+    if perm is None:
+        pos = torch.arange(n, device=q.device).view(1, 1, n)
+        qs, ks, vs = q, k, v
+    else:
+        pos = perm
+        qs = gather_seq(q, perm)
+        if perm.shape[1] == 1 or groups == 1:
+            ks, vs = gather_seq(k, perm), gather_seq(v, perm)
+        else:
+            ks = gather_seq(k.repeat_interleave(groups, dim=1), perm)
+            vs = gather_seq(v.repeat_interleave(groups, dim=1), perm)
+    if sinks > 0:
+        sk, sv = k[:, :, :sinks], v[:, :, :sinks]
+        if ks.shape[1] != sk.shape[1]:
+            sk, sv = sk.repeat_interleave(groups, dim=1), sv.repeat_interleave(groups, dim=1)
+        ks, vs = torch.cat([sk, ks], dim=2), torch.cat([sv, vs], dim=2)
+    pos = pos.expand(B, H, n).contiguous()
+    valid = key_padding_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        is_sink = kv_idx < sinks
+        slot_k = (kv_idx - sinks).clamp(min=0)
+        pos_q = pos[b, h, q_idx]
+        pos_k = torch.where(is_sink, kv_idx, pos[b, h, slot_k])
+        real = valid[b, pos_k] if valid is not None else True
+        # Window keys that are sinks are dropped here: they come once, through the sink prefix.
+        win = visible(q_idx, slot_k, pos_q, pos_k, window=window, layout=layout, causal=causal,
+                      sinks=0, seq_len=n, key_valid=(~is_sink) & (pos_k >= sinks) & real)
+        sink = is_sink & real
+        if causal:
+            sink = sink & (pos_k <= pos_q)
+        return win | sink
+
+    block_mask = build_block_mask(n, window, layout, causal, sinks, mask_mod, B, H, q.device)
+    out = _compiled_flex()(qs, ks, vs, block_mask=block_mask, scale=scale,
+                           enable_gqa=ks.shape[1] != H)
+    if perm is not None:
+        out = gather_seq(out, inverse_permutation(perm))
+    return out

@@ -1,0 +1,184 @@
+"""The one definition of which keys a query sees, shared by every backend and by the analysis.
+
+Vocabulary:
+- position: a token's index in the ORIGINAL sequence (what RoPE and causality use).
+- slot: a token's index in the PERMUTED sequence; ``perm[slot] = position``. SWA is the case
+  ``perm = arange(n)`` (slot == position).
+
+A key is visible to a query when
+  (the key's slot lies in the query's window  OR  the key is one of the first ``sinks`` positions)
+  AND (not causal  OR  key position <= query position)
+  AND the key is not padding.
+
+Windows in slot space (``window`` counts the query itself; a window that covers the whole
+sequence, ``window >= seq_len``, makes every slot a window-mate, so every operator then reduces
+to full (causal) attention, as with Hugging Face's ``sliding_window``):
+- ``band``, causal:      slots (p - window, p]
+- ``band``, non-causal:  slots [p - window // 2, p + window - 1 - window // 2] (a centred band)
+- ``block``:             the group of ``window`` consecutive slots holding p
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def band_extent(window: int, causal: bool) -> tuple[int, int]:
+    """How many slots a band window reaches to the left and to the right of its query."""
+    if causal:
+        return window - 1, 0
+    left = window // 2
+    return left, window - 1 - left
+
+
+def in_window(
+    slot_q: torch.Tensor,
+    slot_k: torch.Tensor,
+    window: int,
+    layout: str,
+    causal: bool,
+    seq_len: int,
+) -> torch.Tensor:
+    """Elementwise: is key slot ``slot_k`` inside the window of query slot ``slot_q``?"""
+    if window >= seq_len:
+        return torch.ones(torch.broadcast_shapes(slot_q.shape, slot_k.shape), dtype=torch.bool,
+                          device=slot_q.device)
+    if layout == "block":
+        return torch.div(slot_q, window, rounding_mode="floor") == torch.div(
+            slot_k, window, rounding_mode="floor"
+        )
+    left, right = band_extent(window, causal)
+    d = slot_k - slot_q
+    return (d >= -left) & (d <= right)
+
+
+def visible(
+    slot_q: torch.Tensor,
+    slot_k: torch.Tensor,
+    pos_q: torch.Tensor,
+    pos_k: torch.Tensor,
+    *,
+    window: int,
+    layout: str,
+    causal: bool,
+    sinks: int,
+    seq_len: int,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Elementwise visibility of key (slot_k, pos_k) to query (slot_q, pos_q); see module doc."""
+    vis = in_window(slot_q, slot_k, window, layout, causal, seq_len)
+    if sinks > 0:
+        vis = vis | (pos_k < sinks)
+    if causal:
+        vis = vis & (pos_k <= pos_q)
+    if key_valid is not None:
+        vis = vis & key_valid
+    return vis
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """slot_of[..., position] for perm[..., slot] = position."""
+    inv = torch.empty_like(perm)
+    ar = torch.arange(perm.shape[-1], device=perm.device).expand_as(perm)
+    inv.scatter_(-1, perm, ar)
+    return inv
+
+
+def dense_mask(
+    seq_len: int,
+    window: int,
+    *,
+    perm: torch.Tensor | None = None,
+    layout: str = "band",
+    causal: bool = True,
+    sinks: int = 0,
+    key_padding_mask: torch.Tensor | None = None,
+    device=None,
+) -> torch.Tensor:
+    """Full boolean mask [B|1, H|1, n, n] indexed by (query position, key position). O(n^2).
+
+    ``perm`` is [B|1, H|1, n] (None means the identity, i.e. SWA); ``key_padding_mask`` is [B, n].
+    """
+    if perm is None:
+        perm = torch.arange(seq_len, device=device).view(1, 1, -1)
+    device = perm.device
+    slot_of = inverse_permutation(perm)  # [B, H, n]
+    pos = torch.arange(seq_len, device=device)
+    key_valid = None
+    if key_padding_mask is not None:
+        key_valid = key_padding_mask[:, None, None, :]
+    return visible(
+        slot_of[..., :, None],
+        slot_of[..., None, :],
+        pos[:, None],
+        pos[None, :],
+        window=window,
+        layout=layout,
+        causal=causal,
+        sinks=sinks,
+        seq_len=seq_len,
+        key_valid=key_valid,
+    )
+
+
+def window_candidates(seq_len: int, window: int, layout: str, causal: bool, device=None) -> torch.Tensor:
+    """Key slots that may lie in each query slot's window: [n, window] long, -1 where out of range.
+
+    Every slot inside a window appears exactly once in its row, so visibility over these
+    candidates plus the sinks enumerates a pattern in O(n * window) memory.
+    """
+    window = min(window, seq_len)  # a window covering the sequence is the whole sequence
+    p = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(window, device=device)[None, :]
+    if layout == "block" or window == seq_len:
+        cand = torch.div(p, window, rounding_mode="floor") * window + j
+    else:
+        left, _ = band_extent(window, causal)
+        cand = p - left + j
+    return torch.where((cand >= 0) & (cand < seq_len), cand, torch.full_like(cand, -1))
+
+
+def pattern_edges(
+    seq_len: int,
+    window: int,
+    *,
+    perm: torch.Tensor | None = None,
+    layout: str = "band",
+    causal: bool = True,
+    sinks: int = 0,
+    key_valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse form of :func:`dense_mask` for one sequence and head: (query positions, key positions).
+
+    ``perm`` is [n] (None = identity); ``key_valid`` is [n] bool. Each visible pair appears once.
+    Memory and time are O(n * (window + sinks)).
+    """
+    device = perm.device if perm is not None else None
+    if perm is None:
+        perm = torch.arange(seq_len, device=device)
+    if seq_len == 0:
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return empty, empty
+    cand = window_candidates(seq_len, window, layout, causal, device)  # key slots [n, w]
+    q_slot = torch.arange(seq_len, device=device)[:, None].expand_as(cand)
+    ok = cand >= 0
+    k_slot = cand.clamp(min=0)
+    q_pos, k_pos = perm[q_slot], perm[k_slot]
+    kv = key_valid[k_pos] if key_valid is not None else None
+    vis = ok & visible(q_slot, k_slot, q_pos, k_pos, window=window, layout=layout, causal=causal,
+                       sinks=0, seq_len=seq_len, key_valid=kv)
+    qs, ks = [q_pos[vis]], [k_pos[vis]]
+    if sinks > 0:
+        # Sink keys that are not already window-mates of the query.
+        slot_of = inverse_permutation(perm)
+        s_pos = torch.arange(min(sinks, seq_len), device=device)[None, :]
+        q_pos_all = torch.arange(seq_len, device=device)[:, None].expand(-1, s_pos.shape[1])
+        s_pos = s_pos.expand_as(q_pos_all)
+        extra = ~in_window(slot_of[q_pos_all], slot_of[s_pos], window, layout, causal, seq_len)
+        if causal:
+            extra &= s_pos <= q_pos_all
+        if key_valid is not None:
+            extra &= key_valid[s_pos]
+        qs.append(q_pos_all[extra])
+        ks.append(s_pos[extra])
+    return torch.cat(qs), torch.cat(ks)

@@ -1,0 +1,121 @@
+"""Argument checking shared by every operator.
+
+Every public op calls these before dispatching, so each backend can assume clean inputs:
+q [B, Hq, n, D], k/v [B, Hkv, n, D] with Hq % Hkv == 0, perm [B|1, Hq|1, n] (a permutation),
+key_padding_mask [B, n] bool.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LAYOUTS = ("band", "block")
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have shape [batch, heads, seq, head_dim] (4 dims), got {tuple(t.shape)};"
+                " transpose [batch, seq, heads, dim] inputs with .transpose(1, 2)"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"q and k must have the same sequence length (self-attention), got {q.shape[2]} and"
+            f" {k.shape[2]}; for decoding with a KV cache use full attention over the cache"
+        )
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must have the same head_dim, got {q.shape[3]} and {k.shape[3]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"the number of query heads ({q.shape[1]}) must be a multiple of the number of key/value"
+            f" heads ({k.shape[1]}) for grouped-query attention"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def check_window(window: int) -> int:
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"window must be an int (number of keys a query may see), got {window!r}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1 (it counts the query itself), got {window}")
+    return window
+
+
+def check_sinks(sinks: int) -> int:
+    if isinstance(sinks, bool) or not isinstance(sinks, int):
+        raise TypeError(f"sinks must be an int, got {sinks!r}")
+    if sinks < 0:
+        raise ValueError(f"sinks must be >= 0 (number of leading tokens every query sees), got {sinks}")
+    return sinks
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def check_key_padding_mask(mask: torch.Tensor | None, batch: int, seq: int, device) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(
+            "key_padding_mask must be a bool tensor [batch, seq] with True for real tokens;"
+            " convert an int mask with mask.bool()"
+        )
+    if tuple(mask.shape) != (batch, seq):
+        raise ValueError(f"key_padding_mask must have shape [batch, seq] = {(batch, seq)}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"key_padding_mask is on {mask.device} but q is on {device}")
+
+
+def normalize_perm(perm: torch.Tensor, batch: int, heads: int, seq: int, device) -> torch.Tensor:
+    """Return perm as a [B|1, H|1, n] long tensor after checking it is a permutation of range(n)."""
+    if not isinstance(perm, torch.Tensor):
+        raise TypeError(f"perm must be a LongTensor, got {type(perm).__name__}")
+    if perm.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"perm must be an integer tensor (torch.long), got {perm.dtype}")
+    if perm.device != device:
+        raise ValueError(f"perm is on {perm.device} but q is on {device}; move it with perm.to(q.device)")
+    if perm.dim() == 1:
+        perm = perm.view(1, 1, -1)
+    elif perm.dim() == 2:
+        perm = perm.unsqueeze(1)
+    elif perm.dim() != 3:
+        raise ValueError(f"perm must have shape [seq], [batch, seq] or [batch, heads, seq], got {tuple(perm.shape)}")
+    if perm.shape[-1] != seq:
+        raise ValueError(f"perm has length {perm.shape[-1]} but the sequence has {seq} tokens")
+    if perm.shape[0] not in (1, batch):
+        raise ValueError(f"perm batch dimension must be 1 or {batch}, got {perm.shape[0]}")
+    if perm.shape[1] not in (1, heads):
+        raise ValueError(f"perm heads dimension must be 1 or the number of query heads {heads}, got {perm.shape[1]}")
+    perm = perm.long()
+    if seq > 0:
+        # A permutation sorts to 0..n-1; this catches repeats and out-of-range values alike.
+        ok = torch.equal(perm.sort(dim=-1).values, torch.arange(seq, device=device).expand_as(perm))
+        if not ok:
+            raise ValueError(
+                "perm is not a permutation of range(seq) along its last dim; build one with"
+                " stochastic_attention.random_permutation or torch.randperm"
+            )
+    return perm
+
+
+def check_scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return head_dim**-0.5
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a float or None, got {scale!r}")
+    return float(scale)
