@@ -134,7 +134,8 @@ def run_coverage(args: argparse.Namespace) -> int:
     curves = experiments.coverage_curves(specs, args.seq_len, args.seeds, args.max_layers)
     result["curves"] = curves
     plots.coverage_curves(curves, out / "coverage_curves.png")
-    depth_columns = sorted({d for d in (1, 2, 3, 4, 8, 64, args.max_layers) if d <= args.max_layers})
+    cap = args.max_layers
+    depth_columns = sorted({d for d in (1, 2, 3, 4, 8, 64, cap) if d <= cap})
     table = []
     for r in curves:
         s = experiments.summarize_layers(r["layers_to_full"], r["max_layers"])

@@ -98,9 +98,8 @@ def per_position(rows: Sequence[dict], path: Path) -> Path:
     """Per-position coverage after several depths (one panel per scheme), and the keys each
     position sees in one layer; curves are moving averages over n/128 positions."""
     panels = len(rows) + 1
-    cols = 2
-    fig, axes = plt.subplots(-(-panels // cols), cols, figsize=(6.0 * cols, 4.0 * -(-panels // cols)),
-                             squeeze=False)
+    cols, lines = 2, -(-panels // 2)
+    fig, axes = plt.subplots(lines, cols, figsize=(6.0 * cols, 4.0 * lines), squeeze=False)
     axes = axes.ravel()
     for ax in axes[panels:]:
         ax.set_visible(False)
