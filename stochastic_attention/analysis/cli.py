@@ -39,7 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     cov.add_argument("--position-seq-len", type=int, default=4096,
                      help="length for per-position coverage of all tokens (0: skip)")
     cov.add_argument("--position-depths", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 32])
-    cov.add_argument("--out", type=Path, default=Path("results/coverage"))
+    cov.add_argument("--out", type=Path, default=Path("runs/coverage"))
     cov.set_defaults(func=run_coverage)
 
     graph = subparsers.add_parser(
@@ -61,7 +61,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="window of each SA+SWA branch (single branches get twice this)")
     graph.add_argument("--connectome-sources", type=int, default=64)
     graph.add_argument("--seed", type=int, default=0)
-    graph.add_argument("--out", type=Path, default=Path("results/graph"))
+    graph.add_argument("--out", type=Path, default=Path("runs/graph"))
     graph.set_defaults(func=run_graph)
     return cov
 
