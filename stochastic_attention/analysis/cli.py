@@ -10,11 +10,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import experiments, plots
 from .families import PATTERNS, PatternSpec
 
 DEFAULT_PATTERNS = ("swa", "sa_band", "sa_block", "sa_swa", "moba", "dilated")
+THREADS_HELP = ("torch threads (default 1: the pattern ops are small, and on a busy CPU extra "
+                "threads mostly wait on each other)")
+
+
+def _set_threads(threads: int) -> None:
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -40,6 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="length for per-position coverage of all tokens (0: skip)")
     cov.add_argument("--position-depths", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 32])
     cov.add_argument("--out", type=Path, default=Path("runs/coverage"))
+    cov.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     cov.set_defaults(func=run_coverage)
 
     graph = subparsers.add_parser(
@@ -62,6 +72,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     graph.add_argument("--connectome-sources", type=int, default=64)
     graph.add_argument("--seed", type=int, default=0)
     graph.add_argument("--out", type=Path, default=Path("runs/graph"))
+    graph.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     graph.set_defaults(func=run_graph)
     return cov
 
@@ -125,6 +136,7 @@ def _layers_text(summary: dict) -> str:
 
 def run_coverage(args: argparse.Namespace) -> int:
     _check_positive(args, "seq_len", "window", "seeds", "max_layers", "position_seq_len")
+    _set_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     modes = _modes(args.causal)
@@ -210,6 +222,7 @@ def _binned(row: dict, bins: int = 128) -> dict:
 def run_graph(args: argparse.Namespace) -> int:
     _check_positive(args, "seq_len", "window", "gap_depth", "small_world_seq_len",
                     "connectome_nodes", "connectome_sources")
+    _set_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     specs = [PatternSpec(p, args.window, causal=False) for p in args.patterns]
