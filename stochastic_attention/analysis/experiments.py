@@ -123,6 +123,7 @@ def graph_table(
     for spec in tqdm(specs, desc=f"graphs n={seq_len}"):
         stack = LayerStack(spec, seq_len, seed)
         layers = [stack(i) for i in range(max(depths))]
+        single = graphstats.spectral_gap(layers[:1])
         for depth in depths:
             adj = graphstats.union_graph(layers[:depth])
             rows.append({
@@ -131,8 +132,9 @@ def graph_table(
                 "mean_degree": graphstats.mean_degree(adj),
                 **graphstats.path_lengths(adj, path_sources, seed),
                 "clustering": graphstats.clustering(adj),
-                "spectral_gap_product": graphstats.spectral_gap(layers[:depth]),
-                "spectral_gap_single": graphstats.spectral_gap(layers[:1]),
+                "spectral_gap_product": (single if depth == 1
+                                         else graphstats.spectral_gap(layers[:depth])),
+                "spectral_gap_single": single,
             })
     return rows
 
