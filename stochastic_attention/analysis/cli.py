@@ -56,7 +56,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "graph", help="graph statistics of attention patterns (hops, clustering, spectral gap)",
         description="Small-world statistics of non-causal attention graphs and a comparison at "
                     "the fly connectome's scale.")
-    graph.add_argument("--seq-len", type=int, default=1024)
+    graph.add_argument("--seq-len", type=int, default=512)
     graph.add_argument("--window", type=int, default=16)
     graph.add_argument("--patterns", nargs="+", choices=PATTERNS,
                        default=["swa", "sa_band", "sa_swa", "moba", "dilated"])
