@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -195,7 +194,3 @@ def spectral_gap_vs_depth(
                      "seq_len": seq_len, "gaps": gaps})
     return rows
 
-
-def finite(x: float) -> float | None:
-    """JSON has no infinity: write None for an infinite or undefined number."""
-    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
