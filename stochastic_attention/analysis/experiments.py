@@ -34,7 +34,7 @@ def coverage_curves(
         runs = seeds if spec.random else 1
         curves = np.stack([
             query_coverage_curve(LayerStack(spec, seq_len, seed), seq_len, cap, causal=spec.causal,
-                                 query=query)
+                                 query=query, progress=True)
             for seed in range(runs)
         ])
         full = int(allowed_sources(seq_len, spec.causal)[query % seq_len])
@@ -73,7 +73,7 @@ def per_position_coverage(
     rows = []
     for spec in tqdm(specs, desc=f"per-position n={seq_len}"):
         stack = LayerStack(spec, seq_len, seed)
-        sizes = all_tokens_sizes(stack, seq_len, depths)
+        sizes = all_tokens_sizes(stack, seq_len, depths, progress=True)
         allowed = allowed_sources(seq_len, spec.causal)
         one_layer = np.bincount(stack(0).q, minlength=seq_len)
         rows.append({
