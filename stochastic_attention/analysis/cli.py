@@ -34,6 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "length, per-position coverage of causal patterns.")
     cov.add_argument("--seq-len", type=int, default=16384, help="length for the depth curves")
     cov.add_argument("--window", type=int, default=64)
+    cov.add_argument("--sinks", type=int, default=0,
+                     help="leading tokens every query also sees (all patterns but MoBA/dilated)")
     cov.add_argument("--patterns", nargs="+", default=list(DEFAULT_PATTERNS), choices=PATTERNS)
     cov.add_argument("--causal", choices=("causal", "non-causal", "both"), default="both")
     cov.add_argument("--seeds", type=int, default=3, help="permutation seeds (random patterns)")
@@ -135,12 +137,14 @@ def _layers_text(summary: dict) -> str:
 
 
 def run_coverage(args: argparse.Namespace) -> int:
-    _check_positive(args, "seq_len", "window", "seeds", "max_layers", "position_seq_len")
+    _check_positive(args, "seq_len", "window", "sinks", "seeds", "max_layers",
+                    "position_seq_len")
     _set_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     modes = _modes(args.causal)
-    specs = [PatternSpec(p, args.window, causal=c) for c in modes for p in args.patterns]
+    specs = [PatternSpec(p, args.window, causal=c, sinks=args.sinks) for c in modes
+             for p in args.patterns]
     result: dict = {"args": {k: str(v) if isinstance(v, Path) else v
                              for k, v in vars(args).items() if k != "func"}}
     md = ["# Receptive-field coverage\n", _header(_command("coverage", args))]
@@ -168,7 +172,7 @@ def run_coverage(args: argparse.Namespace) -> int:
     md.append(_table(theory_rows, list(theory_rows[0])))
 
     if args.sweep_seq_lens:
-        sweep_specs = [PatternSpec(p, args.window, causal=c) for c in modes
+        sweep_specs = [PatternSpec(p, args.window, causal=c, sinks=args.sinks) for c in modes
                        for p in args.sweep_patterns]
         sweep = experiments.full_coverage_vs_length(sweep_specs, args.sweep_seq_lens,
                                                     args.sweep_seeds, args.sweep_max_layers)
