@@ -19,14 +19,17 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
         if theta <= 0:
             raise ValueError(f"rope_theta must be positive, got {theta}")
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # Frequencies are recomputed per call (cheap) rather than kept in a buffer, so models
+        # materialised from the meta device or from checkpoints never miss them.
+        self.head_dim, self.theta = head_dim, float(theta)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q [B, Hq, L, D] and k [B, Hk, L, D] by ``positions`` [B|1, L]."""
-        angles = positions[:, None, :, None].float() * self.inv_freq  # [B, 1, L, D/2]
+        exponents = torch.arange(0, self.head_dim, 2, device=q.device, dtype=torch.float32)
+        inv_freq = 1.0 / self.theta ** (exponents / self.head_dim)
+        angles = positions[:, None, :, None].float() * inv_freq  # [B, 1, L, D/2]
         cos = torch.cat([angles.cos()] * 2, dim=-1)
         sin = torch.cat([angles.sin()] * 2, dim=-1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
