@@ -1,6 +1,7 @@
 """Where pre-training text comes from: offline corpora, local text files, HF ``datasets``.
 
-A source is given in a config as a corpus name (``shakespeare``, ``bible``, ``wikipedia``) or
+A source is given in a config as a corpus name (``shakespeare``, ``bible``, ``wikipedia``,
+any of :data:`~stochastic_attention.data.corpora.CORPORA`) or
 as a mapping: ``{name: notes, files: "notes/*.txt"}`` (one document per file) or
 ``{name: wt103, hf: wikitext, config: wikitext-103-raw-v1, split: train, column: text}``
 (needs the ``datasets`` package and a network). Loading yields the documents' texts.
@@ -14,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CORPORA = ("shakespeare", "bible", "wikipedia")
+from .corpora import CORPORA, load_corpus
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,6 @@ class Source:
     def load(self) -> list[str]:
         """The texts of the source's documents, in a fixed order."""
         if self.kind == "corpus":
-            from .corpora import load_corpus  # offline corpora, read from installed archives
-
             return [doc.text for doc in load_corpus(self.target)]
         if self.kind == "files":
             return [Path(p).read_text(encoding="utf-8", errors="replace") for p in self.paths()]
