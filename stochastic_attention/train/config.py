@@ -23,7 +23,7 @@ class DataConfig:
     tokenizer: str = "byte"
     val_fraction: float = 0.05
     split_seed: int = 0
-    cache_dir: str = "~/.cache/stochastic_attention/tokens"
+    cache_dir: str = "~/.cache/stochastic-attention/tokens"
 
 
 @dataclass
