@@ -138,3 +138,9 @@ def test_sigterm_saves_a_checkpoint_that_resumes(corpus, tmp_path):
     assert ckpt.exists()
     cfg = config_from_dict(raw_config(corpus, tmp_path / "run", steps=summary["step"] + 1))
     assert train(cfg, resume=True, progress=False)["step"] == summary["step"] + 1
+
+
+def test_bf16_autocast_trains_on_cpu(corpus, tmp_path):
+    summary = train(config_from_dict(raw_config(corpus, tmp_path, kind="sa", steps=2,
+                                                precision="bf16")), progress=False)
+    assert 0 < summary["loss"] < 10 and summary["step"] == 2
