@@ -49,8 +49,7 @@ def test_passkey_examples_plant_the_key_at_the_distance():
         assert len(ids) == 300
         text = tok.decode(ids)
         key = text[-5:]
-        planted = text.index(f"{QUESTION}{key}. Remember it.") + len(f"{QUESTION}{key}. "
-                                                                     "Remember it.")
+        planted = text.index(f"{QUESTION}{key}.") + len(QUESTION)
         assert start - planted == 150 and text.endswith(QUESTION + key)
 
 
@@ -69,8 +68,7 @@ class _Oracle(torch.nn.Module):
 def test_passkey_accuracy_scores_a_copying_oracle_perfectly():
     tok = ByteTokenizer()
     filler = np.frombuffer(b"lorem ipsum dolor sit amet " * 200, dtype=np.uint8)
-    # each answer digit's planted copy lies distance + len(". Remember it.") + 5 digits back
-    offset = 150 + len(". Remember it.") + 5
+    offset = 150  # each answer digit's planted copy lies exactly `distance` tokens back
     scores = passkey_accuracy(_Oracle(offset), tok, filler, seq_len=300, distance=150, trials=8)
     assert scores == {"digit_accuracy": 1.0, "exact_match": 1.0}
     wrong = passkey_accuracy(_Oracle(offset + 1), tok, filler, seq_len=300, distance=150,

@@ -1,7 +1,7 @@
 """A long-range synthetic probe: retrieve a pass key planted far back in natural text.
 
-``... The pass key is 48213. Remember it. <filler> The pass key is 48213`` -> the model must
-copy the digits. Scored teacher-forced (each digit given the previous correct ones), so no
+``... The pass key is 48213. <filler> The pass key is 48213`` -> the model must copy the
+digits. Scored teacher-forced (each digit given the previous correct ones), so no
 sampling noise. Placing the key ``distance`` tokens before the question decides whether a
 windowed model can reach it directly (distance < window) or only through depth or random
 links. Chance is 10% per digit.
@@ -20,21 +20,23 @@ def passkey_examples(tokenizer, filler: np.ndarray, *, seq_len: int, distance: i
     """``trials`` sequences of exactly ``seq_len`` tokens and where each answer starts.
 
     filler: token ids of natural text (e.g. a validation split) to cut the padding from.
-    distance: tokens from the end of the planted sentence to the first answer token.
+    distance: tokens from each planted key token to the answer token that copies it (for a
+        windowed layer, the key is directly visible when distance < window).
     """
     rng = np.random.default_rng(seed)
     question = tokenizer.encode(QUESTION)
     examples = []
     for _ in range(trials):
         key = "".join(str(d) for d in rng.integers(0, 10, digits))
-        needle = tokenizer.encode(f"{QUESTION}{key}. Remember it.")
         answer = tokenizer.encode(key)
-        gap = distance - len(question)
+        needle = tokenizer.encode(f"{QUESTION}{key}.")
+        tail = len(needle) - len(question) - len(answer)  # tokens after the key: "."
+        gap = distance - len(answer) - tail - len(question)
         lead = seq_len - len(needle) - gap - len(question) - len(answer)
         if gap < 0 or lead < 0 or len(filler) <= seq_len:
             raise ValueError(f"distance={distance} does not fit in seq_len={seq_len} (or the "
                              f"filler is shorter than seq_len); use a distance between "
-                             f"{len(question)} and about seq_len - 64")
+                             f"{distance - gap} and about seq_len - 64")
         starts = rng.integers(0, len(filler) - seq_len, 2)
         ids = np.concatenate([filler[starts[0]:starts[0] + lead], needle,
                               filler[starts[1]:starts[1] + gap], question, answer])
