@@ -115,6 +115,7 @@ def stochastic_attention(
 
 
 def _windowed(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask, scale, backend):
+    """Validated dispatch; ``perm`` is None (SWA) or already a checked [B|1, H|1, n] permutation."""
     check_qkv(q, k, v)
     window = check_window(window)
     sinks = check_sinks(sinks)
@@ -123,8 +124,6 @@ def _windowed(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask,
     check_key_padding_mask(key_padding_mask, B, n, q.device)
     scale = check_scale(scale, D)
     backend = _resolve_backend(backend, q, k, v)
-    if perm is not None:
-        perm = normalize_perm(perm, B, H, n, q.device)
     if n == 0:
         return q.new_zeros(q.shape)
     if backend == "reference":
