@@ -103,8 +103,10 @@ def normalize_perm(perm: torch.Tensor, batch: int, heads: int, seq: int, device)
         raise ValueError(f"perm heads dimension must be 1 or the number of query heads {heads}, got {perm.shape[1]}")
     perm = perm.long()
     if seq > 0:
-        # A permutation sorts to 0..n-1; this catches repeats and out-of-range values alike.
-        ok = torch.equal(perm.sort(dim=-1).values, torch.arange(seq, device=device).expand_as(perm))
+        # In range, and every value hit exactly once: O(n), cheaper than sorting on every call.
+        in_range = bool(((perm >= 0) & (perm < seq)).all())
+        ok = in_range and bool(
+            (torch.zeros_like(perm).scatter_add_(-1, perm, torch.ones_like(perm)) == 1).all())
         if not ok:
             raise ValueError(
                 "perm is not a permutation of range(seq) along its last dim; build one with"
