@@ -7,6 +7,8 @@ key_padding_mask [B, n] bool.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 LAYOUTS = ("band", "block")
@@ -46,19 +48,19 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def check_window(window: int) -> int:
-    if isinstance(window, bool) or not isinstance(window, int):
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral):
         raise TypeError(f"window must be an int (number of keys a query may see), got {window!r}")
     if window < 1:
         raise ValueError(f"window must be >= 1 (it counts the query itself), got {window}")
-    return window
+    return int(window)
 
 
 def check_sinks(sinks: int) -> int:
-    if isinstance(sinks, bool) or not isinstance(sinks, int):
+    if isinstance(sinks, bool) or not isinstance(sinks, numbers.Integral):
         raise TypeError(f"sinks must be an int, got {sinks!r}")
     if sinks < 0:
         raise ValueError(f"sinks must be >= 0 (number of leading tokens every query sees), got {sinks}")
-    return sinks
+    return int(sinks)
 
 
 def check_layout(layout: str) -> str:
