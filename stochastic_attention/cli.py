@@ -13,6 +13,7 @@ import sys
 
 COMMANDS = (
     "stochastic_attention.bench.cli",
+    "stochastic_attention.viz",
     "stochastic_attention.train.cli",
     "stochastic_attention.train.compare_cli",
 )
