@@ -128,19 +128,22 @@ def write_report(runs: list[dict], path: Path, *, command: str, plot: Path,
         "final model on held-out documents of each corpus; mean ± half-range over seeds. "
         "Pass key: teacher-forced digit accuracy (chance 0.1) for a 5-digit key planted d tokens "
         "before its copy: inside one window (near) and far beyond the SWA receptive field, "
-        "layers x (window - 1) (far).",
+        "layers x (window - 1) (far). Gain: the answer's loss with a different key planted "
+        "minus with the right one (nats per digit; > 0 means the model reads the key).",
         "",
     ]
     head = ["kind", "params", "steps", "seeds", *[f"ppl {c}" for c in corpora],
             "bits/token (mean)",
-            "pass key near", "pass key far"]
+            "pass key near: acc / gain", "pass key far: acc / gain"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, group in by_name.items():
         ev = [r["eval"] for r in group]
         ppl = [_mean_spread([math.exp(e["val_loss"][c]) for e in ev]) for c in corpora]
         bpb = _mean_spread([np.mean(list(e["val_loss"].values())) / math.log(2) for e in ev])
-        near = _mean_spread([e["passkey"]["near"]["digit_accuracy"] for e in ev])
-        far = _mean_spread([e["passkey"]["far"]["digit_accuracy"] for e in ev])
+        near, far = (
+            _mean_spread([e["passkey"][d]["digit_accuracy"] for e in ev]) + " / "
+            + _mean_spread([e["passkey"][d]["retrieval_gain"] for e in ev])
+            for d in ("near", "far"))
         d_near, d_far = ev[0]["passkey"]["near"]["distance"], ev[0]["passkey"]["far"]["distance"]
         seeds = ",".join(str(r["seed"]) for r in group)
         lines.append(f"| {name} | {ev[0]['params']:,} | {group[0]['steps']} | {seeds} | "
