@@ -57,3 +57,14 @@ def test_config_errors_name_the_argument():
         SALlamaConfig(num_hidden_layers=3, attention_kinds=["full", "sa"])
     with pytest.raises(ValueError, match="attention_kinds"):
         SALlamaConfig(attention_kinds="dense")
+
+
+def test_left_padded_batch_matches_the_unpadded_sequence():
+    model = tiny(["full", "swa", "gated"], sa_window=64)  # SA covering the sequence: exact
+    row = torch.randint(0, 257, (1, 11))
+    ids = torch.cat([torch.randint(0, 257, (1, 15)), torch.cat([torch.zeros(1, 4).long(), row], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate() passes
+    padded = model(ids, attention_mask=mask, position_ids=positions).logits[1, 4:]
+    torch.testing.assert_close(padded, model(row).logits[0])
