@@ -14,6 +14,7 @@ import sys
 COMMANDS = (
     "stochastic_attention.bench.cli",
     "stochastic_attention.viz",
+    "stochastic_attention.analysis.cli",
 )
 
 
