@@ -63,7 +63,8 @@ def fractional_scale(head_dim: int, alpha: float, rule: str = "auto") -> float:
     - ``"auto"`` (the default): ``"sqrt_dim"`` for alpha = 2 and ``"levy"`` for alpha < 2.
     """
     if rule not in SCALE_RULES:
-        raise ValueError(f"scale rule must be one of {SCALE_RULES} or a positive float, got {rule!r}")
+        raise ValueError(
+            f"scale rule must be one of {SCALE_RULES} or a positive float, got {rule!r}")
     if rule == "auto":
         rule = "sqrt_dim" if alpha == 2 else "levy"
     if rule == "sqrt_dim":
@@ -94,7 +95,8 @@ def _resolve_scale(scale, head_dim: int, alpha: float) -> float:
     if scale is None or isinstance(scale, str):
         return fractional_scale(head_dim, alpha, scale or "auto")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a positive float, one of {SCALE_RULES} or None, got {scale!r}")
+        raise ValueError(
+            f"scale must be a positive float, one of {SCALE_RULES} or None, got {scale!r}")
     return float(scale)
 
 
@@ -123,7 +125,7 @@ def _normalise(logk: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _sq_distances(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """||q_i - k_j||^2 / scale^2 through one matmul: [..., Lq, D] x [..., Lk, D] -> [..., Lq, Lk]."""
+    """||q_i - k_j||^2 / scale^2 via one matmul: [..., Lq, D], [..., Lk, D] -> [..., Lq, Lk]."""
     q, k = q / scale, k / scale
     d2 = (q * q).sum(-1, keepdim=True) + (k * k).sum(-1).unsqueeze(-2) - 2 * q @ k.transpose(-1, -2)
     return d2.clamp(min=0)  # rounding can make it slightly negative
@@ -301,6 +303,8 @@ def _chunked(q, k, v, kern, *, causal, key_padding_mask):
                        causal=causal, sinks=0, seq_len=n, key_valid=key_valid)
         return _attend(qc, k, v, mask, kern)
 
+    if n <= QUERY_CHUNK:  # one chunk: checkpointing would only add a recomputation
+        return chunk(q, k, v, 0)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     outs = []
     for start in range(0, n, QUERY_CHUNK):
