@@ -107,28 +107,36 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def log_kernel(d2: torch.Tensor, alpha: float, eps: float, head_dim: int) -> torch.Tensor:
     """log K from squared scaled distances D^2 (any shape)."""
     if alpha == 2:
-        return -d2 / eps
-    # clamp: sqrt has an infinite slope at 0 (q_i == k_j exactly), which would give NaN gradients.
+        return d2 * (-1.0 / eps)
+    # clamp: sqrt has an infinite slope at 0 (q_i == k_j exactly), which would give NaN gradients;
+    # it also absorbs the slightly negative D^2 that rounding can produce.
     dist = d2.clamp(min=1e-12).sqrt()
-    return -(head_dim + alpha) * torch.log1p(dist / math.sqrt(eps))
+    if eps != 1:
+        dist = dist * eps**-0.5
+    return torch.log1p(dist) * -(head_dim + alpha)
 
 
-def _normalise(logk: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Row-normalised exp(logk) over visible entries; rows with nothing visible give zeros."""
-    logk = logk.masked_fill(~mask, float("-inf"))
-    row_max = logk.amax(dim=-1, keepdim=True)
-    # The row maximum cancels in the normalisation; an all-masked row has max -inf: shift it by 0.
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
-    p = torch.exp(logk - row_max)
-    denom = p.sum(dim=-1, keepdim=True)
-    return p / torch.where(denom > 0, denom, torch.ones_like(denom))
+def _normalise(logk: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Row-normalised exp(logk) over visible entries; rows with nothing visible give zeros.
+
+    exp(logk) / sum exp(logk) is a softmax of log K: the fused, max-shifted softmax evaluates it
+    without underflow.
+    """
+    if mask is None:
+        return torch.softmax(logk, dim=-1)
+    # Rows with no visible key would be softmax(-inf, ...) = NaN in both passes: let them see
+    # every key, then zero them (their gradient is then zero too).
+    has_key = mask.any(dim=-1, keepdim=True)
+    p = torch.softmax(logk.masked_fill(~(mask | ~has_key), float("-inf")), dim=-1)
+    return p * has_key
 
 
 def _sq_distances(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """||q_i - k_j||^2 / scale^2 via one matmul: [..., Lq, D], [..., Lk, D] -> [..., Lq, Lk]."""
-    q, k = q / scale, k / scale
-    d2 = (q * q).sum(-1, keepdim=True) + (k * k).sum(-1).unsqueeze(-2) - 2 * q @ k.transpose(-1, -2)
-    return d2.clamp(min=0)  # rounding can make it slightly negative
+    q, k = q * (1.0 / scale), k * (1.0 / scale)  # on the small [n, D] tensors
+    norms = (q * q).sum(-1, keepdim=True) + (k * k).sum(-1).unsqueeze(-2)
+    return torch.baddbmm(norms.flatten(0, -3), q.flatten(0, -3), k.flatten(0, -3).transpose(1, 2),
+                         alpha=-2).view(norms.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,7 +293,7 @@ def fractional_attention(
 
 
 def _attend(q, k, v, mask, kern):
-    """P @ v for q [..., T, D], k/v [..., L, D] and a bool mask broadcastable to [..., T, L]."""
+    """P @ v for q [..., T, D], k/v [..., L, D]; mask: bool broadcastable to [..., T, L] or None."""
     d2 = _sq_distances(q, k, kern["scale"])
     p = _normalise(log_kernel(d2, kern["alpha"], kern["eps"], q.shape[-1]), mask)
     return p @ v
@@ -297,6 +305,8 @@ def _chunked(q, k, v, kern, *, causal, key_padding_mask):
     key_valid = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
 
     def chunk(qc, k, v, start):
+        if not causal and key_valid is None:  # every key visible: no mask at all
+            return _attend(qc, k, v, None, kern)
         qpos = pos[start:start + qc.shape[2], None]
         # window = n: the shared rule reduces to causality and padding.
         mask = visible(qpos, pos[None, :], qpos, pos[None, :], window=n, layout="band",
