@@ -65,7 +65,9 @@ def run(cfg: dict[str, Any], out_dir: str | Path, figures_dir: str | Path | None
                               test_fraction=t["test_fraction"], seed=seed) for seed in seeds}
     started = time.time()
     runs, models = [], {}
-    grid = [(v, d, s) for v in cfg["variants"] for d in sizes for s in seeds]
+    # A variant may restrict itself to some sizes with its own "d_model" list.
+    grid = [(v, d, s) for v in cfg["variants"] for d in sizes for s in seeds
+            if d in v.get("d_model", sizes)]
     for variant, d, seed in tqdm(grid, desc="fna grid"):
         task = tasks[seed]
         model_cfg = _model_config(variant, d, task, cfg)
@@ -99,7 +101,7 @@ def run(cfg: dict[str, Any], out_dir: str | Path, figures_dir: str | Path | None
 
 
 def _model_config(variant: dict, d: int, task: PassageTask, cfg: dict) -> ClassifierConfig:
-    fields = {k: v for k, v in variant.items() if k != "name"}
+    fields = {k: v for k, v in variant.items() if k not in ("name", "d_model")}
     return ClassifierConfig(vocab_size=task.vocab_size, num_classes=len(task.labels),
                             d_model=d, **cfg.get("model", {}), **fields)
 
