@@ -15,6 +15,7 @@ COMMANDS = (
     "stochastic_attention.bench.cli",
     "stochastic_attention.viz",
     "stochastic_attention.analysis.cli",
+    "stochastic_attention.experiments.fna.cli",
 )
 
 
