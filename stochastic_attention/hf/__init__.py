@@ -13,3 +13,6 @@ from .patching import (
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "PatchConfig", "check_supported", "patch", "patched_config",
            "register", "unpatch"]
+
+# Importing the package makes the names usable in from_pretrained(attn_implementation=...).
+register()

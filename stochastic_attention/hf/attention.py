@@ -62,8 +62,8 @@ def _prefill(cfg: PatchConfig, layer_idx: int, q, k, v, kpm, scale, own_window):
 
 def _stochastic(cfg: PatchConfig, layer_idx: int, q, k, v, kpm, scale):
     B, H, n, _ = q.shape
-    perm = random_permutation(B, H, n, generator=_generator(cfg.seed, layer_idx, 0, torch.device("cpu")),
-                              device=q.device)
+    g = _generator(cfg.seed, layer_idx, 0, torch.device("cpu"))
+    perm = random_permutation(B, H, n, generator=g, device=q.device)
     if cfg.local > 0 and cfg.window < n:
         return stochastic_local_attention(q, k, v, cfg.window, cfg.local, perm=perm,
                                           layout=cfg.layout, sinks=cfg.sinks,

@@ -120,7 +120,7 @@ def moba_reference(
                     real = [t for t in range(j * block_size, (j + 1) * block_size) if valid[b, t]]
                     if real:
                         mean = kk[real].float().mean(0)
-                        scores.append((float(q[b, h, i].float() @ mean), j))
+                        scores.append((float(q[b, h, i].detach().float() @ mean.detach()), j))
                 best = {j for _, j in sorted(scores, key=lambda s: -s[0])[: topk - 1]}
                 keep = torch.tensor([
                     (t // block_size in best or t // block_size == own or t < sinks)
