@@ -249,6 +249,11 @@ def attended_keys(
     if method == "stochastic":
         if perm is None:
             perm = random_permutation(batch, heads, n, generator=generator, device=device)
+        elif perm.dim() == 3:  # a given perm fixes the heads (and batch, unless a mask does)
+            heads = perm.shape[1]
+            batch = batch if key_padding_mask is not None else perm.shape[0]
+        elif perm.dim() == 2 and key_padding_mask is None:
+            batch = perm.shape[0]
         perm = normalize_perm(perm, batch, heads, n, perm.device)
         device = perm.device
     else:

@@ -13,8 +13,7 @@ import functools
 
 import torch
 
-from .patterns import band_extent, visible
-from .patterns import inverse_permutation
+from .patterns import band_extent, inverse_permutation, visible
 from .permute import gather_seq
 
 BLOCK = 128

@@ -1,0 +1,1 @@
+"""Data: real offline corpora, tokenisers and token caches."""
