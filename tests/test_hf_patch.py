@@ -161,3 +161,22 @@ def test_settings_survive_save_and_reload(tmp_path):
     assert patched_config(plain) is not None
     unpatch(plain)
     assert not torch.allclose(_logits(plain, ids), expected, atol=1e-3)
+
+
+def test_load_pretrained_reapplies_saved_settings(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from stochastic_attention.models import load_pretrained
+
+    model = patch(tiny_model("mistral"), "moba", 8, moba_topk=2, sinks=1)
+    ids = _ids(24)
+    expected = _logits(model, ids)
+    model.save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0}, "a")),
+                            unk_token="a").save_pretrained(tmp_path)
+    again, _ = load_pretrained(str(tmp_path))
+    assert again.config._attn_implementation == "moba"
+    torch.testing.assert_close(_logits(again, ids), expected)
+    with pytest.raises(TypeError, match="name_or_path"):
+        load_pretrained(3)
