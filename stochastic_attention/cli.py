@@ -16,6 +16,8 @@ COMMANDS = (
     "stochastic_attention.viz",
     "stochastic_attention.analysis.cli",
     "stochastic_attention.experiments.fna.cli",
+    "stochastic_attention.train.cli",
+    "stochastic_attention.train.compare_cli",
 )
 
 
