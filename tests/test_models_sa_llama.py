@@ -17,11 +17,12 @@ def tiny(kinds, **kw) -> SALlamaForCausalLM:
 
 
 def test_save_and_reload_through_auto_classes(tmp_path):
-    model = tiny(["gated", "sa", "swa"], qk_norm=True, gate_granularity="channel",
-                 gate_bias=[1.0, -1.0])
+    kinds = ["gated", "sa", "swa", "moba", "fna"]
+    model = tiny(kinds, qk_norm=True, gate_granularity="channel", gate_bias=[1.0, -1.0],
+                 moba_block_size=8, fna_alpha=1.2)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
-    assert AutoConfig.from_pretrained(tmp_path).attention_kinds == ["gated", "sa", "swa"]
+    assert AutoConfig.from_pretrained(tmp_path).attention_kinds == kinds
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(reloaded, SALlamaForCausalLM)
     ids = torch.randint(0, 257, (2, 40))
