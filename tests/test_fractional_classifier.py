@@ -130,7 +130,7 @@ def test_experiment_runs_end_to_end(tmp_path):
                      {"name": "softmax", "attention": "softmax"}],
         "d_model": [4], "seeds": [0, 1],
         "train": {"steps": 3, "batch_size": 4, "warmup": 1},
-        "graph": {"d_model": 4, "seed": 1, "passages": 2},
+        "graph": {"d_model": 4, "seed": 1, "passages": 2, "thresholds": [0.5, 1.0]},
     }
     result = run(cfg, tmp_path, tmp_path / "figs")
     assert len(result["runs"]) == 4
@@ -140,6 +140,8 @@ def test_experiment_runs_end_to_end(tmp_path):
     for name in ("fna-accuracy.png", "fna-diffusion-map.png"):
         assert (tmp_path / "figs" / name).stat().st_size > 0
     assert set(result["graph"]) >= {"FNA alpha=1.2", "softmax"}
+    assert set(result["graph"]["softmax"]["paths"]) == {"0.5", "1.0"}
+    assert result["graph"]["passages"] == 2
 
 
 def test_cli_parses_the_fna_subcommand():
