@@ -149,3 +149,12 @@ def test_cli_parses_the_fna_subcommand():
     fna_cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["fna", "--quick", "--config", "c.yaml"])
     assert args.quick and args.config == "c.yaml" and args.func is fna_cli.main
+
+
+def test_speed_table_times_every_variant():
+    from stochastic_attention.experiments.fna.speed import speed_markdown, speed_table
+
+    rows = speed_table([12], window=4, heads=1, head_dim=4, repeats=1)
+    assert rows[0]["seq_len"] == 12
+    assert all(rows[0][k] > 0 for k in ("softmax_dense", "fna_dense", "fna_sa", "dense_over_sa"))
+    assert "| 12 | 4 |" in speed_markdown(rows)
