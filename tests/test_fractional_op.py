@@ -122,6 +122,19 @@ def test_window_covering_the_sequence_is_dense_fna(small_tiles, perm_given):
             torch.testing.assert_close(out, dense)
 
 
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_tiny_windows_equal_reference(small_tiles, window):
+    B, H, n, D = 1, 2, 11, 3
+    q, k, v = _qkv(B, H, H, n, D, seed=8)
+    perm = sa.random_permutation(B, H, n, generator=torch.Generator().manual_seed(2))
+    for layout in ("band", "block"):
+        kw = dict(window=window, perm=perm, layout=layout)
+        ref = sa.fractional_attention(q, k, v, 1.2, backend="reference", **kw)
+        torch.testing.assert_close(sa.fractional_attention(q, k, v, 1.2, **kw), ref)
+    if window == 1:  # each query sees only itself
+        torch.testing.assert_close(ref, v)
+
+
 def test_identity_permutation_is_sliding_window(small_tiles):
     B, H, n, D, w = 2, 3, 21, 4, 5
     q, k, v = _qkv(B, H, H, n, D, seed=6)
