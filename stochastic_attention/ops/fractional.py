@@ -302,16 +302,18 @@ def _attend(q, k, v, mask, kern):
 def _chunked(q, k, v, kern, *, causal, key_padding_mask):
     n = q.shape[2]
     pos = torch.arange(n, device=q.device)
-    key_valid = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
 
-    def chunk(qc, k, v, start):
-        if not causal and key_valid is None:  # every key visible: no mask at all
-            return _attend(qc, k, v, None, kern)
-        qpos = pos[start:start + qc.shape[2], None]
+    def chunk(qc, kc, vc, start):
+        """Queries start.. against the first kc.shape[2] keys (all of them unless causal)."""
+        m = kc.shape[2]
+        if not causal and key_padding_mask is None:  # every key visible: no mask at all
+            return _attend(qc, kc, vc, None, kern)
+        qpos, kpos = pos[start:start + qc.shape[2], None], pos[None, :m]
+        key_valid = key_padding_mask[:, None, None, :m] if key_padding_mask is not None else None
         # window = n: the shared rule reduces to causality and padding.
-        mask = visible(qpos, pos[None, :], qpos, pos[None, :], window=n, layout="band",
-                       causal=causal, sinks=0, seq_len=n, key_valid=key_valid)
-        return _attend(qc, k, v, mask, kern)
+        mask = visible(qpos, kpos, qpos, kpos, window=n, layout="band", causal=causal, sinks=0,
+                       seq_len=n, key_valid=key_valid)
+        return _attend(qc, kc, vc, mask, kern)
 
     if n <= QUERY_CHUNK:  # one chunk: checkpointing would only add a recomputation
         return chunk(q, k, v, 0)
@@ -319,10 +321,13 @@ def _chunked(q, k, v, kern, *, causal, key_padding_mask):
     outs = []
     for start in range(0, n, QUERY_CHUNK):
         qc = q[:, :, start:start + QUERY_CHUNK]
+        # Causal: keys after the chunk's last query are never visible, so skip them (half the work).
+        m = start + qc.shape[2] if causal else n
+        kc, vc = k[:, :, :m], v[:, :, :m]
         if needs_grad:  # recompute the chunk's scores in backward instead of storing them
-            outs.append(checkpoint(chunk, qc, k, v, start, use_reentrant=False))
+            outs.append(checkpoint(chunk, qc, kc, vc, start, use_reentrant=False))
         else:
-            outs.append(chunk(qc, k, v, start))
+            outs.append(chunk(qc, kc, vc, start))
     return torch.cat(outs, dim=2)
 
 
