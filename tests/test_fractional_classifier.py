@@ -93,9 +93,13 @@ def test_graph_statistics_on_known_graphs():
     uniform = np.full((n, n), 1 / n)
     assert spectral_gap(uniform) == pytest.approx(1.0)
     assert mean_shortest_path(uniform) == (pytest.approx(1.0), pytest.approx(1.0))
-    cycle = np.roll(np.eye(n), 1, axis=1)  # i -> i + 1: a directed ring
+    cycle = np.roll(np.eye(n), 1, axis=1)  # i -> i + 1: a ring
     assert spectral_gap(cycle) == pytest.approx(0.0, abs=1e-9)
-    assert mean_shortest_path(cycle)[0] == pytest.approx((n - 1) / 2 + 0.5 * 0 + 0.5)  # (1+..+7)/7
+    # On an undirected ring of 8 the other nodes lie 1, 1, 2, 2, 3, 3, 4 hops away.
+    assert mean_shortest_path(cycle) == (pytest.approx(16 / 7), pytest.approx(1.0))
+    halves = np.kron(np.eye(2), np.full((4, 4), 0.25))  # two separate cliques
+    assert mean_shortest_path(halves) == (pytest.approx(1.0), pytest.approx(3 / 7))
+    assert spectral_gap(halves) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="row-stochastic"):
         spectral_gap(np.ones((3, 3)))
     # Two loosely linked clusters: the first diffusion coordinate separates them.

@@ -202,7 +202,7 @@ def markdown_tables(result: dict) -> str:
         v in g for v in variants) else []
     lines += ["", f"Attention graph (d = {g['d_model']}, seed {g['seed']}, "
               f"{g['passages']} test passages, mean ± std; hops over the connected pairs of the"
-              " graph with an edge i -> j where P_ij >= t / n):", "",
+              " undirected graph with an edge i - j where P_ij or P_ji >= t / n):", "",
               "| attention | spectral gap | mean max weight | "
               + " | ".join(f"hops, t = {t} | connected, t = {t}" for t in thresholds) + " |",
               "|---|---|---|" + "---|---|" * len(thresholds)]
