@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import stochastic_attention as sa
-from stochastic_attention.ops import fractional
+from stochastic_attention.ops import blocked, fractional
 from stochastic_attention.ops.patterns import dense_mask
 
 ALPHAS = (0.5, 1.2, 2.0)
@@ -31,7 +31,7 @@ def _padding(B, n, seed=1):
 def small_tiles(monkeypatch):
     """Several chunks / tiles even at short test lengths, with a ragged last one."""
     monkeypatch.setattr(fractional, "QUERY_CHUNK", 7)
-    monkeypatch.setattr(fractional, "BAND_TILE", 5)
+    monkeypatch.setattr(blocked, "BAND_TILE", 5)
 
 
 def test_alpha_two_is_softmax_of_shifted_dot_products():
