@@ -9,10 +9,13 @@ reference uses, so the backends cannot drift apart. Autograd handles the backwar
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .patterns import band_extent, visible
+from .patterns import band_extent, in_window
 
 # Query tile for the band layout: each tile of T queries reads T + window - 1 keys, so a small T
 # wastes less work but makes smaller matmuls. 128 was the best on a 2-core CPU at window 256.
@@ -31,28 +34,100 @@ def _tiles1d(x: torch.Tensor, size: int, step: int, pad_left: int, pad_right: in
     return x.unfold(-1, size, step)
 
 
-def _attend(q, k, v, mask, scale, guard_empty_rows: bool):
-    """One batched SDPA over tiles. q [B,H,nt,T,D]; k,v [B,H,nt,L,D]; mask bool [Bm,Hm,nt,T,L]|None."""
+@dataclass(frozen=True)
+class TilePlan:
+    """How a sequence of ``n`` slots is cut into query tiles and the key runs they reach.
+
+    ``band``: tiles of ``T`` queries, each reading the ``L = T + window - 1`` key slots its
+    windows can reach. ``block``: tiles are the groups of ``window`` slots (``L = T``).
+    Shared by every blocked kernel (softmax and fractional) so they tile identically.
+    """
+
+    n: int
+    T: int
+    left: int
+    right: int
+    layout: str
+
+    @classmethod
+    def make(cls, n: int, window: int, layout: str, causal: bool) -> TilePlan:
+        if layout == "block":
+            return cls(n, window, 0, 0, layout)
+        left, right = band_extent(window, causal)
+        return cls(n, min(BAND_TILE, n), left, right, layout)
+
+    @property
+    def L(self) -> int:
+        return self.T + self.left + self.right
+
+    @property
+    def nt(self) -> int:
+        return -(-self.n // self.T)
+
+    @property
+    def pad(self) -> int:
+        return self.nt * self.T - self.n
+
+    def query_tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., n, D] -> [..., nt, T, D]."""
+        return F.pad(x, (0, 0, 0, self.pad)).view(*x.shape[:-2], self.nt, self.T, x.shape[-1])
+
+    def key_tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., n, D] -> [..., nt, L, D]: the key slots each query tile reaches."""
+        if self.layout == "block":
+            return self.query_tiles(x)
+        return _tiles(x, self.L, self.T, self.left, self.right + self.pad)
+
+    def query_index(self, x: torch.Tensor, fill) -> torch.Tensor:
+        """[..., n] -> [..., nt, T, 1] for per-slot values (positions, masks)."""
+        return F.pad(x, (0, self.pad), value=fill).view(*x.shape[:-1], self.nt, self.T, 1)
+
+    def key_index(self, x: torch.Tensor, fill) -> torch.Tensor:
+        """[..., n] -> [..., nt, 1, L] for per-slot values (positions, masks)."""
+        if self.layout == "block":
+            return self.query_index(x, fill).transpose(-1, -2)
+        return _tiles1d(x, self.L, self.T, self.left, self.right + self.pad, fill).unsqueeze(-2)
+
+    def unpad(self, out: torch.Tensor) -> torch.Tensor:
+        """[B, H, nt, T, D] -> [B, H, n, D]."""
+        B, H = out.shape[:2]
+        return out.reshape(B, H, self.nt * self.T, out.shape[-1])[:, :, : self.n]
+
+
+def _attend(q, k, v, bias, scale, guard_empty_rows: bool):
+    """One batched SDPA over tiles. q [B,H,nt,T,D]; k,v [B,H,nt,L,D]; bias [Bm,Hm,nt,T,L] (0 / -inf)."""
     B, H, nt, T, D = q.shape
     L = k.shape[-2]
     q4, k4, v4 = (x.reshape(B * H, nt, x.shape[-2], D) for x in (q, k, v))
-    if mask is None:
-        out = F.scaled_dot_product_attention(q4, k4, v4, scale=scale)
-        return out.view(B, H, nt, T, D)
-    if mask.shape[0] == 1 and mask.shape[1] == 1:
-        mask4 = mask.reshape(1, nt, T, L)
+    if bias.shape[0] == 1 and bias.shape[1] == 1:
+        bias4 = bias.reshape(1, nt, T, L)
     else:
-        mask4 = mask.expand(B, H, nt, T, L).reshape(B * H, nt, T, L)
+        bias4 = bias.expand(B, H, nt, T, L).reshape(B * H, nt, T, L)
     has_key = None
     if guard_empty_rows:
         # Rows with no visible key must give 0 without NaN in either pass: let them see every key,
         # then zero them (their gradient is then zero too).
-        has_key = mask4.any(dim=-1, keepdim=True)
-        mask4 = mask4 | ~has_key
-    out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask4, scale=scale)
+        has_key = (bias4 > float("-inf")).any(dim=-1, keepdim=True)
+        bias4 = bias4.masked_fill(~has_key, 0.0)
+    out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=bias4, scale=scale)
     if has_key is not None:
         out = out * has_key
     return out.view(B, H, nt, T, D)
+
+
+@functools.lru_cache(maxsize=32)
+def static_tiles(plan: TilePlan, window: int, causal: bool, device: torch.device):
+    """Slot indices of query and key tiles, and the head-independent part of the mask.
+
+    Cached: a training run calls this with the same shape every step. Returns query_slot
+    [nt, T, 1], key_slot [nt, 1, L] (-1 for tile padding) and static = in the window and a real
+    key [nt, T, L].
+    """
+    slot = torch.arange(plan.n, device=device)
+    query_slot = plan.query_index(slot, plan.n + plan.pad)
+    key_slot = plan.key_index(slot, -1)
+    static = in_window(query_slot, key_slot, window, plan.layout, causal, plan.n) & (key_slot >= 0)
+    return query_slot, key_slot, static
 
 
 def windowed_attention(
@@ -84,66 +159,61 @@ def windowed_attention(
     device = q.device
     guard = key_valid is not None or device.type != "cpu"
 
-    if layout == "block":
-        T = window
-        left, right = 0, 0
-        L = T
-    else:
-        T = min(BAND_TILE, n)
-        left, right = band_extent(window, causal)
-        L = T + left + right
-    nt = -(-n // T)
-    n_pad = nt * T
-    slot = torch.arange(n, device=device)
+    plan = TilePlan.make(n, window, layout, causal)
+    L, n_pad = plan.L, plan.n + plan.pad
+    qt, kt, vt = plan.query_tiles(q), plan.key_tiles(k), plan.key_tiles(v)
+    query_slot, key_slot, static = static_tiles(plan, window, causal, device)
 
-    qt = F.pad(q, (0, 0, 0, n_pad - n)).view(B, H, nt, T, D)
-    if layout == "block":
-        kt = F.pad(k, (0, 0, 0, n_pad - n)).view(B, H, nt, T, D)
-        vt = F.pad(v, (0, 0, 0, n_pad - n)).view(B, H, nt, T, D)
-        key_slot = F.pad(slot, (0, n_pad - n), value=-1).view(nt, 1, T)
-    else:
-        kt = _tiles(k, L, T, left, right + n_pad - n)
-        vt = _tiles(v, L, T, left, right + n_pad - n)
-        key_slot = _tiles1d(slot, L, T, left, right + n_pad - n, value=-1).view(nt, 1, L)
-    query_slot = F.pad(slot, (0, n_pad - n), value=n_pad).view(nt, T, 1)
+    def as_tiles(x, fill):  # [.., n] -> query tiles [.., nt, T, 1] and key tiles [.., nt, 1, L]
+        return plan.query_index(x, fill), plan.key_index(x, fill)
 
-    def as_tiles(x, fill):  # [.., n] -> key tiles [.., nt, 1, L] / query tiles [.., nt, T, 1]
-        if layout == "block":
-            kx = F.pad(x, (0, n_pad - n), value=fill).view(*x.shape[:-1], nt, 1, T)
-        else:
-            kx = _tiles1d(x, L, T, left, right + n_pad - n, fill).unsqueeze(-2)
-        qx = F.pad(x, (0, n_pad - n), value=fill).view(*x.shape[:-1], nt, T, 1)
-        return qx, kx
-
-    # Which window keys are visible: the shared rule, evaluated on tiles. Out-of-range key slots
-    # (tile padding) are invalid; window keys that are sinks are dropped here and come back once,
-    # below, as sink keys.
-    if pos is None:
-        q_pos, k_pos = query_slot, key_slot
+    # Visibility as an additive bias (0 or -inf), built in as few full-size passes as possible:
+    # SDPA would turn a bool mask into exactly such a tensor anyway, and on CPU these
+    # elementwise passes, not the matmuls, dominate. The rule is patterns.visible, folded:
+    # - the band and the tile padding do not depend on the head: a small [nt, T, L] table;
+    # - padded keys and window keys that are sinks (they come back once, below, as sink keys)
+    #   are folded into the key's position (set past every query) when causal, so the whole
+    #   per-head part is one comparison and one `where`.
+    neg = float("-inf")
+    drop = None  # [.., nt, 1, L] keys that no query may see through the window
+    if key_valid is not None:
+        drop = ~as_tiles(key_valid, False)[1]
+    if pos is None:  # SWA: slot == position, the band already is causal
+        if sinks > 0:
+            static = static & (key_slot >= sinks)
+        visible_keys = static if drop is None else static & ~drop
+        bias = torch.zeros((), dtype=q.dtype, device=device).masked_fill(~visible_keys, neg)
+        q_pos = query_slot
     else:
         q_pos, k_pos = as_tiles(pos, n_pad)
-    k_ok = key_slot >= 0
-    if key_valid is not None:
-        k_ok = k_ok & as_tiles(key_valid, False)[1]
-    if sinks > 0:
-        k_ok = k_ok & (k_pos >= sinks)
-    mask = visible(query_slot, key_slot, q_pos, k_pos, window=window, layout=layout,
-                   causal=causal, sinks=0, seq_len=n, key_valid=k_ok)
-    mask = mask.view((1,) * (5 - mask.dim()) + tuple(mask.shape))
+        if sinks > 0:
+            sink_key = k_pos < sinks
+            drop = sink_key if drop is None else drop | sink_key
+        static_bias = torch.zeros(static.shape, dtype=q.dtype, device=device).masked_fill_(~static, neg)
+        if causal:
+            if drop is not None:
+                k_pos = k_pos.masked_fill(drop, n_pad + 1)
+            bias = torch.where(k_pos <= q_pos, static_bias, neg)
+        else:
+            bias = static_bias if drop is None else torch.where(drop, neg, static_bias)
+    bias = bias.view((1,) * (5 - bias.dim()) + tuple(bias.shape))
 
     if sink_k is not None:
         S = sink_k.shape[-2]
-        s_pos = torch.arange(S, device=device).view(1, 1, S)
-        s_mask = (s_pos <= q_pos) if causal else torch.ones_like(s_pos, dtype=torch.bool)
+        s_ok = torch.arange(S, device=device).view(1, 1, S) <= q_pos if causal else torch.ones(
+            1, 1, S, dtype=torch.bool, device=device)
         if sink_valid is not None:
-            s_mask = s_mask & sink_valid.unsqueeze(-2).unsqueeze(-2)
-        lead = torch.broadcast_shapes(s_mask.shape[:-1], mask.shape[:-1])
-        mask = torch.cat([mask.expand(*lead, mask.shape[-1]), s_mask.expand(*lead, S)], dim=-1)
-        kt = torch.cat([kt, sink_k.unsqueeze(2).expand(B, H, nt, S, D)], dim=-2)
-        vt = torch.cat([vt, sink_v.unsqueeze(2).expand(B, H, nt, S, D)], dim=-2)
+            s_ok = s_ok & sink_valid.unsqueeze(-2).unsqueeze(-2)
+        s_ok = s_ok.view((1,) * (5 - s_ok.dim()) + tuple(s_ok.shape))
+        lead = torch.broadcast_shapes(s_ok.shape[:-1], bias.shape[:-1])
+        full = torch.empty(*lead, L + S, dtype=q.dtype, device=device)
+        full[..., :L] = bias
+        full[..., L:] = torch.zeros((), dtype=q.dtype, device=device).masked_fill(~s_ok, neg)
+        bias = full
+        kt = torch.cat([kt, sink_k.unsqueeze(2).expand(B, H, plan.nt, S, D)], dim=-2)
+        vt = torch.cat([vt, sink_v.unsqueeze(2).expand(B, H, plan.nt, S, D)], dim=-2)
 
-    out = _attend(qt, kt, vt, mask, scale, guard)
-    return out.reshape(B, H, n_pad, D)[:, :, :n]
+    return plan.unpad(_attend(qt, kt, vt, bias, scale, guard))
 
 
 def sort_groups(perm: torch.Tensor, window: int) -> torch.Tensor:

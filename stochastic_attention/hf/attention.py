@@ -1,0 +1,173 @@
+"""The attention function transformers calls in every layer of a patched model.
+
+Contract (transformers' ``AttentionInterface``): ``fn(module, query, key, value, attention_mask,
+scaling=None, dropout=0.0, **kwargs) -> (out [B, L, Hq, D], None)`` with query [B, Hq, L, D],
+key/value [B, Hkv, S, D] (grouped-query heads not repeated, RoPE already applied). The mask we
+receive is the one :func:`padding_mask` below built: bool [B, S], True for real tokens, or None.
+
+Prefill (L == S) runs the configured method. With a KV cache (L < S) queries sit at the last L
+positions: ``decode="full"`` attends to the whole cache, ``decode="stochastic"`` to the sinks, a
+local window and a fresh random sample of ``window`` cached keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..functional import sliding_window_attention, stochastic_attention
+from ..ops.masked import stochastic_local_attention
+from ..ops.moba import moba_attention
+from ..ops.patterns import inverse_permutation
+from ..ops.permute import gather_mask, gather_seq, random_permutation
+from .config import PatchConfig
+
+
+def _generator(seed: int, layer_idx: int, step: int, device: torch.device) -> torch.Generator:
+    # Fixed per (seed, layer, cache length): reruns give the same output, layers differ.
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + layer_idx) * 1_000_003 + step)
+    return g
+
+
+def _prefill(cfg: PatchConfig, layer_idx: int, q, k, v, kpm, scale, own_window):
+    """Self-attention over the whole sequence; kpm is right-padded (real tokens first) or None."""
+    n = q.shape[2]
+    if not cfg.applies_to(layer_idx) or cfg.method == "full":
+        # The layer keeps the model's own attention: full, or its configured sliding window.
+        return sliding_window_attention(q, k, v, own_window or max(n, 1), key_padding_mask=kpm,
+                                        scale=scale)
+    if cfg.method == "sliding_window":
+        return sliding_window_attention(q, k, v, cfg.window, sinks=cfg.sinks,
+                                        key_padding_mask=kpm, scale=scale)
+    if cfg.method == "moba":
+        return moba_attention(q, k, v, cfg.moba_block, cfg.moba_topk, sinks=cfg.sinks,
+                              key_padding_mask=kpm, scale=scale)
+    hq = q.shape[1]
+    sa_heads = hq if cfg.head_split is None else min(cfg.head_split, hq)
+    if sa_heads < hq:
+        # Head split: the first sa_heads query heads use SA, the others SWA at the same window.
+        groups = hq // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        swa = sliding_window_attention(q[:, sa_heads:], k[:, sa_heads:], v[:, sa_heads:],
+                                       cfg.window, sinks=cfg.sinks, key_padding_mask=kpm,
+                                       scale=scale)
+        if sa_heads == 0:
+            return swa
+        sa = _stochastic(cfg, layer_idx, q[:, :sa_heads], k[:, :sa_heads], v[:, :sa_heads],
+                         kpm, scale)
+        return torch.cat([sa, swa], dim=1)
+    return _stochastic(cfg, layer_idx, q, k, v, kpm, scale)
+
+
+def _stochastic(cfg: PatchConfig, layer_idx: int, q, k, v, kpm, scale):
+    B, H, n, _ = q.shape
+    g = _generator(cfg.seed, layer_idx, 0, torch.device("cpu"))
+    perm = random_permutation(B, H, n, generator=g, device=q.device)
+    if cfg.local > 0 and cfg.window < n:
+        return stochastic_local_attention(q, k, v, cfg.window, cfg.local, perm=perm,
+                                          layout=cfg.layout, sinks=cfg.sinks,
+                                          key_padding_mask=kpm, scale=scale)
+    return stochastic_attention(q, k, v, cfg.window, perm=perm, layout=cfg.layout,
+                                sinks=cfg.sinks, key_padding_mask=kpm, scale=scale)
+
+
+def _with_cache(cfg: PatchConfig, layer_idx: int, q, k, v, valid, scale, own_window):
+    """Queries at the last L of S cached positions; valid [B, S] bool."""
+    B, hq, L, D = q.shape
+    S = k.shape[2]
+    q_pos = torch.arange(S - L, S, device=q.device)[:, None]
+    k_pos = torch.arange(S, device=q.device)[None, :]
+    causal = (k_pos <= q_pos) & valid[:, None, None, :]  # [B, 1, L, S]
+    sparse = cfg.decode == "stochastic" and cfg.applies_to(layer_idx)
+    if not sparse:
+        if own_window and not (cfg.applies_to(layer_idx) and cfg.method != "full"):
+            rank = valid.long().cumsum(-1)
+            causal = causal & (rank[:, None, None, :] > rank[:, None, S - L:, None] - own_window)
+        groups = hq // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        has = causal.any(-1, keepdim=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal | ~has, scale=scale)
+        return out * has
+    return _sampled_decode(cfg, layer_idx, q, k, v, valid, causal, scale)
+
+
+def _sampled_decode(cfg: PatchConfig, layer_idx: int, q, k, v, valid, causal, scale):
+    """Each query: sinks + last ``max(local, 1)`` tokens + ``window`` random earlier keys.
+
+    Keys are gathered, so the attention itself costs O(sinks + local + window) per query.
+    """
+    B, hq, L, D = q.shape
+    S = k.shape[2]
+    rank = valid.long().cumsum(-1) - 1  # index among real tokens (left padding shifts positions)
+    q_rank = rank[:, S - L:]
+    local = max(cfg.local, 1)
+    fixed = (rank[:, None, None, :] < cfg.sinks) | (
+        rank[:, None, None, :] > q_rank[:, None, :, None] - local)
+    fixed = fixed & causal
+    g = _generator(cfg.seed, layer_idx, S, torch.device("cpu"))
+    noise = torch.rand(B, hq, L, S, generator=g).to(q.device)
+    # Priority: always-kept keys first, then a uniform sample of the other visible keys.
+    prio = torch.where(fixed, 2.0, torch.where(causal, noise, -1.0))
+    budget = min(S, cfg.sinks + local + cfg.window)
+    top = prio.topk(budget, dim=-1)
+    keep = top.values >= 0  # [B, hq, L, K]
+    groups = hq // k.shape[1]
+    kv_head = torch.arange(hq, device=q.device) // groups
+    idx = top.indices
+    kg = k[torch.arange(B)[:, None, None, None], kv_head[None, :, None, None], idx]  # [B,hq,L,K,D]
+    vg = v[torch.arange(B)[:, None, None, None], kv_head[None, :, None, None], idx]
+    scores = torch.einsum("bhld,bhlkd->bhlk", q.float(), kg.float()) * scale
+    scores = scores.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhlk,bhlkd->bhld", p, vg.float()).to(q.dtype)
+
+
+def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      *, method: str, **kwargs):
+    """Registered with transformers under each method name (``method`` is bound per name)."""
+    cfg = PatchConfig.from_model_config(module.config)
+    if cfg.method != method:  # the active implementation name wins (set_attn_implementation)
+        cfg = PatchConfig.from_dict({**cfg.to_dict(), "method": method,
+                                     "decode": cfg.decode if method == "stochastic" else "full"})
+    layer_idx = getattr(module, "layer_idx", 0) or 0
+    own_window = kwargs.get("sliding_window")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    B, _, L, _ = query.shape
+    S = key.shape[2]
+    valid = attention_mask
+    if valid is not None and (valid.dim() != 2 or valid.dtype != torch.bool):
+        raise TypeError("the stochastic attention functions expect the [batch, kv_len] bool mask "
+                        "from their own AttentionMaskInterface entry; register both with "
+                        "stochastic_attention.hf.register()")
+    if L < S:
+        if valid is None:
+            valid = torch.ones(B, S, dtype=torch.bool, device=query.device)
+        out = _with_cache(cfg, layer_idx, query, key, value, valid, scale, own_window)
+    elif valid is None or bool(valid.all()):
+        out = _prefill(cfg, layer_idx, query, key, value, None, scale, own_window)
+    else:
+        # Move real tokens to the front (stable), so sinks, blocks and windows see each sequence
+        # as if it were alone; padding then trails every real query and is masked as a key.
+        order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)[:, None, :]
+        kpm = gather_mask(valid, order)[:, 0]
+        q, k, v = (gather_seq(x, order) for x in (query, key, value))
+        out = _prefill(cfg, layer_idx, q, k, v, kpm, scale, own_window)
+        out = gather_seq(out, inverse_permutation(order))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
+                 kv_offset: int = 0, mask_function=None, attention_mask=None, **kwargs):
+    """Registered with ``AttentionMaskInterface``: hand the attention the padding, nothing else.
+
+    Returns bool [B, kv_length] (True = real token) or None when there is no padding; the
+    causal / window structure is the attention function's own business.
+    """
+    if attention_mask is None:
+        return None
+    mask = attention_mask.bool()
+    if mask.shape[-1] < kv_offset + kv_length:
+        mask = F.pad(mask, (0, kv_offset + kv_length - mask.shape[-1]))
+    mask = mask[:, kv_offset:kv_offset + kv_length]
+    return None if bool(mask.all()) else mask

@@ -1,0 +1,104 @@
+"""The settings of a patched model: one validated object, stored on the model's config.
+
+It lives in ``model.config.stochastic_attention`` as a plain dict (so ``save_pretrained`` writes
+it to config.json and two models never share settings); :meth:`PatchConfig.from_model_config`
+reads it back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+METHODS = ("full", "stochastic", "sliding_window", "moba")
+LAYOUTS = ("band", "block")
+DECODES = ("full", "stochastic")
+CONFIG_KEY = "stochastic_attention"
+
+
+def _int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """How the attention of a patched model works. See :func:`stochastic_attention.hf.patch`."""
+
+    method: str
+    window: int
+    sinks: int = 0
+    local: int = 0
+    layout: str = "band"
+    layers: tuple[int, ...] | None = None
+    seed: int = 0
+    decode: str = "full"
+    moba_topk: int = 2
+    head_split: int | None = None
+    num_layers: int | None = None
+    restore_attn_implementation: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
+        if self.decode == "stochastic" and self.method != "stochastic":
+            raise ValueError("decode='stochastic' needs method='stochastic'; use decode='full'")
+        _int("window", self.window, 1)
+        _int("sinks", self.sinks, 0)
+        _int("local", self.local, 0)
+        _int("seed", self.seed, 0)
+        _int("moba_topk", self.moba_topk, 1)
+        if self.head_split is not None:
+            _int("head_split", self.head_split, 0)
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            for i in layers:
+                if isinstance(i, bool) or not isinstance(i, int):
+                    raise TypeError(f"layers must hold ints, got {i!r}")
+                if self.num_layers is not None and not -self.num_layers <= i < self.num_layers:
+                    raise ValueError(
+                        f"layers entry {i} is out of range for a model with {self.num_layers} "
+                        f"layers (use 0..{self.num_layers - 1} or negative indices)")
+            object.__setattr__(self, "layers", layers)
+
+    @property
+    def moba_block(self) -> int:
+        """MoBA block size at the same budget as ``window`` keys: about topk x block keys."""
+        return max(1, self.window // self.moba_topk)
+
+    def applies_to(self, layer_idx: int) -> bool:
+        """Does this layer use the method (True) or keep the model's own attention (False)?"""
+        if self.layers is None:
+            return True
+        n = self.num_layers or 0
+        return any(layer_idx == (i % n if n else i) for i in self.layers)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PatchConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown stochastic_attention settings {sorted(unknown)}; "
+                             f"known: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_model_config(cls, config) -> PatchConfig:
+        d = getattr(config, CONFIG_KEY, None)
+        if d is None:
+            raise ValueError(
+                "this model has no stochastic_attention settings: call "
+                "stochastic_attention.hf.patch(model, method, window, ...) or set "
+                "config.stochastic_attention = {'method': ..., 'window': ...} before loading")
+        return d if isinstance(d, cls) else cls.from_dict(dict(d))

@@ -1,0 +1,107 @@
+"""Switch a transformers model to stochastic / sliding-window / MoBA attention in place."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from .attention import attention_forward, padding_mask
+from .config import CONFIG_KEY, METHODS, PatchConfig
+
+# model_type values whose attention modules follow the contract we rely on (query/key/value
+# handed to the attention interface after RoPE, a ``layer_idx`` per module, the model's mask
+# built through ``AttentionMaskInterface``). Each is covered by the tests.
+SUPPORTED_MODEL_TYPES = ("llama", "qwen3", "qwen2", "mistral")
+REGISTERED = ("stochastic", "sliding_window", "moba")
+
+
+def register() -> None:
+    """Register the attention and mask functions with transformers (idempotent).
+
+    Afterwards ``from_pretrained(..., attn_implementation="stochastic")`` and
+    ``model.set_attn_implementation("moba")`` work; settings come from
+    ``config.stochastic_attention`` (written by :func:`patch`).
+    """
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    for name in REGISTERED:
+        AttentionInterface.register(name, partial(attention_forward, method=name))
+        AttentionMaskInterface.register(name, padding_mask)
+
+
+def check_supported(model) -> None:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model type {model_type!r} is not supported by stochastic_attention.hf; supported "
+            f"families: {', '.join(SUPPORTED_MODEL_TYPES)} (Llama/SmolLM2, Qwen3, Qwen2, Mistral)")
+
+
+def patch(
+    model,
+    method: str,
+    window: int,
+    *,
+    sinks: int = 0,
+    local: int = 0,
+    layout: str = "band",
+    layers=None,
+    seed: int = 0,
+    decode: str = "full",
+    moba_topk: int = 2,
+    head_split: int | None = None,
+):
+    """Switch ``model``'s attention to ``method`` in place and return the model.
+
+    Args:
+        method: "stochastic" (SA), "sliding_window" (SWA), "moba" or "full".
+        window: keys per query (the query included). For MoBA, blocks of ``window // moba_topk``.
+        sinks: the first ``sinks`` real tokens are visible to every query.
+        local: SA only: every query also sees its last ``local`` tokens, in the same softmax.
+        layout: SA window layout in permuted order, "band" or "block".
+        layers: indices of the layers that change (negative ones count from the end); the
+            others keep the model's own attention. None = all layers.
+        seed: permutations are drawn per layer from (seed, layer); reruns are identical.
+        decode: with a KV cache, "full" attends to the whole cache (the default protocol);
+            "stochastic" (SA only) to the sinks, ``max(local, 1)`` recent tokens and a fresh
+            random sample of ``window`` cached keys.
+        moba_topk: blocks per query for MoBA (own block included).
+        head_split: SA only: the first ``head_split`` query heads use SA, the others SWA.
+
+    The settings are stored in ``model.config.stochastic_attention`` (saved with the model);
+    :func:`unpatch` restores the previous attention.
+    """
+    check_supported(model)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if head_split is not None and method != "stochastic":
+        raise ValueError("head_split applies to method='stochastic' only")
+    if local and method != "stochastic":
+        raise ValueError("local applies to method='stochastic' only (SWA already is local)")
+    previous = getattr(model.config, CONFIG_KEY, None)
+    restore = (previous["restore_attn_implementation"] if previous
+               else model.config._attn_implementation)
+    cfg = PatchConfig(method=method, window=window, sinks=sinks, local=local, layout=layout,
+                      layers=layers, seed=seed, decode=decode, moba_topk=moba_topk,
+                      head_split=head_split, num_layers=model.config.num_hidden_layers,
+                      restore_attn_implementation=restore)
+    register()
+    setattr(model.config, CONFIG_KEY, cfg.to_dict())
+    model.set_attn_implementation(restore if method == "full" else method)
+    return model
+
+
+def unpatch(model):
+    """Restore the attention the model had before :func:`patch`; returns the model."""
+    previous = getattr(model.config, CONFIG_KEY, None)
+    if previous is None:
+        raise ValueError("this model is not patched (no config.stochastic_attention)")
+    model.set_attn_implementation(previous["restore_attn_implementation"] or "sdpa")
+    delattr(model.config, CONFIG_KEY)
+    return model
+
+
+def patched_config(model) -> PatchConfig | None:
+    """The model's settings, or None if it is not patched."""
+    d = getattr(model.config, CONFIG_KEY, None)
+    return None if d is None else PatchConfig.from_dict(d)

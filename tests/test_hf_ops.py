@@ -1,0 +1,96 @@
+"""MoBA and the SA + local union against slow references: outputs and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stochastic_attention import random_permutation, stochastic_attention
+from stochastic_attention.ops.masked import stochastic_local_attention
+from stochastic_attention.ops.moba import (
+    chosen_blocks,
+    moba_attended_keys,
+    moba_attention,
+    moba_reference,
+)
+from stochastic_attention.ops.patterns import dense_mask
+from stochastic_attention.ops.reference import masked_attention
+
+
+def _qkv(B=2, Hq=4, Hkv=2, n=13, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, n, D, generator=g, dtype=torch.float32) for h in (Hq, Hkv, Hkv))
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+
+
+def _grads(out, tensors):
+    return torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
+                               tensors)
+
+
+@pytest.mark.parametrize("block,topk,sinks,pad", [(3, 2, 0, False), (4, 1, 2, True),
+                                                  (5, 3, 1, True), (1, 4, 0, False)])
+def test_moba_matches_reference(block, topk, sinks, pad):
+    q, k, v = _qkv()
+    kpm = None
+    if pad:
+        kpm = torch.ones(2, 13, dtype=torch.bool)
+        kpm[1, :4] = False
+    fast = moba_attention(q, k, v, block, topk, sinks=sinks, key_padding_mask=kpm)
+    slow = moba_reference(q, k, v, block, topk, sinks=sinks, key_padding_mask=kpm)
+    torch.testing.assert_close(fast, slow)
+    for a, b in zip(_grads(fast, (q, k, v)), _grads(slow, (q, k, v)), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_moba_with_all_blocks_is_full_causal_attention():
+    q, k, v = _qkv(n=17)
+    out = moba_attention(q, k, v, block_size=4, topk=5)  # 5 blocks cover 17 tokens
+    full = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                          is_causal=True)
+    torch.testing.assert_close(out, full)
+
+
+def test_moba_never_chooses_future_blocks_and_counts_keys():
+    q, k, v = _qkv(n=20)
+    chosen = chosen_blocks(q, k, 4, 3, None)
+    own = torch.arange(20) // 4
+    assert not (chosen & (torch.arange(5)[None, :] > own[:, None])).any()
+    assert chosen[..., own[:, None] == torch.arange(5)].all()
+    assert (chosen.sum(-1) == torch.clamp(own + 1, max=3)).all()
+    expected = [min(i // 4, 2) * 4 + i % 4 + 1 for i in range(20)]
+    assert moba_attended_keys(20, 4, 3).tolist() == expected
+
+
+def test_moba_rejects_bad_arguments():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="block_size"):
+        moba_attention(q, k, v, 0, 2)
+    with pytest.raises(TypeError, match="topk"):
+        moba_attention(q, k, v, 4, 2.0)
+
+
+@pytest.mark.parametrize("layout,sinks,local", [("band", 0, 3), ("block", 2, 4), ("band", 1, 1)])
+def test_stochastic_local_matches_dense_union(layout, sinks, local):
+    q, k, v = _qkv()
+    perm = random_permutation(2, 4, 13, generator=torch.Generator().manual_seed(1))
+    kpm = torch.ones(2, 13, dtype=torch.bool)
+    kpm[0, 10:] = False
+    out = stochastic_local_attention(q, k, v, 4, local, perm=perm, layout=layout, sinks=sinks,
+                                     key_padding_mask=kpm)
+    mask = dense_mask(13, 4, perm=perm, layout=layout, sinks=sinks, key_padding_mask=kpm) | \
+        dense_mask(13, local, key_padding_mask=kpm)
+    ref = masked_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), mask,
+                           8**-0.5)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v)), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_stochastic_local_reduces_to_sa_and_to_full():
+    q, k, v = _qkv()
+    perm = random_permutation(2, 4, 13, generator=torch.Generator().manual_seed(2))
+    sa = stochastic_attention(q, k, v, 5, perm=perm, backend="reference")
+    torch.testing.assert_close(stochastic_local_attention(q, k, v, 5, 0, perm=perm), sa)
+    full = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                          is_causal=True)
+    torch.testing.assert_close(stochastic_local_attention(q, k, v, 2, 13, perm=perm), full)

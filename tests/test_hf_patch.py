@@ -1,0 +1,182 @@
+"""patch / unpatch on tiny random models of every supported family."""
+
+import pytest
+import torch
+from hf_tiny import FAMILIES, tiny_model
+
+from stochastic_attention.hf import patch, patched_config, unpatch
+
+METHODS = ("full", "stochastic", "sliding_window", "moba")
+
+
+def _ids(n=24, batch=2, seed=0):
+    return torch.randint(0, 97, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids, mask=None):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_window_covering_the_sequence_reproduces_the_model(family):
+    model = tiny_model(family)
+    ids = _ids()
+    ref = _logits(model, ids)
+    settings = [dict(), dict(sinks=2), dict(local=3, sinks=1), dict(head_split=2, layout="block")]
+    for method in METHODS:
+        for extra in settings if method == "stochastic" else [dict()]:
+            patch(model, method, 24, **extra)
+            torch.testing.assert_close(_logits(model, ids), ref, atol=1e-4, rtol=1e-4)
+            unpatch(model)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3"])
+def test_our_sliding_window_matches_transformers_sliding_window(family):
+    own = {"sliding_window": 5}
+    if family == "qwen3":
+        own.update(use_sliding_window=True, max_window_layers=0)
+    reference = tiny_model(family, **own)
+    ours = tiny_model(family, sliding_window=None)
+    ours.load_state_dict(reference.state_dict())
+    patch(ours, "sliding_window", 5)
+    ids = _ids(30)
+    torch.testing.assert_close(_logits(ours, ids), _logits(reference, ids), atol=1e-5, rtol=1e-5)
+    # Unpatched layers keep the model's own window: nothing changes when no layer is selected.
+    patch(reference, "stochastic", 3, layers=[])
+    torch.testing.assert_close(_logits(ours, ids), _logits(reference, ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method,extra", [("sliding_window", dict(window=6, sinks=2)),
+                                          ("moba", dict(window=8, moba_topk=2, sinks=1)),
+                                          ("stochastic", dict(window=40, local=4))])
+def test_left_padded_batch_matches_each_sequence_alone(method, extra):
+    model = patch(tiny_model("llama"), method, **extra)
+    a, b = _ids(20, 1, seed=1), _ids(13, 1, seed=2)
+    batch = torch.zeros(2, 20, dtype=torch.long)
+    batch[0], batch[1, 7:] = a[0], b[0]
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :7] = 0
+    out = _logits(model, batch, mask)
+    torch.testing.assert_close(out[0], _logits(model, a)[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1, 7:], _logits(model, b)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_generate_after_patching():
+    model = tiny_model("qwen2")
+    prompt = _ids(16, 1)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    original = model.generate(prompt, **kw)
+    patch(model, "stochastic", 64, sinks=2, local=4, decode="full")
+    assert torch.equal(model.generate(prompt, **kw), original)
+    patch(model, "stochastic", 4, decode="stochastic", local=2, sinks=1)
+    sparse = model.generate(prompt, **kw)
+    assert sparse.shape == original.shape
+    assert torch.equal(model.generate(prompt, **kw), sparse)  # seeded: reruns agree
+    patch(model, "moba", 8)
+    assert model.generate(prompt, **kw).shape == original.shape
+
+
+def test_stochastic_decode_with_window_covering_the_cache_is_full_decode():
+    model = tiny_model("llama")
+    prompt = _ids(12, 2)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    original = model.generate(prompt, **kw)
+    patch(model, "stochastic", 32, decode="stochastic")
+    assert torch.equal(model.generate(prompt, **kw), original)
+
+
+def test_small_windows_change_the_output_and_unpatch_restores():
+    model = tiny_model("llama")
+    ids = _ids(32)
+    ref = _logits(model, ids)
+    for method in ("stochastic", "sliding_window", "moba"):
+        patch(model, method, 4)
+        assert not torch.allclose(_logits(model, ids), ref, atol=1e-3)
+    unpatch(model)
+    assert patched_config(model) is None and model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(_logits(model, ids), ref)
+
+
+def test_head_split_extremes_are_swa_and_sa():
+    model = tiny_model("llama")
+    ids = _ids(32)
+    patch(model, "stochastic", 4, head_split=0)
+    split0 = _logits(model, ids)
+    patch(model, "sliding_window", 4)
+    torch.testing.assert_close(split0, _logits(model, ids))
+    patch(model, "stochastic", 4, head_split=4, seed=3)
+    split_all = _logits(model, ids)
+    patch(model, "stochastic", 4, seed=3)
+    torch.testing.assert_close(split_all, _logits(model, ids))
+    patch(model, "stochastic", 4, seed=4)
+    assert not torch.allclose(split_all, _logits(model, ids))  # the seed matters
+
+
+def test_dense_layers_and_two_models_do_not_interfere():
+    a, b = tiny_model("llama"), tiny_model("llama")
+    ids = _ids(32)
+    ref = _logits(a, ids)
+    patch(a, "stochastic", 4, layers=[])  # no layer selected: the model's own attention
+    patch(b, "sliding_window", 4)
+    torch.testing.assert_close(_logits(a, ids), ref)
+    assert not torch.allclose(_logits(b, ids), ref, atol=1e-3)
+    patch(a, "stochastic", 4, layers=[-1])
+    assert patched_config(a).applies_to(1) and not patched_config(a).applies_to(0)
+    assert patched_config(b).method == "sliding_window"
+
+
+def test_bad_input_is_rejected_clearly():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="method must be one of"):
+        patch(model, "linear", 8)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        patch(model, "stochastic", 8, layout="diagonal")
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        patch(model, "stochastic", 0)
+    with pytest.raises(ValueError, match="out of range"):
+        patch(model, "stochastic", 8, layers=[2])
+    with pytest.raises(ValueError, match="needs method='stochastic'"):
+        patch(model, "moba", 8, decode="stochastic")
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="llama, qwen3, qwen2, mistral"):
+        patch(gpt2, "stochastic", 8)
+    with pytest.raises(ValueError, match="not patched"):
+        unpatch(model)
+
+
+def test_settings_survive_save_and_reload(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = patch(tiny_model("qwen3"), "stochastic", 6, sinks=1, local=2, seed=5)
+    ids = _ids(24)
+    expected = _logits(model, ids)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="stochastic").eval()
+    assert patched_config(again) == patched_config(model)
+    torch.testing.assert_close(_logits(again, ids), expected)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # sdpa: settings kept, unused
+    assert patched_config(plain) is not None
+    unpatch(plain)
+    assert not torch.allclose(_logits(plain, ids), expected, atol=1e-3)
+
+
+def test_load_pretrained_reapplies_saved_settings(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from stochastic_attention.models import load_pretrained
+
+    model = patch(tiny_model("mistral"), "moba", 8, moba_topk=2, sinks=1)
+    ids = _ids(24)
+    expected = _logits(model, ids)
+    model.save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0}, "a")),
+                            unk_token="a").save_pretrained(tmp_path)
+    again, _ = load_pretrained(str(tmp_path))
+    assert again.config._attn_implementation == "moba"
+    torch.testing.assert_close(_logits(again, ids), expected)
+    with pytest.raises(TypeError, match="name_or_path"):
+        load_pretrained(3)
