@@ -122,7 +122,7 @@ def _write_json(path: Path, data) -> None:
             return [clean(v) for v in x]
         return x
 
-    path.write_text(json.dumps(clean(data), indent=1))
+    path.write_text(json.dumps(clean(data), separators=(",", ":")))  # compact: curves are long
 
 
 def _layers_text(summary: dict) -> str:
