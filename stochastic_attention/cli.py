@@ -13,6 +13,7 @@ import sys
 
 COMMANDS = (
     "stochastic_attention.bench.cli",
+    "stochastic_attention.eval.cli",
 )
 
 
