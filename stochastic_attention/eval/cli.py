@@ -39,7 +39,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated specs name[+opt=val...], e.g. stochastic+sinks=4+local=0.5")
     p.add_argument("--windows", default="32,64,128,256", help="comma-separated windows")
     p.add_argument("--seeds", default="0,1,2", help="permutation seeds for stochastic methods")
-    p.add_argument("--tasks", default="perplexity,passkey,lastword,nextline")
+    p.add_argument("--tasks", default="perplexity,passkey,lastword,nextline",
+                   help="comma-separated tasks, or 'none' (e.g. timing only)")
     p.add_argument("--corpora", default="shakespeare,bible,wikipedia")
     p.add_argument("--examples", type=int, default=40, help="examples per lastword/nextline task")
     p.add_argument("--context", type=int, default=384, help="prompt tokens of lastword/nextline")
@@ -52,6 +53,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prefill-timing", default="",
                    help="comma-separated lengths (e.g. 2048,4096,8192): also time prefill")
     p.add_argument("--timing-window", type=int, default=128)
+    p.add_argument("--decode-check", default="",
+                   help="PROMPT,STEPS (e.g. 2048,64): perplexity and time per step of full vs "
+                        "stochastic decoding after an SA prefill at --timing-window")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest on a CPU shared with other jobs; 0: default)")
     p.add_argument("--out", default="results/eval", help="output folder")
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from . import report
     from . import tasks as T
     from .methods import parse_methods
-    from .sweep import aggregate, run_sweep, time_prefill
+    from .sweep import aggregate, decode_cost, run_sweep, time_prefill
 
     if args.quick:
         for key, value in QUICK.items():
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     specs = parse_methods(args.methods)
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    names = [t.strip() for t in args.tasks.split(",") if t.strip() and t.strip() != "none"]
     unknown = set(names) - set(T.TASKS)
     if unknown:
         raise SystemExit(f"unknown task(s) {sorted(unknown)}; choose from {T.TASKS}")
@@ -103,16 +107,26 @@ def run(args: argparse.Namespace) -> int:
     timings = None
     if args.prefill_timing:
         timings = time_prefill(model, specs, args.timing_window, _ints(args.prefill_timing))
+    decoding = None
+    if args.decode_check:
+        prompt, steps = _ints(args.decode_check)
+        ids = T.perplexity_task(tokenizer, docs, count=1, length=prompt + steps,
+                                seed=s).examples[0]
+        decoding = decode_cost(model, ids, prompt, args.timing_window)
     meta = dict(model=args.model, command=vars(args) | {"func": None},
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 machine=f"{platform.machine()} {torch.get_num_threads()} threads, no GPU"
                 if not torch.cuda.is_available() else torch.cuda.get_device_name(),
                 seconds=round(time.time() - started, 1),
                 examples={t.name: len(t.examples) for t in task_list})
-    paths = report.save(Path(args.out), meta, records, summary, timings)
-    print(report.markdown_table(summary))
+    paths = report.save(Path(args.out), meta, records, summary, timings, decoding)
+    if summary:
+        print(report.markdown_table(summary))
     if timings:
         print("\nPrefill time, ratio to full attention:\n" + report.timing_table(timings))
+    if decoding:
+        print("\nDecoding after an SA prefill:\n" + report.decode_table(decoding))
     print("\nkeys/q = mean attended keys per query and head over all layers.")
-    print(f"Wrote {paths['json']}, {paths['markdown']}; plot: {paths['plot']}")
+    plot = f"; plot: {paths['plot']}" if "plot" in paths else ""
+    print(f"Wrote {paths['json']}, {paths['markdown']}{plot}")
     return 0

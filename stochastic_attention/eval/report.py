@@ -48,6 +48,15 @@ def timing_table(timings: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def decode_table(rows: list[dict]) -> str:
+    base = rows[0]["seconds_per_step"]
+    lines = ["| setting | continuation perplexity | s/step | x full |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['perplexity']:.2f} | {r['seconds_per_step']:.4f} | "
+                     f"{r['seconds_per_step'] / base:.2f} |")
+    return "\n".join(lines)
+
+
 def plot(summary: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -81,15 +90,20 @@ def plot(summary: list[dict], path: Path) -> None:
 
 
 def save(out_dir: Path, meta: dict, records: list[dict], summary: list[dict],
-         timings: list[dict] | None) -> dict[str, Path]:
+         timings: list[dict] | None, decoding: list[dict] | None = None) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md",
              "plot": out_dir / "results.png"}
     paths["json"].write_text(json.dumps(dict(meta=meta, records=records, summary=summary,
-                                             prefill_timing=timings), indent=1))
-    text = markdown_table(summary)
+                                             prefill_timing=timings, decoding=decoding), indent=1))
+    parts = [markdown_table(summary)] if summary else []
     if timings:
-        text += "\n\nPrefill time, ratio to full attention:\n\n" + timing_table(timings)
-    paths["markdown"].write_text(text + "\n")
-    plot(summary, paths["plot"])
+        parts.append("Prefill time, ratio to full attention:\n\n" + timing_table(timings))
+    if decoding:
+        parts.append("Decoding after an SA prefill:\n\n" + decode_table(decoding))
+    paths["markdown"].write_text("\n\n".join(parts) + "\n")
+    if summary:
+        plot(summary, paths["plot"])
+    else:
+        del paths["plot"]
     return paths

@@ -88,3 +88,37 @@ def time_prefill(model, specs, window: int, lengths: list[int], repeats: int = 1
     for r in out:
         r["ratio_to_full"] = r["seconds"] / full[r["length"]] if r["length"] in full else None
     return out
+
+
+def decode_cost(model, ids: torch.Tensor, prompt_len: int, window: int, *, sinks: int = 4,
+                local: int = 64) -> list[dict]:
+    """Quality and time of decoding after an SA prefill: full vs stochastic decode steps.
+
+    The first ``prompt_len`` tokens of ``ids`` are prefilled with SA (``window``, ``sinks``,
+    ``local``); the rest are fed one token at a time with the KV cache, as in generation, and
+    scored (perplexity of the continuation) and timed (seconds per step). Full attention for
+    both phases is the reference row.
+    """
+    rows = []
+    cont = ids[prompt_len:]
+    settings = [("full attention", dict(method="full", window=1)),
+                ("SA prefill + full decode", dict(method="stochastic", decode="full")),
+                ("SA prefill + stochastic decode", dict(method="stochastic", decode="stochastic"))]
+    for label, kw in tqdm(settings, desc="decode cost", unit="setting"):
+        sa = kw["method"] == "stochastic"
+        patch(model, **({"window": window, "sinks": sinks, "local": local} if sa else {}), **kw)
+        nll, seconds = 0.0, 0.0
+        with torch.no_grad():
+            out = model(ids[None, :prompt_len], use_cache=True, logits_to_keep=1)
+            cache, logits = out.past_key_values, out.logits[0, -1]
+            for t in range(len(cont)):
+                nll -= torch.log_softmax(logits.float(), -1)[cont[t]].item()
+                start = time.perf_counter()
+                out = model(cont[None, t:t + 1], past_key_values=cache, use_cache=True)
+                seconds += time.perf_counter() - start
+                cache, logits = out.past_key_values, out.logits[0, -1]
+        unpatch(model)
+        rows.append(dict(label=label, prompt=prompt_len, steps=len(cont), window=window,
+                         perplexity=float(torch.exp(torch.tensor(nll / len(cont)))),
+                         seconds_per_step=seconds / len(cont)))
+    return rows
