@@ -101,3 +101,16 @@ def test_method_specs_and_budgets():
         parse_method("linear")
     with pytest.raises(ValueError, match="unknown method option"):
         parse_method("stochastic+foo=1")
+
+
+def test_decode_cost_rows_agree_when_the_window_covers_the_context():
+    from stochastic_attention.eval.sweep import decode_cost
+
+    model = tiny_model("llama", vocab_size=40)
+    ids = torch.randint(0, 40, (30,), generator=torch.Generator().manual_seed(0))
+    rows = decode_cost(model, ids, 24, window=64, sinks=1, local=2)
+    assert [r["steps"] for r in rows] == [6, 6, 6]
+    for r in rows[1:]:
+        assert r["perplexity"] == pytest.approx(rows[0]["perplexity"], rel=1e-4)
+    small = decode_cost(model, ids, 24, window=2, sinks=0, local=1)
+    assert small[2]["perplexity"] != pytest.approx(small[1]["perplexity"], rel=1e-4)
