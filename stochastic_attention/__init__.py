@@ -7,12 +7,15 @@ from .functional import (
     sliding_window_attention,
     stochastic_attention,
 )
+from .ops.fractional import fractional_attention, fractional_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "attended_keys",
+    "fractional_attention",
+    "fractional_weights",
     "random_permutation",
     "sliding_window_attention",
     "stochastic_attention",

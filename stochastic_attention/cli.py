@@ -13,6 +13,11 @@ import sys
 
 COMMANDS = (
     "stochastic_attention.bench.cli",
+    "stochastic_attention.viz",
+    "stochastic_attention.analysis.cli",
+    "stochastic_attention.experiments.fna.cli",
+    "stochastic_attention.train.cli",
+    "stochastic_attention.train.compare_cli",
     "stochastic_attention.eval.cli",
 )
 

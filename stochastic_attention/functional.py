@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .ops import blocked, reference
 from .ops import flex as flex_backend
 from .ops.patterns import in_window, inverse_permutation, visible, window_candidates
-from .ops.permute import gather_mask, gather_seq, random_permutation
+from .ops.permute import gather_mask, permute_seq, random_permutation
 from .ops.validate import (
     check_key_padding_mask,
     check_layout,
@@ -115,6 +115,7 @@ def stochastic_attention(
 
 
 def _windowed(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask, scale, backend):
+    """Validated dispatch; ``perm`` is None (SWA) or already a checked [B|1, H|1, n] permutation."""
     check_qkv(q, k, v)
     window = check_window(window)
     sinks = check_sinks(sinks)
@@ -123,8 +124,6 @@ def _windowed(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask,
     check_key_padding_mask(key_padding_mask, B, n, q.device)
     scale = check_scale(scale, D)
     backend = _resolve_backend(backend, q, k, v)
-    if perm is not None:
-        perm = normalize_perm(perm, B, H, n, q.device)
     if n == 0:
         return q.new_zeros(q.shape)
     if backend == "reference":
@@ -192,15 +191,16 @@ def _blocked(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask, 
 
     if layout == "block":
         perm = blocked.sort_groups(perm, window)
+    inv = inverse_permutation(perm)
     if perm.shape[1] == 1:  # one permutation for all heads: move k, v before expanding them
-        ks, vs = gather_seq(k, perm), gather_seq(v, perm)
+        ks, vs = permute_seq(k, perm, inv), permute_seq(v, perm, inv)
         if groups > 1:
             ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)
     else:
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        ks, vs = gather_seq(k, perm), gather_seq(v, perm)
-    qs = gather_seq(q, perm)
+        ks, vs = permute_seq(k, perm, inv), permute_seq(v, perm, inv)
+    qs = permute_seq(q, perm, inv)
 
     n = q.shape[2]
     if layout == "block" and sinks == 0 and key_padding_mask is None and (causal or n % window == 0):
@@ -210,7 +210,7 @@ def _blocked(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask, 
         out = blocked.windowed_attention(
             qs, ks, vs, window, pos=perm, key_valid=key_valid, layout=layout, causal=causal,
             sinks=sinks, sink_k=sink_k, sink_v=sink_v, sink_valid=sink_valid, scale=scale)
-    return gather_seq(out, inverse_permutation(perm))
+    return permute_seq(out, inv, perm)
 
 
 def attended_keys(

@@ -192,3 +192,9 @@ PARSERS = {
     "wikipedia": _wikipedia,
     "news": _news,
 }
+
+
+if __name__ == "__main__":  # python -m stochastic_attention.data.corpora: fetch and parse every corpus
+    for corpus in CORPORA:
+        documents = load_corpus(corpus)
+        print(f"{corpus}: {len(documents)} documents, {sum(len(d.text) for d in documents):,} characters")

@@ -9,10 +9,12 @@ reference uses, so the backends cannot drift apart. Autograd handles the backwar
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from .patterns import band_extent, visible
+from .patterns import band_extent, in_window
 
 # Query tile for the band layout: each tile of T queries reads T + window - 1 keys, so a small T
 # wastes less work but makes smaller matmuls. 128 was the best on a 2-core CPU at window 256.
@@ -31,28 +33,47 @@ def _tiles1d(x: torch.Tensor, size: int, step: int, pad_left: int, pad_right: in
     return x.unfold(-1, size, step)
 
 
-def _attend(q, k, v, mask, scale, guard_empty_rows: bool):
-    """One batched SDPA over tiles. q [B,H,nt,T,D]; k,v [B,H,nt,L,D]; mask bool [Bm,Hm,nt,T,L]|None."""
+def _attend(q, k, v, bias, scale, guard_empty_rows: bool):
+    """One batched SDPA over tiles. q [B,H,nt,T,D]; k,v [B,H,nt,L,D]; bias [Bm,Hm,nt,T,L] (0 / -inf)."""
     B, H, nt, T, D = q.shape
     L = k.shape[-2]
     q4, k4, v4 = (x.reshape(B * H, nt, x.shape[-2], D) for x in (q, k, v))
-    if mask is None:
-        out = F.scaled_dot_product_attention(q4, k4, v4, scale=scale)
-        return out.view(B, H, nt, T, D)
-    if mask.shape[0] == 1 and mask.shape[1] == 1:
-        mask4 = mask.reshape(1, nt, T, L)
+    if bias.shape[0] == 1 and bias.shape[1] == 1:
+        bias4 = bias.reshape(1, nt, T, L)
     else:
-        mask4 = mask.expand(B, H, nt, T, L).reshape(B * H, nt, T, L)
+        bias4 = bias.expand(B, H, nt, T, L).reshape(B * H, nt, T, L)
     has_key = None
     if guard_empty_rows:
         # Rows with no visible key must give 0 without NaN in either pass: let them see every key,
         # then zero them (their gradient is then zero too).
-        has_key = mask4.any(dim=-1, keepdim=True)
-        mask4 = mask4 | ~has_key
-    out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask4, scale=scale)
+        has_key = (bias4 > float("-inf")).any(dim=-1, keepdim=True)
+        bias4 = bias4.masked_fill(~has_key, 0.0)
+    out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=bias4, scale=scale)
     if has_key is not None:
         out = out * has_key
     return out.view(B, H, nt, T, D)
+
+
+@functools.lru_cache(maxsize=32)
+def _static_tiles(n: int, window: int, layout: str, causal: bool, T: int, device: torch.device):
+    """Slot indices of query and key tiles, and the head-independent part of the mask.
+
+    Cached: a training run calls this with the same shape every step. Returns query_slot
+    [nt, T, 1], key_slot [nt, 1, L] (-1 for tile padding) and static = in the window and a real
+    key [nt, T, L].
+    """
+    slot = torch.arange(n, device=device)
+    nt = -(-n // T)
+    n_pad = nt * T
+    if layout == "block":
+        key_slot = F.pad(slot, (0, n_pad - n), value=-1).view(nt, 1, T)
+    else:
+        left, right = band_extent(window, causal)
+        L = T + left + right
+        key_slot = _tiles1d(slot, L, T, left, right + n_pad - n, value=-1).reshape(nt, 1, L)
+    query_slot = F.pad(slot, (0, n_pad - n), value=n_pad).view(nt, T, 1)
+    static = in_window(query_slot, key_slot, window, layout, causal, n) & (key_slot >= 0)
+    return query_slot, key_slot, static
 
 
 def windowed_attention(
@@ -94,18 +115,15 @@ def windowed_attention(
         L = T + left + right
     nt = -(-n // T)
     n_pad = nt * T
-    slot = torch.arange(n, device=device)
 
     qt = F.pad(q, (0, 0, 0, n_pad - n)).view(B, H, nt, T, D)
     if layout == "block":
         kt = F.pad(k, (0, 0, 0, n_pad - n)).view(B, H, nt, T, D)
         vt = F.pad(v, (0, 0, 0, n_pad - n)).view(B, H, nt, T, D)
-        key_slot = F.pad(slot, (0, n_pad - n), value=-1).view(nt, 1, T)
     else:
         kt = _tiles(k, L, T, left, right + n_pad - n)
         vt = _tiles(v, L, T, left, right + n_pad - n)
-        key_slot = _tiles1d(slot, L, T, left, right + n_pad - n, value=-1).view(nt, 1, L)
-    query_slot = F.pad(slot, (0, n_pad - n), value=n_pad).view(nt, T, 1)
+    query_slot, key_slot, static = _static_tiles(n, window, layout, causal, T, device)
 
     def as_tiles(x, fill):  # [.., n] -> key tiles [.., nt, 1, L] / query tiles [.., nt, T, 1]
         if layout == "block":
@@ -115,34 +133,53 @@ def windowed_attention(
         qx = F.pad(x, (0, n_pad - n), value=fill).view(*x.shape[:-1], nt, T, 1)
         return qx, kx
 
-    # Which window keys are visible: the shared rule, evaluated on tiles. Out-of-range key slots
-    # (tile padding) are invalid; window keys that are sinks are dropped here and come back once,
-    # below, as sink keys.
-    if pos is None:
-        q_pos, k_pos = query_slot, key_slot
+    # Visibility as an additive bias (0 or -inf), built in as few full-size passes as possible:
+    # SDPA would turn a bool mask into exactly such a tensor anyway, and on CPU these
+    # elementwise passes, not the matmuls, dominate. The rule is patterns.visible, folded:
+    # - the band and the tile padding do not depend on the head: a small [nt, T, L] table;
+    # - padded keys and window keys that are sinks (they come back once, below, as sink keys)
+    #   are folded into the key's position (set past every query) when causal, so the whole
+    #   per-head part is one comparison and one `where`.
+    neg = float("-inf")
+    drop = None  # [.., nt, 1, L] keys that no query may see through the window
+    if key_valid is not None:
+        drop = ~as_tiles(key_valid, False)[1]
+    if pos is None:  # SWA: slot == position, the band already is causal
+        if sinks > 0:
+            static = static & (key_slot >= sinks)
+        visible_keys = static if drop is None else static & ~drop
+        bias = torch.zeros((), dtype=q.dtype, device=device).masked_fill(~visible_keys, neg)
+        q_pos = query_slot
     else:
         q_pos, k_pos = as_tiles(pos, n_pad)
-    k_ok = key_slot >= 0
-    if key_valid is not None:
-        k_ok = k_ok & as_tiles(key_valid, False)[1]
-    if sinks > 0:
-        k_ok = k_ok & (k_pos >= sinks)
-    mask = visible(query_slot, key_slot, q_pos, k_pos, window=window, layout=layout,
-                   causal=causal, sinks=0, seq_len=n, key_valid=k_ok)
-    mask = mask.view((1,) * (5 - mask.dim()) + tuple(mask.shape))
+        if sinks > 0:
+            sink_key = k_pos < sinks
+            drop = sink_key if drop is None else drop | sink_key
+        static_bias = torch.zeros(static.shape, dtype=q.dtype, device=device).masked_fill_(~static, neg)
+        if causal:
+            if drop is not None:
+                k_pos = k_pos.masked_fill(drop, n_pad + 1)
+            bias = torch.where(k_pos <= q_pos, static_bias, neg)
+        else:
+            bias = static_bias if drop is None else torch.where(drop, neg, static_bias)
+    bias = bias.view((1,) * (5 - bias.dim()) + tuple(bias.shape))
 
     if sink_k is not None:
         S = sink_k.shape[-2]
-        s_pos = torch.arange(S, device=device).view(1, 1, S)
-        s_mask = (s_pos <= q_pos) if causal else torch.ones_like(s_pos, dtype=torch.bool)
+        s_ok = torch.arange(S, device=device).view(1, 1, S) <= q_pos if causal else torch.ones(
+            1, 1, S, dtype=torch.bool, device=device)
         if sink_valid is not None:
-            s_mask = s_mask & sink_valid.unsqueeze(-2).unsqueeze(-2)
-        lead = torch.broadcast_shapes(s_mask.shape[:-1], mask.shape[:-1])
-        mask = torch.cat([mask.expand(*lead, mask.shape[-1]), s_mask.expand(*lead, S)], dim=-1)
+            s_ok = s_ok & sink_valid.unsqueeze(-2).unsqueeze(-2)
+        s_ok = s_ok.view((1,) * (5 - s_ok.dim()) + tuple(s_ok.shape))
+        lead = torch.broadcast_shapes(s_ok.shape[:-1], bias.shape[:-1])
+        full = torch.empty(*lead, L + S, dtype=q.dtype, device=device)
+        full[..., :L] = bias
+        full[..., L:] = torch.zeros((), dtype=q.dtype, device=device).masked_fill(~s_ok, neg)
+        bias = full
         kt = torch.cat([kt, sink_k.unsqueeze(2).expand(B, H, nt, S, D)], dim=-2)
         vt = torch.cat([vt, sink_v.unsqueeze(2).expand(B, H, nt, S, D)], dim=-2)
 
-    out = _attend(qt, kt, vt, mask, scale, guard)
+    out = _attend(qt, kt, vt, bias, scale, guard)
     return out.reshape(B, H, n_pad, D)[:, :, :n]
 
 

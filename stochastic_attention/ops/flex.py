@@ -14,7 +14,7 @@ import functools
 import torch
 
 from .patterns import band_extent, inverse_permutation, visible
-from .permute import gather_seq
+from .permute import permute_seq
 
 BLOCK = 128
 
@@ -90,13 +90,13 @@ def attention(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask,
         pos = torch.arange(n, device=q.device).view(1, 1, n)
         qs, ks, vs = q, k, v
     else:
-        pos = perm
-        qs = gather_seq(q, perm)
+        pos, inv = perm, inverse_permutation(perm)
+        qs = permute_seq(q, perm, inv)
         if perm.shape[1] == 1 or groups == 1:
-            ks, vs = gather_seq(k, perm), gather_seq(v, perm)
+            ks, vs = permute_seq(k, perm, inv), permute_seq(v, perm, inv)
         else:
-            ks = gather_seq(k.repeat_interleave(groups, dim=1), perm)
-            vs = gather_seq(v.repeat_interleave(groups, dim=1), perm)
+            ks = permute_seq(k.repeat_interleave(groups, dim=1), perm, inv)
+            vs = permute_seq(v.repeat_interleave(groups, dim=1), perm, inv)
     if sinks > 0:
         sk, sv = k[:, :, :sinks], v[:, :, :sinks]
         if ks.shape[1] != sk.shape[1]:
@@ -123,5 +123,5 @@ def attention(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask,
     out = _compiled_flex()(qs, ks, vs, block_mask=block_mask, scale=scale,
                            enable_gqa=ks.shape[1] != H)
     if perm is not None:
-        out = gather_seq(out, inverse_permutation(perm))
+        out = permute_seq(out, inv, perm)
     return out

@@ -26,6 +26,27 @@ def random_permutation(
     return keys.argsort(dim=-1).to(device if device is not None else keys.device)
 
 
+def permute_seq(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``gather_seq(x, index)`` for a permutation ``index`` whose inverse is ``inverse``.
+
+    The backward pass of a gather by a permutation is a gather by its inverse: no
+    accumulation is needed, which is ~4x faster on CPU than autograd's ``index_add``.
+    """
+    return _PermuteSeq.apply(x, index, inverse)
+
+
+class _PermuteSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(index, inverse)
+        return gather_seq(x, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        index, inverse = ctx.saved_tensors
+        return gather_seq(grad.contiguous(), inverse), None, None
+
+
 def gather_seq(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """out[b, h, i] = x[b, h, index[b, h, i]] for x [B, H, n, D] and index [B|1, H|1, n]."""
     B, H, n, D = x.shape

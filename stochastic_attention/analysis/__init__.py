@@ -1,0 +1,1 @@
+"""Receptive-field and routing analysis of attention patterns (graphs, coverage, small world)."""

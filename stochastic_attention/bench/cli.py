@@ -1,0 +1,145 @@
+"""``sattn bench``: time and memory of dense, SWA and SA attention; table, JSON and plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .run import METHODS, Cell, as_records, benchmark, machine_info
+
+DEFAULT_SEQ_LENS = "1024,2048,4096,8192,16384,32768,65536"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="time and memory of dense / SWA / SA attention",
+                       description=__doc__)
+    p.add_argument("--seq-lens", default=DEFAULT_SEQ_LENS, help="comma-separated sequence lengths")
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated, from {','.join(METHODS)} (default: dense,swa,sa_band,sa_block;"
+                        " on GPU the flex variants too)")
+    p.add_argument("--modes", default="fwd,fwd+bwd")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per cell (median kept)")
+    p.add_argument("--dense-max-len", type=int, default=16384, help="skip dense attention above this length")
+    p.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and bench.png")
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    seq_lens = tuple(int(s) for s in args.seq_lens.split(","))
+    methods = tuple(args.methods.split(",")) if args.methods else (
+        ("dense", "swa", "sa_band", "sa_block") + (("swa_flex", "sa_band_flex", "sa_block_flex")
+                                                   if args.device.startswith("cuda") else ()))
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"sattn bench: unknown --methods {sorted(unknown)}; choose from {METHODS}")
+    dtype_name = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    dtype = getattr(torch, dtype_name)
+    modes = tuple(args.modes.split(","))
+    total = len(seq_lens) * len(modes) * len(methods) * args.repeats
+    with tqdm(total=total, desc="bench", unit="run") as bar:
+        cells = benchmark(methods=methods, seq_lens=seq_lens, window=args.window, batch=args.batch,
+                          heads=args.heads, head_dim=args.head_dim, dtype=dtype, device=args.device,
+                          modes=modes, repeats=args.repeats, dense_max_len=args.dense_max_len,
+                          progress=bar.update)
+    config = {k: v for k, v in vars(args).items() if k != "func"} | {"dtype": dtype_name, "methods": methods}
+    info = machine_info(args.device)
+    table = markdown_tables(cells, methods, seq_lens, modes)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps({"config": config, "machine": info,
+                                                "cells": as_records(cells)}, indent=1))
+    header = (f"Machine: {info['processor']}, {info['threads']} threads, torch {info['torch']},"
+              f" device {info.get('gpu', info['device'])}, {info['date']}. B={args.batch}, H={args.heads},"
+              f" D={args.head_dim}, window={args.window}, {dtype_name}, median of {args.repeats}.\n\n")
+    (out / "bench.md").write_text(header + table)
+    plot(cells, methods, modes, out / "bench.png", title=f"window {args.window}, H={args.heads}, "
+         f"D={args.head_dim}, {dtype_name}, {info.get('gpu', info['device'])}")
+    print(f"saved {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+    return 0
+
+
+def _get(cells, method, n, mode) -> Cell | None:
+    return next((c for c in cells if c.method == method and c.seq_len == n and c.mode == mode), None)
+
+
+def markdown_tables(cells: list[Cell], methods, seq_lens, modes) -> str:
+    """Median times (ms), ratios against SWA, achieved GFLOP/s and peak memory."""
+    ratio_pairs = [(a, b) for a, b in (("sa_band", "swa"), ("sa_block", "swa"), ("dense", "swa"),
+                                       ("dense", "sa_band"), ("sa_band_flex", "swa_flex"), ("dense", "swa_flex"))
+                   if a in methods and b in methods]
+    lines = []
+    for mode in modes:
+        lines.append(f"### {mode}: median time (ms) and ratios\n")
+        head = ["seq_len", *methods, *[f"{a}/{b}" for a, b in ratio_pairs]]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for n in seq_lens:
+            row = [str(n)]
+            for m in methods:
+                c = _get(cells, m, n, mode)
+                row.append(f"{c.median_s * 1e3:.1f}" if c and c.median_s else "-")
+            for a, b in ratio_pairs:
+                ca, cb = _get(cells, a, n, mode), _get(cells, b, n, mode)
+                row.append(f"{ca.median_s / cb.median_s:.2f}" if ca and cb and ca.median_s and cb.median_s else "-")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+        lines.append(f"### {mode}: achieved GFLOP/s (useful FLOPs / time) and peak memory (MB)\n")
+        head = ["seq_len", *[f"{m} GFLOP/s" for m in methods], *[f"{m} MB" for m in methods]]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for n in seq_lens:
+            row = [str(n)]
+            for m in methods:
+                c = _get(cells, m, n, mode)
+                row.append(f"{c.gflops_per_s:.1f}" if c and c.gflops_per_s else "-")
+            for m in methods:
+                c = _get(cells, m, n, mode)
+                row.append(f"{c.peak_mem_mb:.0f}" if c and c.peak_mem_mb is not None and c.median_s else "-")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    skipped = sorted({(c.method, c.skipped) for c in cells if c.skipped})
+    if skipped:
+        lines.append("Skipped: " + "; ".join(f"{m} ({why})" for m, why in skipped))
+    return "\n".join(lines) + "\n"
+
+
+def plot(cells, methods, modes, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(modes) + 1, figsize=(5 * (len(modes) + 1), 4))
+    for ax, mode in zip(axes, modes, strict=False):
+        for m in methods:
+            pts = [(c.seq_len, c.median_s * 1e3) for c in cells if c.method == m and c.mode == mode and c.median_s]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=m)
+        ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="median time (ms)", title=mode)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    ax = axes[-1]
+    for m in methods:
+        pts = [(c.seq_len, c.peak_mem_mb) for c in cells
+               if c.method == m and c.mode == modes[-1] and c.median_s and c.peak_mem_mb]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=m)
+    ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="peak memory (MB)",
+           title=f"peak memory, {modes[-1]}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""Experiments: training, evaluation and analysis runs behind the ``sattn`` subcommands."""

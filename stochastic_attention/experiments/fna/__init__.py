@@ -1,0 +1,1 @@
+"""Fractional Neural Attention: one-layer text classification and attention-graph analysis."""

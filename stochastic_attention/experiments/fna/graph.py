@@ -1,0 +1,57 @@
+"""Graph statistics of one attention matrix P (row-stochastic, n x n): how fast it mixes.
+
+- spectral gap: 1 - |lambda_2|, with lambda_2 the eigenvalue of P of second-largest modulus
+  (lambda_1 = 1). A large gap means a random walk on the tokens forgets its start quickly.
+- mean shortest path: directed graph with an edge i -> j where P_ij >= threshold / n (at least
+  ``threshold`` times the uniform weight), unweighted hops averaged over the ordered pairs
+  i != j that are connected; also the fraction of pairs that are connected.
+- diffusion map: eigenvectors of D^-1/2 W D^-1/2 for the symmetrised affinity W = (P + P^T) / 2
+  and D its degrees, scaled back by D^-1/2 and the eigenvalues: low-dimensional coordinates in
+  which Euclidean distance approximates diffusion distance on the attention graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import shortest_path
+
+
+def _check(P: np.ndarray) -> np.ndarray:
+    P = np.asarray(P, dtype=np.float64)
+    if P.ndim != 2 or P.shape[0] != P.shape[1]:
+        raise ValueError(f"P must be a square matrix, got shape {P.shape}")
+    if not np.allclose(P.sum(1), 1.0, atol=1e-6):
+        raise ValueError("P must be row-stochastic (rows summing to 1): drop padded rows first")
+    return P
+
+
+def spectral_gap(P: np.ndarray) -> float:
+    """1 - |lambda_2| of a row-stochastic matrix."""
+    moduli = np.sort(np.abs(np.linalg.eigvals(_check(P))))[::-1]
+    return float(1.0 - moduli[1]) if len(moduli) > 1 else 1.0
+
+
+def mean_shortest_path(P: np.ndarray, threshold: float = 1.0) -> tuple[float, float]:
+    """(mean hops over connected ordered pairs, fraction of ordered pairs connected)."""
+    P = _check(P)
+    n = P.shape[0]
+    adj = csr_matrix(P >= threshold / n)
+    hops = shortest_path(adj, directed=True, unweighted=True)
+    off = ~np.eye(n, dtype=bool)
+    reach = np.isfinite(hops) & off
+    if not reach.any():
+        return float("inf"), 0.0
+    return float(hops[reach].mean()), float(reach.sum() / off.sum())
+
+
+def diffusion_map(P: np.ndarray, dims: int = 2) -> np.ndarray:
+    """[n, dims] diffusion coordinates (the trivial constant eigenvector is dropped)."""
+    P = _check(P)
+    W = (P + P.T) / 2
+    deg = W.sum(1)
+    inv_sqrt = 1.0 / np.sqrt(deg)
+    M = inv_sqrt[:, None] * W * inv_sqrt[None, :]
+    vals, vecs = np.linalg.eigh(M)  # ascending
+    order = np.argsort(vals)[::-1][1:dims + 1]
+    return (inv_sqrt[:, None] * vecs[:, order]) * vals[order]

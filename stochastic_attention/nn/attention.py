@@ -1,0 +1,232 @@
+"""Multi-head self-attention whose token mixing is full, SWA, SA, gated SA + SWA, MoBA or FNA.
+
+The layer owns the projections, QK-norm, rotary embedding, permutation sampling and the KV
+cache; the token mixing itself is one of the package's pure operators. Data flow:
+
+    x -> q, k, v projections -> (QK-norm) -> RoPE at original positions -> cache
+      -> operator (SA permutes internally) -> (gate) -> output projection
+
+Decoding with a cache (any call whose queries follow cached keys) uses full causal attention
+over the cache for every kind except SWA, which keeps its window (the paper decodes SA with
+full attention; the SWA branch of the gated layer keeps its window too).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..functional import sliding_window_attention, stochastic_attention
+from ..ops.patterns import visible
+from ..ops.permute import random_permutation
+from .gate import BranchGate
+from .rotary import RotaryEmbedding
+
+KINDS = ("full", "swa", "sa", "gated", "moba", "fna")
+EVAL_PERMS = ("seeded", "random")
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention with a choice of token-mixing operator.
+
+    Args:
+        hidden_size: model width; num_heads: query heads; num_kv_heads: key/value heads
+            (grouped-query attention, default num_heads); head_dim: default hidden / heads.
+        kind: "full", "swa", "sa", "gated" (SA + SWA fused by gates), "moba" or "fna".
+        window: keys per query for SWA and SA (itself included); ``sa_window`` and
+            ``swa_window`` override it per branch of the gated layer.
+        sinks, layout, backend: passed to the operators (see :mod:`stochastic_attention`).
+        qk_norm: RMS-normalise q and k per head before RoPE.
+        perm_per_head: independent permutations per head instead of one per sample.
+        eval_perm: "seeded" (eval mode draws from a generator seeded by perm_seed and
+            layer_idx, so evaluation is reproducible) or "random". Training mode always draws
+            a fresh permutation from torch's global RNG on every forward pass.
+        gate, gate_granularity, gate_bias: the gated layer's fusion (see :class:`BranchGate`).
+        moba_block_size, moba_topk: MoBA's block size and selected blocks per query.
+        fna_alpha, fna_eps, fna_window: fractional attention's parameters.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        kind: str = "full",
+        window: int = 64,
+        sa_window: int | None = None,
+        swa_window: int | None = None,
+        sinks: int = 0,
+        layout: str = "band",
+        backend: str = "auto",
+        qk_norm: bool = False,
+        norm_eps: float = 1e-6,
+        rope_theta: float = 10000.0,
+        bias: bool = False,
+        perm_per_head: bool = False,
+        eval_perm: str = "seeded",
+        perm_seed: int = 0,
+        layer_idx: int = 0,
+        gate: str = "sigmoid",
+        gate_granularity: str = "head",
+        gate_bias: float | tuple[float, float] = 0.0,
+        moba_block_size: int = 64,
+        moba_topk: int = 2,
+        fna_alpha: float = 0.5,
+        fna_eps: float = 1.0,
+        fna_window: int | None = None,
+    ) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if eval_perm not in EVAL_PERMS:
+            raise ValueError(f"eval_perm must be one of {EVAL_PERMS}, got {eval_perm!r}")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of "
+                             f"num_kv_heads ({num_kv_heads})")
+        if head_dim is None:
+            if hidden_size % num_heads:
+                raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads "
+                                 f"({num_heads}), or pass head_dim")
+            head_dim = hidden_size // num_heads
+        for name, value in (("window", window), ("sa_window", sa_window),
+                            ("swa_window", swa_window)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.kind, self.layer_idx = kind, layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.sa_window = sa_window or window
+        self.swa_window = swa_window or window
+        self.sinks, self.layout, self.backend = sinks, layout, backend
+        self.perm_per_head, self.eval_perm, self.perm_seed = perm_per_head, eval_perm, perm_seed
+        self.moba = (moba_block_size, moba_topk)
+        self.fna = (fna_alpha, fna_eps, fna_window)
+
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+        self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
+        self.rotary = RotaryEmbedding(head_dim, rope_theta)
+        self.gate = (BranchGate(hidden_size, num_heads, head_dim, kind=gate,
+                                granularity=gate_granularity, bias=gate_bias)
+                     if kind == "gated" else None)
+
+    @property
+    def uses_permutation(self) -> bool:
+        return self.kind in ("sa", "gated")
+
+    def draw_permutation(self, batch: int, seq_len: int, device=None) -> torch.Tensor:
+        """The permutation a forward pass would use: [batch, heads or 1, seq_len]."""
+        heads = self.num_heads if self.perm_per_head else 1
+        generator = None
+        if not self.training and self.eval_perm == "seeded":
+            # Seeded per layer so that layers still use independent permutations.
+            generator = torch.Generator().manual_seed(self.perm_seed * 1_000_003 + self.layer_idx)
+        return random_permutation(batch, heads, seq_len, generator=generator, device=device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        perm: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, L, hidden] -> [B, L, hidden].
+
+        position_ids: [B|1, L] original positions (default: continue after the cache).
+        attention_mask: [B, cached + L], 1/True for real tokens (padding is never attended).
+        cache: a :class:`KVCache` or Hugging Face ``Cache``; updated in place.
+        perm: the SA permutation to use instead of drawing one ([L], [B, L] or [B, H, L]).
+        """
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + L, device=x.device)[None]
+        q, k = self.rotary(q, k, position_ids)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        key_padding_mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, k.shape[2]):
+                raise ValueError(f"attention_mask must be [batch, cached + new] = "
+                                 f"{[B, k.shape[2]]}, got {list(attention_mask.shape)}")
+            key_padding_mask = attention_mask.bool()
+            if bool(key_padding_mask.all()):
+                key_padding_mask = None  # the operators' fast paths need no mask
+        if k.shape[2] > L:
+            out = self._attend_cached(x, q, k, v, key_padding_mask)
+        else:
+            out = self._attend(x, q, k, v, key_padding_mask, perm)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+    def _attend(self, x, q, k, v, key_padding_mask, perm):
+        """Attention over a whole sequence (training, scoring, prefill)."""
+        n = q.shape[2]
+        common = dict(key_padding_mask=key_padding_mask, backend=self.backend)
+        if self.kind == "full":
+            return sliding_window_attention(q, k, v, max(n, 1), **common)
+        if self.kind == "swa":
+            return sliding_window_attention(q, k, v, self.swa_window, sinks=self.sinks, **common)
+        if self.kind in ("sa", "gated"):
+            if perm is None:
+                perm = self.draw_permutation(q.shape[0], n, q.device)
+            sa = stochastic_attention(q, k, v, self.sa_window, perm=perm, layout=self.layout,
+                                      sinks=self.sinks, **common)
+            if self.kind == "sa":
+                return sa
+            swa = sliding_window_attention(q, k, v, self.swa_window, sinks=self.sinks, **common)
+            return self.gate(x, sa, swa)
+        if self.kind == "moba":
+            moba = importlib.import_module("stochastic_attention.ops.moba")
+            block_size, topk = self.moba
+            return moba.moba_attention(q, k, v, block_size, topk,
+                                       key_padding_mask=key_padding_mask)
+        fractional = importlib.import_module("stochastic_attention.ops.fractional")
+        alpha, eps, window = self.fna
+        return fractional.fractional_attention(q, k, v, alpha, eps=eps, causal=True,
+                                               key_padding_mask=key_padding_mask, window=window)
+
+    def _attend_cached(self, x, q, k, v, key_padding_mask):
+        """New queries after cached keys: full causal attention, a window for SWA branches."""
+        if self.kind == "swa":
+            return cached_attention(q, k, v, self.swa_window, self.sinks, key_padding_mask)
+        full = cached_attention(q, k, v, k.shape[2], 0, key_padding_mask)
+        if self.kind != "gated":
+            return full
+        swa = cached_attention(q, k, v, self.swa_window, self.sinks, key_padding_mask)
+        return self.gate(x, full, swa)
+
+
+def cached_attention(q, k, v, window: int, sinks: int, key_padding_mask) -> torch.Tensor:
+    """Queries at the last L positions of k/v, a causal band of ``window`` keys plus sinks.
+
+    Dense over the cache: with L = 1 (decoding) that is O(cache) per token anyway.
+    """
+    L, S = q.shape[2], k.shape[2]
+    q_pos = torch.arange(S - L, S, device=q.device)[:, None]
+    k_pos = torch.arange(S, device=q.device)[None, :]
+    key_valid = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
+    mask = visible(q_pos, k_pos, q_pos, k_pos, window=window, layout="band", causal=True,
+                   sinks=sinks, seq_len=S, key_valid=key_valid)
+    mask = mask.expand(q.shape[0], 1, L, S) if mask.dim() == 4 else mask[None, None]
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    has_key = mask.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~has_key)
+    return out * has_key

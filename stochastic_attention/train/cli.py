@@ -1,0 +1,32 @@
+"""``sattn train CONFIG.yaml``: pre-train an SA-Llama model (also under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train", help="pre-train a language model from a YAML config",
+        description="Pre-train an SA-Llama model. Run under `torchrun --nproc_per_node=N` for "
+                    "data-parallel training (DDP, or FSDP with train.distributed=fsdp).")
+    parser.add_argument("config", help="YAML file with model / data / train sections")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in train.out_dir")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="override a config value, e.g. "
+                        "--set train.steps=200 (repeatable)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .loop import train
+
+    summary = train(load_config(args.config, args.overrides), resume=args.resume,
+                    progress=not args.no_progress)
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,191 @@
+"""The paper-style pre-training comparison: train each config x seed, evaluate, report.
+
+For every run: validation loss / perplexity per corpus (per token; bytes for the byte-level
+tokenizer) and the pass-key probe at a distance inside the window and one far beyond the
+SWA receptive field. Writes ``results.json`` under the output root, a loss-curve plot and a
+Markdown report. Finished runs are skipped and interrupted ones resumed, so the command can
+be re-run until everything is done; the report is rewritten after every run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shlex
+import sys
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import ChunkSampler, load_tokenizer, parse_source, prepare_source
+from ..models import SALlamaForCausalLM
+from . import checkpoint
+from .config import ExperimentConfig, load_config
+from .distributed import DistInfo
+from .loop import evaluate, train
+from .passkey import passkey_accuracy
+
+NOTES_MARKER = "<!-- notes: text below this line is kept when the report is regenerated -->"
+
+
+def evaluate_run(cfg: ExperimentConfig, out_dir: Path, *, eval_chunks: int,
+                 passkey_trials: int) -> dict:
+    """Scores of a finished run's final model (cached in ``eval.json``)."""
+    cached = out_dir / "eval.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    model = SALlamaForCausalLM.from_pretrained(out_dir / "final").eval()
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    splits = [prepare_source(parse_source(s), tokenizer, cfg.data.cache_dir,
+                             val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed)
+              for s in cfg.data.sources]
+    seq_len = cfg.train.seq_len
+    samplers = {s.name: ChunkSampler([s.val], seq_len) for s in splits}
+    val = evaluate(model, samplers, micro_batch_size=8, batches=max(1, eval_chunks // 8),
+                   precision="fp32", info=DistInfo())
+    filler = np.concatenate([np.asarray(s.val) for s in splits])
+    window = min(model.config.window, seq_len)
+    reach = model.config.num_hidden_layers * (window - 1)  # SWA receptive field
+    # near: inside one window (the shortest fitting distance is about 25 byte tokens);
+    # far: at least twice the SWA receptive field, when the sequence allows it
+    distances = {"near": max(window - 4, 25), "far": min(seq_len - 64, max(2 * reach, 256))}
+    passkey = {name: dict(passkey_accuracy(model, tokenizer, filler, seq_len=seq_len,
+                                           distance=d, trials=passkey_trials), distance=d)
+               for name, d in distances.items()}
+    result = {"val_loss": val, "passkey": passkey,
+              "params": sum(p.numel() for p in model.parameters())}
+    cached.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _curve(out_dir: Path, key: str) -> tuple[list[int], list[float]]:
+    steps, values = [], []
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if key in record:
+            steps.append(record["step"])
+            values.append(record[key])
+    return steps, values
+
+
+def plot_curves(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colours = {}
+    for run in runs:
+        colour = colours.setdefault(run["name"], f"C{len(colours)}")
+        label = f"{run['name']} (seed {run['seed']})"
+        steps, loss = _curve(Path(run["out_dir"]), "loss")
+        if loss:  # a running mean over ~5% of the run makes the trend readable
+            k = max(1, len(loss) // 20)
+            smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+            axes[0].plot(steps[k - 1:], smooth, color=colour, label=label,
+                         linestyle="-" if run["seed"] == runs[0]["seed"] else "--")
+        steps, val = _curve(Path(run["out_dir"]), "val_loss_mean")
+        axes[1].plot(steps, val, marker="o", color=colour, label=label,
+                     linestyle="-" if run["seed"] == runs[0]["seed"] else "--")
+    axes[0].set(title="training loss (running mean)", xlabel="step", ylabel="nats / token")
+    axes[1].set(title="validation loss (mean over corpora)", xlabel="step",
+                ylabel="nats / token")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _mean_spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{np.mean(values):.3g} ± {(max(values) - min(values)) / 2:.2g}"
+
+
+def write_report(runs: list[dict], path: Path, *, command: str, plot: Path,
+                 header: str) -> None:
+    by_name = defaultdict(list)
+    for run in runs:
+        by_name[run["name"]].append(run)
+    corpora = list(runs[0]["eval"]["val_loss"]) if runs else []
+    lines = [
+        "# Pre-training comparison: full attention, SWA, SA, gated SA + SWA", "",
+        header, "",
+        f"- Command: `{command}`",
+        f"- Machine: {_machine()}",
+        f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Runs finished: {len(runs)} ({', '.join(sorted(by_name))}; seeds "
+        f"{sorted({r['seed'] for r in runs})})", "",
+        "Validation perplexity per token (byte-level: per byte; lower is better), from the "
+        "final model on held-out documents of each corpus; mean ± half-range over seeds. "
+        "Pass key: teacher-forced digit accuracy (chance 0.1) for a 5-digit key planted d tokens "
+        "before its copy: inside one window (near) and far beyond the SWA receptive field, "
+        "layers x (window - 1) (far).",
+        "",
+    ]
+    head = ["kind", "params", "steps", "seeds", *[f"ppl {c}" for c in corpora],
+            "bits/token (mean)",
+            "pass key near", "pass key far"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, group in by_name.items():
+        ev = [r["eval"] for r in group]
+        ppl = [_mean_spread([math.exp(e["val_loss"][c]) for e in ev]) for c in corpora]
+        bpb = _mean_spread([np.mean(list(e["val_loss"].values())) / math.log(2) for e in ev])
+        near = _mean_spread([e["passkey"]["near"]["digit_accuracy"] for e in ev])
+        far = _mean_spread([e["passkey"]["far"]["digit_accuracy"] for e in ev])
+        d_near, d_far = ev[0]["passkey"]["near"]["distance"], ev[0]["passkey"]["far"]["distance"]
+        seeds = ",".join(str(r["seed"]) for r in group)
+        lines.append(f"| {name} | {ev[0]['params']:,} | {group[0]['steps']} | {seeds} | "
+                     + " | ".join(ppl) + f" | {bpb} | {near} (d={d_near}) | {far} (d={d_far}) |")
+    lines += ["", f"![loss curves]({plot.name})", "", NOTES_MARKER]
+    # Hand-written analysis below the marker survives regeneration of the tables.
+    notes = ""
+    if path.exists() and NOTES_MARKER in path.read_text():
+        notes = path.read_text().split(NOTES_MARKER, 1)[1].lstrip("\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n" + notes)
+
+
+def _machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} GPU, torch {torch.__version__}"
+    return (f"{torch.get_num_threads()} torch threads on {platform.processor() or 'CPU'}, "
+            f"no GPU, torch {torch.__version__}")
+
+
+def run_comparison(configs: list[Path], seeds: list[int], *, out_root: Path, report: Path,
+                   overrides: list[str], eval_chunks: int = 32, passkey_trials: int = 64,
+                   header: str = "", progress: bool = True,
+                   report_only: bool = False) -> list[dict]:
+    """Train, evaluate and report every (config, seed); ``report_only``: finished runs only."""
+    command = "sattn " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "run_comparison(...)"
+    plot = report.with_suffix(".png")
+    runs = []
+    for seed in seeds:
+        for config in configs:
+            name = Path(config).stem
+            out_dir = out_root / f"{name}-seed{seed}"
+            cfg = load_config(config, [*overrides, f"train.seed={seed}",
+                                       f"train.out_dir={out_dir}"])
+            if not (out_dir / "final" / "config.json").exists():
+                if report_only:
+                    continue
+                train(cfg, resume=checkpoint.latest(out_dir) is not None, progress=progress)
+            runs.append({"name": name, "seed": seed, "out_dir": str(out_dir),
+                         "steps": cfg.train.steps,
+                         "eval": evaluate_run(cfg, out_dir, eval_chunks=eval_chunks,
+                                              passkey_trials=passkey_trials)})
+            (out_root / "results.json").write_text(json.dumps(runs, indent=1))
+            plot_curves(runs, plot)
+            write_report(runs, report, command=command, plot=plot, header=header)
+    if not runs:
+        raise ValueError(f"no finished run under {out_root}: nothing to report")
+    return runs

@@ -1,0 +1,149 @@
+"""The encoder classifier with softmax / FNA attention, and the experiment's building blocks."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+from stochastic_attention.experiments.fna import cli as fna_cli
+from stochastic_attention.experiments.fna.data import (
+    ALPHABET,
+    build_task,
+    encode,
+    normalise,
+    synthetic_corpora,
+)
+from stochastic_attention.experiments.fna.graph import (
+    diffusion_map,
+    mean_shortest_path,
+    spectral_gap,
+)
+from stochastic_attention.experiments.fna.run import run
+from stochastic_attention.models.fna_classifier import ClassifierConfig, EncoderClassifier
+
+VARIANTS = [dict(attention="softmax"), dict(attention="fna", alpha=1.2),
+            dict(attention="fna", alpha=2.0), dict(attention="fna", alpha=1.2, window=5),
+            dict(attention="fna", alpha=1.2, window=5, stochastic=True),
+            dict(attention="softmax", window=5, stochastic=True)]
+
+
+def _model(**kw) -> EncoderClassifier:
+    torch.manual_seed(0)
+    return EncoderClassifier(ClassifierConfig(vocab_size=11, num_classes=3, d_model=8,
+                                              n_heads=2, **kw))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_classifier_trains_and_ignores_padding(variant):
+    model = _model(**variant).eval()
+    tokens = torch.randint(0, 11, (3, 13), generator=torch.Generator().manual_seed(1))
+    pad = torch.ones(3, 13, dtype=torch.bool)
+    pad[1, 9:] = False
+    torch.manual_seed(2)
+    logits = model(tokens, pad)
+    assert logits.shape == (3, 3) and torch.isfinite(logits).all()
+    other = tokens.clone()
+    other[1, 9:] = (other[1, 9:] + 1) % 11  # change only padded tokens
+    torch.manual_seed(2)  # same permutation draws for the stochastic variants
+    torch.testing.assert_close(model(other, pad), logits)
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(tokens, pad), torch.tensor([0, 1, 2]))
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_attention_weights_are_the_layer_attention():
+    model = _model(attention="fna", alpha=1.2, n_layers=2).eval()
+    tokens = torch.randint(0, 11, (2, 10))
+    P = model.attention_weights(tokens, layer=1)
+    assert P.shape == (2, 2, 10, 10)
+    torch.testing.assert_close(P.sum(-1), torch.ones(2, 2, 10))
+    soft = _model(attention="softmax").eval().attention_weights(tokens)
+    torch.testing.assert_close(soft.sum(-1), torch.ones(2, 2, 10))
+
+
+def test_orthogonal_qk_stays_orthogonal_under_training():
+    model = _model(attention="fna", alpha=1.2, orthogonal_qk=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    tokens = torch.randint(0, 11, (4, 7))
+    for _ in range(3):
+        opt.zero_grad()
+        model(tokens).sum().backward()
+        opt.step()
+    for proj in (model.blocks[0].attn.q_proj, model.blocks[0].attn.k_proj):
+        w = proj.weight
+        torch.testing.assert_close(w @ w.T, torch.eye(8), atol=1e-5, rtol=0)
+
+
+def test_bad_classifier_config_raises():
+    with pytest.raises(ValueError, match="attention"):
+        ClassifierConfig(vocab_size=5, num_classes=2, attention="linear")
+    with pytest.raises(ValueError, match="window"):
+        ClassifierConfig(vocab_size=5, num_classes=2, stochastic=True)
+    with pytest.raises(ValueError, match="alpha"):
+        _model(attention="fna", alpha=3.0)(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_graph_statistics_on_known_graphs():
+    n = 8
+    uniform = np.full((n, n), 1 / n)
+    assert spectral_gap(uniform) == pytest.approx(1.0)
+    assert mean_shortest_path(uniform) == (pytest.approx(1.0), pytest.approx(1.0))
+    cycle = np.roll(np.eye(n), 1, axis=1)  # i -> i + 1: a directed ring
+    assert spectral_gap(cycle) == pytest.approx(0.0, abs=1e-9)
+    assert mean_shortest_path(cycle)[0] == pytest.approx((n - 1) / 2 + 0.5 * 0 + 0.5)  # (1+..+7)/7
+    with pytest.raises(ValueError, match="row-stochastic"):
+        spectral_gap(np.ones((3, 3)))
+    # Two loosely linked clusters: the first diffusion coordinate separates them.
+    block = np.kron(np.eye(2), np.full((4, 4), 1.0)) + 0.01
+    emb = diffusion_map(block / block.sum(1, keepdims=True), 2)
+    assert emb.shape == (8, 2)
+    assert np.sign(emb[:4, 0]).tolist() == [np.sign(emb[0, 0])] * 4
+    assert np.sign(emb[4:, 0]).tolist() == [-np.sign(emb[0, 0])] * 4
+
+
+def test_task_splits_documents_and_crops_inside_them():
+    corpora = synthetic_corpora(n_labels=2, docs_per_label=5, doc_words=60)
+    task = build_task(corpora, passage_len=32, test_per_class=7, test_fraction=0.4, seed=3)
+    for split in task.split.values():
+        assert split["test"] and split["train"] and not set(split["test"]) & set(split["train"])
+    assert task.test_tokens.shape == (14, 32) and task.test_labels.tolist() == [0] * 7 + [1] * 7
+    tokens, labels = task.sample(16, torch.Generator().manual_seed(0))
+    texts = {c: [normalise(d.text) for d in docs if d.title in task.split[c]["train"]]
+             for c, docs in corpora.items()}
+    for row, c in zip(tokens, labels.tolist(), strict=True):
+        passage = "".join(ALPHABET[i] for i in row.tolist())
+        assert any(passage in text for text in texts[task.labels[c]])
+    assert normalise("Hello,  WORLD 42!\n<b>") == "hello, world ! b"
+    assert encode("ab ").tolist() == [0, 1, ALPHABET.index(" ")]
+
+
+def test_experiment_runs_end_to_end(tmp_path):
+    cfg = {
+        "task": {"corpora": "synthetic", "passage_len": 24, "test_per_class": 5,
+                 "test_fraction": 0.3},
+        "variants": [{"name": "FNA alpha=1.2", "attention": "fna", "alpha": 1.2},
+                     {"name": "softmax", "attention": "softmax"}],
+        "d_model": [4], "seeds": [0, 1],
+        "train": {"steps": 3, "batch_size": 4, "warmup": 1},
+        "graph": {"d_model": 4, "seed": 1, "passages": 2},
+    }
+    result = run(cfg, tmp_path, tmp_path / "figs")
+    assert len(result["runs"]) == 4
+    assert {r["n"] for r in result["summary"]} == {2}
+    for name in ("results.json", "table.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    for name in ("fna-accuracy.png", "fna-diffusion-map.png"):
+        assert (tmp_path / "figs" / name).stat().st_size > 0
+    assert set(result["graph"]) >= {"FNA alpha=1.2", "softmax"}
+
+
+def test_cli_parses_the_fna_subcommand():
+    parser = argparse.ArgumentParser()
+    fna_cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["fna", "--quick", "--config", "c.yaml"])
+    assert args.quick and args.config == "c.yaml" and args.func is fna_cli.main

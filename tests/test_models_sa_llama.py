@@ -1,0 +1,59 @@
+"""SA-Llama as a Hugging Face model: Auto classes, safetensors round trip, generate()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from stochastic_attention.models import SALlamaConfig, SALlamaForCausalLM
+
+
+def tiny(kinds, **kw) -> SALlamaForCausalLM:
+    torch.manual_seed(0)
+    config = SALlamaConfig(hidden_size=32, num_hidden_layers=len(kinds), num_attention_heads=4,
+                           num_key_value_heads=2, attention_kinds=kinds, window=6, **kw)
+    return SALlamaForCausalLM(config).eval()
+
+
+def test_save_and_reload_through_auto_classes(tmp_path):
+    model = tiny(["gated", "sa", "swa"], qk_norm=True, gate_granularity="channel",
+                 gate_bias=[1.0, -1.0])
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert AutoConfig.from_pretrained(tmp_path).attention_kinds == ["gated", "sa", "swa"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded, SALlamaForCausalLM)
+    ids = torch.randint(0, 257, (2, 40))
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_generate_with_cache_equals_greedy_without_cache():
+    model = tiny(["full", "swa", "swa"])
+    prompt = torch.randint(0, 257, (2, 9))
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
+                         do_sample=False, pad_token_id=0)
+    ids = prompt
+    for _ in range(12):
+        next_id = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, next_id], dim=1)
+    assert torch.equal(out, ids)
+
+
+def test_loss_is_next_token_cross_entropy():
+    model = tiny(["sa", "gated"])
+    ids = torch.randint(0, 257, (3, 17))
+    out = model(ids, labels=ids)
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 257),
+                                                 ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    gate = model.model.layers[1].self_attn.gate.proj.weight
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+
+
+def test_config_errors_name_the_argument():
+    with pytest.raises(ValueError, match="attention_kinds"):
+        SALlamaConfig(num_hidden_layers=3, attention_kinds=["full", "sa"])
+    with pytest.raises(ValueError, match="attention_kinds"):
+        SALlamaConfig(attention_kinds="dense")

@@ -1,0 +1,108 @@
+"""The comparison configs, the paper-scale config, the pass-key probe and the driver."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from stochastic_attention.data import ByteTokenizer
+from stochastic_attention.train import build_model, load_config
+from stochastic_attention.train.compare import run_comparison
+from stochastic_attention.train.passkey import QUESTION, passkey_accuracy, passkey_examples
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
+KINDS = ("full", "swa", "sa", "gated")
+
+
+def test_small_configs_differ_only_in_attention_kind():
+    configs = {kind: load_config(CONFIGS / f"{kind}.yaml").to_dict() for kind in KINDS}
+    for kind, cfg in configs.items():
+        assert cfg["model"].pop("attention_kinds") == kind
+        cfg["train"].pop("out_dir")
+        assert cfg == configs["full"]
+    params = {kind: sum(p.numel() for p in build_model(load_config(CONFIGS / f"{kind}.yaml"),
+                                                       257, 256).parameters())
+              for kind in KINDS}
+    assert params["full"] == params["swa"] == params["sa"]
+    assert 0 < params["gated"] - params["full"] < 0.01 * params["full"]  # the gates only
+
+
+def test_paper_scale_config_instantiates_at_360m_parameters():
+    cfg = load_config(CONFIGS / "paper-360m.yaml")
+    with torch.device("meta"):
+        model = build_model(cfg, vocab_size=49152, eos_id=2)
+    count = sum(p.numel() for p in model.parameters())
+    assert 340e6 < count < 380e6
+    assert model.config.num_hidden_layers == 24 and model.config.hidden_size == 1024
+    assert model.config.num_attention_heads == 16 and model.config.window == 256
+    assert cfg.train.seq_len == 2048
+
+
+def test_passkey_examples_plant_the_key_at_the_distance():
+    tok = ByteTokenizer()
+    filler = np.frombuffer(b"lorem ipsum dolor sit amet " * 200, dtype=np.uint8)
+    for ids, start in passkey_examples(tok, filler, seq_len=300, distance=150, trials=4):
+        assert len(ids) == 300
+        text = tok.decode(ids)
+        key = text[-5:]
+        planted = text.index(f"{QUESTION}{key}.") + len(QUESTION)
+        assert start - planted == 150 and text.endswith(QUESTION + key)
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts the token ``offset`` positions back: copies the planted key exactly."""
+
+    def __init__(self, offset: int):
+        super().__init__()
+        self.offset, self.dummy = offset, torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, use_cache=False):
+        source = torch.roll(input_ids, -(1 - self.offset), dims=1)  # next token, offset back
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(source, 257).float()})
+
+
+def test_passkey_accuracy_scores_a_copying_oracle_perfectly():
+    tok = ByteTokenizer()
+    filler = np.frombuffer(b"lorem ipsum dolor sit amet " * 200, dtype=np.uint8)
+    offset = 150  # each answer digit's planted copy lies exactly `distance` tokens back
+    scores = passkey_accuracy(_Oracle(offset), tok, filler, seq_len=300, distance=150, trials=8)
+    assert scores == {"digit_accuracy": 1.0, "exact_match": 1.0}
+    wrong = passkey_accuracy(_Oracle(offset + 1), tok, filler, seq_len=300, distance=150,
+                             trials=8)
+    assert wrong["exact_match"] < 1.0
+
+
+def test_driver_trains_evaluates_and_reports(tmp_path):
+    import random
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    rng = random.Random(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    for i in range(5):
+        (docs / f"{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(400)))
+    configs = []
+    for kind in ("swa", "gated"):
+        raw = yaml.safe_load((CONFIGS / f"{kind}.yaml").read_text())
+        raw["model"].update(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                            window=8)
+        raw["data"] = {"sources": [{"name": "toy", "files": str(docs)}], "val_fraction": 0.4,
+                       "cache_dir": str(tmp_path / "cache")}
+        raw["train"].update(steps=3, seq_len=128, batch_size=2, micro_batch_size=2,
+                            eval_every=3, tensorboard=False)
+        path = tmp_path / f"{kind}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        configs.append(path)
+    report = tmp_path / "report.md"
+    runs = run_comparison(configs, [0], out_root=tmp_path / "runs", report=report,
+                          overrides=[], eval_chunks=2, passkey_trials=4, progress=False)
+    assert [r["name"] for r in runs] == ["swa", "gated"]
+    text = report.read_text()
+    assert "| swa |" in text and "| gated |" in text and "ppl toy" in text
+    assert report.with_suffix(".png").stat().st_size > 0
+    saved = json.loads((tmp_path / "runs" / "results.json").read_text())
+    assert 0 <= saved[1]["eval"]["passkey"]["far"]["digit_accuracy"] <= 1
