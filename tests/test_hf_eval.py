@@ -53,9 +53,9 @@ def test_tasks_are_reproducible_and_well_formed():
         assert word in tok.decode(x["context"]).split()  # the answer occurs in the context
     nl = T.nextline_task(tok, docs, count=3, context=40, seed=1)
     assert all(len(ex["choices"]) == 4 and 0 <= ex["label"] < 4 for ex in nl.examples)
-    pk = T.passkey_task(tok, docs, lengths=[60], depths=[0.5], per_cell=2, seed=0)
+    pk = T.passkey_task(tok, docs, lengths=[120], depths=[0.5], per_cell=2, seed=0)
     for ex in pk.examples:
-        assert len(ex["ids"]) == 60
+        assert len(ex["ids"]) == 120
         assert " ".join(ex["key"]) in tok.decode(ex["ids"])  # digits are single tokens here
     ppl = T.perplexity_task(tok, docs, count=2, length=50, seed=0)
     assert [len(x) for x in ppl.examples] == [50, 50]
@@ -67,7 +67,7 @@ def test_sweep_report_and_budget(tmp_path):
     tasks = [T.perplexity_task(tok, docs, count=1, length=40, seed=0),
              T.lastword_task(tok, docs, count=1, context=24, seed=0),
              T.nextline_task(tok, docs, count=1, context=24, seed=0),
-             T.passkey_task(tok, docs, lengths=[32], depths=[0.5], per_cell=1, seed=0)]
+             T.passkey_task(tok, docs, lengths=[72], depths=[0.5], per_cell=1, seed=0)]
     specs = parse_methods("full,sliding_window+sinks=2,stochastic+local=0.5,moba")
     records = run_sweep(model, tok, specs, [8, 96], [0, 1], tasks)
     # full once; SWA and MoBA once per window; SA once per window and seed.

@@ -1,8 +1,8 @@
 """Evaluation tasks built reproducibly (seeded) from real text, and how each is scored.
 
 - ``perplexity``: long passages (``ppl_length`` tokens) from several corpora; metric: perplexity.
-- ``passkey``: a five-digit key hidden at a given depth in real filler text; the model must
-  produce it after the question (greedy decoding). Metric: accuracy.
+- ``passkey``: a five-digit key hidden at a given depth in the classic repetitive filler; the
+  model must produce it after the question (greedy decoding). Metric: accuracy.
 - ``lastword`` (LAMBADA-like): a passage of a few hundred tokens whose final word already
   occurred earlier in it; the model must produce that word greedily. Metric: accuracy.
 - ``nextline`` (HellaSwag-like): a passage and four candidate next sentences, the true one and
@@ -63,22 +63,30 @@ def perplexity_task(tokenizer, docs, *, count: int, length: int, seed: int) -> T
     return task
 
 
-def passkey_task(tokenizer, docs, *, lengths, depths, per_cell: int, seed: int) -> Task:
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it "
+                 "and memorize it. I will quiz you about the important information there.\n")
+PASSKEY_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and "
+                  "back again. ")
+
+
+def passkey_task(tokenizer, docs=None, *, lengths, depths, per_cell: int, seed: int) -> Task:
+    """The classic passkey prompt (Mohtashami & Jaggi, 2023): repetitive filler, so retrieval,
+    not reading comprehension, is what is measured (a 135M model fails with real-text filler
+    even under full attention). ``docs`` is unused; kept for a uniform builder signature."""
     rng = random.Random(seed)
     task = Task("passkey", "accuracy", True, max(lengths))
+    enc = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    intro, filler_unit = enc(PASSKEY_INTRO), enc(PASSKEY_FILLER)
+    question = enc("\nWhat is the pass key? The pass key is")
     for length in lengths:
         for depth in depths:
             for _ in range(per_cell):
                 key = str(rng.randrange(10_000, 100_000))
-                needle = tokenizer(f" The pass key is {key}. Remember it. {key} is the pass key. ",
-                                   add_special_tokens=False).input_ids
-                question = tokenizer("\nWhat is the pass key? The pass key is",
-                                     add_special_tokens=False).input_ids
-                filler = None
-                while filler is None:
-                    filler = _passage(rng, docs, tokenizer, length - len(needle) - len(question))
+                needle = enc(f" The pass key is {key}. Remember it. {key} is the pass key. ")
+                room = length - len(intro) - len(needle) - len(question)
+                filler = (filler_unit * (room // len(filler_unit) + 1))[:max(room, 0)]
                 at = int(len(filler) * depth)
-                prompt = filler[:at] + needle + filler[at:] + question
+                prompt = intro + filler[:at] + needle + filler[at:] + question
                 task.examples.append({"ids": torch.tensor(prompt), "key": key,
                                       "length": length, "depth": depth})
     return task
