@@ -52,6 +52,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prefill-timing", default="",
                    help="comma-separated lengths (e.g. 2048,4096,8192): also time prefill")
     p.add_argument("--timing-window", type=int, default=128)
+    p.add_argument("--timing-repeats", type=int, default=1, help="best of N, methods interleaved")
     p.add_argument("--decode-check", default="",
                    help="PROMPT,STEPS (e.g. 2048,64): perplexity and time per step of full vs "
                         "stochastic decoding after an SA prefill at --timing-window")
@@ -105,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     summary = aggregate(records)
     timings = None
     if args.prefill_timing:
-        timings = time_prefill(model, specs, args.timing_window, _ints(args.prefill_timing))
+        timings = time_prefill(model, specs, args.timing_window, _ints(args.prefill_timing),
+                               args.timing_repeats)
     decoding = None
     if args.decode_check:
         prompt, steps = _ints(args.decode_check)

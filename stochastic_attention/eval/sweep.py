@@ -68,22 +68,24 @@ def aggregate(records: list[dict]) -> list[dict]:
 
 def time_prefill(model, specs, window: int, lengths: list[int], repeats: int = 1) -> list[dict]:
     """Seconds per prefill forward (best of ``repeats``) for each method at each length,
-    measured side by side with full attention; reports the ratio to full."""
+    measured side by side with full attention (methods interleaved in every repeat, so a
+    change in machine load hits all of them); reports the ratio to full."""
     layers = model.config.num_hidden_layers
-    out = []
-    jobs = [(n, spec) for n in lengths for spec in specs]
-    for n, spec in tqdm(jobs, desc="prefill timing", unit="run"):
+    best: dict[tuple, float] = {}
+    jobs = [(r, n, spec) for r in range(repeats) for n in lengths for spec in specs]
+    for _, n, spec in tqdm(jobs, desc="prefill timing", unit="run"):
         ids = torch.randint(0, model.config.vocab_size, (1, n),
                             generator=torch.Generator().manual_seed(n))
         patch(model, **spec.settings(window if spec.method != "full" else 1 << 30, layers))
-        best = float("inf")
         with torch.no_grad():
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(ids, logits_to_keep=1)
-                best = min(best, time.perf_counter() - start)
+            start = time.perf_counter()
+            model(ids, logits_to_keep=1)
+            elapsed = time.perf_counter() - start
         unpatch(model)
-        out.append(dict(label=spec.label, length=n, window=window, seconds=best))
+        key = (spec.label, n)
+        best[key] = min(best.get(key, float("inf")), elapsed)
+    out = [dict(label=label, length=n, window=window, seconds=sec, repeats=repeats)
+           for (label, n), sec in best.items()]
     full = {r["length"]: r["seconds"] for r in out if r["label"] == "full"}
     for r in out:
         r["ratio_to_full"] = r["seconds"] / full[r["length"]] if r["length"] in full else None
