@@ -58,7 +58,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "stochastic decoding after an SA prefill at --timing-window")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest on a CPU shared with other jobs; 0: default)")
-    p.add_argument("--out", default="results/eval", help="output folder")
+    p.add_argument("--out", default="runs/eval", help="output folder")
     p.add_argument("--quick", action="store_true",
                    help="short default comparison: 4 methods, windows 64 and 128, 12 examples per task")
     p.set_defaults(func=run)
