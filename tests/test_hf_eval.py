@@ -114,3 +114,15 @@ def test_decode_cost_rows_agree_when_the_window_covers_the_context():
         assert r["perplexity"] == pytest.approx(rows[0]["perplexity"], rel=1e-4)
     small = decode_cost(model, ids, 24, window=2, sinks=0, local=1)
     assert small[2]["perplexity"] != pytest.approx(small[1]["perplexity"], rel=1e-4)
+
+
+def test_prefill_timing_reports_ratios_to_full():
+    from stochastic_attention.eval.sweep import time_prefill
+
+    model = tiny_model("llama")
+    rows = time_prefill(model, parse_methods("full,moba"), 4, [16, 24], repeats=2)
+    assert {(r["label"], r["length"]) for r in rows} == {(m, n) for m in ("full", "moba")
+                                                         for n in (16, 24)}
+    assert all(r["ratio_to_full"] == 1.0 for r in rows if r["label"] == "full")
+    assert all(r["seconds"] > 0 for r in rows)
+    assert model.config._attn_implementation == "sdpa"
