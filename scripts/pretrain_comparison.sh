@@ -13,7 +13,7 @@ SEEDS="${SEEDS:-0 1}"
 OUT="${OUT:-runs/pretrain-comparison}"
 HEADER="${HEADER:-Small-scale comparison: 4 layers, d=128, 4 heads, window 32, sequence 512, byte-level, ${STEPS} steps of 8 x 512 tokens.}"
 # shellcheck disable=SC2086
-exec python -m stochastic_attention.cli pretrain-compare \
+exec "${PYTHON:-.venv/bin/python}" -m stochastic_attention.cli pretrain-compare \
   configs/pretrain/full.yaml configs/pretrain/swa.yaml configs/pretrain/sa.yaml \
   configs/pretrain/gated.yaml \
   --seeds $SEEDS --out "$OUT" --report docs/results-pretraining.md \

@@ -93,9 +93,13 @@ def test_graph_statistics_on_known_graphs():
     uniform = np.full((n, n), 1 / n)
     assert spectral_gap(uniform) == pytest.approx(1.0)
     assert mean_shortest_path(uniform) == (pytest.approx(1.0), pytest.approx(1.0))
-    cycle = np.roll(np.eye(n), 1, axis=1)  # i -> i + 1: a directed ring
+    cycle = np.roll(np.eye(n), 1, axis=1)  # i -> i + 1: a ring
     assert spectral_gap(cycle) == pytest.approx(0.0, abs=1e-9)
-    assert mean_shortest_path(cycle)[0] == pytest.approx((n - 1) / 2 + 0.5 * 0 + 0.5)  # (1+..+7)/7
+    # On an undirected ring of 8 the other nodes lie 1, 1, 2, 2, 3, 3, 4 hops away.
+    assert mean_shortest_path(cycle) == (pytest.approx(16 / 7), pytest.approx(1.0))
+    halves = np.kron(np.eye(2), np.full((4, 4), 0.25))  # two separate cliques
+    assert mean_shortest_path(halves) == (pytest.approx(1.0), pytest.approx(3 / 7))
+    assert spectral_gap(halves) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="row-stochastic"):
         spectral_gap(np.ones((3, 3)))
     # Two loosely linked clusters: the first diffusion coordinate separates them.
@@ -130,7 +134,7 @@ def test_experiment_runs_end_to_end(tmp_path):
                      {"name": "softmax", "attention": "softmax"}],
         "d_model": [4], "seeds": [0, 1],
         "train": {"steps": 3, "batch_size": 4, "warmup": 1},
-        "graph": {"d_model": 4, "seed": 1, "passages": 2},
+        "graph": {"d_model": 4, "seed": 1, "passages": 2, "thresholds": [0.5, 1.0]},
     }
     result = run(cfg, tmp_path, tmp_path / "figs")
     assert len(result["runs"]) == 4
@@ -140,6 +144,8 @@ def test_experiment_runs_end_to_end(tmp_path):
     for name in ("fna-accuracy.png", "fna-diffusion-map.png"):
         assert (tmp_path / "figs" / name).stat().st_size > 0
     assert set(result["graph"]) >= {"FNA alpha=1.2", "softmax"}
+    assert set(result["graph"]["softmax"]["paths"]) == {"0.5", "1.0"}
+    assert result["graph"]["passages"] == 2
 
 
 def test_cli_parses_the_fna_subcommand():
@@ -147,3 +153,12 @@ def test_cli_parses_the_fna_subcommand():
     fna_cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["fna", "--quick", "--config", "c.yaml"])
     assert args.quick and args.config == "c.yaml" and args.func is fna_cli.main
+
+
+def test_speed_table_times_every_variant():
+    from stochastic_attention.experiments.fna.speed import speed_markdown, speed_table
+
+    rows = speed_table([12], window=4, heads=1, head_dim=4, repeats=1)
+    assert rows[0]["seq_len"] == 12
+    assert all(rows[0][k] > 0 for k in ("softmax_dense", "fna_dense", "fna_sa", "dense_over_sa"))
+    assert "| 12 | 4 |" in speed_markdown(rows)

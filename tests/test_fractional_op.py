@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import stochastic_attention as sa
-from stochastic_attention.ops import fractional
+from stochastic_attention.ops import blocked, fractional
 from stochastic_attention.ops.patterns import dense_mask
 
 ALPHAS = (0.5, 1.2, 2.0)
@@ -31,7 +31,7 @@ def _padding(B, n, seed=1):
 def small_tiles(monkeypatch):
     """Several chunks / tiles even at short test lengths, with a ragged last one."""
     monkeypatch.setattr(fractional, "QUERY_CHUNK", 7)
-    monkeypatch.setattr(fractional, "BAND_TILE", 5)
+    monkeypatch.setattr(blocked, "BAND_TILE", 5)
 
 
 def test_alpha_two_is_softmax_of_shifted_dot_products():
@@ -120,6 +120,19 @@ def test_window_covering_the_sequence_is_dense_fna(small_tiles, perm_given):
         for backend in ("auto", "blocked", "reference"):
             out = sa.fractional_attention(q, k, v, 1.2, window=window, perm=perm, backend=backend)
             torch.testing.assert_close(out, dense)
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_tiny_windows_equal_reference(small_tiles, window):
+    B, H, n, D = 1, 2, 11, 3
+    q, k, v = _qkv(B, H, H, n, D, seed=8)
+    perm = sa.random_permutation(B, H, n, generator=torch.Generator().manual_seed(2))
+    for layout in ("band", "block"):
+        kw = dict(window=window, perm=perm, layout=layout)
+        ref = sa.fractional_attention(q, k, v, 1.2, backend="reference", **kw)
+        torch.testing.assert_close(sa.fractional_attention(q, k, v, 1.2, **kw), ref)
+    if window == 1:  # each query sees only itself
+        torch.testing.assert_close(ref, v)
 
 
 def test_identity_permutation_is_sliding_window(small_tiles):

@@ -17,11 +17,12 @@ def tiny(kinds, **kw) -> SALlamaForCausalLM:
 
 
 def test_save_and_reload_through_auto_classes(tmp_path):
-    model = tiny(["gated", "sa", "swa"], qk_norm=True, gate_granularity="channel",
-                 gate_bias=[1.0, -1.0])
+    kinds = ["gated", "sa", "swa", "moba", "fna"]
+    model = tiny(kinds, qk_norm=True, gate_granularity="channel", gate_bias=[1.0, -1.0],
+                 moba_block_size=8, fna_alpha=1.2)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
-    assert AutoConfig.from_pretrained(tmp_path).attention_kinds == ["gated", "sa", "swa"]
+    assert AutoConfig.from_pretrained(tmp_path).attention_kinds == kinds
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(reloaded, SALlamaForCausalLM)
     ids = torch.randint(0, 257, (2, 40))
@@ -57,3 +58,14 @@ def test_config_errors_name_the_argument():
         SALlamaConfig(num_hidden_layers=3, attention_kinds=["full", "sa"])
     with pytest.raises(ValueError, match="attention_kinds"):
         SALlamaConfig(attention_kinds="dense")
+
+
+def test_left_padded_batch_matches_the_unpadded_sequence():
+    model = tiny(["full", "swa", "gated"], sa_window=64)  # SA covering the sequence: exact
+    row = torch.randint(0, 257, (1, 11))
+    ids = torch.cat([torch.randint(0, 257, (1, 15)), torch.cat([torch.zeros(1, 4).long(), row], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate() passes
+    padded = model(ids, attention_mask=mask, position_ids=positions).logits[1, 4:]
+    torch.testing.assert_close(padded, model(row).logits[0])

@@ -123,3 +123,49 @@ def test_bad_arguments_name_the_fix():
         MultiHeadAttention(HIDDEN, HEADS, kind="swa", window=0)
     with pytest.raises(ValueError, match="gate"):
         MultiHeadAttention(HIDDEN, HEADS, kind="gated", gate="tanh")
+
+
+def _projected(layer, x):
+    """q, k, v of the layer after projections and RoPE (no cache, positions 0..n-1)."""
+    B, n, _ = x.shape
+    q = layer.q_proj(x).view(B, n, layer.num_heads, layer.head_dim).transpose(1, 2)
+    k = layer.k_proj(x).view(B, n, layer.num_kv_heads, layer.head_dim).transpose(1, 2)
+    v = layer.v_proj(x).view(B, n, layer.num_kv_heads, layer.head_dim).transpose(1, 2)
+    q, k = layer.rotary(q, k, torch.arange(n)[None])
+    return q, k, v
+
+
+def test_moba_kind_with_every_block_selected_is_full_attention():
+    moba = make("moba", moba_block_size=4, moba_topk=100)
+    full = make("full")
+    full.load_state_dict(moba.state_dict())
+    x = torch.randn(2, 21, HIDDEN, dtype=torch.double)
+    torch.testing.assert_close(moba(x), full(x))
+
+
+def test_moba_kind_matches_its_reference_operator():
+    from stochastic_attention.ops.moba import moba_reference
+
+    layer = make("moba", moba_block_size=4, moba_topk=2, sinks=1)
+    x = torch.randn(2, 21, HIDDEN, dtype=torch.double)
+    q, k, v = _projected(layer, x)
+    mixed = moba_reference(q, k, v, 4, 2, sinks=1)
+    ref = layer.o_proj(mixed.transpose(1, 2).reshape(2, 21, -1))
+    torch.testing.assert_close(layer(x), ref)
+
+
+@pytest.mark.parametrize("kw", [{}, {"fna_window": 6}, {"fna_window": 6, "fna_stochastic": True}])
+def test_fna_kind_matches_its_reference_operator(kw):
+    from stochastic_attention.ops.fractional import fractional_attention
+
+    layer = make("fna", fna_alpha=1.5, **kw).eval()
+    x = torch.randn(2, 17, HIDDEN, dtype=torch.double, requires_grad=True)
+    perm = layer.draw_permutation(2, 17) if layer.uses_permutation else None
+    q, k, v = _projected(layer, x)
+    mixed = fractional_attention(q, k, v, 1.5, causal=True, window=kw.get("fna_window"),
+                                 perm=perm, backend="reference")
+    ref = layer.o_proj(mixed.transpose(1, 2).reshape(2, 17, -1))
+    out = layer(x, perm=perm)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0],
+                               torch.autograd.grad(ref.sum(), x)[0])

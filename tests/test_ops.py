@@ -291,3 +291,20 @@ def test_empty_and_fully_padded_rows_are_zero_not_nan():
         assert all(torch.isfinite(g).all() for g in grads)
     empty = sa.stochastic_attention(*(t[:, :, :0] for t in (q, k, v)), 4)
     assert empty.shape == (2, 4, 0, 16)
+
+
+@pytest.mark.parametrize("tile", [1, 5])
+def test_tiny_ragged_tiles_match_reference(monkeypatch, tile):
+    """Many tiles and a ragged last one, whatever the tile size is tuned to."""
+    monkeypatch.setattr(blocked, "BAND_TILE", tile)
+    n = 37
+    q, k, v = make_qkv(n)
+    kpm = padding_mask(2, n)
+    perm = sa.random_permutation(2, 4, n, generator=torch.Generator().manual_seed(tile))
+    for causal in (True, False):
+        kw = dict(window=6, perm=perm, causal=causal, sinks=2, key_padding_mask=kpm)
+        ref, ref_g = run(sa.stochastic_attention, q, k, v, backend="reference", **kw)
+        out, out_g = run(sa.stochastic_attention, q, k, v, backend="blocked", **kw)
+        assert_close(out, ref, 1e-5)
+        for a, b in zip(out_g, ref_g):
+            assert_close(a, b, 1e-4)

@@ -45,12 +45,15 @@ def test_paper_scale_config_instantiates_at_360m_parameters():
 def test_passkey_examples_plant_the_key_at_the_distance():
     tok = ByteTokenizer()
     filler = np.frombuffer(b"lorem ipsum dolor sit amet " * 200, dtype=np.uint8)
-    for ids, start in passkey_examples(tok, filler, seq_len=300, distance=150, trials=4):
-        assert len(ids) == 300
+    for ids, start, control in passkey_examples(tok, filler, seq_len=300, distance=150,
+                                                trials=4):
+        assert len(ids) == len(control) == 300
         text = tok.decode(ids)
         key = text[-5:]
         planted = text.index(f"{QUESTION}{key}.") + len(QUESTION)
         assert start - planted == 150 and text.endswith(QUESTION + key)
+        differs = np.flatnonzero(ids != control)
+        assert differs.tolist() == list(range(planted, planted + 5))  # every key digit changed
 
 
 class _Oracle(torch.nn.Module):
@@ -70,7 +73,8 @@ def test_passkey_accuracy_scores_a_copying_oracle_perfectly():
     filler = np.frombuffer(b"lorem ipsum dolor sit amet " * 200, dtype=np.uint8)
     offset = 150  # each answer digit's planted copy lies exactly `distance` tokens back
     scores = passkey_accuracy(_Oracle(offset), tok, filler, seq_len=300, distance=150, trials=8)
-    assert scores == {"digit_accuracy": 1.0, "exact_match": 1.0}
+    assert scores["digit_accuracy"] == scores["exact_match"] == 1.0
+    assert scores["retrieval_gain"] > 0  # the copier is confidently wrong with a wrong key
     wrong = passkey_accuracy(_Oracle(offset + 1), tok, filler, seq_len=300, distance=150,
                              trials=8)
     assert wrong["exact_match"] < 1.0

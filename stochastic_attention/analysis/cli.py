@@ -10,11 +10,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import experiments, plots
 from .families import PATTERNS, PatternSpec
 
 DEFAULT_PATTERNS = ("swa", "sa_band", "sa_block", "sa_swa", "moba", "dilated")
+THREADS_HELP = ("torch threads (default 1: the pattern ops are small, and on a busy CPU extra "
+                "threads mostly wait on each other)")
+
+
+def _set_threads(threads: int) -> None:
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,6 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "length, per-position coverage of causal patterns.")
     cov.add_argument("--seq-len", type=int, default=16384, help="length for the depth curves")
     cov.add_argument("--window", type=int, default=64)
+    cov.add_argument("--sinks", type=int, default=0,
+                     help="leading tokens every query also sees (all patterns but MoBA/dilated)")
     cov.add_argument("--patterns", nargs="+", default=list(DEFAULT_PATTERNS), choices=PATTERNS)
     cov.add_argument("--causal", choices=("causal", "non-causal", "both"), default="both")
     cov.add_argument("--seeds", type=int, default=3, help="permutation seeds (random patterns)")
@@ -39,14 +50,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     cov.add_argument("--position-seq-len", type=int, default=4096,
                      help="length for per-position coverage of all tokens (0: skip)")
     cov.add_argument("--position-depths", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 32])
-    cov.add_argument("--out", type=Path, default=Path("results/coverage"))
+    cov.add_argument("--out", type=Path, default=Path("runs/coverage"))
+    cov.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     cov.set_defaults(func=run_coverage)
 
     graph = subparsers.add_parser(
         "graph", help="graph statistics of attention patterns (hops, clustering, spectral gap)",
         description="Small-world statistics of non-causal attention graphs and a comparison at "
                     "the fly connectome's scale.")
-    graph.add_argument("--seq-len", type=int, default=1024)
+    graph.add_argument("--seq-len", type=int, default=512)
     graph.add_argument("--window", type=int, default=16)
     graph.add_argument("--patterns", nargs="+", choices=PATTERNS,
                        default=["swa", "sa_band", "sa_swa", "moba", "dilated"])
@@ -61,7 +73,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="window of each SA+SWA branch (single branches get twice this)")
     graph.add_argument("--connectome-sources", type=int, default=64)
     graph.add_argument("--seed", type=int, default=0)
-    graph.add_argument("--out", type=Path, default=Path("results/graph"))
+    graph.add_argument("--out", type=Path, default=Path("runs/graph"))
+    graph.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     graph.set_defaults(func=run_graph)
     return cov
 
@@ -109,7 +122,7 @@ def _write_json(path: Path, data) -> None:
             return [clean(v) for v in x]
         return x
 
-    path.write_text(json.dumps(clean(data), indent=1))
+    path.write_text(json.dumps(clean(data), separators=(",", ":")))  # compact: curves are long
 
 
 def _layers_text(summary: dict) -> str:
@@ -124,11 +137,14 @@ def _layers_text(summary: dict) -> str:
 
 
 def run_coverage(args: argparse.Namespace) -> int:
-    _check_positive(args, "seq_len", "window", "seeds", "max_layers", "position_seq_len")
+    _check_positive(args, "seq_len", "window", "sinks", "seeds", "max_layers",
+                    "position_seq_len")
+    _set_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     modes = _modes(args.causal)
-    specs = [PatternSpec(p, args.window, causal=c) for c in modes for p in args.patterns]
+    specs = [PatternSpec(p, args.window, causal=c, sinks=args.sinks) for c in modes
+             for p in args.patterns]
     result: dict = {"args": {k: str(v) if isinstance(v, Path) else v
                              for k, v in vars(args).items() if k != "func"}}
     md = ["# Receptive-field coverage\n", _header(_command("coverage", args))]
@@ -156,7 +172,7 @@ def run_coverage(args: argparse.Namespace) -> int:
     md.append(_table(theory_rows, list(theory_rows[0])))
 
     if args.sweep_seq_lens:
-        sweep_specs = [PatternSpec(p, args.window, causal=c) for c in modes
+        sweep_specs = [PatternSpec(p, args.window, causal=c, sinks=args.sinks) for c in modes
                        for p in args.sweep_patterns]
         sweep = experiments.full_coverage_vs_length(sweep_specs, args.sweep_seq_lens,
                                                     args.sweep_seeds, args.sweep_max_layers)
@@ -210,6 +226,7 @@ def _binned(row: dict, bins: int = 128) -> dict:
 def run_graph(args: argparse.Namespace) -> int:
     _check_positive(args, "seq_len", "window", "gap_depth", "small_world_seq_len",
                     "connectome_nodes", "connectome_sources")
+    _set_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     specs = [PatternSpec(p, args.window, causal=False) for p in args.patterns]

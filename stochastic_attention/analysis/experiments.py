@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,7 +34,7 @@ def coverage_curves(
         runs = seeds if spec.random else 1
         curves = np.stack([
             query_coverage_curve(LayerStack(spec, seq_len, seed), seq_len, cap, causal=spec.causal,
-                                 query=query)
+                                 query=query, progress=True)
             for seed in range(runs)
         ])
         full = int(allowed_sources(seq_len, spec.causal)[query % seq_len])
@@ -74,7 +73,7 @@ def per_position_coverage(
     rows = []
     for spec in tqdm(specs, desc=f"per-position n={seq_len}"):
         stack = LayerStack(spec, seq_len, seed)
-        sizes = all_tokens_sizes(stack, seq_len, depths)
+        sizes = all_tokens_sizes(stack, seq_len, depths, progress=True)
         allowed = allowed_sources(seq_len, spec.causal)
         one_layer = np.bincount(stack(0).q, minlength=seq_len)
         rows.append({
@@ -123,6 +122,7 @@ def graph_table(
     for spec in tqdm(specs, desc=f"graphs n={seq_len}"):
         stack = LayerStack(spec, seq_len, seed)
         layers = [stack(i) for i in range(max(depths))]
+        single = graphstats.spectral_gap(layers[:1])
         for depth in depths:
             adj = graphstats.union_graph(layers[:depth])
             rows.append({
@@ -131,8 +131,9 @@ def graph_table(
                 "mean_degree": graphstats.mean_degree(adj),
                 **graphstats.path_lengths(adj, path_sources, seed),
                 "clustering": graphstats.clustering(adj),
-                "spectral_gap_product": graphstats.spectral_gap(layers[:depth]),
-                "spectral_gap_single": graphstats.spectral_gap(layers[:1]),
+                "spectral_gap_product": (single if depth == 1
+                                         else graphstats.spectral_gap(layers[:depth])),
+                "spectral_gap_single": single,
             })
     return rows
 
@@ -193,7 +194,3 @@ def spectral_gap_vs_depth(
                      "seq_len": seq_len, "gaps": gaps})
     return rows
 
-
-def finite(x: float) -> float | None:
-    """JSON has no infinity: write None for an infinite or undefined number."""
-    return x if isinstance(x, (int, float)) and math.isfinite(x) else None

@@ -152,8 +152,9 @@ def moba_edges(
         raise ValueError(f"block_size and top_k must be >= 1, got {block_size}, {top_k}")
     nb = -(-n // block_size)
     blocks = torch.arange(n) // block_size
-    means = torch.zeros(nb, k.shape[1], dtype=k.dtype).index_add_(0, blocks, k)
-    means /= torch.bincount(blocks, minlength=nb).to(k.dtype)[:, None]
+    padded = torch.cat([k, k.new_zeros(nb * block_size - n, k.shape[1])])
+    counts = torch.bincount(blocks, minlength=nb).to(k.dtype)[:, None]
+    means = padded.view(nb, block_size, -1).sum(1) / counts  # the last block may be short
     top = min(top_k, nb)
     offsets = torch.arange(block_size)
     qs, ks = [], []

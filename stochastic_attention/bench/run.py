@@ -20,7 +20,10 @@ import torch.nn.functional as F
 
 import stochastic_attention as sa
 
-METHODS = ("dense", "swa", "sa_band", "sa_block", "swa_flex", "sa_band_flex", "sa_block_flex")
+# sa_*: one permutation per sample and head (the operators' default); sa_band_shared: one per
+# sample, shared by the heads (the mask is then the same for every head: less mask work).
+METHODS = ("dense", "swa", "sa_band", "sa_block", "sa_band_shared", "swa_flex", "sa_band_flex",
+           "sa_block_flex")
 
 
 @dataclass
@@ -58,6 +61,9 @@ def method_fn(method: str, window: int) -> Callable:
     if base == "swa":
         return lambda q, k, v, perm: sa.sliding_window_attention(q, k, v, window, backend=backend)
     layout = base.split("_")[1]
+    if base.endswith("_shared"):
+        return lambda q, k, v, perm: sa.stochastic_attention(q, k, v, window, perm=perm[:, :1],
+                                                             layout=layout, backend=backend)
     return lambda q, k, v, perm: sa.stochastic_attention(q, k, v, window, perm=perm, layout=layout,
                                                          backend=backend)
 

@@ -10,7 +10,7 @@ from ..nn.attention import KINDS
 ATTENTION_OPTIONS = (
     "window", "sa_window", "swa_window", "sinks", "layout", "qk_norm", "perm_per_head",
     "eval_perm", "perm_seed", "gate", "gate_granularity", "gate_bias", "moba_block_size",
-    "moba_topk", "fna_alpha", "fna_eps", "fna_window",
+    "moba_topk", "fna_alpha", "fna_eps", "fna_window", "fna_stochastic",
 )
 
 
@@ -54,6 +54,7 @@ class SALlamaConfig(PretrainedConfig):
         fna_alpha: float = 0.5,
         fna_eps: float = 1.0,
         fna_window: int | None = None,
+        fna_stochastic: bool = False,
         attention_backend: str = "auto",
         rope_theta: float = 10000.0,
         rms_norm_eps: float = 1e-6,
@@ -93,6 +94,7 @@ class SALlamaConfig(PretrainedConfig):
         self.gate_bias = list(gate_bias) if isinstance(gate_bias, (list, tuple)) else gate_bias
         self.moba_block_size, self.moba_topk = moba_block_size, moba_topk
         self.fna_alpha, self.fna_eps, self.fna_window = fna_alpha, fna_eps, fna_window
+        self.fna_stochastic = fna_stochastic
         self.attention_backend, self.rope_theta = attention_backend, rope_theta
         self.rms_norm_eps, self.max_position_embeddings = rms_norm_eps, max_position_embeddings
         self.initializer_range = initializer_range

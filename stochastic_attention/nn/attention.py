@@ -46,7 +46,8 @@ class MultiHeadAttention(nn.Module):
             a fresh permutation from torch's global RNG on every forward pass.
         gate, gate_granularity, gate_bias: the gated layer's fusion (see :class:`BranchGate`).
         moba_block_size, moba_topk: MoBA's block size and selected blocks per query.
-        fna_alpha, fna_eps, fna_window: fractional attention's parameters.
+        fna_alpha, fna_eps, fna_window: fractional attention's parameters; ``fna_stochastic``
+            runs it inside SA windows (a permutation drawn as for SA; needs fna_window).
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class MultiHeadAttention(nn.Module):
         fna_alpha: float = 0.5,
         fna_eps: float = 1.0,
         fna_window: int | None = None,
+        fna_stochastic: bool = False,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -106,7 +108,10 @@ class MultiHeadAttention(nn.Module):
         self.sinks, self.layout, self.backend = sinks, layout, backend
         self.perm_per_head, self.eval_perm, self.perm_seed = perm_per_head, eval_perm, perm_seed
         self.moba = (moba_block_size, moba_topk)
+        if fna_stochastic and fna_window is None:
+            raise ValueError("fna_stochastic=True needs fna_window (the SA window size)")
         self.fna = (fna_alpha, fna_eps, fna_window)
+        self.fna_stochastic = fna_stochastic
 
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
@@ -121,7 +126,7 @@ class MultiHeadAttention(nn.Module):
 
     @property
     def uses_permutation(self) -> bool:
-        return self.kind in ("sa", "gated")
+        return self.kind in ("sa", "gated") or (self.kind == "fna" and self.fna_stochastic)
 
     def draw_permutation(self, batch: int, seq_len: int, device=None) -> torch.Tensor:
         """The permutation a forward pass would use: [batch, heads or 1, seq_len]."""
@@ -182,9 +187,9 @@ class MultiHeadAttention(nn.Module):
             return sliding_window_attention(q, k, v, max(n, 1), **common)
         if self.kind == "swa":
             return sliding_window_attention(q, k, v, self.swa_window, sinks=self.sinks, **common)
+        if self.uses_permutation and perm is None:
+            perm = self.draw_permutation(q.shape[0], n, q.device)
         if self.kind in ("sa", "gated"):
-            if perm is None:
-                perm = self.draw_permutation(q.shape[0], n, q.device)
             sa = stochastic_attention(q, k, v, self.sa_window, perm=perm, layout=self.layout,
                                       sinks=self.sinks, **common)
             if self.kind == "sa":
@@ -194,12 +199,13 @@ class MultiHeadAttention(nn.Module):
         if self.kind == "moba":
             moba = importlib.import_module("stochastic_attention.ops.moba")
             block_size, topk = self.moba
-            return moba.moba_attention(q, k, v, block_size, topk,
+            return moba.moba_attention(q, k, v, block_size, topk, sinks=self.sinks,
                                        key_padding_mask=key_padding_mask)
         fractional = importlib.import_module("stochastic_attention.ops.fractional")
         alpha, eps, window = self.fna
-        return fractional.fractional_attention(q, k, v, alpha, eps=eps, causal=True,
-                                               key_padding_mask=key_padding_mask, window=window)
+        return fractional.fractional_attention(
+            q, k, v, alpha, eps=eps, causal=True, key_padding_mask=key_padding_mask,
+            window=window, perm=perm if self.fna_stochastic else None, layout=self.layout)
 
     def _attend_cached(self, x, q, k, v, key_padding_mask):
         """New queries after cached keys: full causal attention, a window for SWA branches."""

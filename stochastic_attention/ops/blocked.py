@@ -10,6 +10,7 @@ reference uses, so the backends cannot drift apart. Autograd handles the backwar
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,66 @@ def _tiles1d(x: torch.Tensor, size: int, step: int, pad_left: int, pad_right: in
     """[..., n] -> [..., n_tiles, size] for index / mask tensors."""
     x = F.pad(x, (pad_left, pad_right), value=value)
     return x.unfold(-1, size, step)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How a sequence of ``n`` slots is cut into query tiles and the key runs they reach.
+
+    ``band``: tiles of ``T`` queries, each reading the ``L = T + window - 1`` key slots its
+    windows can reach. ``block``: tiles are the groups of ``window`` slots (``L = T``).
+    Shared by every blocked kernel (softmax and fractional) so they tile identically.
+    """
+
+    n: int
+    T: int
+    left: int
+    right: int
+    layout: str
+
+    @classmethod
+    def make(cls, n: int, window: int, layout: str, causal: bool) -> TilePlan:
+        if layout == "block":
+            return cls(n, window, 0, 0, layout)
+        left, right = band_extent(window, causal)
+        return cls(n, min(BAND_TILE, n), left, right, layout)
+
+    @property
+    def L(self) -> int:
+        return self.T + self.left + self.right
+
+    @property
+    def nt(self) -> int:
+        return -(-self.n // self.T)
+
+    @property
+    def pad(self) -> int:
+        return self.nt * self.T - self.n
+
+    def query_tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., n, D] -> [..., nt, T, D]."""
+        return F.pad(x, (0, 0, 0, self.pad)).view(*x.shape[:-2], self.nt, self.T, x.shape[-1])
+
+    def key_tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., n, D] -> [..., nt, L, D]: the key slots each query tile reaches."""
+        if self.layout == "block":
+            return self.query_tiles(x)
+        return _tiles(x, self.L, self.T, self.left, self.right + self.pad)
+
+    def query_index(self, x: torch.Tensor, fill) -> torch.Tensor:
+        """[..., n] -> [..., nt, T, 1] for per-slot values (positions, masks)."""
+        return F.pad(x, (0, self.pad), value=fill).view(*x.shape[:-1], self.nt, self.T, 1)
+
+    def key_index(self, x: torch.Tensor, fill) -> torch.Tensor:
+        """[..., n] -> [..., nt, 1, L] for per-slot values (positions, masks)."""
+        if self.layout == "block":
+            return self.query_index(x, fill).transpose(-1, -2)
+        return _tiles1d(x, self.L, self.T, self.left, self.right + self.pad, fill).unsqueeze(-2)
+
+    def unpad(self, out: torch.Tensor) -> torch.Tensor:
+        """[B, H, nt, T, D] -> [B, H, n, D]."""
+        B, H = out.shape[:2]
+        return out.reshape(B, H, self.nt * self.T, out.shape[-1])[:, :, : self.n]
 
 
 def _attend(q, k, v, bias, scale, guard_empty_rows: bool):
@@ -55,24 +116,17 @@ def _attend(q, k, v, bias, scale, guard_empty_rows: bool):
 
 
 @functools.lru_cache(maxsize=32)
-def _static_tiles(n: int, window: int, layout: str, causal: bool, T: int, device: torch.device):
+def static_tiles(plan: TilePlan, window: int, causal: bool, device: torch.device):
     """Slot indices of query and key tiles, and the head-independent part of the mask.
 
     Cached: a training run calls this with the same shape every step. Returns query_slot
     [nt, T, 1], key_slot [nt, 1, L] (-1 for tile padding) and static = in the window and a real
     key [nt, T, L].
     """
-    slot = torch.arange(n, device=device)
-    nt = -(-n // T)
-    n_pad = nt * T
-    if layout == "block":
-        key_slot = F.pad(slot, (0, n_pad - n), value=-1).view(nt, 1, T)
-    else:
-        left, right = band_extent(window, causal)
-        L = T + left + right
-        key_slot = _tiles1d(slot, L, T, left, right + n_pad - n, value=-1).reshape(nt, 1, L)
-    query_slot = F.pad(slot, (0, n_pad - n), value=n_pad).view(nt, T, 1)
-    static = in_window(query_slot, key_slot, window, layout, causal, n) & (key_slot >= 0)
+    slot = torch.arange(plan.n, device=device)
+    query_slot = plan.query_index(slot, plan.n + plan.pad)
+    key_slot = plan.key_index(slot, -1)
+    static = in_window(query_slot, key_slot, window, plan.layout, causal, plan.n) & (key_slot >= 0)
     return query_slot, key_slot, static
 
 
@@ -105,33 +159,13 @@ def windowed_attention(
     device = q.device
     guard = key_valid is not None or device.type != "cpu"
 
-    if layout == "block":
-        T = window
-        left, right = 0, 0
-        L = T
-    else:
-        T = min(BAND_TILE, n)
-        left, right = band_extent(window, causal)
-        L = T + left + right
-    nt = -(-n // T)
-    n_pad = nt * T
+    plan = TilePlan.make(n, window, layout, causal)
+    L, n_pad = plan.L, plan.n + plan.pad
+    qt, kt, vt = plan.query_tiles(q), plan.key_tiles(k), plan.key_tiles(v)
+    query_slot, key_slot, static = static_tiles(plan, window, causal, device)
 
-    qt = F.pad(q, (0, 0, 0, n_pad - n)).view(B, H, nt, T, D)
-    if layout == "block":
-        kt = F.pad(k, (0, 0, 0, n_pad - n)).view(B, H, nt, T, D)
-        vt = F.pad(v, (0, 0, 0, n_pad - n)).view(B, H, nt, T, D)
-    else:
-        kt = _tiles(k, L, T, left, right + n_pad - n)
-        vt = _tiles(v, L, T, left, right + n_pad - n)
-    query_slot, key_slot, static = _static_tiles(n, window, layout, causal, T, device)
-
-    def as_tiles(x, fill):  # [.., n] -> key tiles [.., nt, 1, L] / query tiles [.., nt, T, 1]
-        if layout == "block":
-            kx = F.pad(x, (0, n_pad - n), value=fill).view(*x.shape[:-1], nt, 1, T)
-        else:
-            kx = _tiles1d(x, L, T, left, right + n_pad - n, fill).unsqueeze(-2)
-        qx = F.pad(x, (0, n_pad - n), value=fill).view(*x.shape[:-1], nt, T, 1)
-        return qx, kx
+    def as_tiles(x, fill):  # [.., n] -> query tiles [.., nt, T, 1] and key tiles [.., nt, 1, L]
+        return plan.query_index(x, fill), plan.key_index(x, fill)
 
     # Visibility as an additive bias (0 or -inf), built in as few full-size passes as possible:
     # SDPA would turn a bool mask into exactly such a tensor anyway, and on CPU these
@@ -176,11 +210,10 @@ def windowed_attention(
         full[..., :L] = bias
         full[..., L:] = torch.zeros((), dtype=q.dtype, device=device).masked_fill(~s_ok, neg)
         bias = full
-        kt = torch.cat([kt, sink_k.unsqueeze(2).expand(B, H, nt, S, D)], dim=-2)
-        vt = torch.cat([vt, sink_v.unsqueeze(2).expand(B, H, nt, S, D)], dim=-2)
+        kt = torch.cat([kt, sink_k.unsqueeze(2).expand(B, H, plan.nt, S, D)], dim=-2)
+        vt = torch.cat([vt, sink_v.unsqueeze(2).expand(B, H, plan.nt, S, D)], dim=-2)
 
-    out = _attend(qt, kt, vt, bias, scale, guard)
-    return out.reshape(B, H, n_pad, D)[:, :, :n]
+    return plan.unpad(_attend(qt, kt, vt, bias, scale, guard))
 
 
 def sort_groups(perm: torch.Tensor, window: int) -> torch.Tensor:

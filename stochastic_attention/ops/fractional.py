@@ -26,11 +26,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .blocked import _tiles, _tiles1d
-from .patterns import band_extent, dense_mask, inverse_permutation, visible
+from .blocked import TilePlan, static_tiles
+from .patterns import dense_mask, inverse_permutation, visible
 from .permute import gather_mask, gather_seq
 from .validate import (
     check_key_padding_mask,
@@ -46,8 +45,6 @@ SCALE_RULES = ("auto", "sqrt_dim", "levy", "dim")
 # Queries per chunk of the chunked backend: the chunk's [chunk, n] score matrix is the largest
 # tensor it holds (one more during its recomputation in the backward pass).
 QUERY_CHUNK = 256
-# Query tile of the blocked backend (band layout): a tile of T queries reads T + window - 1 keys.
-BAND_TILE = 128
 
 __all__ = ["BACKENDS", "fractional_attention", "fractional_scale", "fractional_weights"]
 
@@ -302,16 +299,18 @@ def _attend(q, k, v, mask, kern):
 def _chunked(q, k, v, kern, *, causal, key_padding_mask):
     n = q.shape[2]
     pos = torch.arange(n, device=q.device)
-    key_valid = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
 
-    def chunk(qc, k, v, start):
-        if not causal and key_valid is None:  # every key visible: no mask at all
-            return _attend(qc, k, v, None, kern)
-        qpos = pos[start:start + qc.shape[2], None]
+    def chunk(qc, kc, vc, start):
+        """Queries start.. against the first kc.shape[2] keys (all of them unless causal)."""
+        m = kc.shape[2]
+        if not causal and key_padding_mask is None:  # every key visible: no mask at all
+            return _attend(qc, kc, vc, None, kern)
+        qpos, kpos = pos[start:start + qc.shape[2], None], pos[None, :m]
+        key_valid = key_padding_mask[:, None, None, :m] if key_padding_mask is not None else None
         # window = n: the shared rule reduces to causality and padding.
-        mask = visible(qpos, pos[None, :], qpos, pos[None, :], window=n, layout="band",
-                       causal=causal, sinks=0, seq_len=n, key_valid=key_valid)
-        return _attend(qc, k, v, mask, kern)
+        mask = visible(qpos, kpos, qpos, kpos, window=n, layout="band", causal=causal, sinks=0,
+                       seq_len=n, key_valid=key_valid)
+        return _attend(qc, kc, vc, mask, kern)
 
     if n <= QUERY_CHUNK:  # one chunk: checkpointing would only add a recomputation
         return chunk(q, k, v, 0)
@@ -319,10 +318,13 @@ def _chunked(q, k, v, kern, *, causal, key_padding_mask):
     outs = []
     for start in range(0, n, QUERY_CHUNK):
         qc = q[:, :, start:start + QUERY_CHUNK]
+        # Causal: keys after the chunk's last query are never visible, so skip them (half the work).
+        m = start + qc.shape[2] if causal else n
+        kc, vc = k[:, :, :m], v[:, :, :m]
         if needs_grad:  # recompute the chunk's scores in backward instead of storing them
-            outs.append(checkpoint(chunk, qc, k, v, start, use_reentrant=False))
+            outs.append(checkpoint(chunk, qc, kc, vc, start, use_reentrant=False))
         else:
-            outs.append(chunk(qc, k, v, start))
+            outs.append(chunk(qc, kc, vc, start))
     return torch.cat(outs, dim=2)
 
 
@@ -346,42 +348,18 @@ def _windowed(q, k, v, window, kern, *, perm, layout, causal, key_padding_mask):
 
 def _windowed_slots(q, k, v, window, kern, *, pos, key_valid, layout, causal):
     """In slot space: q, k, v [B, H, n, D]; pos [B|1, H|1, n] or None (slot == position)."""
-    B, H, n, D = q.shape
-    device = q.device
-    if layout == "block":
-        T, left, right = window, 0, 0
-    else:
-        T = min(BAND_TILE, n)
-        left, right = band_extent(window, causal)
-    L = T + left + right
-    nt = -(-n // T)
-    n_pad = nt * T
-    slot = torch.arange(n, device=device)
-
-    def key_tiles(x, fill):  # [..., n(, D)] -> [..., nt, L(, D)]: the slots each tile can reach
-        if layout == "block":
-            if x.dim() == 4:
-                return F.pad(x, (0, 0, 0, n_pad - n)).view(*x.shape[:-2], nt, T, x.shape[-1])
-            return F.pad(x, (0, n_pad - n), value=fill).view(*x.shape[:-1], nt, T)
-        if x.dim() == 4:
-            return _tiles(x, L, T, left, right + n_pad - n)
-        return _tiles1d(x, L, T, left, right + n_pad - n, fill)
-
-    def query_tiles(x, fill):  # [..., n] -> [..., nt, T, 1]
-        return F.pad(x, (0, n_pad - n), value=fill).view(*x.shape[:-1], nt, T, 1)
-
-    qt = F.pad(q, (0, 0, 0, n_pad - n)).view(B, H, nt, T, D)
-    kt, vt = key_tiles(k, None), key_tiles(v, None)
-    key_slot = key_tiles(slot, -1).unsqueeze(-2)  # [nt, 1, L]
-    query_slot = query_tiles(slot, n_pad)  # [nt, T, 1]
+    n = q.shape[2]
+    plan = TilePlan.make(n, window, layout, causal)
+    qt, kt, vt = plan.query_tiles(q), plan.key_tiles(k), plan.key_tiles(v)
+    query_slot, key_slot, _ = static_tiles(plan, window, causal, q.device)
     if pos is None:
         q_pos, k_pos = query_slot, key_slot
     else:
-        q_pos, k_pos = query_tiles(pos, n_pad), key_tiles(pos, n_pad).unsqueeze(-2)
+        fill = plan.n + plan.pad
+        q_pos, k_pos = plan.query_index(pos, fill), plan.key_index(pos, fill)
     k_ok = key_slot >= 0  # tile padding is never a key
     if key_valid is not None:
-        k_ok = k_ok & key_tiles(key_valid, False).unsqueeze(-2)
+        k_ok = k_ok & plan.key_index(key_valid, False)
     mask = visible(query_slot, key_slot, q_pos, k_pos, window=window, layout=layout,
                    causal=causal, sinks=0, seq_len=n, key_valid=k_ok)
-    out = _attend(qt, kt, vt, mask, kern)
-    return out.reshape(B, H, n_pad, D)[:, :, :n]
+    return plan.unpad(_attend(qt, kt, vt, mask, kern))

@@ -2,15 +2,17 @@
 
 For every run: validation loss / perplexity per corpus (per token; bytes for the byte-level
 tokenizer) and the pass-key probe at a distance inside the window and one far beyond the
-SWA receptive field. Writes ``results.json`` under the output root, a loss-curve plot and a
-Markdown report. Finished runs are skipped and interrupted ones resumed, so the command can
-be re-run until everything is done; the report is rewritten after every run.
+SWA receptive field. Writes ``results.json`` under the output root and beside the report
+(per-seed numbers), a loss-curve plot and a Markdown report. Finished runs are skipped and
+interrupted ones resumed, so the command can be re-run until everything is done; the report
+is rewritten after every run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import shlex
 import sys
@@ -104,10 +106,10 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _mean_spread(values: list[float]) -> str:
+def _mean_spread(values: list[float], digits: int = 2) -> str:
     if len(values) == 1:
-        return f"{values[0]:.3g}"
-    return f"{np.mean(values):.3g} ± {(max(values) - min(values)) / 2:.2g}"
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
 
 
 def write_report(runs: list[dict], path: Path, *, command: str, plot: Path,
@@ -128,19 +130,22 @@ def write_report(runs: list[dict], path: Path, *, command: str, plot: Path,
         "final model on held-out documents of each corpus; mean ± half-range over seeds. "
         "Pass key: teacher-forced digit accuracy (chance 0.1) for a 5-digit key planted d tokens "
         "before its copy: inside one window (near) and far beyond the SWA receptive field, "
-        "layers x (window - 1) (far).",
+        "layers x (window - 1) (far). Gain: the answer's loss with a different key planted "
+        "minus with the right one (nats per digit; > 0 means the model reads the key).",
         "",
     ]
     head = ["kind", "params", "steps", "seeds", *[f"ppl {c}" for c in corpora],
             "bits/token (mean)",
-            "pass key near", "pass key far"]
+            "pass key near: acc / gain", "pass key far: acc / gain"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, group in by_name.items():
         ev = [r["eval"] for r in group]
         ppl = [_mean_spread([math.exp(e["val_loss"][c]) for e in ev]) for c in corpora]
-        bpb = _mean_spread([np.mean(list(e["val_loss"].values())) / math.log(2) for e in ev])
-        near = _mean_spread([e["passkey"]["near"]["digit_accuracy"] for e in ev])
-        far = _mean_spread([e["passkey"]["far"]["digit_accuracy"] for e in ev])
+        bpb = _mean_spread([np.mean(list(e["val_loss"].values())) / math.log(2) for e in ev], 3)
+        near, far = (
+            _mean_spread([e["passkey"][d]["digit_accuracy"] for e in ev]) + " / "
+            + _mean_spread([e["passkey"][d]["retrieval_gain"] for e in ev], 3)
+            for d in ("near", "far"))
         d_near, d_far = ev[0]["passkey"]["near"]["distance"], ev[0]["passkey"]["far"]["distance"]
         seeds = ",".join(str(r["seed"]) for r in group)
         lines.append(f"| {name} | {ev[0]['params']:,} | {group[0]['steps']} | {seeds} | "
@@ -157,7 +162,7 @@ def write_report(runs: list[dict], path: Path, *, command: str, plot: Path,
 def _machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} GPU, torch {torch.__version__}"
-    return (f"{torch.get_num_threads()} torch threads on {platform.processor() or 'CPU'}, "
+    return (f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), "
             f"no GPU, torch {torch.__version__}")
 
 
@@ -166,7 +171,9 @@ def run_comparison(configs: list[Path], seeds: list[int], *, out_root: Path, rep
                    header: str = "", progress: bool = True,
                    report_only: bool = False) -> list[dict]:
     """Train, evaluate and report every (config, seed); ``report_only``: finished runs only."""
-    command = "sattn " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "run_comparison(...)"
+    # The command that reproduces the report from scratch (--report-only only re-reads runs).
+    argv = [a for a in sys.argv[1:] if a != "--report-only"]
+    command = "sattn " + shlex.join(argv) if argv else "run_comparison(...)"
     plot = report.with_suffix(".png")
     runs = []
     for seed in seeds:
@@ -184,6 +191,7 @@ def run_comparison(configs: list[Path], seeds: list[int], *, out_root: Path, rep
                          "eval": evaluate_run(cfg, out_dir, eval_chunks=eval_chunks,
                                               passkey_trials=passkey_trials)})
             (out_root / "results.json").write_text(json.dumps(runs, indent=1))
+            report.with_suffix(".json").write_text(json.dumps(runs, indent=1))  # per seed
             plot_curves(runs, plot)
             write_report(runs, report, command=command, plot=plot, header=header)
     if not runs:

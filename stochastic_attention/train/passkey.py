@@ -5,6 +5,10 @@ digits. Scored teacher-forced (each digit given the previous correct ones), so n
 sampling noise. Placing the key ``distance`` tokens before the question decides whether a
 windowed model can reach it directly (distance < window) or only through depth or random
 links. Chance is 10% per digit.
+
+Small models may not copy exactly, so the probe also measures whether the planted key helps
+at all: ``retrieval_gain`` is the answer's loss with a DIFFERENT key planted minus its loss
+with the right one (nats per answer token; 0 = the model does not use the key).
 """
 
 from __future__ import annotations
@@ -15,9 +19,13 @@ import torch
 QUESTION = " The pass key is "
 
 
-def passkey_examples(tokenizer, filler: np.ndarray, *, seq_len: int, distance: int,
-                     trials: int, digits: int = 5, seed: int = 0) -> list[tuple[np.ndarray, int]]:
-    """``trials`` sequences of exactly ``seq_len`` tokens and where each answer starts.
+def passkey_examples(
+    tokenizer, filler: np.ndarray, *, seq_len: int, distance: int, trials: int,
+    digits: int = 5, seed: int = 0,
+) -> list[tuple[np.ndarray, int, np.ndarray]]:
+    """``trials`` (ids, answer start, control ids) of exactly ``seq_len`` tokens each.
+
+    The control is the same sequence with every planted key digit changed (the answer stays).
 
     filler: token ids of natural text (e.g. a validation split) to cut the padding from.
     distance: tokens from each planted key token to the answer token that copies it (for a
@@ -40,7 +48,13 @@ def passkey_examples(tokenizer, filler: np.ndarray, *, seq_len: int, distance: i
         starts = rng.integers(0, len(filler) - seq_len, 2)
         ids = np.concatenate([filler[starts[0]:starts[0] + lead], needle,
                               filler[starts[1]:starts[1] + gap], question, answer])
-        examples.append((ids.astype(np.int64), seq_len - len(answer)))
+        other = "".join(str((int(c) + s) % 10) for c, s in zip(key, rng.integers(1, 10, digits),
+                                                                  strict=True))
+        control = ids.copy()
+        wrong = tokenizer.encode(other)
+        if len(wrong) == len(answer):  # else the control would shift the text: keep it equal
+            control[lead + len(question):lead + len(question) + len(answer)] = wrong
+        examples.append((ids.astype(np.int64), seq_len - len(answer), control.astype(np.int64)))
     return examples
 
 
@@ -48,18 +62,26 @@ def passkey_examples(tokenizer, filler: np.ndarray, *, seq_len: int, distance: i
 def passkey_accuracy(model, tokenizer, filler: np.ndarray, *, seq_len: int, distance: int,
                      trials: int = 32, digits: int = 5, seed: int = 0,
                      batch_size: int = 8) -> dict[str, float]:
-    """Teacher-forced digit accuracy and exact-match rate of ``model`` over planted keys."""
+    """Teacher-forced digit accuracy, exact-match rate and retrieval gain over planted keys."""
     examples = passkey_examples(tokenizer, filler, seq_len=seq_len, distance=distance,
                                 trials=trials, digits=digits, seed=seed)
     model.eval()
     device = next(model.parameters()).device
-    correct, exact = [], []
+    correct, exact, gain = [], [], []
     for i in range(0, trials, batch_size):
         chunk = examples[i:i + batch_size]
-        batch = torch.from_numpy(np.stack([ids for ids, _ in chunk])).to(device)
-        predicted = model(input_ids=batch, use_cache=False).logits.argmax(-1)
-        for row, pred, (_, start) in zip(batch, predicted, chunk, strict=True):
-            hits = (pred[start - 1:-1] == row[start:]).float()  # logits at t predict t + 1
+        batch = torch.from_numpy(np.stack([e[0] for e in chunk])).to(device)
+        control = torch.from_numpy(np.stack([e[2] for e in chunk])).to(device)
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        control_logits = model(input_ids=control, use_cache=False).logits.float()
+        for b, (_, start, _) in enumerate(chunk):
+            target = batch[b, start:]
+            hits = (logits[b, start - 1:-1].argmax(-1) == target).float()  # t predicts t + 1
             correct.append(hits.mean().item())
             exact.append(float(hits.all().item()))
-    return {"digit_accuracy": float(np.mean(correct)), "exact_match": float(np.mean(exact))}
+            nll = torch.nn.functional.cross_entropy(logits[b, start - 1:-1], target)
+            nll_control = torch.nn.functional.cross_entropy(control_logits[b, start - 1:-1],
+                                                            target)
+            gain.append((nll_control - nll).item())
+    return {"digit_accuracy": float(np.mean(correct)), "exact_match": float(np.mean(exact)),
+            "retrieval_gain": float(np.mean(gain))}

@@ -16,6 +16,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--figures", default=None, help="folder for the PNG figures (default: --out)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="smoke run: 10 steps, one size, one seed")
+    p.add_argument("--speed", type=int, nargs="*", metavar="N",
+                   help="instead: time dense FNA vs FNA in SA windows (fwd+bwd) at these lengths")
+    p.add_argument("--window", type=int, default=128, help="window for --speed")
     p.set_defaults(func=main)
     return p
 
@@ -26,7 +29,22 @@ def main(args: argparse.Namespace) -> int:
     from .run import load_config, run
 
     torch.set_num_threads(args.threads)
+    if args.speed is not None:
+        return _speed(args)
     result = run(load_config(args.config), args.out, args.figures, quick=args.quick)
     print((Path(args.out) / "table.md").read_text())
     print(f"{result['seconds']:.0f} s; results in {args.out}/results.json")
+    return 0
+
+
+def _speed(args: argparse.Namespace) -> int:
+    import json
+
+    from .speed import speed_markdown, speed_table
+
+    rows = speed_table(args.speed or [512, 1024, 2048, 4096], window=args.window)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps(rows, indent=1))
+    print(speed_markdown(rows))
     return 0

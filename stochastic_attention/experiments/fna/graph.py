@@ -1,10 +1,13 @@
 """Graph statistics of one attention matrix P (row-stochastic, n x n): how fast it mixes.
 
+The statistics themselves come from :mod:`stochastic_attention.analysis.graphstats`, the
+project's graph tools; this module turns a weighted attention matrix into their inputs.
+
 - spectral gap: 1 - |lambda_2|, with lambda_2 the eigenvalue of P of second-largest modulus
   (lambda_1 = 1). A large gap means a random walk on the tokens forgets its start quickly.
-- mean shortest path: directed graph with an edge i -> j where P_ij >= threshold / n (at least
-  ``threshold`` times the uniform weight), unweighted hops averaged over the ordered pairs
-  i != j that are connected; also the fraction of pairs that are connected.
+- mean shortest path: undirected graph with an edge i - j where P_ij or P_ji >= threshold / n
+  (at least ``threshold`` times the uniform weight), hops averaged over the connected pairs;
+  also the fraction of pairs that are connected.
 - diffusion map: eigenvectors of D^-1/2 W D^-1/2 for the symmetrised affinity W = (P + P^T) / 2
   and D its degrees, scaled back by D^-1/2 and the eigenvalues: low-dimensional coordinates in
   which Euclidean distance approximates diffusion distance on the attention graph.
@@ -13,8 +16,9 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import shortest_path
+from scipy.sparse import csr_array
+
+from ...analysis.graphstats import path_lengths, second_eigenvalue_modulus
 
 
 def _check(P: np.ndarray) -> np.ndarray:
@@ -28,21 +32,23 @@ def _check(P: np.ndarray) -> np.ndarray:
 
 def spectral_gap(P: np.ndarray) -> float:
     """1 - |lambda_2| of a row-stochastic matrix."""
-    moduli = np.sort(np.abs(np.linalg.eigvals(_check(P))))[::-1]
-    return float(1.0 - moduli[1]) if len(moduli) > 1 else 1.0
+    P = _check(P)
+    return 1.0 - second_eigenvalue_modulus([P]) if len(P) > 1 else 1.0
+
+
+def attention_graph(P: np.ndarray, threshold: float = 1.0) -> csr_array:
+    """Undirected adjacency: i - j when P_ij or P_ji >= threshold / n; no self-loops."""
+    P = _check(P)
+    strong = P >= threshold / len(P)
+    strong = strong | strong.T
+    np.fill_diagonal(strong, False)
+    return csr_array(strong.astype(np.int8))
 
 
 def mean_shortest_path(P: np.ndarray, threshold: float = 1.0) -> tuple[float, float]:
-    """(mean hops over connected ordered pairs, fraction of ordered pairs connected)."""
-    P = _check(P)
-    n = P.shape[0]
-    adj = csr_matrix(P >= threshold / n)
-    hops = shortest_path(adj, directed=True, unweighted=True)
-    off = ~np.eye(n, dtype=bool)
-    reach = np.isfinite(hops) & off
-    if not reach.any():
-        return float("inf"), 0.0
-    return float(hops[reach].mean()), float(reach.sum() / off.sum())
+    """(mean hops over connected pairs, fraction of pairs connected) of :func:`attention_graph`."""
+    stats = path_lengths(attention_graph(P, threshold))
+    return stats["mean_hops"], stats["reachable"]
 
 
 def diffusion_map(P: np.ndarray, dims: int = 2) -> np.ndarray:

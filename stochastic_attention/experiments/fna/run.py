@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...models.fna_classifier import ClassifierConfig
-from .data import PassageTask, TextDoc, build_task, synthetic_corpora
+from .data import ALPHABET, PassageTask, TextDoc, build_task, synthetic_corpora
 from .graph import diffusion_map, mean_shortest_path, spectral_gap
 from .train import TrainConfig, train_classifier
 
@@ -81,9 +81,10 @@ def run(cfg: dict[str, Any], out_dir: str | Path, figures_dir: str | Path | None
     g_seed = g.get("seed", seeds[0]) if not quick else seeds[0]
     graph_models = {v["name"]: models[(v["name"], g_d, g_seed)] for v in cfg["variants"]
                     if (v["name"], g_d, g_seed) in models}
-    passages = tasks[g_seed].test_tokens[:: max(1, len(tasks[g_seed].test_tokens)
-                                                // g.get("passages", 12))]
-    graphs = graph_statistics(graph_models, passages, g.get("threshold", 1.0))
+    test = tasks[g_seed].test_tokens  # evenly spread over the classes
+    count = g.get("passages", 12)
+    passages = test[:: max(1, len(test) // count)][:count]
+    graphs = graph_statistics(graph_models, passages, g.get("thresholds", [1.0]))
     plot_diffusion_maps(graph_models, passages[0], figures_dir / "fna-diffusion-map.png")
     summary = summarise(runs)
     plot_accuracy(summary, figures_dir / "fna-accuracy.png")
@@ -119,20 +120,26 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 @torch.no_grad()
-def graph_statistics(models: dict, passages: torch.Tensor, threshold: float) -> dict:
+def graph_statistics(models: dict, passages: torch.Tensor, thresholds: list[float]) -> dict:
     stats = {}
     for name, model in models.items():
         P = model.attention_weights(passages)[:, 0].double().numpy()  # head 0: [N, n, n]
         gaps = [spectral_gap(p) for p in P]
-        paths = [mean_shortest_path(p, threshold) for p in P]
-        stats[name] = {
-            "spectral_gap_mean": float(np.mean(gaps)), "spectral_gap_std": float(np.std(gaps)),
-            "shortest_path_mean": float(np.mean([h for h, _ in paths])),
-            "shortest_path_std": float(np.std([h for h, _ in paths])),
-            "connected_fraction": float(np.mean([c for _, c in paths])),
-            "max_weight_mean": float(P.max(-1).mean()),
-        }
+        stats[name] = {"spectral_gap_mean": float(np.mean(gaps)),
+                       "spectral_gap_std": float(np.std(gaps)),
+                       "max_weight_mean": float(P.max(-1).mean()), "paths": {}}
+        for t in thresholds:
+            paths = [mean_shortest_path(p, t) for p in P]
+            stats[name]["paths"][str(t)] = {
+                "mean": float(np.mean([h for h, _ in paths])),
+                "std": float(np.std([h for h, _ in paths])),
+                "connected_fraction": float(np.mean([c for _, c in paths])),
+            }
     return stats
+
+
+CHAR_CLASSES = {"space": " ", "vowel": "aeiou", "punctuation": ".,;:!?'-",
+                "consonant": "bcdfghjklmnpqrstvwxyz"}
 
 
 def plot_diffusion_maps(models: dict, tokens: torch.Tensor, path: Path) -> None:
@@ -141,16 +148,21 @@ def plot_diffusion_maps(models: dict, tokens: torch.Tensor, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
+    chars = [ALPHABET[i] for i in tokens.tolist()]
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4.0), squeeze=False)
     for ax, (name, model) in zip(axes[0], models.items(), strict=True):
         P = model.attention_weights(tokens[None])[0, 0].double().numpy()
         emb = diffusion_map(P, 2)
-        sc = ax.scatter(emb[:, 0], emb[:, 1], c=np.arange(len(emb)), cmap="viridis", s=12)
-        ax.set_title(f"{name}\nspectral gap {spectral_gap(P):.3f}")
+        for label, members in CHAR_CLASSES.items():
+            idx = [i for i, c in enumerate(chars) if c in members]
+            ax.scatter(emb[idx, 0], emb[idx, 1], s=14, label=label)
+        ax.set_title(f"{name}: spectral gap {spectral_gap(P):.3f}", fontsize=10)
         ax.set_xlabel("diffusion coordinate 1")
         ax.set_ylabel("diffusion coordinate 2")
-    fig.colorbar(sc, ax=axes[0].tolist(), label="token position")
-    fig.suptitle("Diffusion maps of the trained attention graph (one test passage)")
+    axes[0][-1].legend(title="token", fontsize=8)
+    fig.suptitle("Diffusion maps of the trained attention graph (one test passage,"
+                 " one point per character)", y=1.02)
+    fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -186,14 +198,19 @@ def markdown_tables(result: dict) -> str:
                 if (v, d) in cell else "" for d in sizes]
         lines.append(f"| {v} | " + " | ".join(vals) + " |")
     g = result["graph"]
+    thresholds = list(next(iter(g[v] for v in variants if v in g))["paths"]) if any(
+        v in g for v in variants) else []
     lines += ["", f"Attention graph (d = {g['d_model']}, seed {g['seed']}, "
-              f"{g['passages']} test passages, mean ± std):", "",
-              "| attention | spectral gap | mean shortest path (hops) | pairs connected |"
-              " mean max weight |", "|---|---|---|---|---|"]
+              f"{g['passages']} test passages, mean ± std; hops over the connected pairs of the"
+              " undirected graph with an edge i - j where P_ij or P_ji >= t / n):", "",
+              "| attention | spectral gap | mean max weight | "
+              + " | ".join(f"hops, t = {t} | connected, t = {t}" for t in thresholds) + " |",
+              "|---|---|---|" + "---|---|" * len(thresholds)]
     for v in variants:
         if v in g:
             s = g[v]
+            cells = [f"{s['paths'][t]['mean']:.2f} ± {s['paths'][t]['std']:.2f} | "
+                     f"{100 * s['paths'][t]['connected_fraction']:.0f}%" for t in thresholds]
             lines.append(f"| {v} | {s['spectral_gap_mean']:.3f} ± {s['spectral_gap_std']:.3f} | "
-                         f"{s['shortest_path_mean']:.2f} ± {s['shortest_path_std']:.2f} | "
-                         f"{100 * s['connected_fraction']:.0f}% | {s['max_weight_mean']:.3f} |")
+                         f"{s['max_weight_mean']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,61 @@
+"""Side-by-side timing of FNA: dense (chunked) vs inside stochastic-attention windows.
+
+Forward + backward of one call at growing lengths; every row is measured in the same process,
+interleaved, so the ratios are comparable even on a busy machine (absolute times are not).
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ...functional import random_permutation
+from ...ops.fractional import fractional_attention
+
+
+def _fwd_bwd(call) -> None:
+    call().sum().backward()
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def speed_table(lengths: list[int], window: int = 128, heads: int = 4, head_dim: int = 64,
+                alpha: float = 1.2, repeats: int = 3) -> list[dict]:
+    """Best-of-``repeats`` seconds for fwd+bwd: dense softmax (SDPA), dense FNA, FNA + SA."""
+    rows = []
+    for n in tqdm(lengths, desc="fna speed"):
+        g = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(1, heads, n, head_dim, generator=g, requires_grad=True)
+                   for _ in range(3))
+        perm = random_permutation(1, heads, n, generator=g)
+
+        calls = {
+            "softmax_dense": partial(F.scaled_dot_product_attention, q, k, v),
+            "fna_dense": partial(fractional_attention, q, k, v, alpha),
+            "fna_sa": partial(fractional_attention, q, k, v, alpha, window=window, perm=perm),
+        }
+        times = {name: _time(partial(_fwd_bwd, call), repeats) for name, call in calls.items()}
+        rows.append({"seq_len": n, "window": window, **times,
+                     "dense_over_sa": times["fna_dense"] / times["fna_sa"],
+                     "fna_sa_over_softmax_dense": times["fna_sa"] / times["softmax_dense"]})
+    return rows
+
+
+def speed_markdown(rows: list[dict]) -> str:
+    lines = ["| n | window | FNA dense / FNA+SA | FNA+SA / softmax dense (SDPA) |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['seq_len']} | {r['window']} | {r['dense_over_sa']:.2f} | "
+                     f"{r['fna_sa_over_softmax_dense']:.2f} |")
+    return "\n".join(lines) + "\n"
