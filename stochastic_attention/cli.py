@@ -18,6 +18,7 @@ COMMANDS = (
     "stochastic_attention.experiments.fna.cli",
     "stochastic_attention.train.cli",
     "stochastic_attention.train.compare_cli",
+    "stochastic_attention.eval.cli",
 )
 
 

@@ -1,0 +1,133 @@
+"""``sattn eval``: compare attention methods on a released model with tasks built from real text.
+
+Example (the short default comparison, a few minutes on a laptop CPU):
+    sattn eval --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import time
+from pathlib import Path
+
+DEFAULT_METHODS = ("full,sliding_window,sliding_window+sinks=4,stochastic+sinks=4,"
+                   "stochastic+sinks=4+local=0.5,moba,moba+sinks=4")
+QUICK = dict(methods="full,sliding_window+sinks=4,stochastic+sinks=4+local=0.5,moba+sinks=4",
+             windows="64,128", seeds="0", examples=12, context=256, ppl_docs=1,
+             ppl_length=1024, passkey_lengths="1024", passkey_depths="0.5", passkey_per_cell=2)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval", help="training-free comparison of attention methods on a pretrained model",
+        description="Patch a pretrained model with each method/window and score it on "
+                    "perplexity, passkey retrieval, last-word and next-line tasks built from "
+                    "real text. Prints a table; writes JSON, markdown and a PNG plot.")
+    p.add_argument("--model", default="smollm2-135m", help="built-in name, HF id or path")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="comma-separated specs name[+opt=val...], e.g. stochastic+sinks=4+local=0.5")
+    p.add_argument("--windows", default="32,64,128,256", help="comma-separated windows")
+    p.add_argument("--seeds", default="0,1,2", help="permutation seeds for stochastic methods")
+    p.add_argument("--tasks", default="perplexity,passkey,lastword,nextline",
+                   help="comma-separated tasks, or 'none' (e.g. timing only)")
+    p.add_argument("--corpora", default="shakespeare,bible,wikipedia")
+    p.add_argument("--examples", type=int, default=40, help="examples per lastword/nextline task")
+    p.add_argument("--context", type=int, default=384, help="prompt tokens of lastword/nextline")
+    p.add_argument("--ppl-docs", type=int, default=6, help="passages for perplexity")
+    p.add_argument("--ppl-length", type=int, default=2048, help="tokens per perplexity passage")
+    p.add_argument("--passkey-lengths", default="512,1024,2048")
+    p.add_argument("--passkey-depths", default="0.1,0.5,0.9")
+    p.add_argument("--passkey-per-cell", type=int, default=2)
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the task data")
+    p.add_argument("--prefill-timing", default="",
+                   help="comma-separated lengths (e.g. 2048,4096,8192): also time prefill")
+    p.add_argument("--timing-window", type=int, default=128)
+    p.add_argument("--timing-repeats", type=int, default=1, help="best of N, methods interleaved")
+    p.add_argument("--decode-check", default="",
+                   help="PROMPT,STEPS (e.g. 2048,64): perplexity and time per step of full vs "
+                        "stochastic decoding after an SA prefill at --timing-window")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 is fastest on a CPU shared with other jobs; 0: default)")
+    p.add_argument("--out", default="runs/eval", help="output folder")
+    p.add_argument("--quick", action="store_true",
+                   help="short default comparison: 4 methods, windows 64 and 128, 12 examples per task")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data.corpora import load_corpus
+    from ..models import load_pretrained
+    from . import report
+    from . import tasks as T
+    from .methods import parse_methods
+    from .sweep import aggregate, decode_cost, run_sweep, time_prefill
+
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    specs = parse_methods(args.methods)
+    names = [t.strip() for t in args.tasks.split(",") if t.strip() and t.strip() != "none"]
+    unknown = set(names) - set(T.TASKS)
+    if unknown:
+        raise SystemExit(f"unknown task(s) {sorted(unknown)}; choose from {T.TASKS}")
+    started = time.time()
+    model, tokenizer = load_pretrained(args.model)
+    docs = [d for c in args.corpora.split(",") for d in load_corpus(c.strip())]
+    s = args.data_seed
+    builders = {
+        "perplexity": lambda: T.perplexity_task(tokenizer, docs, count=args.ppl_docs,
+                                                length=args.ppl_length, seed=s),
+        "passkey": lambda: T.passkey_task(tokenizer, docs, lengths=_ints(args.passkey_lengths),
+                                          depths=_floats(args.passkey_depths),
+                                          per_cell=args.passkey_per_cell, seed=s),
+        "lastword": lambda: T.lastword_task(tokenizer, docs, count=args.examples,
+                                            context=args.context, seed=s),
+        "nextline": lambda: T.nextline_task(tokenizer, docs, count=args.examples,
+                                            context=args.context, seed=s),
+    }
+    task_list = [builders[n]() for n in names]
+    records = run_sweep(model, tokenizer, specs, _ints(args.windows), _ints(args.seeds),
+                        task_list)
+    summary = aggregate(records)
+    timings = None
+    if args.prefill_timing:
+        timings = time_prefill(model, specs, args.timing_window, _ints(args.prefill_timing),
+                               args.timing_repeats)
+    decoding = None
+    if args.decode_check:
+        prompt, steps = _ints(args.decode_check)
+        ids = T.perplexity_task(tokenizer, docs, count=1, length=prompt + steps,
+                                seed=s).examples[0]
+        decoding = decode_cost(model, ids, prompt, args.timing_window)
+    meta = dict(model=args.model, command=vars(args) | {"func": None},
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                machine=f"{platform.machine()} {torch.get_num_threads()} threads, no GPU"
+                if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+                seconds=round(time.time() - started, 1),
+                examples={t.name: len(t.examples) for t in task_list})
+    paths = report.save(Path(args.out), meta, records, summary, timings, decoding)
+    if summary:
+        print(report.markdown_table(summary))
+    if timings:
+        print("\nPrefill time, ratio to full attention:\n" + report.timing_table(timings))
+    if decoding:
+        print("\nDecoding after an SA prefill:\n" + report.decode_table(decoding))
+    print("\nkeys/q = mean attended keys per query and head over all layers.")
+    plot = f"; plot: {paths['plot']}" if "plot" in paths else ""
+    print(f"Wrote {paths['json']}, {paths['markdown']}{plot}")
+    return 0

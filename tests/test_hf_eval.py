@@ -1,0 +1,128 @@
+"""The evaluation pipeline end to end on a tiny model, a word-level tokenizer and synthetic text."""
+
+import json
+import random
+
+import pytest
+import torch
+from hf_tiny import tiny_model
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from stochastic_attention import attended_keys
+from stochastic_attention.data.corpora import Document
+from stochastic_attention.eval import aggregate, mean_keys, parse_method, parse_methods, run_sweep
+from stochastic_attention.eval import tasks as T
+from stochastic_attention.eval.report import save
+
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
+         "juliet", "kilo", "lima", "mike", "november", "oscar", "papa"]
+
+
+def _tokenizer():
+    vocab = {"[UNK]": 0, ".": 1, "?": 2, ":": 3}
+    for w in WORDS + [w.capitalize() for w in WORDS] + "The pass key is Remember it What".split():
+        vocab.setdefault(w, len(vocab))
+    for d in range(10):
+        vocab[str(d)] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Punctuation(),
+                                                 pre_tokenizers.Digits(individual_digits=True)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]")
+
+
+def _docs(n=6, sentences=120, seed=0):
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        text = " ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 12))).capitalize()
+                        + "." for _ in range(sentences))
+        docs.append(Document(title=f"doc{i}", text=text, source="synthetic"))
+    return docs
+
+
+def test_tasks_are_reproducible_and_well_formed():
+    tok, docs = _tokenizer(), _docs()
+    a = T.lastword_task(tok, docs, count=4, context=40, seed=3)
+    b = T.lastword_task(tok, docs, count=4, context=40, seed=3)
+    assert len(a.examples) == 4
+    for x, y in zip(a.examples, b.examples, strict=True):
+        assert torch.equal(x["context"], y["context"]) and torch.equal(x["target"], y["target"])
+        word = tok.decode(x["target"]).strip()
+        assert word in tok.decode(x["context"]).split()  # the answer occurs in the context
+    nl = T.nextline_task(tok, docs, count=3, context=40, seed=1)
+    assert all(len(ex["choices"]) == 4 and 0 <= ex["label"] < 4 for ex in nl.examples)
+    pk = T.passkey_task(tok, docs, lengths=[120], depths=[0.5], per_cell=2, seed=0)
+    for ex in pk.examples:
+        assert len(ex["ids"]) == 120
+        assert " ".join(ex["key"]) in tok.decode(ex["ids"])  # digits are single tokens here
+    ppl = T.perplexity_task(tok, docs, count=2, length=50, seed=0)
+    assert [len(x) for x in ppl.examples] == [50, 50]
+
+
+def test_sweep_report_and_budget(tmp_path):
+    tok, docs = _tokenizer(), _docs()
+    model = tiny_model("llama", vocab_size=len(tok))
+    tasks = [T.perplexity_task(tok, docs, count=1, length=40, seed=0),
+             T.lastword_task(tok, docs, count=1, context=24, seed=0),
+             T.nextline_task(tok, docs, count=1, context=24, seed=0),
+             T.passkey_task(tok, docs, lengths=[72], depths=[0.5], per_cell=1, seed=0)]
+    specs = parse_methods("full,sliding_window+sinks=2,stochastic+local=0.5,moba")
+    records = run_sweep(model, tok, specs, [8, 96], [0, 1], tasks)
+    # full once; SWA and MoBA once per window; SA once per window and seed.
+    assert len(records) == (1 + 2 + 4 + 2) * 4
+    summary = aggregate(records)
+    by = {(s["label"], s["window"], s["task"]): s for s in summary}
+    full = by[("full", None, "perplexity")]["mean"]
+    # A window covering the passage is full attention, whatever the method (local=0.5 splits
+    # 96 into an SA window of 48 and 48 local keys).
+    for label in ("sliding_window+sinks=2", "stochastic+local=0.5", "moba"):
+        assert by[(label, 96, "perplexity")]["mean"] == pytest.approx(full, rel=1e-4)
+    assert by[("stochastic+local=0.5", 8, "perplexity")]["seeds"] == 2
+    assert model.config._attn_implementation == "sdpa"  # the sweep leaves the model unpatched
+    paths = save(tmp_path, {"model": "tiny"}, records, summary, None)
+    assert json.loads(paths["json"].read_text())["summary"]
+    assert paths["plot"].stat().st_size > 1000 and "| full |" in paths["markdown"].read_text()
+
+
+def test_method_specs_and_budgets():
+    cfg = tiny_model("llama").config
+    spec = parse_method("stochastic+sinks=4+local=0.25+layers=1:0")
+    settings = spec.settings(64, 2)
+    assert settings["local"] == 16 and settings["window"] == 48 and settings["layers"] == [1]
+    assert mean_keys(parse_method("full"), 64, 100, cfg) == pytest.approx(50.5)
+    swa = attended_keys(100, 16, method="sliding_window").float().mean().item()
+    assert mean_keys(parse_method("sliding_window"), 16, 100, cfg) == pytest.approx(swa)
+    # Dense layers count as full attention in the budget.
+    dense = mean_keys(parse_method("sliding_window+layers=0:1"), 16, 100, cfg)
+    assert dense == pytest.approx((swa + 50.5) / 2)
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_method("linear")
+    with pytest.raises(ValueError, match="unknown method option"):
+        parse_method("stochastic+foo=1")
+
+
+def test_decode_cost_rows_agree_when_the_window_covers_the_context():
+    from stochastic_attention.eval.sweep import decode_cost
+
+    model = tiny_model("llama", vocab_size=40)
+    ids = torch.randint(0, 40, (30,), generator=torch.Generator().manual_seed(0))
+    rows = decode_cost(model, ids, 24, window=64, sinks=1, local=2)
+    assert [r["steps"] for r in rows] == [6, 6, 6]
+    for r in rows[1:]:
+        assert r["perplexity"] == pytest.approx(rows[0]["perplexity"], rel=1e-4)
+    small = decode_cost(model, ids, 24, window=2, sinks=0, local=1)
+    assert small[2]["perplexity"] != pytest.approx(small[1]["perplexity"], rel=1e-4)
+
+
+def test_prefill_timing_reports_ratios_to_full():
+    from stochastic_attention.eval.sweep import time_prefill
+
+    model = tiny_model("llama")
+    rows = time_prefill(model, parse_methods("full,moba"), 4, [16, 24], repeats=2)
+    assert {(r["label"], r["length"]) for r in rows} == {(m, n) for m in ("full", "moba")
+                                                         for n in (16, 24)}
+    assert all(r["ratio_to_full"] == 1.0 for r in rows if r["label"] == "full")
+    assert all(r["seconds"] > 0 for r in rows)
+    assert model.config._attn_implementation == "sdpa"
