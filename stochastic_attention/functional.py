@@ -89,8 +89,9 @@ def stochastic_attention(
 
     ``perm[..., p]`` is the original position of the token placed at permuted slot ``p``
     (permuted = ``x[..., perm, :]``); shape [seq], [batch, seq] or [batch, heads_q, seq]. If
-    None, independent permutations per sample and head are drawn from ``generator`` (same
-    generator state, same output).
+    None, one permutation per sample, shared by the heads, is drawn from ``generator`` (same
+    generator state, same output); pass ``perm=random_permutation(batch, heads_q, seq)`` to give
+    every head its own routing (more diverse, but each head then needs its own mask).
 
     Layouts, in permuted order:
       - ``"band"``: the query at slot p sees slots (p - window, p] (causal) or a centred band
@@ -107,7 +108,9 @@ def stochastic_attention(
     if perm is None:
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        perm = random_permutation(B, H, n, generator=generator, device=q.device)
+        # One permutation per sample, shared by the heads (the paper draws one per layer): the
+        # per-head mask work disappears and GQA keys/values are moved before being expanded.
+        perm = random_permutation(B, 1, n, generator=generator, device=q.device)
     else:
         perm = normalize_perm(perm, B, H, n, q.device)
     return _windowed(q, k, v, window, perm=perm, layout=layout, causal=causal, sinks=sinks,
@@ -248,7 +251,7 @@ def attended_keys(
         window = max(window, n)
     if method == "stochastic":
         if perm is None:
-            perm = random_permutation(batch, heads, n, generator=generator, device=device)
+            perm = random_permutation(batch, 1, n, generator=generator, device=device)
         elif perm.dim() == 3:  # a given perm fixes the heads (and batch, unless a mask does)
             heads = perm.shape[1]
             batch = batch if key_padding_mask is not None else perm.shape[0]

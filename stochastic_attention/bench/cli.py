@@ -39,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
 
     seq_lens = tuple(int(s) for s in args.seq_lens.split(","))
     methods = tuple(args.methods.split(",")) if args.methods else (
-        ("dense", "swa", "sa_band", "sa_block", "sa_band_shared") + (("swa_flex", "sa_band_flex", "sa_block_flex")
+        ("dense", "swa", "sa_band", "sa_block", "sa_band_per_head") + (("swa_flex", "sa_band_flex", "sa_block_flex")
                                                    if args.device.startswith("cuda") else ()))
     unknown = set(methods) - set(METHODS)
     if unknown:
@@ -77,7 +77,7 @@ def _get(cells, method, n, mode) -> Cell | None:
 
 def markdown_tables(cells: list[Cell], methods, seq_lens, modes) -> str:
     """Median times (ms), ratios against SWA, achieved GFLOP/s and peak memory."""
-    ratio_pairs = [(a, b) for a, b in (("sa_band", "swa"), ("sa_block", "swa"), ("sa_band_shared", "swa"),
+    ratio_pairs = [(a, b) for a, b in (("sa_band", "swa"), ("sa_block", "swa"), ("sa_band_per_head", "swa"),
                                        ("dense", "swa"),
                                        ("dense", "sa_band"), ("sa_band_flex", "swa_flex"), ("dense", "swa_flex"))
                    if a in methods and b in methods]

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 import stochastic_attention as sa
 
-# sa_*: one permutation per sample and head (the operators' default); sa_band_shared: one per
-# sample, shared by the heads (the mask is then the same for every head: less mask work).
-METHODS = ("dense", "swa", "sa_band", "sa_block", "sa_band_shared", "swa_flex", "sa_band_flex",
+# sa_*: one permutation per sample shared by the heads (the operators' default);
+# sa_band_per_head: one per sample and head (each head then needs its own mask).
+METHODS = ("dense", "swa", "sa_band", "sa_block", "sa_band_per_head", "swa_flex", "sa_band_flex",
            "sa_block_flex")
 
 
@@ -61,10 +61,10 @@ def method_fn(method: str, window: int) -> Callable:
     if base == "swa":
         return lambda q, k, v, perm: sa.sliding_window_attention(q, k, v, window, backend=backend)
     layout = base.split("_")[1]
-    if base.endswith("_shared"):
-        return lambda q, k, v, perm: sa.stochastic_attention(q, k, v, window, perm=perm[:, :1],
-                                                             layout=layout, backend=backend)
-    return lambda q, k, v, perm: sa.stochastic_attention(q, k, v, window, perm=perm, layout=layout,
+    if base.endswith("_per_head"):
+        return lambda q, k, v, perm: sa.stochastic_attention(q, k, v, window, perm=perm, layout=layout,
+                                                             backend=backend)
+    return lambda q, k, v, perm: sa.stochastic_attention(q, k, v, window, perm=perm[:, :1], layout=layout,
                                                          backend=backend)
 
 
