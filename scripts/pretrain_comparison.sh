@@ -19,4 +19,5 @@ exec "${PYTHON:-.venv/bin/python}" -m stochastic_attention.cli pretrain-compare 
   configs/pretrain/full.yaml configs/pretrain/swa.yaml configs/pretrain/sa.yaml \
   configs/pretrain/gated.yaml \
   --seeds $SEEDS --out "$OUT" --report docs/results-pretraining.md \
-  --set "train.steps=${STEPS}" --set train.threads=1 --cloze-examples "$CLOZE" --header "$HEADER" --no-progress "$@"
+  --set "train.steps=${STEPS}" --set train.threads=1 --cloze-examples "$CLOZE" --header "$HEADER" \
+  --no-progress "$@"
