@@ -80,15 +80,19 @@ def test_passkey_accuracy_scores_a_copying_oracle_perfectly():
     assert wrong["exact_match"] < 1.0
 
 
-def test_driver_trains_evaluates_and_reports(tmp_path):
+def _sentence_docs(folder: Path, n_docs: int = 5) -> None:
+    """Documents of short sentences of random words, so the cloze tasks find examples."""
     import random
 
-    docs = tmp_path / "docs"
-    docs.mkdir()
+    folder.mkdir()
     rng = random.Random(0)
-    words = "alpha beta gamma delta epsilon zeta eta theta".split()
-    for i in range(5):
-        (docs / f"{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(400)))
+    words = "alpha beta gamma delta epsilon zeta theta".split()
+    for i in range(n_docs):
+        sentences = (" ".join(rng.choice(words) for _ in range(8)) + "." for _ in range(60))
+        (folder / f"{i}.txt").write_text(" ".join(sentences))
+
+
+def _tiny_configs(tmp_path: Path, docs: Path) -> list[Path]:
     configs = []
     for kind in ("swa", "gated"):
         raw = yaml.safe_load((CONFIGS / f"{kind}.yaml").read_text())
@@ -101,12 +105,66 @@ def test_driver_trains_evaluates_and_reports(tmp_path):
         path = tmp_path / f"{kind}.yaml"
         path.write_text(yaml.safe_dump(raw))
         configs.append(path)
+    return configs
+
+
+def test_cloze_tasks_build_with_the_byte_tokenizer():
+    from stochastic_attention.data.corpora import Document
+    from stochastic_attention.eval.tasks import lastword_task, nextline_task
+
+    tok = ByteTokenizer()
+    text = " ".join(f"Sentence number {i} speaks of the harbour and the lighthouse." for i in
+                    range(40))
+    docs = [Document(f"d{i}", text.replace("harbour", f"harbour{i}"), "toy") for i in range(3)]
+    lastword = lastword_task(tok, docs, count=4, context=100, seed=0)
+    assert len(lastword.examples) == 4
+    for ex in lastword.examples:
+        assert len(ex["context"]) == 100
+        assert tok.decode(ex["target"]) == " lighthouse"
+    nextline = nextline_task(tok, docs, count=4, context=100, seed=0)
+    assert len(nextline.examples) == 4
+    for ex in nextline.examples:
+        true = tok.decode(ex["choices"][ex["label"]])
+        assert true.startswith(" Sentence number") and len(ex["choices"]) == 4
+
+
+def test_driver_trains_evaluates_and_reports(tmp_path):
+    _sentence_docs(tmp_path / "docs")
+    configs = _tiny_configs(tmp_path, tmp_path / "docs")
     report = tmp_path / "report.md"
     runs = run_comparison(configs, [0], out_root=tmp_path / "runs", report=report,
-                          overrides=[], eval_chunks=2, passkey_trials=4, progress=False)
+                          overrides=[], eval_chunks=2, passkey_trials=4, progress=False,
+                          cloze_examples=3, cloze_context=64)
     assert [r["name"] for r in runs] == ["swa", "gated"]
     text = report.read_text()
     assert "| swa |" in text and "| gated |" in text and "ppl toy" in text
+    assert "lastword acc (n=3)" in text and "nextline acc (n=3)" in text
     assert report.with_suffix(".png").stat().st_size > 0
     saved = json.loads((tmp_path / "runs" / "results.json").read_text())
     assert 0 <= saved[1]["eval"]["passkey"]["far"]["digit_accuracy"] <= 1
+    for run in saved:
+        for task in ("lastword", "nextline"):
+            assert run["eval"]["cloze"][task]["examples"] == 3
+            assert run["eval"]["cloze"][task]["accuracy"] in (0, 1 / 3, 2 / 3, 1)
+
+
+def test_report_only_adds_cloze_accuracy_to_finished_runs(tmp_path):
+    _sentence_docs(tmp_path / "docs")
+    configs = _tiny_configs(tmp_path, tmp_path / "docs")[:1]
+    report = tmp_path / "report.md"
+    kwargs = dict(out_root=tmp_path / "runs", report=report, overrides=[], eval_chunks=2,
+                  passkey_trials=4, progress=False)
+    run_comparison(configs, [0], cloze_examples=0, **kwargs)
+    assert "cloze" not in json.loads((tmp_path / "runs" / "swa-seed0" / "eval.json")
+                                     .read_text())
+    assert "lastword acc" not in report.read_text()
+    report.write_text(report.read_text() + "hand-written notes\n")
+    final = tmp_path / "runs" / "swa-seed0" / "final" / "model.safetensors"
+    trained = final.stat().st_mtime_ns
+    runs = run_comparison(configs, [0], report_only=True, cloze_examples=2, cloze_context=48,
+                          **kwargs)
+    assert final.stat().st_mtime_ns == trained  # nothing retrained
+    assert runs[0]["eval"]["cloze"]["settings"] == {"examples": 2, "context": 48, "seed": 0}
+    text = report.read_text()
+    assert "lastword acc (n=2)" in text and "nextline acc (n=2)" in text
+    assert text.endswith("hand-written notes\n")

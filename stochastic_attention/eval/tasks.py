@@ -38,6 +38,14 @@ def _sentences(text: str) -> list[str]:
     return [s.strip() for s in SENTENCE.split(" ".join(text.split())) if s.strip()]
 
 
+def _encode(tokenizer, text: str) -> list[int]:
+    """Token ids without special tokens, from a HF tokenizer (callable) or any tokenizer with
+    ``encode(text)`` such as the byte-level one used for pre-training."""
+    if callable(tokenizer):
+        return tokenizer(text, add_special_tokens=False).input_ids
+    return list(tokenizer.encode(text))
+
+
 def _passage(rng: random.Random, docs, tokenizer, n_tokens: int) -> list[int] | None:
     """n_tokens of one random document starting at a random sentence, or None if too short."""
     doc = rng.choice(docs)
@@ -47,7 +55,7 @@ def _passage(rng: random.Random, docs, tokenizer, n_tokens: int) -> list[int] | 
         return None
     start = rng.randrange(0, max(1, len(text) - need))
     start = text.find(". ", start) + 2 if text.find(". ", start) >= 0 else 0
-    ids = tokenizer(text[start:start + need], add_special_tokens=False).input_ids
+    ids = _encode(tokenizer, text[start:start + need])
     return ids[:n_tokens] if len(ids) >= n_tokens else None
 
 
@@ -75,7 +83,7 @@ def passkey_task(tokenizer, docs=None, *, lengths, depths, per_cell: int, seed: 
     even under full attention). ``docs`` is unused; kept for a uniform builder signature."""
     rng = random.Random(seed)
     task = Task("passkey", "accuracy", True, max(lengths))
-    enc = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    enc = lambda text: _encode(tokenizer, text)  # noqa: E731
     intro, filler_unit = enc(PASSKEY_INTRO), enc(PASSKEY_FILLER)
     question = enc("\nWhat is the pass key? The pass key is")
     for length in lengths:
@@ -108,11 +116,11 @@ def lastword_task(tokenizer, docs, *, count: int, context: int, seed: int) -> Ta
             continue
         target = words[-1]
         body = " ".join(sents[max(0, end - 40):end] + [" ".join(words[:-1])])
-        ctx_ids = tokenizer(body, add_special_tokens=False).input_ids[-context:]
+        ctx_ids = _encode(tokenizer, body)[-context:]
         ctx_text = tokenizer.decode(ctx_ids)
         if re.search(rf"\b{target}\b", ctx_text) is None:  # the context must hold the answer
             continue
-        tgt_ids = tokenizer(" " + target, add_special_tokens=False).input_ids
+        tgt_ids = _encode(tokenizer, " " + target)
         task.examples.append({"context": torch.tensor(ctx_ids), "target": torch.tensor(tgt_ids)})
     return task
 
@@ -138,15 +146,13 @@ def nextline_task(tokenizer, docs, *, count: int, context: int, seed: int) -> Ta
                   if i != di and 0.7 <= len(s.split()) / n_words <= 1.4][:3]
         if len(others) < 3:
             continue
-        ctx_ids = tokenizer(" ".join(sents[max(0, end - 40):end]),
-                            add_special_tokens=False).input_ids[-context:]
+        ctx_ids = _encode(tokenizer, " ".join(sents[max(0, end - 40):end]))[-context:]
         choices = [true, *others]
         order = list(range(4))
         rng.shuffle(order)
         task.examples.append({
             "context": torch.tensor(ctx_ids),
-            "choices": [torch.tensor(tokenizer(" " + choices[j], add_special_tokens=False)
-                                     .input_ids) for j in order],
+            "choices": [torch.tensor(_encode(tokenizer, " " + choices[j])) for j in order],
             "label": order.index(0)})
     return task
 

@@ -1,11 +1,11 @@
 """The paper-style pre-training comparison: train each config x seed, evaluate, report.
 
 For every run: validation loss / perplexity per corpus (per token; bytes for the byte-level
-tokenizer) and the pass-key probe at a distance inside the window and one far beyond the
-SWA receptive field. Writes ``results.json`` under the output root and beside the report
-(per-seed numbers), a loss-curve plot and a Markdown report. Finished runs are skipped and
-interrupted ones resumed, so the command can be re-run until everything is done; the report
-is rewritten after every run.
+tokenizer), the pass-key probe at a distance inside the window and one far beyond the
+SWA receptive field, and zero-shot cloze accuracy (``cloze.py``). Writes ``results.json``
+under the output root and beside the report (per-seed numbers), a loss-curve plot and a
+Markdown report. Finished runs are skipped and interrupted ones resumed, so the command can
+be re-run until everything is done; the report is rewritten after every run.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 from ..data import ChunkSampler, load_tokenizer, parse_source, prepare_source
 from ..models import SALlamaForCausalLM
 from . import checkpoint
+from .cloze import CLOZE_TASKS, cloze_accuracy, heldout_documents
 from .config import ExperimentConfig, load_config
 from .distributed import DistInfo
 from .loop import evaluate, train
@@ -35,13 +36,33 @@ NOTES_MARKER = "<!-- notes: text below this line is kept when the report is rege
 
 
 def evaluate_run(cfg: ExperimentConfig, out_dir: Path, *, eval_chunks: int,
-                 passkey_trials: int) -> dict:
-    """Scores of a finished run's final model (cached in ``eval.json``)."""
+                 passkey_trials: int, cloze: dict | None = None) -> dict:
+    """Scores of a finished run's final model (cached in ``eval.json``).
+
+    ``cloze``: ``{"examples", "context", "seed"}`` adds zero-shot cloze accuracy; a cached
+    result without it (or with other settings) gets it added, nothing else is recomputed.
+    """
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     cached = out_dir / "eval.json"
-    if cached.exists():
-        return json.loads(cached.read_text())
+    result = json.loads(cached.read_text()) if cached.exists() else None
+    stale_cloze = cloze is not None and (result or {}).get("cloze", {}).get("settings") != cloze
+    if result is not None and not stale_cloze:
+        return result
     model = SALlamaForCausalLM.from_pretrained(out_dir / "final").eval()
     tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if result is None:
+        result = _perplexity_and_passkey(cfg, model, tokenizer, eval_chunks=eval_chunks,
+                                         passkey_trials=passkey_trials)
+    if cloze is not None:
+        result["cloze"] = {"settings": cloze, **cloze_accuracy(
+            model, tokenizer, heldout_documents(cfg), **cloze)}
+    cached.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _perplexity_and_passkey(cfg: ExperimentConfig, model, tokenizer, *, eval_chunks: int,
+                            passkey_trials: int) -> dict:
     splits = [prepare_source(parse_source(s), tokenizer, cfg.data.cache_dir,
                              val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed)
               for s in cfg.data.sources]
@@ -58,10 +79,8 @@ def evaluate_run(cfg: ExperimentConfig, out_dir: Path, *, eval_chunks: int,
     passkey = {name: dict(passkey_accuracy(model, tokenizer, filler, seq_len=seq_len,
                                            distance=d, trials=passkey_trials), distance=d)
                for name, d in distances.items()}
-    result = {"val_loss": val, "passkey": passkey,
-              "params": sum(p.numel() for p in model.parameters())}
-    cached.write_text(json.dumps(result, indent=1))
-    return result
+    return {"val_loss": val, "passkey": passkey,
+            "params": sum(p.numel() for p in model.parameters())}
 
 
 def _curve(out_dir: Path, key: str) -> tuple[list[int], list[float]]:
@@ -134,8 +153,19 @@ def write_report(runs: list[dict], path: Path, *, command: str, plot: Path,
         "minus with the right one (nats per digit; > 0 means the model reads the key).",
         "",
     ]
+    cloze = runs[0]["eval"].get("cloze") if runs else None
+    if cloze:
+        cs = cloze["settings"]
+        lines += [
+            f"Cloze, zero-shot, on held-out documents (the same {cs['examples']} examples per "
+            f"task for every model, seed {cs['seed']}, contexts of the last {cs['context']} "
+            "tokens): lastword (LAMBADA-like), greedy decoding must produce the passage's final "
+            "word, which occurs earlier in it (chance about 0); nextline (HellaSwag-like), the "
+            "true next sentence must have the highest mean log-probability per token among 4 "
+            "(chance 0.25).", ""]
     head = ["kind", "params", "steps", "seeds", *[f"ppl {c}" for c in corpora],
             "bits/token (mean)",
+            *([f"{t} acc (n={cloze[t]['examples']})" for t in CLOZE_TASKS] if cloze else []),
             "pass key near: acc / gain", "pass key far: acc / gain"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, group in by_name.items():
@@ -148,8 +178,10 @@ def write_report(runs: list[dict], path: Path, *, command: str, plot: Path,
             for d in ("near", "far"))
         d_near, d_far = ev[0]["passkey"]["near"]["distance"], ev[0]["passkey"]["far"]["distance"]
         seeds = ",".join(str(r["seed"]) for r in group)
+        accs = [_cloze_cell(ev, t) for t in CLOZE_TASKS] if cloze else []
         lines.append(f"| {name} | {ev[0]['params']:,} | {group[0]['steps']} | {seeds} | "
-                     + " | ".join(ppl) + f" | {bpb} | {near} (d={d_near}) | {far} (d={d_far}) |")
+                     + " | ".join([*ppl, bpb, *accs])
+                     + f" | {near} (d={d_near}) | {far} (d={d_far}) |")
     lines += ["", f"![loss curves]({plot.name})", "", NOTES_MARKER]
     # Hand-written analysis below the marker survives regeneration of the tables.
     notes = ""
@@ -157,6 +189,11 @@ def write_report(runs: list[dict], path: Path, *, command: str, plot: Path,
         notes = path.read_text().split(NOTES_MARKER, 1)[1].lstrip("\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n" + notes)
+
+
+def _cloze_cell(evals: list[dict], task: str) -> str:
+    values = [e.get("cloze", {}).get(task, {}).get("accuracy") for e in evals]
+    return "n/a" if None in values else _mean_spread(values)
 
 
 def _machine() -> str:
@@ -169,8 +206,18 @@ def _machine() -> str:
 def run_comparison(configs: list[Path], seeds: list[int], *, out_root: Path, report: Path,
                    overrides: list[str], eval_chunks: int = 32, passkey_trials: int = 64,
                    header: str = "", progress: bool = True,
-                   report_only: bool = False) -> list[dict]:
-    """Train, evaluate and report every (config, seed); ``report_only``: finished runs only."""
+                   report_only: bool = False, cloze_examples: int = 50, cloze_context: int = 256,
+                   cloze_seed: int = 0) -> list[dict]:
+    """Train, evaluate and report every (config, seed); ``report_only``: finished runs only.
+
+    ``cloze_examples`` per cloze task (0: no cloze accuracy), with contexts of
+    ``cloze_context`` tokens, built with ``cloze_seed`` (the same examples for every run).
+    """
+    if cloze_examples < 0 or cloze_context < 1:
+        raise ValueError(f"cloze_examples must be >= 0 and cloze_context >= 1, got "
+                         f"{cloze_examples}, {cloze_context}")
+    cloze = (dict(examples=cloze_examples, context=cloze_context, seed=cloze_seed)
+             if cloze_examples else None)
     # The command that reproduces the report from scratch (--report-only only re-reads runs).
     argv = [a for a in sys.argv[1:] if a != "--report-only"]
     command = "sattn " + shlex.join(argv) if argv else "run_comparison(...)"
@@ -189,7 +236,7 @@ def run_comparison(configs: list[Path], seeds: list[int], *, out_root: Path, rep
             runs.append({"name": name, "seed": seed, "out_dir": str(out_dir),
                          "steps": cfg.train.steps,
                          "eval": evaluate_run(cfg, out_dir, eval_chunks=eval_chunks,
-                                              passkey_trials=passkey_trials)})
+                                              passkey_trials=passkey_trials, cloze=cloze)})
             (out_root / "results.json").write_text(json.dumps(runs, indent=1))
             report.with_suffix(".json").write_text(json.dumps(runs, indent=1))  # per seed
             plot_curves(runs, plot)

@@ -10,8 +10,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "pretrain-compare", help="train and compare attention kinds (paper-style, small scale)",
         description="Train every CONFIG with every seed, evaluate validation perplexity per "
-                    "corpus and a long-range pass-key probe, and write a Markdown report with "
-                    "a loss-curve plot. Re-running skips finished runs and resumes others.")
+                    "corpus, a long-range pass-key probe and zero-shot cloze accuracy, and write "
+                    "a Markdown report with a loss-curve plot. Re-running skips finished runs and resumes others.")
     parser.add_argument("configs", nargs="+", type=Path, help="training configs (YAML)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--out", type=Path, default=Path("runs/pretrain-comparison"))
@@ -22,9 +22,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--eval-chunks", type=int, default=32,
                         help="validation sequences per corpus for the final perplexity")
     parser.add_argument("--passkey-trials", type=int, default=64)
+    parser.add_argument("--cloze-examples", type=int, default=50,
+                        help="examples per zero-shot cloze task (lastword, nextline) built from "
+                             "held-out documents; 0: skip")
+    parser.add_argument("--cloze-context", type=int, default=256,
+                        help="context length of the cloze examples, in tokens")
+    parser.add_argument("--cloze-seed", type=int, default=0,
+                        help="seed choosing the cloze examples (the same for every model)")
     parser.add_argument("--header", default="", help="a note at the top of the report")
     parser.add_argument("--report-only", action="store_true",
-                        help="rewrite the report from the finished runs; train nothing")
+                        help="report the finished runs, train nothing (scores missing from a run, "
+                             "e.g. cloze accuracy, are computed from its final model)")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=run)
     return parser
@@ -36,5 +44,7 @@ def run(args: argparse.Namespace) -> int:
     run_comparison(args.configs, args.seeds, out_root=args.out, report=args.report,
                    overrides=args.overrides, eval_chunks=args.eval_chunks,
                    passkey_trials=args.passkey_trials, header=args.header,
-                   progress=not args.no_progress, report_only=args.report_only)
+                   progress=not args.no_progress, report_only=args.report_only,
+                   cloze_examples=args.cloze_examples, cloze_context=args.cloze_context,
+                   cloze_seed=args.cloze_seed)
     return 0
