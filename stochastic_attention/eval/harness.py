@@ -1,0 +1,103 @@
+"""Standard benchmarks (MMLU, HellaSwag, ARC, BoolQ, LAMBADA, ...) through lm-evaluation-harness.
+
+The harness scores an in-memory model (``HFLM(pretrained=<model instance>)``), so whatever
+attention method :func:`stochastic_attention.hf.patch` registered is the one evaluated. Its
+built-in tasks download their data sets; offline, point ``include_path`` at a folder with a
+task YAML whose ``dataset_path: json`` reads a local jsonl.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..hf import patch, unpatch
+from .methods import MethodSpec
+from .sweep import grid
+
+INSTALL_HINT = 'lm-evaluation-harness is not installed: pip install "stochastic-attention[harness]"'
+
+
+def _lm_eval():
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise ImportError(INSTALL_HINT) from err
+    return lm_eval, HFLM, TaskManager
+
+
+def _task_list(tasks: str | list[str]) -> list[str]:
+    names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    names = [t.strip() for t in names if t and t.strip()]
+    if not names:
+        raise ValueError("tasks must name at least one lm-eval task, e.g. 'hellaswag,arc_easy'")
+    return names
+
+
+def run_harness(model, tokenizer, tasks: str | list[str], *, limit: int | float | None = None,
+                batch_size: int = 1, num_fewshot: int | None = None,
+                include_path: str | Path | None = None, include_defaults: bool = True,
+                **kwargs: Any) -> dict:
+    """Score ``model`` (as it is now, patched or not) on lm-eval ``tasks``.
+
+    Returns lm-eval's result dict (``results[task][metric]``, ``configs``, ...). ``limit`` caps
+    the documents per task; ``include_path`` adds a folder of task YAMLs; set
+    ``include_defaults=False`` to skip indexing lm-eval's own task folder (faster, local tasks
+    only). Other keyword arguments go to ``lm_eval.simple_evaluate``.
+    """
+    lm_eval, HFLM, TaskManager = _lm_eval()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    names = _task_list(tasks)
+    device = str(next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    manager = TaskManager(include_path=str(include_path) if include_path else None,
+                          include_defaults=include_defaults)
+    kwargs.setdefault("log_samples", False)  # per-document outputs only on request
+    out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+                                  task_manager=manager, **kwargs)
+    if out is None:  # only non-zero ranks of a distributed run get None
+        raise RuntimeError("lm_eval.simple_evaluate returned no results")
+    return out
+
+
+def harness_sweep(model, tokenizer, specs: list[MethodSpec], windows: list[int],
+                  seeds: list[int], tasks: str | list[str], **harness_kwargs: Any) -> list[dict]:
+    """One record per (method, window, seed, task, metric), patching as ``sattn eval`` does."""
+    layers = model.config.num_hidden_layers
+    records = []
+    for spec, window, seed in tqdm(grid(specs, windows, seeds), desc="harness", unit="row"):
+        patch(model, **spec.settings(window or 1 << 30, layers, seed))
+        try:
+            out = run_harness(model, tokenizer, tasks, **harness_kwargs)
+        finally:
+            unpatch(model)
+        for task, metrics in out["results"].items():
+            for key, value in metrics.items():
+                metric, _, filt = key.partition(",")
+                if metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                    continue
+                records.append(dict(label=spec.label, window=window, seed=seed, task=task,
+                                    metric=metric, filter=filt, value=float(value)))
+    return records
+
+
+def harness_table(records: list[dict]) -> str:
+    """Markdown table: one row per (method, window), one column per task/metric, seed mean."""
+    from statistics import fmean
+
+    columns = sorted({(r["task"], r["metric"]) for r in records})
+    rows: dict[tuple, dict] = {}
+    for r in records:
+        rows.setdefault((r["label"], r["window"]), {}).setdefault(
+            (r["task"], r["metric"]), []).append(r["value"])
+    head = ["method", "window"] + [f"{t} {m}" for t, m in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (label, window), cells in rows.items():
+        values = [f"{fmean(cells[c]):.4f}" if c in cells else "" for c in columns]
+        lines.append("| " + " | ".join([label, str(window or "-")] + values) + " |")
+    return "\n".join(lines)
