@@ -106,3 +106,23 @@ def test_bad_arguments():
         run_harness(tiny_model("llama"), _tokenizer(), " , ")
     with pytest.raises(ValueError, match="batch_size"):
         run_harness(tiny_model("llama"), _tokenizer(), TASK, batch_size=0)
+
+
+def test_cli_eval_harness(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    from stochastic_attention.cli import main
+
+    (tmp_path / "tasks").mkdir()
+    folder = _write_task(tmp_path / "tasks")
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    _tokenizer().save_pretrained(tmp_path / "model")
+    code = main(["eval", "--model", str(tmp_path / "model"), "--methods", "full,stochastic",
+                 "--windows", "512", "--seeds", "0", "--harness", TASK, "--harness-limit", "3",
+                 "--harness-include", str(folder), "--out", str(tmp_path / "out")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("| full") or
+            line.startswith("| stochastic")]
+    assert len(rows) == 2 and rows[0].split("|")[3] == rows[1].split("|")[3]
+    records = json.loads((tmp_path / "out" / "harness.json").read_text())
+    assert {r["task"] for r in records} == {TASK}

@@ -41,13 +41,14 @@ def _task_list(tasks: str | list[str]) -> list[str]:
 def run_harness(model, tokenizer, tasks: str | list[str], *, limit: int | float | None = None,
                 batch_size: int = 1, num_fewshot: int | None = None,
                 include_path: str | Path | None = None, include_defaults: bool = True,
-                **kwargs: Any) -> dict:
+                task_manager=None, **kwargs: Any) -> dict:
     """Score ``model`` (as it is now, patched or not) on lm-eval ``tasks``.
 
     Returns lm-eval's result dict (``results[task][metric]``, ``configs``, ...). ``limit`` caps
     the documents per task; ``include_path`` adds a folder of task YAMLs; set
     ``include_defaults=False`` to skip indexing lm-eval's own task folder (faster, local tasks
-    only). Other keyword arguments go to ``lm_eval.simple_evaluate``.
+    only); or pass a ready ``task_manager`` (indexing lm-eval's tasks takes seconds). Other
+    keyword arguments go to ``lm_eval.simple_evaluate``.
     """
     lm_eval, HFLM, TaskManager = _lm_eval()
     if batch_size < 1:
@@ -55,8 +56,9 @@ def run_harness(model, tokenizer, tasks: str | list[str], *, limit: int | float 
     names = _task_list(tasks)
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    manager = TaskManager(include_path=str(include_path) if include_path else None,
-                          include_defaults=include_defaults)
+    manager = task_manager or TaskManager(
+        include_path=str(include_path) if include_path else None,
+        include_defaults=include_defaults)
     kwargs.setdefault("log_samples", False)  # per-document outputs only on request
     out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
                                   task_manager=manager, **kwargs)
@@ -68,7 +70,14 @@ def run_harness(model, tokenizer, tasks: str | list[str], *, limit: int | float 
 def harness_sweep(model, tokenizer, specs: list[MethodSpec], windows: list[int],
                   seeds: list[int], tasks: str | list[str], **harness_kwargs: Any) -> list[dict]:
     """One record per (method, window, seed, task, metric), patching as ``sattn eval`` does."""
+    _, _, TaskManager = _lm_eval()
     layers = model.config.num_hidden_layers
+    include = harness_kwargs.pop("include_path", None)
+    defaults = harness_kwargs.pop("include_defaults", True)
+    if harness_kwargs.get("task_manager") is None:  # index the task folders once, not per row
+        harness_kwargs["task_manager"] = TaskManager(
+            include_path=str(include) if include else None, include_defaults=defaults)
+    names = _task_list(tasks)
     records = []
     for spec, window, seed in tqdm(grid(specs, windows, seeds), desc="harness", unit="row"):
         patch(model, **spec.settings(window or 1 << 30, layers, seed))
@@ -82,13 +91,18 @@ def harness_sweep(model, tokenizer, specs: list[MethodSpec], windows: list[int],
                 if metric.endswith("_stderr") or not isinstance(value, (int, float)):
                     continue
                 records.append(dict(label=spec.label, window=window, seed=seed, task=task,
-                                    metric=metric, filter=filt, value=float(value)))
+                                    metric=metric, filter=filt, value=float(value),
+                                    subtask=task not in names))
     return records
 
 
 def harness_table(records: list[dict]) -> str:
-    """Markdown table: one row per (method, window), one column per task/metric, seed mean."""
+    """Markdown table: one row per (method, window), one column per task/metric, seed mean.
+    Subtasks of a group (e.g. MMLU's subjects) stay out of the table when the group is in it."""
     from statistics import fmean
+
+    top = [r for r in records if not r.get("subtask")]
+    records = top or records
 
     columns = sorted({(r["task"], r["metric"]) for r in records})
     rows: dict[tuple, dict] = {}
