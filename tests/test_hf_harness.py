@@ -87,7 +87,8 @@ def test_harness_sweep_table(tmp_path):
     specs = parse_methods("full,stochastic+sinks=1")
     records = harness_sweep(model, tok, specs, [512], [0], TASK, include_path=folder,
                             include_defaults=False, limit=2)
-    accs = {r["label"]: r["value"] for r in records if r["metric"] == "acc"}
+    assert {r["metric"] for r in records} == {"acc"}
+    accs = {r["label"]: r["value"] for r in records}
     assert set(accs) == {"full", "stochastic+sinks=1"}
     assert accs["full"] == accs["stochastic+sinks=1"]
     table = harness_table(records)

@@ -87,9 +87,9 @@ def harness_sweep(model, tokenizer, specs: list[MethodSpec], windows: list[int],
             unpatch(model)
         for task, metrics in out["results"].items():
             for key, value in metrics.items():
-                metric, _, filt = key.partition(",")
-                if metric.endswith("_stderr") or not isinstance(value, (int, float)):
-                    continue
+                metric, sep, filt = key.partition(",")  # metrics are "name,filter"
+                if not sep or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                    continue  # alias, sample_len, standard errors
                 records.append(dict(label=spec.label, window=window, seed=seed, task=task,
                                     metric=metric, filter=filt, value=float(value),
                                     subtask=task not in names))
