@@ -127,3 +127,25 @@ def test_cli_eval_harness(tmp_path, capsys):
     assert len(rows) == 2 and rows[0].split("|")[3] == rows[1].split("|")[3]
     records = json.loads((tmp_path / "out" / "harness.json").read_text())
     assert {r["task"] for r in records} == {TASK}
+
+
+def test_written_choice_task_matches_the_builtin_scorer(tmp_path):
+    pytest.importorskip("lm_eval")
+    import torch
+
+    from stochastic_attention.eval.harness import write_choice_task
+    from stochastic_attention.eval.tasks import Task, score_nextline
+
+    tok, rng = _tokenizer(), random.Random(1)
+    task = Task("nextline", "accuracy", True, 30)
+    for _ in range(6):  # one-word choices: sum and mean log-probability pick the same one
+        ids = tok(" ".join(rng.choices(WORDS, k=30)), add_special_tokens=False)["input_ids"]
+        task.examples.append(dict(context=torch.tensor(ids), label=rng.randrange(4),
+                                  choices=[torch.tensor(tok(" " + w)["input_ids"])
+                                           for w in rng.sample(WORDS, 4)]))
+    folder = write_choice_task(task, tok, tmp_path / "tasks")
+    model = tiny_model("llama", seed=2)
+    out = run_harness(model, tok, "sattn_nextline", include_path=folder, include_defaults=False)
+    assert out["results"]["sattn_nextline"]["acc,none"] == pytest.approx(score_nextline(model, task))
+    with pytest.raises(ValueError, match="multiple choice"):
+        write_choice_task(Task("lastword", "accuracy", True, 3, [dict(context=None)]), tok, tmp_path)

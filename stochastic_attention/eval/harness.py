@@ -8,6 +8,7 @@ task YAML whose ``dataset_path: json`` reads a local jsonl.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,33 @@ def run_harness(model, tokenizer, tasks: str | list[str], *, limit: int | float 
     if out is None:  # only non-zero ranks of a distributed run get None
         raise RuntimeError("lm_eval.simple_evaluate returned no results")
     return out
+
+
+def write_choice_task(task, tokenizer, folder: str | Path, name: str | None = None) -> Path:
+    """Write a multiple-choice :class:`~stochastic_attention.eval.tasks.Task` (``nextline``:
+    token ids of a context and of 4 choices) as an lm-eval task folder (YAML + local jsonl), so
+    the harness can score data that never leaves this machine. Returns the folder."""
+    if not task.examples or "choices" not in task.examples[0]:
+        raise ValueError(f"task {task.name!r} is not multiple choice (examples need 'choices')")
+    name = name or f"sattn_{task.name}"
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    with data.open("w") as f:
+        for ex in task.examples:
+            # choices were encoded with their leading space, which lm-eval adds back
+            f.write(json.dumps(dict(
+                question=tokenizer.decode(ex["context"].tolist()),
+                choices=[tokenizer.decode(c.tolist()).lstrip() for c in ex["choices"]],
+                label=ex["label"])) + "\n")
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data.resolve()))}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+    return folder
 
 
 def harness_sweep(model, tokenizer, specs: list[MethodSpec], windows: list[int],
