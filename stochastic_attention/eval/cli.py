@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import time
 from pathlib import Path
 
 DEFAULT_METHODS = ("full,sliding_window,sliding_window+sinks=4,stochastic+sinks=4,"
                    "stochastic+sinks=4+local=0.5,moba,moba+sinks=4")
+DEFAULT_TASKS = "perplexity,passkey,lastword,nextline"
 QUICK = dict(methods="full,sliding_window+sinks=4,stochastic+sinks=4+local=0.5,moba+sinks=4",
              windows="64,128", seeds="0", examples=12, context=256, ppl_docs=1,
              ppl_length=1024, passkey_lengths="1024", passkey_depths="0.5", passkey_per_cell=2)
@@ -38,8 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated specs name[+opt=val...], e.g. stochastic+sinks=4+local=0.5")
     p.add_argument("--windows", default="32,64,128,256", help="comma-separated windows")
     p.add_argument("--seeds", default="0,1,2", help="permutation seeds for stochastic methods")
-    p.add_argument("--tasks", default="perplexity,passkey,lastword,nextline",
-                   help="comma-separated tasks, or 'none' (e.g. timing only)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated tasks, or 'none' (e.g. timing only); default: "
+                        f"{DEFAULT_TASKS}, or none when --harness is given")
     p.add_argument("--corpora", default="shakespeare,bible,wikipedia")
     p.add_argument("--examples", type=int, default=40, help="examples per lastword/nextline task")
     p.add_argument("--context", type=int, default=384, help="prompt tokens of lastword/nextline")
@@ -56,6 +59,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--decode-check", default="",
                    help="PROMPT,STEPS (e.g. 2048,64): perplexity and time per step of full vs "
                         "stochastic decoding after an SA prefill at --timing-window")
+    p.add_argument("--harness", default="",
+                   help="comma-separated lm-evaluation-harness tasks (e.g. hellaswag,arc_easy; "
+                        "they download their data): score every method/window on them too")
+    p.add_argument("--harness-limit", type=float, default=None,
+                   help="documents per harness task (a fraction if < 1)")
+    p.add_argument("--harness-include", default=None,
+                   help="folder of extra lm-eval task YAMLs (e.g. local jsonl tasks)")
+    p.add_argument("--harness-fewshot", type=int, default=None, help="few-shot examples")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest on a CPU shared with other jobs; 0: default)")
     p.add_argument("--out", default="runs/eval", help="output folder")
@@ -81,13 +92,15 @@ def run(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     specs = parse_methods(args.methods)
-    names = [t.strip() for t in args.tasks.split(",") if t.strip() and t.strip() != "none"]
+    tasks = args.tasks if args.tasks is not None else "none" if args.harness else DEFAULT_TASKS
+    names = [t.strip() for t in tasks.split(",") if t.strip() and t.strip() != "none"]
     unknown = set(names) - set(T.TASKS)
     if unknown:
         raise SystemExit(f"unknown task(s) {sorted(unknown)}; choose from {T.TASKS}")
     started = time.time()
     model, tokenizer = load_pretrained(args.model)
-    docs = [d for c in args.corpora.split(",") for d in load_corpus(c.strip())]
+    docs = [d for c in args.corpora.split(",") for d in load_corpus(c.strip())] \
+        if names or args.decode_check else []
     s = args.data_seed
     builders = {
         "perplexity": lambda: T.perplexity_task(tokenizer, docs, count=args.ppl_docs,
@@ -104,6 +117,15 @@ def run(args: argparse.Namespace) -> int:
     records = run_sweep(model, tokenizer, specs, _ints(args.windows), _ints(args.seeds),
                         task_list)
     summary = aggregate(records)
+    harness = None
+    if args.harness:
+        from .harness import harness_sweep
+
+        limit = args.harness_limit
+        harness = harness_sweep(model, tokenizer, specs, _ints(args.windows), _ints(args.seeds),
+                                args.harness, include_path=args.harness_include,
+                                num_fewshot=args.harness_fewshot,
+                                limit=int(limit) if limit and limit >= 1 else limit)
     timings = None
     if args.prefill_timing:
         timings = time_prefill(model, specs, args.timing_window, _ints(args.prefill_timing),
@@ -123,6 +145,13 @@ def run(args: argparse.Namespace) -> int:
     paths = report.save(Path(args.out), meta, records, summary, timings, decoding)
     if summary:
         print(report.markdown_table(summary))
+    if harness:
+        from .harness import harness_table
+
+        table = harness_table(harness)
+        (paths["json"].parent / "harness.json").write_text(json.dumps(harness, indent=1))
+        (paths["json"].parent / "harness.md").write_text(table + "\n")
+        print("\nlm-evaluation-harness (mean over seeds):\n" + table)
     if timings:
         print("\nPrefill time, ratio to full attention:\n" + report.timing_table(timings))
     if decoding:

@@ -1,0 +1,151 @@
+"""lm-evaluation-harness adapter: a local multiple-choice task scored on a tiny patched model."""
+
+import json
+import random
+import sys
+
+import pytest
+from hf_tiny import tiny_model
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from stochastic_attention.eval.harness import harness_sweep, harness_table, run_harness
+from stochastic_attention.eval.methods import parse_methods
+from stochastic_attention.hf import patch, unpatch
+
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
+         "juliet", "kilo", "lima", "mike", "november", "oscar", "papa"]
+TASK = "tiny_mc"
+
+
+def _tokenizer():
+    vocab = {"[UNK]": 0, "[EOS]": 1, ".": 2}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]",
+                                   eos_token="[EOS]")
+
+
+def _write_task(folder, items=4, seed=0):
+    """A task YAML and a jsonl of ``items`` 40-word contexts with 4 one-word choices each."""
+    rng = random.Random(seed)
+    data = folder / "tiny_mc.jsonl"
+    with data.open("w") as f:
+        for _ in range(items):
+            choices = rng.sample(WORDS, 4)
+            f.write(json.dumps(dict(question=" ".join(rng.choices(WORDS, k=40)) + " .",
+                                    choices=choices, label=rng.randrange(4))) + "\n")
+    (folder / "tiny_mc.yaml").write_text(
+        f"task: {TASK}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\n"
+        "doc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    return folder
+
+
+def _loglikelihoods(out):
+    return [float(r[0][0]) for s in out["samples"][TASK] for r in s["resps"]]
+
+
+def test_harness_scores_the_patched_model(tmp_path):
+    pytest.importorskip("lm_eval")
+    folder = _write_task(tmp_path)
+    model, tok = tiny_model("llama"), _tokenizer()
+    kw = dict(include_path=folder, include_defaults=False, log_samples=True)
+    full = run_harness(model, tok, TASK, **kw)
+    assert TASK in full["results"] and "acc,none" in full["results"][TASK]
+    assert len(full["samples"][TASK]) == 4
+
+    patch(model, "stochastic", window=512, seed=3)  # window >= length: exactly full attention
+    try:
+        sa = run_harness(model, tok, [TASK], **kw)
+    finally:
+        unpatch(model)
+    assert sa["results"][TASK]["acc,none"] == full["results"][TASK]["acc,none"]
+    assert _loglikelihoods(sa) == pytest.approx(_loglikelihoods(full), abs=1e-4)
+
+    patch(model, "sliding_window", window=2)  # the harness must see the patched attention
+    try:
+        narrow = run_harness(model, tok, TASK, **kw)
+    finally:
+        unpatch(model)
+    assert _loglikelihoods(narrow) != pytest.approx(_loglikelihoods(full), abs=1e-3)
+
+
+def test_harness_sweep_table(tmp_path):
+    pytest.importorskip("lm_eval")
+    folder = _write_task(tmp_path, items=2)
+    model, tok = tiny_model("llama"), _tokenizer()
+    specs = parse_methods("full,stochastic+sinks=1")
+    records = harness_sweep(model, tok, specs, [512], [0], TASK, include_path=folder,
+                            include_defaults=False, limit=2)
+    assert {r["metric"] for r in records} == {"acc"}
+    accs = {r["label"]: r["value"] for r in records}
+    assert set(accs) == {"full", "stochastic+sinks=1"}
+    assert accs["full"] == accs["stochastic+sinks=1"]
+    table = harness_table(records)
+    assert "tiny_mc acc" in table.splitlines()[0] and len(table.splitlines()) == 4
+
+
+def test_missing_harness_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(ImportError, match=r"stochastic-attention\[harness\]"):
+        run_harness(tiny_model("llama"), _tokenizer(), TASK)
+
+
+def test_bad_arguments():
+    pytest.importorskip("lm_eval")
+    with pytest.raises(ValueError, match="tasks"):
+        run_harness(tiny_model("llama"), _tokenizer(), " , ")
+    with pytest.raises(ValueError, match="batch_size"):
+        run_harness(tiny_model("llama"), _tokenizer(), TASK, batch_size=0)
+
+
+def test_cli_eval_harness(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    from stochastic_attention.cli import main
+
+    (tmp_path / "tasks").mkdir()
+    folder = _write_task(tmp_path / "tasks")
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    _tokenizer().save_pretrained(tmp_path / "model")
+    code = main(["eval", "--model", str(tmp_path / "model"), "--methods", "full,stochastic",
+                 "--windows", "512", "--seeds", "0", "--harness", TASK, "--harness-limit", "3",
+                 "--harness-include", str(folder), "--out", str(tmp_path / "out")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("| full") or
+            line.startswith("| stochastic")]
+    assert len(rows) == 2 and rows[0].split("|")[3] == rows[1].split("|")[3]
+    records = json.loads((tmp_path / "out" / "harness.json").read_text())
+    assert {r["task"] for r in records} == {TASK}
+
+
+def test_written_choice_task_matches_the_builtin_scorer(tmp_path):
+    pytest.importorskip("lm_eval")
+    import torch
+
+    from stochastic_attention.eval.harness import write_choice_task
+    from stochastic_attention.eval.tasks import Task, score_nextline
+
+    tok, rng = _tokenizer(), random.Random(1)
+    task = Task("nextline", "accuracy", True, 30)
+    for _ in range(6):  # one-word choices: sum and mean log-probability pick the same one
+        ids = tok(" ".join(rng.choices(WORDS, k=30)), add_special_tokens=False)["input_ids"]
+        task.examples.append(dict(context=torch.tensor(ids), label=rng.randrange(4),
+                                  choices=[torch.tensor(tok(" " + w)["input_ids"])
+                                           for w in rng.sample(WORDS, 4)]))
+    folder = write_choice_task(task, tok, tmp_path / "tasks")
+    model = tiny_model("llama", seed=2)
+    out = run_harness(model, tok, "sattn_nextline", include_path=folder, include_defaults=False)
+    assert out["results"]["sattn_nextline"]["acc,none"] == pytest.approx(score_nextline(model, task))
+    with pytest.raises(ValueError, match="multiple choice"):
+        write_choice_task(Task("lastword", "accuracy", True, 3, [dict(context=None)]), tok, tmp_path)
