@@ -16,6 +16,7 @@ from .ops.permute import gather_mask, permute_seq, random_permutation
 from .ops.validate import (
     check_key_padding_mask,
     check_layout,
+    check_local,
     check_qkv,
     check_scale,
     check_sinks,
@@ -67,7 +68,7 @@ def sliding_window_attention(
         [batch, heads_q, seq, head_dim], in q's dtype.
     """
     return _windowed(q, k, v, window, perm=None, layout="band", causal=causal, sinks=sinks,
-                     key_padding_mask=key_padding_mask, scale=scale, backend=backend)
+                     key_padding_mask=key_padding_mask, scale=scale, backend=backend, local=0)
 
 
 def stochastic_attention(
@@ -81,6 +82,7 @@ def stochastic_attention(
     causal: bool = True,
     layout: str = "band",
     sinks: int = 0,
+    local: int = 0,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
@@ -100,8 +102,14 @@ def stochastic_attention(
         sees its own group.
     When causal, only keys whose ORIGINAL position is <= the query's stay (permuted positions
     would leak the future). RoPE must have been applied at original positions beforehand.
-    ``window >= seq_len`` is full (causal) attention. Other arguments as in
-    :func:`sliding_window_attention`.
+    ``window >= seq_len`` is full (causal) attention.
+
+    ``local`` (causal only): every query also sees its last ``local`` positions, in the same
+    softmax as its SA window and sinks (a key in several of these sets counts once). This is the
+    SA + local union that keeps a pretrained model's neighbourhood intact. It runs as two
+    O(n * window) passes, the SA window without the recent keys and a sliding window of
+    ``local``, merged exactly through their log-sum-exp (backends "blocked" and "reference").
+    Other arguments as in :func:`sliding_window_attention`.
     """
     check_qkv(q, k, v)
     B, H, n, _ = q.shape
@@ -114,42 +122,48 @@ def stochastic_attention(
     else:
         perm = normalize_perm(perm, B, H, n, q.device)
     return _windowed(q, k, v, window, perm=perm, layout=layout, causal=causal, sinks=sinks,
-                     key_padding_mask=key_padding_mask, scale=scale, backend=backend)
+                     key_padding_mask=key_padding_mask, scale=scale, backend=backend, local=local)
 
 
-def _windowed(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask, scale, backend):
+def _windowed(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask, scale, backend,
+              local):
     """Validated dispatch; ``perm`` is None (SWA) or already a checked [B|1, H|1, n] permutation."""
     check_qkv(q, k, v)
     window = check_window(window)
     sinks = check_sinks(sinks)
     layout = check_layout(layout)
+    local = check_local(local, causal)
     B, H, n, D = q.shape
     check_key_padding_mask(key_padding_mask, B, n, q.device)
     scale = check_scale(scale, D)
-    backend = _resolve_backend(backend, q, k, v)
+    backend = _resolve_backend(backend, q, k, v, local)
     if n == 0:
         return q.new_zeros(q.shape)
     if backend == "reference":
         return reference.attention(q, k, v, window, perm=perm, layout=layout, causal=causal,
-                                   sinks=sinks, key_padding_mask=key_padding_mask, scale=scale)
-    if window >= n:  # the window covers the sequence: plain full attention
+                                   sinks=sinks, key_padding_mask=key_padding_mask, scale=scale,
+                                   local=local)
+    if window >= n or local >= n:  # the window covers the sequence: plain full attention
         return full_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     if backend == "flex":
         return flex_backend.attention(q, k, v, window, perm=perm, layout=layout, causal=causal,
                                       sinks=min(sinks, n), key_padding_mask=key_padding_mask,
                                       scale=scale)
     return _blocked(q, k, v, window, perm=perm, layout=layout, causal=causal, sinks=min(sinks, n),
-                    key_padding_mask=key_padding_mask, scale=scale)
+                    key_padding_mask=key_padding_mask, scale=scale, local=local)
 
 
-def _resolve_backend(backend: str, q, k, v) -> str:
+def _resolve_backend(backend: str, q, k, v, local: int = 0) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if backend == "auto":
-        if q.is_cuda and flex_backend.available():
+        if q.is_cuda and flex_backend.available() and not local:
             return "flex"
         return "blocked"
+    if backend == "flex" and local:
+        raise ValueError("backend='flex' does not serve local > 0; use backend='blocked' "
+                         "(or 'auto', which picks it)")
     if backend == "flex":
         reason = flex_backend.unsupported_reason(q, needs_grad)
         if reason:
@@ -173,8 +187,11 @@ def full_attention(q, k, v, *, causal: bool, key_padding_mask, scale: float) -> 
     return out * has_key
 
 
-def _blocked(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask, scale):
+def _blocked(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask, scale, local=0):
     groups = q.shape[1] // k.shape[1]
+    if local:
+        return _blocked_union(q, k, v, window, perm=perm, layout=layout, sinks=sinks,
+                              key_padding_mask=key_padding_mask, scale=scale, local=local)
     sink_k = sink_v = sink_valid = None
     if sinks > 0:
         sink_k, sink_v = k[:, :, :sinks], v[:, :, :sinks]
@@ -216,6 +233,39 @@ def _blocked(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask, 
     return permute_seq(out, inv, perm)
 
 
+def _blocked_union(q, k, v, window, *, perm, layout, sinks, key_padding_mask, scale, local):
+    """Causal SA + local union as two disjoint parts merged by log-sum-exp, each O(n * window).
+
+    Part A (slot space): the SA window minus each query's last ``local`` positions, plus the
+    sinks. Part B (original order): a sliding window of ``local`` without the sink positions.
+    Together they are exactly the keys :func:`.ops.patterns.visible` gives with ``local``.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    sink_k = sink_v = sink_valid = None
+    if sinks > 0:
+        sink_k, sink_v = k[:, :, :sinks], v[:, :, :sinks]
+        if key_padding_mask is not None:
+            sink_valid = key_padding_mask[:, None, :sinks]
+    if layout == "block":
+        perm = blocked.sort_groups(perm, window)
+    inv = inverse_permutation(perm)
+    qs, ks, vs = (permute_seq(x, perm, inv) for x in (q, k, v))
+    key_valid = gather_mask(key_padding_mask, perm) if key_padding_mask is not None else None
+    out_a, lse_a = blocked.windowed_attention(
+        qs, ks, vs, window, pos=perm, key_valid=key_valid, layout=layout, causal=True,
+        sinks=sinks, sink_k=sink_k, sink_v=sink_v, sink_valid=sink_valid, scale=scale,
+        exclude_recent=local, return_lse=True)
+    out_a = permute_seq(out_a, inv, perm)
+    lse_a = permute_seq(lse_a.unsqueeze(-1), inv, perm).squeeze(-1)
+    out_b, lse_b = blocked.windowed_attention(
+        q, k, v, local, pos=None, layout="band", causal=True, sinks=sinks, sink_k=None,
+        sink_v=None, sink_valid=None, scale=scale, return_lse=True,
+        key_valid=key_padding_mask[:, None, :] if key_padding_mask is not None else None)
+    return blocked.merge_parts(out_a, lse_a, out_b, lse_b).to(q.dtype)
+
+
 def attended_keys(
     seq_len: int,
     window: int,
@@ -229,17 +279,20 @@ def attended_keys(
     layout: str = "band",
     sinks: int = 0,
     key_padding_mask: torch.Tensor | None = None,
+    local: int = 0,
 ) -> torch.Tensor:
     """How many keys each query sees: a LongTensor [batch, heads, seq_len] in original order.
 
     Uses the operators' own visibility rule, in O(seq_len * window) memory, so methods can be
     compared at equal budget (e.g. ``attended_keys(...).float().mean()``). ``method`` is
     "stochastic", "sliding_window" or "full"; for "stochastic" without ``perm`` the permutation
-    is drawn from ``generator`` exactly as :func:`stochastic_attention` draws it.
+    is drawn from ``generator`` exactly as :func:`stochastic_attention` draws it. ``local``
+    counts the SA + local union (each key once), as :func:`stochastic_attention` attends it.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     window, sinks, layout = check_window(window), check_sinks(sinks), check_layout(layout)
+    local = check_local(local, causal) if method == "stochastic" else 0
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
         raise ValueError(f"seq_len must be a non-negative int, got {seq_len!r}")
     n = seq_len
@@ -276,6 +329,8 @@ def attended_keys(
     kv = kv.view(batch, Hp, n, -1)
     vis = ok & visible(q_slot, k_slot, q_pos, k_pos, window=window, layout=layout, causal=causal,
                        sinks=0, seq_len=n, key_valid=kv)
+    if local:  # recent non-sink keys are counted once, below, with the local window
+        vis = vis & ((k_pos <= q_pos - local) | (k_pos < sinks))
     counts = vis.sum(-1)  # per query slot
     if sinks > 0 and n > 0:
         slot_of = inverse_permutation(perm)
@@ -288,4 +343,12 @@ def attended_keys(
         counts = counts + extra.sum(-1)
     counts = counts.expand(batch, heads if Hp == 1 else Hp, n)
     # Slot order -> original order.
-    return torch.gather(counts, -1, inverse_permutation(perm).expand_as(counts))
+    counts = torch.gather(counts, -1, inverse_permutation(perm).expand_as(counts))
+    if local:  # valid non-sink keys among positions (q - local, q]
+        seen = torch.cumsum(key_valid.expand(batch, 1, n).long(), -1)
+        seen = F.pad(seen, (1, 0))  # seen[..., j + 1] = valid keys among positions 0..j
+        q_pos = torch.arange(n, device=counts.device)
+        low = torch.clamp(torch.maximum(q_pos - local, torch.tensor(sinks - 1)), min=-1)
+        recent = (seen[..., q_pos + 1] - seen[..., low + 1]).clamp(min=0)
+        counts = counts + recent
+    return counts

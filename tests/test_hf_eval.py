@@ -97,6 +97,11 @@ def test_method_specs_and_budgets():
     # Dense layers count as full attention in the budget.
     dense = mean_keys(parse_method("sliding_window+layers=0:1"), 16, 100, cfg)
     assert dense == pytest.approx((swa + 50.5) / 2)
+    # An ensemble reads the union of its windows: more keys than one draw, at most K times more.
+    one = mean_keys(parse_method("stochastic+local=4"), 12, 100, cfg)
+    three = mean_keys(parse_method("stochastic+local=4+ensemble=3"), 12, 100, cfg)
+    assert parse_method("stochastic+ensemble=3").settings(12, 2)["ensemble"] == 3
+    assert one < three <= 3 * one
     with pytest.raises(ValueError, match="unknown method"):
         parse_method("linear")
     with pytest.raises(ValueError, match="unknown method option"):

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 from stochastic_attention import random_permutation, stochastic_attention
-from stochastic_attention.ops.masked import stochastic_local_attention
 from stochastic_attention.ops.moba import (
     chosen_blocks,
     moba_attended_keys,
@@ -75,8 +74,8 @@ def test_stochastic_local_matches_dense_union(layout, sinks, local):
     perm = random_permutation(2, 4, 13, generator=torch.Generator().manual_seed(1))
     kpm = torch.ones(2, 13, dtype=torch.bool)
     kpm[0, 10:] = False
-    out = stochastic_local_attention(q, k, v, 4, local, perm=perm, layout=layout, sinks=sinks,
-                                     key_padding_mask=kpm)
+    out = stochastic_attention(q, k, v, 4, perm=perm, layout=layout, sinks=sinks, local=local,
+                               key_padding_mask=kpm)
     mask = dense_mask(13, 4, perm=perm, layout=layout, sinks=sinks, key_padding_mask=kpm) | \
         dense_mask(13, local, key_padding_mask=kpm)
     ref = masked_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), mask,
@@ -90,7 +89,7 @@ def test_stochastic_local_reduces_to_sa_and_to_full():
     q, k, v = _qkv()
     perm = random_permutation(2, 4, 13, generator=torch.Generator().manual_seed(2))
     sa = stochastic_attention(q, k, v, 5, perm=perm, backend="reference")
-    torch.testing.assert_close(stochastic_local_attention(q, k, v, 5, 0, perm=perm), sa)
+    torch.testing.assert_close(stochastic_attention(q, k, v, 5, perm=perm, local=0), sa)
     full = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                           is_causal=True)
-    torch.testing.assert_close(stochastic_local_attention(q, k, v, 2, 13, perm=perm), full)
+    torch.testing.assert_close(stochastic_attention(q, k, v, 2, perm=perm, local=13), full)

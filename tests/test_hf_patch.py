@@ -23,7 +23,8 @@ def test_window_covering_the_sequence_reproduces_the_model(family):
     model = tiny_model(family)
     ids = _ids()
     ref = _logits(model, ids)
-    settings = [dict(), dict(sinks=2), dict(local=3, sinks=1), dict(head_split=2, layout="block")]
+    settings = [dict(), dict(sinks=2), dict(local=3, sinks=1), dict(head_split=2, layout="block"),
+                dict(ensemble=3, local=2)]
     for method in METHODS:
         for extra in settings if method == "stochastic" else [dict()]:
             patch(model, method, 24, **extra)
@@ -75,6 +76,29 @@ def test_generate_after_patching():
     assert torch.equal(model.generate(prompt, **kw), sparse)  # seeded: reruns agree
     patch(model, "moba", 8)
     assert model.generate(prompt, **kw).shape == original.shape
+
+
+def test_permutation_ensemble_is_the_mean_over_independent_draws():
+    from stochastic_attention import random_permutation, stochastic_attention
+    from stochastic_attention.hf.attention import _generator, _stochastic
+    from stochastic_attention.hf.config import PatchConfig
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 17, 8, generator=g) for h in (4, 2, 2))
+    cfg = PatchConfig(method="stochastic", window=3, sinks=1, local=2, ensemble=3)
+    out = _stochastic(cfg, 5, q, k, v, None, 0.3)
+    draws = _generator(0, 5, 0, torch.device("cpu"))
+    parts = [stochastic_attention(q, k, v, 3, perm=random_permutation(2, 4, 17, generator=draws),
+                                  sinks=1, local=2, scale=0.3) for _ in range(3)]
+    torch.testing.assert_close(out, sum(parts) / 3)
+    single = _stochastic(PatchConfig(method="stochastic", window=3, sinks=1, local=2), 5, q, k, v,
+                         None, 0.3)
+    torch.testing.assert_close(single, parts[0])
+    assert not torch.allclose(out, single)
+    with pytest.raises(ValueError, match="ensemble applies to method='stochastic'"):
+        patch(tiny_model("llama"), "moba", 8, ensemble=2)
+    with pytest.raises(ValueError, match="ensemble must be >= 1"):
+        patch(tiny_model("llama"), "stochastic", 8, ensemble=0)
 
 
 def test_stochastic_decode_with_window_covering_the_cache_is_full_decode():

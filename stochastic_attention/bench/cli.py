@@ -22,8 +22,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated, from {','.join(METHODS)} (default: dense,swa,sa_band,sa_block;"
-                        " on GPU the flex variants too)")
+                   help=f"comma-separated, from {','.join(METHODS)} (default: dense,swa,sa_band,"
+                        "sa_block,sa_band_per_head,sa_local; on GPU the flex variants too)")
     p.add_argument("--modes", default="fwd,fwd+bwd")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default fp32 on CPU, bf16 on GPU)")
@@ -39,8 +39,8 @@ def main(args: argparse.Namespace) -> int:
 
     seq_lens = tuple(int(s) for s in args.seq_lens.split(","))
     methods = tuple(args.methods.split(",")) if args.methods else (
-        ("dense", "swa", "sa_band", "sa_block", "sa_band_per_head") + (("swa_flex", "sa_band_flex", "sa_block_flex")
-                                                   if args.device.startswith("cuda") else ()))
+        ("dense", "swa", "sa_band", "sa_block", "sa_band_per_head", "sa_local")
+        + (("swa_flex", "sa_band_flex", "sa_block_flex") if args.device.startswith("cuda") else ()))
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"sattn bench: unknown --methods {sorted(unknown)}; choose from {METHODS}")
@@ -78,7 +78,7 @@ def _get(cells, method, n, mode) -> Cell | None:
 def markdown_tables(cells: list[Cell], methods, seq_lens, modes) -> str:
     """Median times (ms), ratios against SWA, achieved GFLOP/s and peak memory."""
     ratio_pairs = [(a, b) for a, b in (("sa_band", "swa"), ("sa_block", "swa"), ("sa_band_per_head", "swa"),
-                                       ("dense", "swa"),
+                                       ("sa_local", "swa"), ("dense", "swa"),
                                        ("dense", "sa_band"), ("sa_band_flex", "swa_flex"), ("dense", "swa_flex"))
                    if a in methods and b in methods]
     lines = []

@@ -22,8 +22,10 @@ import stochastic_attention as sa
 
 # sa_*: one permutation per sample shared by the heads (the operators' default);
 # sa_band_per_head: one per sample and head (each head then needs its own mask).
-METHODS = ("dense", "swa", "sa_band", "sa_block", "sa_band_per_head", "swa_flex", "sa_band_flex",
-           "sa_block_flex")
+# sa_local: the SA + local union at the same nominal budget, an SA window of window // 2 plus the
+# last window // 2 positions (two passes merged by log-sum-exp).
+METHODS = ("dense", "swa", "sa_band", "sa_block", "sa_band_per_head", "sa_local", "swa_flex",
+           "sa_band_flex", "sa_block_flex")
 
 
 @dataclass
@@ -49,7 +51,9 @@ def attention_flops(method: str, seq_len: int, window: int, batch: int, heads: i
         pairs = w * (w + 1) / 2 + (n - w) * w
     else:  # SA: visible pairs of a sample permutation, by the operators' own rule
         layout = "block" if "block" in method else "band"
-        pairs = sa.attended_keys(n, window, layout=layout, generator=torch.Generator().manual_seed(0)).sum().item()
+        w, local = (max(1, window // 2), window // 2) if method == "sa_local" else (window, 0)
+        pairs = sa.attended_keys(n, w, layout=layout, local=local,
+                                 generator=torch.Generator().manual_seed(0)).sum().item()
     return 4.0 * batch * heads * head_dim * pairs
 
 
@@ -60,6 +64,10 @@ def method_fn(method: str, window: int) -> Callable:
         return lambda q, k, v, perm: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if base == "swa":
         return lambda q, k, v, perm: sa.sliding_window_attention(q, k, v, window, backend=backend)
+    if base == "sa_local":
+        half = max(1, window // 2)
+        return lambda q, k, v, perm: sa.stochastic_attention(q, k, v, half, perm=perm[:, :1],
+                                                             local=window // 2, backend=backend)
     layout = base.split("_")[1]
     if base.endswith("_per_head"):
         return lambda q, k, v, perm: sa.stochastic_attention(q, k, v, window, perm=perm, layout=layout,

@@ -4,7 +4,8 @@ A method spec is written ``name[+option=value...]``, e.g. ``stochastic+sinks=4+l
 ``sliding_window+sinks=4``, ``moba+moba_topk=4``, ``stochastic+layout=block+layers=1:29``.
 ``local`` may be a share of the window (``local=0.5``): the union then has ``window * share``
 local keys and an SA window of ``window - local``, so the nominal budget stays ``window``.
-``layers=a:b`` patches layers a..b-1 (dense first/last layers elsewhere).
+``layers=a:b`` patches layers a..b-1 (dense first/last layers elsewhere). ``ensemble=K`` averages
+every SA layer over K permutations.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import torch
 
 from ..functional import attended_keys
 from ..hf.config import METHODS, PatchConfig
-from ..ops.masked import union_mask_rows
 from ..ops.moba import moba_attended_keys
+from ..ops.patterns import dense_mask
 from ..ops.permute import random_permutation
 
-INT_OPTIONS = ("sinks", "moba_topk", "head_split")
+INT_OPTIONS = ("sinks", "moba_topk", "head_split", "ensemble")
 STR_OPTIONS = ("layout", "decode")
 
 
@@ -87,14 +88,17 @@ def _layer_keys(cfg: PatchConfig, n: int, heads: int, seed: int) -> float:
             max=torch.arange(n) + 1).mean().item()  # sinks: an upper bound
     sa_heads = heads if cfg.head_split is None else min(cfg.head_split, heads)
     gen = torch.Generator().manual_seed(seed)
-    perm = random_permutation(1, max(sa_heads, 1), n, generator=gen)
-    if cfg.local and cfg.window < n:
-        rows = torch.arange(n)
-        sa = union_mask_rows(rows, n, cfg.window, cfg.local, perm=perm, layout=cfg.layout,
-                             sinks=cfg.sinks, key_padding_mask=None).sum(-1).float().mean().item()
+    if cfg.ensemble > 1:  # a query reads the union of its windows under the K permutations
+        seen = torch.zeros(max(sa_heads, 1), n, n, dtype=torch.bool)
+        for _ in range(cfg.ensemble):
+            perm = random_permutation(1, max(sa_heads, 1), n, generator=gen)
+            seen |= dense_mask(n, cfg.window, perm=perm, layout=cfg.layout, sinks=cfg.sinks,
+                               local=cfg.local)[0]
+        sa = seen.sum(-1).float().mean().item()
     else:
-        sa = attended_keys(n, cfg.window, perm=perm, layout=cfg.layout,
-                           sinks=cfg.sinks).float().mean().item()
+        perm = random_permutation(1, max(sa_heads, 1), n, generator=gen)
+        sa = attended_keys(n, cfg.window, perm=perm, layout=cfg.layout, sinks=cfg.sinks,
+                           local=cfg.local).float().mean().item()
     swa = attended_keys(n, cfg.window, method="sliding_window", sinks=cfg.sinks).float().mean()
     return (sa * sa_heads + swa.item() * (heads - sa_heads)) / heads
 

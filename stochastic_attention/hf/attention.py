@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from ..functional import sliding_window_attention, stochastic_attention
-from ..ops.masked import stochastic_local_attention
 from ..ops.moba import moba_attention
 from ..ops.patterns import inverse_permutation
 from ..ops.permute import gather_mask, gather_seq, random_permutation
@@ -61,15 +60,18 @@ def _prefill(cfg: PatchConfig, layer_idx: int, q, k, v, kpm, scale, own_window):
 
 
 def _stochastic(cfg: PatchConfig, layer_idx: int, q, k, v, kpm, scale):
+    """SA (with the local union when ``cfg.local``); with ``cfg.ensemble = K`` the mean of K
+    outputs under K independent permutations (K times the attention work)."""
     B, H, n, _ = q.shape
     g = _generator(cfg.seed, layer_idx, 0, torch.device("cpu"))
-    perm = random_permutation(B, H, n, generator=g, device=q.device)
-    if cfg.local > 0 and cfg.window < n:
-        return stochastic_local_attention(q, k, v, cfg.window, cfg.local, perm=perm,
-                                          layout=cfg.layout, sinks=cfg.sinks,
-                                          key_padding_mask=kpm, scale=scale)
-    return stochastic_attention(q, k, v, cfg.window, perm=perm, layout=cfg.layout,
-                                sinks=cfg.sinks, key_padding_mask=kpm, scale=scale)
+    out = None
+    for _ in range(cfg.ensemble):
+        perm = random_permutation(B, H, n, generator=g, device=q.device)
+        one = stochastic_attention(q, k, v, cfg.window, perm=perm, layout=cfg.layout,
+                                   sinks=cfg.sinks, local=cfg.local, key_padding_mask=kpm,
+                                   scale=scale)
+        out = one if out is None else out + one
+    return out / cfg.ensemble if cfg.ensemble > 1 else out
 
 
 def _with_cache(cfg: PatchConfig, layer_idx: int, q, k, v, valid, scale, own_window):

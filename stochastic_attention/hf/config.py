@@ -37,6 +37,7 @@ class PatchConfig:
     decode: str = "full"
     moba_topk: int = 2
     head_split: int | None = None
+    ensemble: int = 1
     num_layers: int | None = None
     restore_attn_implementation: str | None = None
 
@@ -54,6 +55,10 @@ class PatchConfig:
         _int("local", self.local, 0)
         _int("seed", self.seed, 0)
         _int("moba_topk", self.moba_topk, 1)
+        _int("ensemble", self.ensemble, 1)
+        if self.ensemble > 1 and self.method != "stochastic":
+            raise ValueError("ensemble applies to method='stochastic' only (the others are "
+                             "deterministic); use ensemble=1")
         if self.head_split is not None:
             _int("head_split", self.head_split, 0)
         if self.layers is not None:

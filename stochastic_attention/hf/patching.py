@@ -50,6 +50,7 @@ def patch(
     decode: str = "full",
     moba_topk: int = 2,
     head_split: int | None = None,
+    ensemble: int = 1,
 ):
     """Switch ``model``'s attention to ``method`` in place and return the model.
 
@@ -67,6 +68,9 @@ def patch(
             random sample of ``window`` cached keys.
         moba_topk: blocks per query for MoBA (own block included).
         head_split: SA only: the first ``head_split`` query heads use SA, the others SWA.
+        ensemble: SA only: every SA layer returns the mean of its outputs under ``ensemble``
+            independent permutations (a permutation ensemble; that many times the attention
+            work, and each query reads the union of the windows).
 
     The settings are stored in ``model.config.stochastic_attention`` (saved with the model);
     :func:`unpatch` restores the previous attention.
@@ -83,7 +87,7 @@ def patch(
                else model.config._attn_implementation)
     cfg = PatchConfig(method=method, window=window, sinks=sinks, local=local, layout=layout,
                       layers=layers, seed=seed, decode=decode, moba_topk=moba_topk,
-                      head_split=head_split, num_layers=model.config.num_hidden_layers,
+                      head_split=head_split, ensemble=ensemble, num_layers=model.config.num_hidden_layers,
                       restore_attn_implementation=restore)
     register()
     setattr(model.config, CONFIG_KEY, cfg.to_dict())

@@ -115,6 +115,35 @@ def _attend(q, k, v, bias, scale, guard_empty_rows: bool):
     return out.view(B, H, nt, T, D)
 
 
+def _attend_lse(q, k, v, bias, scale):
+    """Like :func:`_attend`, computed explicitly so it also returns the log-sum-exp of each row.
+
+    Returns out [B,H,nt,T,D] and lse [B,H,nt,T] in fp32 (lse = -inf and out = 0 for a row with
+    no visible key, with zero gradients there), for :func:`merge_parts`.
+    """
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + bias.float()
+    has_key = (bias > float("-inf")).any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~has_key, 0.0)  # keeps empty rows finite in both passes
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    out = torch.matmul(torch.exp(scores - lse), v.float()) * has_key
+    return out, lse.masked_fill(~has_key, float("-inf")).squeeze(-1)
+
+
+def merge_parts(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                lse_b: torch.Tensor) -> torch.Tensor:
+    """One softmax over two DISJOINT key sets from the two partial results (log-sum-exp merge).
+
+    out_* [..., n, D] are each part's normalised output, lse_* [..., n] its log-sum-exp (-inf when
+    the part has no key). A row with no key in either part gives 0. Differentiable.
+    """
+    m = torch.maximum(lse_a, lse_b).detach()  # any shift gives the same result; this one is safe
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w_a, w_b = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    total = w_a + w_b
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    return (out_a * (w_a / total).unsqueeze(-1) + out_b * (w_b / total).unsqueeze(-1))
+
+
 @functools.lru_cache(maxsize=32)
 def static_tiles(plan: TilePlan, window: int, causal: bool, device: torch.device):
     """Slot indices of query and key tiles, and the head-independent part of the mask.
@@ -145,7 +174,9 @@ def windowed_attention(
     sink_v: torch.Tensor | None,
     sink_valid: torch.Tensor | None,
     scale: float,
-) -> torch.Tensor:
+    exclude_recent: int = 0,
+    return_lse: bool = False,
+):
     """Attention of each slot to the keys of its window (and the sinks), in slot space.
 
     q, k, v: [B, H, n, D] in slot order (k, v already expanded to H heads).
@@ -154,10 +185,15 @@ def windowed_attention(
     group of ``window`` slots by position (see :func:`sort_groups`).
     sink_k, sink_v: [B, H, S, D] keys/values at original positions 0..S-1; sink_valid [B, 1, S].
     window < n is assumed (the dispatcher sends window >= n to full attention).
+    exclude_recent (causal, with ``pos``): window keys among the query's last ``exclude_recent``
+    positions are left out; the SA + local union serves them in a second, local pass.
+    return_lse: also return the log-sum-exp of each row, [B, H, n] fp32 (see :func:`merge_parts`).
     """
     B, H, n, D = q.shape
     device = q.device
     guard = key_valid is not None or device.type != "cpu"
+    if exclude_recent and (pos is None or not causal):
+        raise ValueError("exclude_recent needs a permutation (pos) and causal=True")
 
     plan = TilePlan.make(n, window, layout, causal)
     L, n_pad = plan.L, plan.n + plan.pad
@@ -193,7 +229,7 @@ def windowed_attention(
         if causal:
             if drop is not None:
                 k_pos = k_pos.masked_fill(drop, n_pad + 1)
-            bias = torch.where(k_pos <= q_pos, static_bias, neg)
+            bias = torch.where(k_pos <= q_pos - exclude_recent, static_bias, neg)
         else:
             bias = static_bias if drop is None else torch.where(drop, neg, static_bias)
     bias = bias.view((1,) * (5 - bias.dim()) + tuple(bias.shape))
@@ -213,6 +249,9 @@ def windowed_attention(
         kt = torch.cat([kt, sink_k.unsqueeze(2).expand(B, H, plan.nt, S, D)], dim=-2)
         vt = torch.cat([vt, sink_v.unsqueeze(2).expand(B, H, plan.nt, S, D)], dim=-2)
 
+    if return_lse:
+        out, lse = _attend_lse(qt, kt, vt, bias, scale)
+        return plan.unpad(out), plan.unpad(lse.unsqueeze(-1)).squeeze(-1)
     return plan.unpad(_attend(qt, kt, vt, bias, scale, guard))
 
 

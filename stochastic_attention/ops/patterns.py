@@ -6,9 +6,13 @@ Vocabulary:
   ``perm = arange(n)`` (slot == position).
 
 A key is visible to a query when
-  (the key's slot lies in the query's window  OR  the key is one of the first ``sinks`` positions)
+  (the key's slot lies in the query's window  OR  the key is one of the first ``sinks`` positions
+   OR  the key is one of the query's last ``local`` positions)
   AND (not causal  OR  key position <= query position)
   AND the key is not padding.
+
+``local`` (causal only, 0 by default) is the SA + local union: every query also sees the
+``local`` positions ending at itself, in the same softmax (a key in both sets counts once).
 
 Windows in slot space (``window`` counts the query itself; a window that covers the whole
 sequence, ``window >= seq_len``, makes every slot a window-mate, so every operator then reduces
@@ -64,11 +68,14 @@ def visible(
     sinks: int,
     seq_len: int,
     key_valid: torch.Tensor | None = None,
+    local: int = 0,
 ) -> torch.Tensor:
     """Elementwise visibility of key (slot_k, pos_k) to query (slot_q, pos_q); see module doc."""
     vis = in_window(slot_q, slot_k, window, layout, causal, seq_len)
     if sinks > 0:
         vis = vis | (pos_k < sinks)
+    if local > 0:
+        vis = vis | (pos_k > pos_q - local)  # the causal test below bounds it from above
     if causal:
         vis = vis & (pos_k <= pos_q)
     if key_valid is not None:
@@ -94,10 +101,12 @@ def dense_mask(
     sinks: int = 0,
     key_padding_mask: torch.Tensor | None = None,
     device=None,
+    local: int = 0,
 ) -> torch.Tensor:
     """Full boolean mask [B|1, H|1, n, n] indexed by (query position, key position). O(n^2).
 
-    ``perm`` is [B|1, H|1, n] (None means the identity, i.e. SWA); ``key_padding_mask`` is [B, n].
+    ``perm`` is [B|1, H|1, n] (None means the identity, i.e. SWA); ``key_padding_mask`` is [B, n];
+    ``local`` adds each query's last ``local`` positions (causal only).
     """
     if perm is None:
         perm = torch.arange(seq_len, device=device).view(1, 1, -1)
@@ -118,6 +127,7 @@ def dense_mask(
         sinks=sinks,
         seq_len=seq_len,
         key_valid=key_valid,
+        local=local,
     )
 
 

@@ -40,6 +40,7 @@ def attention(
     sinks: int,
     key_padding_mask: torch.Tensor | None,
     scale: float,
+    local: int = 0,
 ) -> torch.Tensor:
     """Windowed attention in original order; ``perm`` [B|1, H|1, n] or None (SWA)."""
     groups = q.shape[1] // k.shape[1]
@@ -47,6 +48,6 @@ def attention(
     v = v.repeat_interleave(groups, dim=1)
     mask = dense_mask(
         q.shape[2], window, perm=perm, layout=layout, causal=causal, sinks=sinks,
-        key_padding_mask=key_padding_mask, device=q.device,
+        key_padding_mask=key_padding_mask, device=q.device, local=local,
     )
     return masked_attention(q, k, v, mask, scale)

@@ -63,6 +63,17 @@ def check_sinks(sinks: int) -> int:
     return int(sinks)
 
 
+def check_local(local: int, causal: bool) -> int:
+    if isinstance(local, bool) or not isinstance(local, numbers.Integral):
+        raise TypeError(f"local must be an int (recent positions every query also sees), got {local!r}")
+    if local < 0:
+        raise ValueError(f"local must be >= 0 (0 turns the local window off), got {local}")
+    if local and not causal:
+        raise ValueError("local > 0 needs causal=True (the local window is the query's last "
+                         "`local` positions); for non-causal SA use local=0")
+    return int(local)
+
+
 def check_layout(layout: str) -> str:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")

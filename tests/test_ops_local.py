@@ -1,0 +1,136 @@
+"""The SA + local union in the core operator (``local=``): the O(n * w) two-pass kernel against
+the dense reference, plus oracles that do not use the union's own code."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_ops import LENGTHS, assert_close, make_qkv, padding_mask, run
+
+import stochastic_attention as sa
+from stochastic_attention.ops import blocked
+from stochastic_attention.ops.patterns import dense_mask
+from stochastic_attention.ops.reference import masked_attention
+
+CASES = list(itertools.product(LENGTHS, ("band", "block"), (0, 3), (False, True), (1, 5, 40)))
+
+
+@pytest.mark.parametrize("n,layout,sinks,pad,local", CASES)
+def test_blocked_union_matches_reference(n, layout, sinks, pad, local):
+    q, k, v = make_qkv(n)
+    kpm = padding_mask(2, n) if pad else None
+    perm = sa.random_permutation(2, 4, n, generator=torch.Generator().manual_seed(n))
+    kw = dict(window=8, perm=perm, layout=layout, sinks=sinks, key_padding_mask=kpm, local=local)
+    ref, ref_g = run(sa.stochastic_attention, q, k, v, backend="reference", **kw)
+    out, out_g = run(sa.stochastic_attention, q, k, v, backend="blocked", **kw)
+    assert_close(out, ref, 1e-5)
+    for a, b in zip(out_g, ref_g, strict=True):
+        assert_close(a, b, 1e-4)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_union_is_the_or_of_two_dense_masks(per_head):
+    # Independent of patterns.visible(local=...): the SA mask OR a sliding-window mask.
+    n, window, local, sinks = 37, 6, 4, 2
+    q, k, v = make_qkv(n, kv_heads=4)
+    kpm = padding_mask(2, n)
+    perm = sa.random_permutation(2, 4 if per_head else 1, n, generator=torch.Generator().manual_seed(3))
+    mask = dense_mask(n, window, perm=perm, sinks=sinks, key_padding_mask=kpm) | dense_mask(
+        n, local, key_padding_mask=kpm)
+    ref, ref_g = run(lambda q, k, v: masked_attention(q, k, v, mask, 16 ** -0.5), q, k, v)
+    out, out_g = run(sa.stochastic_attention, q, k, v, window=window, perm=perm, sinks=sinks,
+                     local=local, key_padding_mask=kpm)
+    assert_close(out, ref, 1e-5)
+    for a, b in zip(out_g, ref_g, strict=True):
+        assert_close(a, b, 1e-4)
+
+
+@pytest.mark.parametrize("window,local,sinks", [(5, 9, 0), (9, 5, 2), (7, 7, 1)])
+def test_identity_perm_union_is_swa_of_the_larger_window(window, local, sinks):
+    n = 63
+    q, k, v = make_qkv(n, grad=False)
+    ident = torch.arange(n)
+    out = sa.stochastic_attention(q, k, v, window, perm=ident, sinks=sinks, local=local)
+    swa = sa.sliding_window_attention(q, k, v, max(window, local), sinks=sinks, backend="reference")
+    assert_close(out, swa, 1e-5)
+
+
+def test_local_zero_is_plain_sa_and_local_covering_is_full():
+    n = 50
+    q, k, v = make_qkv(n, grad=False)
+    perm = sa.random_permutation(2, 1, n, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(sa.stochastic_attention(q, k, v, 4, perm=perm, local=0),
+                               sa.stochastic_attention(q, k, v, 4, perm=perm))
+    full = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                          is_causal=True)
+    assert_close(sa.stochastic_attention(q, k, v, 4, perm=perm, local=n), full, 1e-5)
+
+
+def test_union_has_no_future_leak():
+    n = 40
+    q, k, v = make_qkv(n, grad=False)
+    perm = sa.random_permutation(2, 4, n, generator=torch.Generator().manual_seed(2))
+    base = sa.stochastic_attention(q, k, v, 6, perm=perm, local=3, sinks=1)
+    v2 = v.clone()
+    v2[:, :, 30:] += 100.0
+    k2 = k.clone()
+    k2[:, :, 30:] -= 5.0
+    changed = sa.stochastic_attention(q, k2, v2, 6, perm=perm, local=3, sinks=1)
+    torch.testing.assert_close(changed[:, :, :30], base[:, :, :30])
+    assert not torch.allclose(changed[:, :, 30:], base[:, :, 30:])
+
+
+def test_union_bf16_close_to_fp32_reference():
+    n = 130
+    q, k, v = make_qkv(n, grad=False)
+    perm = sa.random_permutation(2, 1, n, generator=torch.Generator().manual_seed(5))
+    ref = sa.stochastic_attention(q, k, v, 16, perm=perm, local=8, sinks=2, backend="reference")
+    out = sa.stochastic_attention(*(t.bfloat16() for t in (q, k, v)), 16, perm=perm, local=8,
+                                  sinks=2)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, ref, 3e-2)
+
+
+def test_merge_parts_of_disjoint_sets_is_one_softmax():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 10, generator=g)
+    v = torch.randn(3, 10, 4, generator=g)
+    a, b = slice(0, 6), slice(6, 10)
+
+    def part(s):
+        return torch.softmax(scores[:, s], -1) @ v[:, s], torch.logsumexp(scores[:, s], -1)
+
+    merged = blocked.merge_parts(*part(a), *part(b))
+    torch.testing.assert_close(merged, torch.softmax(scores, -1) @ v)
+    empty = torch.full((3,), float("-inf"))
+    torch.testing.assert_close(blocked.merge_parts(*part(a), torch.zeros(3, 4), empty), part(a)[0])
+    both_empty = blocked.merge_parts(torch.zeros(3, 4), empty, torch.zeros(3, 4), empty)
+    assert torch.equal(both_empty, torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("layout,sinks,pad", [("band", 0, False), ("block", 3, True), ("band", 2, True)])
+def test_attended_keys_counts_the_union(layout, sinks, pad):
+    n = 57
+    kpm = padding_mask(2, n) if pad else None
+    perm = sa.random_permutation(2, 3, n, generator=torch.Generator().manual_seed(4))
+    for local in (1, 6, 20):
+        counts = sa.attended_keys(n, 5, perm=perm, layout=layout, sinks=sinks, local=local,
+                                  key_padding_mask=kpm)
+        dense = dense_mask(n, 5, perm=perm, layout=layout, sinks=sinks, local=local,
+                           key_padding_mask=kpm).sum(-1)
+        assert torch.equal(counts, dense.expand_as(counts))
+
+
+def test_local_bad_inputs_raise_clear_errors():
+    q, k, v = make_qkv(9, grad=False)
+    with pytest.raises(ValueError, match="local must be >= 0"):
+        sa.stochastic_attention(q, k, v, 3, local=-1)
+    with pytest.raises(TypeError, match="local must be an int"):
+        sa.stochastic_attention(q, k, v, 3, local=2.5)
+    with pytest.raises(ValueError, match="local > 0 needs causal=True"):
+        sa.stochastic_attention(q, k, v, 3, local=2, causal=False)
+    with pytest.raises(ValueError, match="backend='flex' does not serve local"):
+        sa.stochastic_attention(q, k, v, 3, local=2, backend="flex")
