@@ -13,7 +13,7 @@ from stochastic_attention import attended_keys
 from stochastic_attention.data.corpora import Document
 from stochastic_attention.eval import aggregate, mean_keys, parse_method, parse_methods, run_sweep
 from stochastic_attention.eval import tasks as T
-from stochastic_attention.eval.report import save
+from stochastic_attention.eval.report import load_records, save
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
          "juliet", "kilo", "lima", "mike", "november", "oscar", "papa"]
@@ -84,6 +84,14 @@ def test_sweep_report_and_budget(tmp_path):
     paths = save(tmp_path, {"model": "tiny"}, records, summary, None)
     assert json.loads(paths["json"].read_text())["summary"]
     assert paths["plot"].stat().st_size > 1000 and "| full |" in paths["markdown"].read_text()
+    # Shards of a grid merge back into the same summary; a cell given twice is refused.
+    half = len(records) // 2
+    save(tmp_path / "a", {}, records[:half], aggregate(records[:half]), None)
+    save(tmp_path / "b", {}, records[half:], aggregate(records[half:]), None)
+    merged, metas = load_records([tmp_path / "a", tmp_path / "b" / "results.json"])
+    assert aggregate(merged) == summary and len(metas) == 2
+    with pytest.raises(ValueError, match="already in an earlier file"):
+        load_records([tmp_path / "a", tmp_path / "a"])
 
 
 def test_method_specs_and_budgets():

@@ -70,10 +70,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest on a CPU shared with other jobs; 0: default)")
     p.add_argument("--out", default="runs/eval", help="output folder")
+    p.add_argument("--merge", default="",
+                   help="comma-separated result folders (shards of one grid run in parallel): "
+                        "evaluate nothing, write their combined table, JSON and plot to --out")
     p.add_argument("--quick", action="store_true",
                    help="short default comparison: 4 methods, windows 64 and 128, 12 examples per task")
     p.set_defaults(func=run)
     return p
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from . import report
+    from .sweep import aggregate
+
+    folders = [Path(p.strip()) for p in args.merge.split(",") if p.strip()]
+    records, metas = report.load_records(folders)
+    summary = aggregate(records)
+    meta = dict(merged=[str(f) for f in folders], parts=metas,
+                seconds=round(sum(m.get("seconds", 0) for m in metas), 1))
+    paths = report.save(Path(args.out), meta, records, summary, None)
+    print(report.markdown_table(summary))
+    print(f"Wrote {paths['json']}, {paths['markdown']}; plot: {paths['plot']}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
     from .methods import parse_methods
     from .sweep import aggregate, decode_cost, run_sweep, time_prefill
 
+    if args.merge:
+        return _merge(args)
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)

@@ -64,29 +64,51 @@ def plot(summary: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(s["task"] for s in summary))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        rows = [s for s in summary if s["task"] == task]
-        for label in dict.fromkeys(s["label"] for s in rows):
-            pts = sorted((s for s in rows if s["label"] == label),
-                         key=lambda s: s["keys_per_query"])
-            if pts[0]["window"] is None:
-                ax.axhline(pts[0]["mean"], color="black", ls="--", lw=1, label=label)
-                continue
-            # x = measured budget, so methods are compared at equal keys per query.
-            ax.errorbar([p["keys_per_query"] for p in pts], [p["mean"] for p in pts],
-                        yerr=[p["std"] for p in pts], marker="o", ms=3, capsize=2, label=label)
-        ax.set_xscale("log", base=2)
-        if rows[0]["metric"] == "perplexity":
-            ax.set_yscale("log")
-        ax.set_xlabel("mean attended keys per query")
-        ax.set_title(f"{task} ({rows[0]['length']} tokens)")
-        ax.set_ylabel(rows[0]["metric"])
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    # Top row: metric vs nominal window (the paper's Figure 4); bottom row: vs the measured
+    # budget, so methods are compared at equal keys per query. Error bars: spread over seeds.
+    xs = (("window", "window (nominal budget)"), ("keys_per_query", "mean attended keys per query"))
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 7.0), squeeze=False)
+    for row, (x_key, x_label) in enumerate(xs):
+        for ax, task in zip(axes[row], tasks, strict=True):
+            rows = [s for s in summary if s["task"] == task]
+            for i, label in enumerate(dict.fromkeys(s["label"] for s in rows)):
+                pts = sorted((s for s in rows if s["label"] == label),
+                             key=lambda s: s["keys_per_query"])
+                if pts[0]["window"] is None:
+                    ax.axhline(pts[0]["mean"], color="black", ls="--", lw=1, label=label)
+                    continue
+                ax.errorbar([p[x_key] for p in pts], [p["mean"] for p in pts],
+                            yerr=[p["std"] for p in pts], marker="o", ms=3, capsize=2, label=label,
+                            ls="-" if i < 10 else "--")
+            ax.set_xscale("log", base=2)
+            if rows[0]["metric"] == "perplexity":
+                ax.set_yscale("log")
+            ax.set_xlabel(x_label)
+            ax.set_title(f"{task} ({rows[0]['length']} tokens)")
+            ax.set_ylabel(rows[0]["metric"])
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=6, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def load_records(paths: list[Path]) -> tuple[list[dict], list[dict]]:
+    """Records and meta of several ``results.json`` files (e.g. shards of one grid run in
+    parallel); a (label, window, seed, task) cell present twice is an error."""
+    records, metas, seen = [], [], set()
+    for path in paths:
+        path = Path(path)
+        data = json.loads((path / "results.json" if path.is_dir() else path).read_text())
+        for r in data["records"]:
+            key = (r["label"], r["window"], r["seed"], r["task"], r["length"])
+            if key in seen:
+                raise ValueError(f"{path}: cell {key} is already in an earlier file; merge "
+                                 "results of different cells only")
+            seen.add(key)
+            records.append(r)
+        metas.append(data["meta"])
+    return records, metas
 
 
 def save(out_dir: Path, meta: dict, records: list[dict], summary: list[dict],
