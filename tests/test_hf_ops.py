@@ -9,6 +9,7 @@ from stochastic_attention.ops.moba import (
     chosen_blocks,
     moba_attended_keys,
     moba_attention,
+    moba_masked,
     moba_reference,
 )
 from stochastic_attention.ops.patterns import dense_mask
@@ -34,11 +35,31 @@ def test_moba_matches_reference(block, topk, sinks, pad):
     if pad:
         kpm = torch.ones(2, 13, dtype=torch.bool)
         kpm[1, :4] = False
-    fast = moba_attention(q, k, v, block, topk, sinks=sinks, key_padding_mask=kpm)
     slow = moba_reference(q, k, v, block, topk, sinks=sinks, key_padding_mask=kpm)
-    torch.testing.assert_close(fast, slow)
-    for a, b in zip(_grads(fast, (q, k, v)), _grads(slow, (q, k, v)), strict=True):
-        torch.testing.assert_close(a, b)
+    slow_grads = _grads(slow, (q, k, v))
+    for fn in (moba_attention, moba_masked):
+        fast = fn(q, k, v, block, topk, sinks=sinks, key_padding_mask=kpm)
+        torch.testing.assert_close(fast, slow)
+        for a, b in zip(_grads(fast, (q, k, v)), slow_grads, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("n,block,topk,sinks", [(1, 4, 2, 0), (130, 16, 3, 4), (257, 32, 2, 1),
+                                                 (64, 8, 1, 9), (100, 7, 20, 2)])
+def test_block_sparse_moba_matches_masked_moba(n, block, topk, sinks, monkeypatch):
+    import stochastic_attention.ops.moba as moba
+
+    monkeypatch.setattr(moba, "PAIR_TILE", 3)  # many ragged tiles
+    q, k, v = _qkv(n=n)
+    kpm = torch.ones(2, n, dtype=torch.bool)
+    kpm[0, : n // 3] = False
+    kpm[1, n // 2:] = False
+    for mask in (None, kpm):
+        fast = moba_attention(q, k, v, block, topk, sinks=sinks, key_padding_mask=mask)
+        slow = moba_masked(q, k, v, block, topk, sinks=sinks, key_padding_mask=mask)
+        torch.testing.assert_close(fast, slow)
+        for a, b in zip(_grads(fast, (q, k, v)), _grads(slow, (q, k, v)), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_moba_with_all_blocks_is_full_causal_attention():

@@ -115,10 +115,11 @@ def _attend(q, k, v, bias, scale, guard_empty_rows: bool):
     return out.view(B, H, nt, T, D)
 
 
-def _attend_lse(q, k, v, bias, scale):
+def attend_with_lse(q, k, v, bias, scale):
     """Like :func:`_attend`, computed explicitly so it also returns the log-sum-exp of each row.
 
-    Returns out [B,H,nt,T,D] and lse [B,H,nt,T] in fp32 (lse = -inf and out = 0 for a row with
+    Any leading dims: q [..., T, D], k/v [..., L, D], bias broadcastable to [..., T, L].
+    Returns out [..., T, D] and lse [..., T] in fp32 (lse = -inf and out = 0 for a row with
     no visible key, with zero gradients there), for :func:`merge_parts`.
     """
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + bias.float()
@@ -250,7 +251,7 @@ def windowed_attention(
         vt = torch.cat([vt, sink_v.unsqueeze(2).expand(B, H, plan.nt, S, D)], dim=-2)
 
     if return_lse:
-        out, lse = _attend_lse(qt, kt, vt, bias, scale)
+        out, lse = attend_with_lse(qt, kt, vt, bias, scale)
         return plan.unpad(out), plan.unpad(lse.unsqueeze(-1)).squeeze(-1)
     return plan.unpad(_attend(qt, kt, vt, bias, scale, guard))
 

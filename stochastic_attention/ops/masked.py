@@ -1,6 +1,6 @@
 """Attention under an arbitrary boolean mask, computed in query chunks.
 
-Patterns the windowed backends cannot express (MoBA's data-dependent blocks) are served here:
+MoBA's dense cross-check (:func:`.moba.moba_masked`) is served here:
 the mask of a chunk of query rows is built by the caller, then one SDPA call per chunk. Time is
 O(n^2) but memory is O(chunk * n), so a few thousand tokens fit comfortably.
 """

@@ -4,16 +4,27 @@ Keys are cut into blocks of ``block_size`` consecutive positions. A query scores
 ``q . mean(block keys)``, always keeps its own block (causally masked) and adds the best earlier
 blocks, ``topk`` blocks in all; future blocks are never chosen. With ``topk`` >= the number of
 blocks this is exactly full causal attention. ``sinks`` leading positions may be added to every
-query. Two implementations: :func:`moba_reference` (one query at a time, obviously correct) and
-:func:`moba_attention` (vectorised block choice + chunked masked SDPA, O(n^2 / chunk) memory).
+query. Implementations: :func:`moba_reference` (one query at a time, obviously correct),
+:func:`moba_attention` (block-sparse, O(n * topk * block_size) time and memory, below) and
+:func:`moba_masked` (a chunked dense mask, O(n^2) time; a cross-check).
+
+The block-sparse path splits each query's keys into disjoint parts and merges them exactly by
+their log-sum-exps: its own block (a causal tile, with the sinks) and each chosen earlier block
+(always full, so no causal mask). The (query, earlier block) pairs are sorted by block and
+packed ``PAIR_TILE`` queries at a time against that block's keys, so every product is a dense
+matmul whatever the routing.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import blocked
 from .masked import chunked_masked_attention
 from .reference import masked_attention
+
+# Queries packed against one key block per matmul in the block-sparse path.
+PAIR_TILE = 64
 
 
 def _check(block_size: int, topk: int, sinks: int) -> None:
@@ -40,6 +51,18 @@ def block_means(k: torch.Tensor, block_size: int, key_valid: torch.Tensor | None
 def chosen_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int,
                   key_valid: torch.Tensor | None) -> torch.Tensor:
     """bool [B, Hq, n, nb]: the blocks each query attends to (own block + best earlier ones)."""
+    index, used = top_blocks(q, k, block_size, topk, key_valid)
+    chosen = torch.zeros(*q.shape[:3], -(-k.shape[2] // block_size), dtype=torch.bool,
+                         device=q.device)
+    chosen.scatter_(-1, index, used)
+    own = torch.div(torch.arange(q.shape[2], device=q.device), block_size, rounding_mode="floor")
+    return chosen | (torch.arange(chosen.shape[-1], device=q.device) == own[:, None])
+
+
+def top_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int,
+               key_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block [B, Hq, n, t], used [B, Hq, n, t]) with t = min(topk, blocks): each query's blocks,
+    its own always first-ranked; ``used`` is False where fewer earlier blocks exist."""
     B, Hq, n, _ = q.shape
     means, has_key = block_means(k, block_size, key_valid)
     means = means.repeat_interleave(Hq // k.shape[1], dim=1)
@@ -50,9 +73,7 @@ def chosen_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int,
     gate = gate.masked_fill(blk == own, float("inf"))
     gate = gate.masked_fill((blk > own) | ~has_key[:, :, None, :], float("-inf"))
     top = gate.topk(min(topk, nb), dim=-1)
-    chosen = torch.zeros_like(gate, dtype=torch.bool)
-    chosen.scatter_(-1, top.indices, top.values > float("-inf"))
-    return chosen | (blk == own)  # own block even when all its keys are padding (then masked)
+    return top.indices, top.values > float("-inf")
 
 
 def _visible(chosen_rows, rows, n, block_size, sinks, key_valid):
@@ -79,7 +100,103 @@ def moba_attention(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Causal MoBA. q [B, Hq, n, D], k/v [B, Hkv, n, D]; returns [B, Hq, n, D]."""
+    """Causal MoBA, block-sparse (see the module doc). q [B, Hq, n, D], k/v [B, Hkv, n, D];
+    returns [B, Hq, n, D]. Differentiable."""
+    _check(block_size, topk, sinks)
+    B, Hq, n, D = q.shape
+    if n == 0:
+        return q.new_zeros(q.shape)
+    scale = D ** -0.5 if scale is None else scale
+    groups = Hq // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    sinks = min(sinks, n)
+    kpm = key_padding_mask
+    # Own block: the block layout with slot == position (a causal tile), plus the sinks; sink
+    # positions are dropped from every block so they count once.
+    ident = torch.arange(n, device=q.device).view(1, 1, n)
+    own_out, own_lse = blocked.windowed_attention(
+        q, k, v, min(block_size, n), pos=ident, key_valid=None if kpm is None else kpm[:, None],
+        layout="block", causal=True, sinks=sinks, sink_k=k[:, :, :sinks] if sinks else None,
+        sink_v=v[:, :, :sinks] if sinks else None,
+        sink_valid=None if kpm is None or not sinks else kpm[:, None, :sinks], scale=scale,
+        return_lse=True)
+    index, used = top_blocks(q, k, block_size, topk, kpm)
+    own_block = torch.div(torch.arange(n, device=q.device), block_size, rounding_mode="floor")
+    other = used & (index != own_block[:, None])  # earlier blocks: full, no causal mask
+    if not bool(other.any()):
+        return own_out.to(q.dtype)
+    part_out, part_lse = _earlier_blocks(q, k, v, index, other, block_size, sinks, kpm, scale)
+    outs = torch.cat([own_out.float().unsqueeze(-2), part_out], -2)  # [B, Hq, n, t + 1, D]
+    lses = torch.cat([own_lse.unsqueeze(-1), part_lse], -1)  # [B, Hq, n, t + 1]
+    m = lses.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lses - m)
+    total = w.sum(-1, keepdim=True)
+    w = w / torch.where(total > 0, total, torch.ones_like(total))
+    return (outs * w.unsqueeze(-1)).sum(-2).to(q.dtype)
+
+
+def _earlier_blocks(q, k, v, index, other, block_size, sinks, kpm, scale):
+    """Attention of each (query, chosen earlier block) pair to that block's keys alone.
+
+    Returns out [B, Hq, n, t, D] (normalised within the block) and lse [B, Hq, n, t] (-inf where
+    the slot is not an earlier block or the block has no visible key).
+    """
+    B, Hq, n, D = q.shape
+    t = index.shape[-1]
+    nb = -(-n // block_size)
+    G = B * Hq
+    # Pairs (problem g = b * Hq + h, query i, slot s), grouped by key (g, block).
+    g, i, s = other.view(G, n, t).nonzero(as_tuple=True)
+    blk = index.view(G, n, t)[g, i, s]
+    group = g * nb + blk
+    order = torch.argsort(group, stable=True)
+    g, i, s, blk, group = g[order], i[order], s[order], blk[order], group[order]
+    counts = torch.bincount(group, minlength=G * nb)
+    start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(group.numel(), device=q.device) - start[group]
+    tiles = -(-counts // PAIR_TILE)
+    tile_start = torch.cumsum(tiles, 0) - tiles
+    tile = tile_start[group] + torch.div(rank, PAIR_TILE, rounding_mode="floor")
+    slot = rank % PAIR_TILE
+    n_tiles = int(tiles.sum())
+    # Query rows of each tile (a zero row pads it) and the keys of its block.
+    rows = torch.full((n_tiles, PAIR_TILE), G * n, dtype=torch.long, device=q.device)
+    rows[tile, slot] = g * n + i
+    q_rows = torch.cat([q.reshape(G * n, D), q.new_zeros(1, D)])[rows]  # [T, P, D]
+    tile_group = torch.zeros(n_tiles, dtype=torch.long, device=q.device)
+    tile_group[tile] = group
+    pad = nb * block_size - n
+    kb = torch.nn.functional.pad(k, (0, 0, 0, pad)).reshape(G * nb, block_size, D)[tile_group]
+    vb = torch.nn.functional.pad(v, (0, 0, 0, pad)).reshape(G * nb, block_size, D)[tile_group]
+    pos = torch.arange(nb * block_size, device=q.device).view(nb, block_size)
+    key_ok = (pos < n) & (pos >= sinks)  # sinks come back once, in the own-block part
+    if kpm is not None:
+        key_ok = key_ok & torch.nn.functional.pad(kpm, (0, pad)).view(B, 1, nb, block_size)
+    key_ok = key_ok.expand(B, Hq, nb, block_size).reshape(G * nb, block_size)[tile_group]
+    bias = torch.zeros(key_ok.shape, dtype=torch.float32, device=q.device)
+    bias = bias.masked_fill(~key_ok, float("-inf"))[:, None, :]  # [T, 1, bs]
+    out, lse = blocked.attend_with_lse(q_rows, kb, vb, bias, scale)  # [T, P, D], [T, P]
+    part_out = q.new_zeros(G, n, t, D, dtype=torch.float32).index_put((g, i, s), out[tile, slot])
+    part_lse = torch.full((G, n, t), float("-inf"), device=q.device).index_put(
+        (g, i, s), lse[tile, slot])
+    return part_out.view(B, Hq, n, t, D), part_lse.view(B, Hq, n, t)
+
+
+def moba_masked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int,
+    topk: int,
+    *,
+    sinks: int = 0,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal MoBA through a chunked dense mask: O(n^2) time. Same result as
+    :func:`moba_attention`."""
     _check(block_size, topk, sinks)
     n = q.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
