@@ -73,6 +73,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--merge", default="",
                    help="comma-separated result folders (shards of one grid run in parallel): "
                         "evaluate nothing, write their combined table, JSON and plot to --out")
+    p.add_argument("--only", default="",
+                   help="with --merge: keep only these comma-separated method labels (in this order)")
     p.add_argument("--quick", action="store_true",
                    help="short default comparison: 4 methods, windows 64 and 128, 12 examples per task")
     p.set_defaults(func=run)
@@ -85,6 +87,13 @@ def _merge(args: argparse.Namespace) -> int:
 
     folders = [Path(p.strip()) for p in args.merge.split(",") if p.strip()]
     records, metas = report.load_records(folders)
+    if args.only:
+        keep = [x.strip() for x in args.only.split(",") if x.strip()]
+        missing = set(keep) - {r["label"] for r in records}
+        if missing:
+            raise SystemExit(f"--only: no results for {sorted(missing)} in {args.merge}")
+        records = sorted((r for r in records if r["label"] in keep),
+                         key=lambda r: keep.index(r["label"]))
     summary = aggregate(records)
     meta = dict(merged=[str(f) for f in folders], parts=metas,
                 seconds=round(sum(m.get("seconds", 0) for m in metas), 1))
