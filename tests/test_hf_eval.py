@@ -92,6 +92,14 @@ def test_sweep_report_and_budget(tmp_path):
     assert aggregate(merged) == summary and len(metas) == 2
     with pytest.raises(ValueError, match="already in an earlier file"):
         load_records([tmp_path / "a", tmp_path / "a"])
+    from stochastic_attention.cli import main
+
+    out = tmp_path / "merged"
+    assert main(["eval", "--merge", f"{tmp_path / 'a'},{tmp_path / 'b'}", "--only", "moba,full",
+                 "--out", str(out)]) == 0
+    labels = [s["label"] for s in json.loads((out / "results.json").read_text())["summary"]]
+    assert set(labels) == {"moba", "full"} and labels[0] == "moba"
+    assert (out / "results.png").stat().st_size > 1000
 
 
 def test_method_specs_and_budgets():
