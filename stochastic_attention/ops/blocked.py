@@ -119,15 +119,20 @@ def attend_with_lse(q, k, v, bias, scale):
     """Like :func:`_attend`, computed explicitly so it also returns the log-sum-exp of each row.
 
     Any leading dims: q [..., T, D], k/v [..., L, D], bias broadcastable to [..., T, L].
-    Returns out [..., T, D] and lse [..., T] in fp32 (lse = -inf and out = 0 for a row with
-    no visible key, with zero gradients there), for :func:`merge_parts`.
+    Returns out [..., T, D] and lse [..., T] in fp32 (lse = -inf and out = 0 for a row with no
+    visible key, with zero gradients there), for :func:`merge_parts`. One exp pass, in place
+    (safe for autograd: only the exp's own result is saved).
     """
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + bias.float()
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale).add_(bias)
     has_key = (bias > float("-inf")).any(dim=-1, keepdim=True)
-    scores = scores.masked_fill(~has_key, 0.0)  # keeps empty rows finite in both passes
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    out = torch.matmul(torch.exp(scores - lse), v.float()) * has_key
-    return out, lse.masked_fill(~has_key, float("-inf")).squeeze(-1)
+    row_max = scores.detach().amax(dim=-1, keepdim=True)
+    row_max = torch.where(has_key, row_max, torch.zeros_like(row_max))  # empty rows: exp(-inf) = 0
+    p = scores.sub_(row_max).exp_()
+    total = p.sum(dim=-1, keepdim=True)
+    total = torch.where(has_key, total, torch.ones_like(total))
+    out = torch.matmul(p, v.float()) / total
+    lse = torch.where(has_key, row_max + torch.log(total), float("-inf"))
+    return out, lse.squeeze(-1)
 
 
 def merge_parts(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
