@@ -30,7 +30,8 @@ done
 wait
 "$SATTN" eval --merge "$OUT/sweep-a,$OUT/sweep-b" --out "$OUT/sweep-methods" --only \
   full,sliding_window,sliding_window+sinks=4,stochastic,stochastic+sinks=4,stochastic+layout=block,stochastic+sinks=4+layout=block,moba,moba+sinks=4
-"$SATTN" eval --merge "$OUT/sweep-a,$OUT/sweep-c1,$OUT/sweep-c2" --out "$OUT/sweep-sa-configs" --only \
+"$SATTN" eval --merge "$OUT/sweep-a,$OUT/sweep-c1,$OUT/sweep-c2" --out "$OUT/sweep-sa-configs" \
+  --versus sliding_window+sinks=4,moba+sinks=4 --only \
   full,sliding_window+sinks=4,moba+sinks=4,stochastic+sinks=4+local=0.25,stochastic+sinks=4+local=0.5,stochastic+sinks=4+local=0.75,stochastic+local=0.5,stochastic+sinks=4+local=0.5+layout=block,stochastic+sinks=4+local=0.5+ensemble=2
 if [ -z "${SKIP_TIMING:-}" ]; then
   "$SATTN" eval --tasks none --threads 2 --timing-window 128 --timing-repeats 2 \

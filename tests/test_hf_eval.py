@@ -102,6 +102,22 @@ def test_sweep_report_and_budget(tmp_path):
     assert (out / "results.png").stat().st_size > 1000
 
 
+def test_equal_budget_table_interpolates_between_windows():
+    from stochastic_attention.eval.report import equal_budget_table
+
+    def row(label, window, keys, mean, task="perplexity"):
+        return dict(label=label, window=window, task=task, metric=task, length=8, mean=mean,
+                    std=0.0, seeds=1, keys_per_query=keys)
+
+    summary = [row("swa", 16, 10, 100.0), row("swa", 64, 40, 25.0), row("sa", 32, 20, 60.0),
+               row("sa", 128, 80, 20.0)]
+    table = equal_budget_table(summary, ["swa"])
+    lines = {line.split(" | ")[1]: line for line in table.splitlines()[2:]}
+    # 20 keys lies halfway between 10 and 40 in log space: perplexity log-interpolates to 50.
+    assert lines["32"].endswith("| 60.0 | 20 | 50.0 |")
+    assert lines["128"].endswith("| 20.0 | 80 |  |")  # outside SWA's range: left blank
+
+
 def test_method_specs_and_budgets():
     cfg = tiny_model("llama").config
     spec = parse_method("stochastic+sinks=4+local=0.25+layers=1:0")

@@ -73,6 +73,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--merge", default="",
                    help="comma-separated result folders (shards of one grid run in parallel): "
                         "evaluate nothing, write their combined table, JSON and plot to --out")
+    p.add_argument("--versus", default="",
+                   help="with --merge: comma-separated methods to compare every other method "
+                        "with at the same measured budget (interpolated between their windows)")
     p.add_argument("--only", default="",
                    help="with --merge: keep only these comma-separated method labels (in this order)")
     p.add_argument("--quick", action="store_true",
@@ -99,6 +102,11 @@ def _merge(args: argparse.Namespace) -> int:
                 seconds=round(sum(m.get("seconds", 0) for m in metas), 1))
     paths = report.save(Path(args.out), meta, records, summary, None)
     print(report.markdown_table(summary))
+    if args.versus:
+        versus = [x.strip() for x in args.versus.split(",") if x.strip()]
+        table = report.equal_budget_table(summary, versus)
+        (Path(args.out) / "equal-budget.md").write_text(table + "\n")
+        print("\nAt equal budget:\n" + table)
     print(f"Wrote {paths['json']}, {paths['markdown']}; plot: {paths['plot']}")
     return 0
 

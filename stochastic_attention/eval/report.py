@@ -32,6 +32,51 @@ def markdown_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _interpolate(points: list[tuple[float, float]], x: float, log_y: bool) -> float | None:
+    """Piecewise-linear in log(x) (and log(y) for perplexity) through sorted points; None outside."""
+    import math
+
+    pts = sorted(points)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            t = 0.0 if x1 == x0 else (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            if log_y:
+                return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
+            return y0 + t * (y1 - y0)
+    return None
+
+
+def equal_budget_table(summary: list[dict], versus: list[str]) -> str:
+    """Each method's mean next to what each ``versus`` method scores at the SAME measured budget
+    (keys per query), interpolated between that method's windows (blank outside its range)."""
+    tasks = list(dict.fromkeys(s["task"] for s in summary))
+    curves = {(s["label"], s["task"]): [] for s in summary}
+    for s in summary:
+        if s["window"] is not None:
+            curves[(s["label"], s["task"])].append((s["keys_per_query"], s["mean"]))
+    head = ["method", "window"]
+    for t in tasks:
+        head += [t, "keys/q", *[f"{v} at equal keys/q" for v in versus]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = {(s["label"], s["window"], s["task"]): s for s in summary}
+    rows = list(dict.fromkeys((s["label"], s["window"]) for s in summary
+                              if s["label"] not in versus and s["window"] is not None))
+    for label, window in rows:
+        line = [label, str(window)]
+        for t in tasks:
+            s = cells.get((label, window, t))
+            if s is None:
+                line += [""] * (2 + len(versus))
+                continue
+            line += [_fmt(s["mean"], s["metric"]), f"{s['keys_per_query']:.0f}"]
+            for v in versus:
+                y = _interpolate(curves.get((v, t), []), s["keys_per_query"],
+                                 s["metric"] == "perplexity")
+                line.append("" if y is None else _fmt(y, s["metric"]))
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines)
+
+
 def timing_table(timings: list[dict]) -> str:
     lengths = sorted({t["length"] for t in timings})
     labels = list(dict.fromkeys(t["label"] for t in timings))
