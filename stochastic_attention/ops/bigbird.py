@@ -2,7 +2,8 @@
 
 Query i sees, in one softmax (Zaheer et al. 2020, causal form):
   (a) the local causal window ``(i - window, i]`` (itself included);
-  (b) the sink positions ``0 .. sinks - 1`` (subject to causality);
+  (b) the sink positions ``0 .. sinks - 1`` (subject to causality; positions, as for every
+      operator of the package, so with left padding a padded sink is simply not seen);
   (c) up to ``random_keys`` random earlier positions j with ``sinks <= j <= i - window``, i.e.
       outside its window and outside the sinks. Draws are uniform with replacement; a position
       drawn twice counts once (repeats are masked, as are padded keys).
