@@ -198,29 +198,34 @@ def bigbird_attention(
 
 
 def _random_part(q, k, v, indices, kpm, scale):
-    """Attention of each query to its gathered random keys alone: out [B, Hq, n, D], lse."""
+    """Attention of each query to its gathered random keys alone: out [B, Hq, n, D], lse.
+
+    Keys are gathered from the kv heads, never expanded to the query heads: with one draw per
+    sample the G query heads of a kv head share its gathered keys, so each query position does a
+    [G, D] x [D, r] product instead of G separate [1, D] x [D, r] ones.
+    """
     B, Hq, n, D = q.shape
-    Hkv, groups = k.shape[1], Hq // k.shape[1]
+    Hkv, G = k.shape[1], Hq // k.shape[1]
     Hi, r = indices.shape[1], indices.shape[-1]
     indices = indices.expand(B, Hi, n, r)
-    safe = indices.clamp(min=0)
-    if Hi == 1:  # shared by the heads: gather the kv heads, then expand them
-        src_k, src_v, heads = k, v, Hkv
-    else:
-        src_k, src_v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        heads = Hq
-    flat = safe.reshape(B, Hi, n * r, 1).expand(B, heads, n * r, D)
-    kg = torch.gather(src_k, 2, flat).view(B, heads, n, r, D)
-    vg = torch.gather(src_v, 2, flat).view(B, heads, n, r, D)
-    if Hi == 1 and groups > 1:
-        kg, vg = kg.repeat_interleave(groups, dim=1), vg.repeat_interleave(groups, dim=1)
     seen = indices >= 0
     if kpm is not None:
         seen = seen & torch.gather(kpm[:, None, :].expand(B, Hi, n), 2,
-                                   safe.reshape(B, Hi, n * r)).view(B, Hi, n, r)
+                                   indices.clamp(min=0).reshape(B, Hi, n * r)).view(B, Hi, n, r)
+    # Per query head, indices [B, Hq, n, r] are grouped as [B, Hkv, G * n * r] to gather from
+    # each head's kv head; shared ones [B, 1, n * r] are broadcast over the kv heads.
+    flat = indices.clamp(min=0).reshape(B, 1 if Hi == 1 else Hkv, -1, 1)
+    flat = flat.expand(B, Hkv, flat.shape[2], D)
+    kg, vg = torch.gather(k, 2, flat), torch.gather(v, 2, flat)
     bias = torch.zeros(seen.shape, dtype=torch.float32, device=q.device)
-    bias = bias.masked_fill(~seen, float("-inf")).unsqueeze(-2)  # [B, Hi, n, 1, r]
-    out, lse = blocked.attend_with_lse(q.unsqueeze(-2), kg, vg, bias, scale)
+    bias = bias.masked_fill(~seen, float("-inf"))
+    if Hi == 1:  # queries [B, Hkv, n, G, D] against keys [B, Hkv, n, r, D]
+        qg = q.view(B, Hkv, G, n, D).transpose(2, 3)
+        kg, vg = kg.view(B, Hkv, n, r, D), vg.view(B, Hkv, n, r, D)
+        out, lse = blocked.attend_with_lse(qg, kg, vg, bias.unsqueeze(-2), scale)
+        return out.transpose(2, 3).reshape(B, Hq, n, D), lse.transpose(2, 3).reshape(B, Hq, n)
+    kg, vg = kg.view(B, Hq, n, r, D), vg.view(B, Hq, n, r, D)  # one query per key set
+    out, lse = blocked.attend_with_lse(q.unsqueeze(-2), kg, vg, bias.unsqueeze(-2), scale)
     return out.squeeze(-2), lse.squeeze(-1)
 
 
