@@ -212,11 +212,14 @@ def _random_part(q, k, v, indices, kpm, scale):
     if kpm is not None:
         seen = seen & torch.gather(kpm[:, None, :].expand(B, Hi, n), 2,
                                    indices.clamp(min=0).reshape(B, Hi, n * r)).view(B, Hi, n, r)
-    # Per query head, indices [B, Hq, n, r] are grouped as [B, Hkv, G * n * r] to gather from
-    # each head's kv head; shared ones [B, 1, n * r] are broadcast over the kv heads.
-    flat = indices.clamp(min=0).reshape(B, 1 if Hi == 1 else Hkv, -1, 1)
-    flat = flat.expand(B, Hkv, flat.shape[2], D)
-    kg, vg = torch.gather(k, 2, flat), torch.gather(v, 2, flat)
+    # Rows of k viewed as [B * Hkv * n, D] (a row gather is faster than torch.gather with an
+    # expanded index on CPU). Per query head, indices [B, Hq, n, r] are grouped as
+    # [B, Hkv, G * n * r] under their kv head; shared ones [B, 1, n * r] serve every kv head.
+    flat = indices.clamp(min=0).reshape(B, 1 if Hi == 1 else Hkv, -1)
+    base = (torch.arange(B, device=q.device).view(B, 1, 1) * Hkv
+            + torch.arange(Hkv, device=q.device).view(1, Hkv, 1)) * n
+    rows = (base + flat).reshape(-1)
+    kg, vg = k.reshape(-1, D)[rows], v.reshape(-1, D)[rows]
     bias = torch.zeros(seen.shape, dtype=torch.float32, device=q.device)
     bias = bias.masked_fill(~seen, float("-inf"))
     if Hi == 1:  # queries [B, Hkv, n, G, D] against keys [B, Hkv, n, r, D]
