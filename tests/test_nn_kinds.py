@@ -84,6 +84,10 @@ def test_training_redraws_and_eval_is_seeded(kind):
     assert not torch.equal(first, second)
     first.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+    torch.manual_seed(3)  # training draws come from torch's global RNG: seeding reproduces them
+    first = layer(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(layer(x), first, rtol=0, atol=0)
     layer.eval()
     torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)
     other = make(kind, window=4, layer_idx=1, **NEW_KINDS[kind]).eval()

@@ -190,6 +190,13 @@ def test_window_covering_the_sequence_is_full_causal_attention():
     torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
 
 
+def test_empty_sequence_gives_an_empty_output():
+    q, k, v = make_qkv(0)
+    out = bigbird_attention(q, k, v, 4, 3, sinks=2)
+    assert out.shape == q.shape
+    assert bigbird_attended_keys(0, 4, 3, 2).shape == (1, 1, 0)
+
+
 def test_bad_arguments_raise_clear_errors():
     q, k, v = make_qkv(10)
     with pytest.raises(ValueError, match="window"):
