@@ -14,6 +14,18 @@ from stochastic_attention.models import SALlamaConfig, SALlamaForCausalLM
 from stochastic_attention.nn import KVCache
 
 KINDS = ("full", "swa", "sa", "gated", "moba", "fna")
+# Each kind, plus the variants whose decoding takes another path: MoBA with sinks, FNA in
+# sliding windows, and FNA in SA windows (covering the sequence, so exact).
+CONFIGS = [(kind, {}) for kind in KINDS] + [
+    ("moba", dict(sinks=1)), ("fna", dict(fna_window=4)),
+    ("fna", dict(fna_window=64, fna_stochastic=True))]
+# SWA sinks: the prefill operators place sinks at the first slots, not the first real tokens,
+# so these are checked without padding only.
+UNPADDED = CONFIGS + [("swa", dict(sinks=2)), ("gated", dict(sinks=1))]
+
+
+def ids_of(configs) -> list[str]:
+    return [kind + "".join(f"-{k}={v}" for k, v in extra.items()) for kind, extra in configs]
 VOCAB, NEW = 32, 8
 
 
@@ -61,9 +73,9 @@ def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_cached_generate_equals_greedy_rerun(kind):
-    model = sharp_model(kind)
+@pytest.mark.parametrize("kind,extra", UNPADDED, ids=ids_of(UNPADDED))
+def test_cached_generate_equals_greedy_rerun(kind, extra):
+    model = sharp_model(kind, **extra)
     ids = prompts()
     mask = torch.ones_like(ids)
     expected = greedy_without_cache(model, ids, mask)
@@ -72,9 +84,9 @@ def test_cached_generate_equals_greedy_rerun(kind):
     assert torch.equal(generate(model, ids, mask), expected)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_left_padded_batch_generates_as_without_cache(kind):
-    model = sharp_model(kind)
+@pytest.mark.parametrize("kind,extra", CONFIGS, ids=ids_of(CONFIGS))
+def test_left_padded_batch_generates_as_without_cache(kind, extra):
+    model = sharp_model(kind, **extra)
     full = prompts(3, 11)
     rows = [full[0], full[1, 4:], full[2, 7:]]  # 11, 7 and 4 real tokens
     ids, mask = left_padded(rows)
