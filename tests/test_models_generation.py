@@ -168,3 +168,11 @@ def test_cached_window_and_sinks_count_real_tokens(window, sinks):
     k_pad, v_pad = torch.cat([pad, k], 2), torch.cat([pad, v], 2)
     valid = torch.tensor([[False] * 5 + [True] * 9])
     torch.testing.assert_close(cached_attention(q, k_pad, v_pad, window, sinks, valid), alone)
+
+
+def test_forward_accepts_tokenizer_outputs_with_token_type_ids():
+    model = sharp_model("swa")
+    ids = prompts(2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, token_type_ids=torch.zeros_like(ids)).logits,
+                                   model(ids).logits, rtol=0, atol=0)

@@ -71,13 +71,14 @@ class SALlamaPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
 
 
-# transformers 5 names the KV cache ``cache`` (generate passes it so); 4.x used
-# ``past_key_values``. Both are accepted; tests/test_models_generation.py checks that the
-# installed version still passes one of them.
+# Recent transformers (5.24) name the KV cache ``cache`` and generate passes it so; earlier
+# releases used ``past_key_values``. Both are accepted; tests/test_dependency_versions.py and
+# tests/test_models_generation.py check that the installed version passes one of them.
 CACHE_KEYWORDS = ("cache", "past_key_values")
 # Keywords transformers may pass that change nothing here (outputs are always a ModelOutput;
-# positions come from position_ids / the attention mask / the cache length).
-IGNORED_KEYWORDS = ("return_dict", "cache_position", "num_items_in_batch")
+# positions come from position_ids / the attention mask / the cache length; a decoder has no
+# segment embeddings, as Llama, which ignores token_type_ids from tokenizers that emit them).
+IGNORED_KEYWORDS = ("return_dict", "cache_position", "num_items_in_batch", "token_type_ids")
 UNSUPPORTED_IF_TRUE = ("output_attentions", "output_hidden_states")
 # The field of transformers' outputs that holds the cache (renamed with the keyword).
 OUTPUT_CACHE_FIELD = ("cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__
@@ -86,7 +87,7 @@ OUTPUT_CACHE_FIELD = ("cache" if "cache" in BaseModelOutputWithPast.__dataclass_
 
 def _resolve_cache(cache, past_key_values):
     if cache is not None and past_key_values is not None:
-        raise ValueError("pass the KV cache once: cache= (transformers 5) or past_key_values=")
+        raise ValueError("pass the KV cache once: cache= or past_key_values=, not both")
     return cache if cache is not None else past_key_values
 
 
