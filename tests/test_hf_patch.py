@@ -181,10 +181,63 @@ def test_settings_survive_save_and_reload(tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="stochastic").eval()
     assert patched_config(again) == patched_config(model)
     torch.testing.assert_close(_logits(again, ids), expected)
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # sdpa: settings kept, unused
+    # An explicit implementation wins: settings kept, unused.
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
     assert patched_config(plain) is not None
     unpatch(plain)
     assert not torch.allclose(_logits(plain, ids), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("method,extra", [("stochastic", dict(sinks=1, local=2, seed=5)),
+                                          ("sliding_window", dict(sinks=1)),
+                                          ("moba", dict(moba_topk=2))])
+def test_plain_from_pretrained_loads_the_patched_model(tmp_path, method, extra):
+    """A saved patched model must not come back with full attention (it used to: sdpa)."""
+    from transformers import AutoModelForCausalLM
+
+    original = tiny_model("llama")
+    ids = _ids(24)
+    full = _logits(original, ids)
+    model = patch(original, method, 6, **extra)
+    expected = _logits(model, ids)
+    assert not torch.allclose(expected, full, atol=1e-3)
+    model.save_pretrained(tmp_path / "a")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "a").eval()
+    assert again.config._attn_implementation == method
+    assert patched_config(again) == patched_config(model)
+    torch.testing.assert_close(_logits(again, ids), expected)
+    again.save_pretrained(tmp_path / "b")  # and again after a reload
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "b"), ids),
+                               expected)
+    unpatch(again)
+    again.save_pretrained(tmp_path / "c")  # unpatched: back to the model's own attention
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "c"), ids),
+                               full)
+
+
+def test_full_method_saves_the_models_own_attention(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = patch(tiny_model("llama"), "full", 6)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert again.config._attn_implementation == "sdpa"
+    assert patched_config(again).method == "full"
+
+
+def test_loading_a_patched_model_without_the_package_fails_loudly(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    patch(tiny_model("llama"), "stochastic", 6).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["attn_implementation"] == "stochastic"
+    code = ("import sys; from transformers import AutoModelForCausalLM; "
+            "AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+            "assert 'stochastic_attention' not in sys.modules")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, timeout=300, env={"PATH": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert run.returncode != 0 and "stochastic" in run.stderr
 
 
 def test_load_pretrained_reapplies_saved_settings(tmp_path):
@@ -204,3 +257,26 @@ def test_load_pretrained_reapplies_saved_settings(tmp_path):
     torch.testing.assert_close(_logits(again, ids), expected)
     with pytest.raises(TypeError, match="name_or_path"):
         load_pretrained(3)
+
+
+def test_load_pretrained_patches_folders_without_the_implementation_name(tmp_path):
+    """Folders saved before config.json named the implementation; every setting comes back."""
+    import json
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from stochastic_attention.models import load_pretrained
+
+    model = patch(tiny_model("llama"), "stochastic", 6, ensemble=3, seed=2)
+    ids = _ids(24)
+    expected = _logits(model, ids)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["attn_implementation"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0}, "a")),
+                            unk_token="a").save_pretrained(tmp_path)
+    again, _ = load_pretrained(str(tmp_path))
+    assert patched_config(again).ensemble == 3
+    torch.testing.assert_close(_logits(again, ids), expected)

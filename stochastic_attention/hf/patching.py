@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import partial
+from functools import partial, wraps
 
 from .attention import attention_forward, padding_mask
 from .config import CONFIG_KEY, METHODS, PatchConfig
@@ -26,6 +26,35 @@ def register() -> None:
     for name in REGISTERED:
         AttentionInterface.register(name, partial(attention_forward, method=name))
         AttentionMaskInterface.register(name, padding_mask)
+    _save_attn_implementation()
+
+
+def _save_attn_implementation() -> None:
+    """Make saved configs of patched models name their attention implementation.
+
+    transformers never writes the active implementation to config.json, so a saved patched
+    model would come back with sdpa and ignore its ``stochastic_attention`` settings. A config
+    that carries those settings and runs one of our implementations now also writes
+    ``"attn_implementation": <name>``, which ``from_pretrained`` reads back: the model loads
+    patched once this package is imported, and loading it without the package fails loudly
+    (transformers rejects the unknown implementation) instead of silently using full attention.
+    """
+    from transformers import PretrainedConfig
+
+    original = PretrainedConfig.to_dict
+    if getattr(original, "_writes_attn_implementation", False):
+        return
+
+    @wraps(original)
+    def to_dict(self) -> dict:
+        d = original(self)
+        implementation = getattr(self, "_attn_implementation", None)
+        if d.get(CONFIG_KEY) is not None and implementation in REGISTERED:
+            d["attn_implementation"] = implementation
+        return d
+
+    to_dict._writes_attn_implementation = True
+    PretrainedConfig.to_dict = to_dict
 
 
 def check_supported(model) -> None:
@@ -72,8 +101,10 @@ def patch(
             independent permutations (a permutation ensemble; that many times the attention
             work, and each query reads the union of the windows).
 
-    The settings are stored in ``model.config.stochastic_attention`` (saved with the model);
-    :func:`unpatch` restores the previous attention.
+    The settings are stored in ``model.config.stochastic_attention``; ``save_pretrained`` also
+    writes the implementation name, so ``AutoModelForCausalLM.from_pretrained(dir)`` (with
+    this package imported) loads the model patched. :func:`unpatch` restores the previous
+    attention.
     """
     check_supported(model)
     if method not in METHODS:

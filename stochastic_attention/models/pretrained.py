@@ -90,6 +90,8 @@ def load_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, **
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).eval()
     settings = getattr(model.config, "stochastic_attention", None)
     if settings is not None and "attn_implementation" not in kwargs:
+        # Folders saved before config.json named the implementation load with the model's own
+        # attention: patch them again from the saved settings.
         from ..hf import PatchConfig, patch
 
         cfg = PatchConfig.from_dict(dict(settings))
@@ -97,5 +99,5 @@ def load_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, **
         delattr(model.config, "stochastic_attention")
         patch(model, cfg.method, cfg.window, sinks=cfg.sinks, local=cfg.local,
               layout=cfg.layout, layers=cfg.layers, seed=cfg.seed, decode=cfg.decode,
-              moba_topk=cfg.moba_topk, head_split=cfg.head_split)
+              moba_topk=cfg.moba_topk, head_split=cfg.head_split, ensemble=cfg.ensemble)
     return model, tokenizer

@@ -71,6 +71,47 @@ class SALlamaPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
 
 
+# Recent transformers (5.24) name the KV cache ``cache`` and generate passes it so; earlier
+# releases used ``past_key_values``. Both are accepted; tests/test_dependency_versions.py and
+# tests/test_models_generation.py check that the installed version passes one of them.
+CACHE_KEYWORDS = ("cache", "past_key_values")
+# Keywords transformers may pass that change nothing here (outputs are always a ModelOutput;
+# positions come from position_ids / the attention mask / the cache length; a decoder has no
+# segment embeddings, as Llama, which ignores token_type_ids from tokenizers that emit them).
+IGNORED_KEYWORDS = ("return_dict", "cache_position", "num_items_in_batch", "token_type_ids")
+UNSUPPORTED_IF_TRUE = ("output_attentions", "output_hidden_states")
+# The field of transformers' outputs that holds the cache (renamed with the keyword).
+OUTPUT_CACHE_FIELD = ("cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__
+                      else "past_key_values")
+
+
+def _resolve_cache(cache, past_key_values):
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the KV cache once: cache= or past_key_values=, not both")
+    return cache if cache is not None else past_key_values
+
+
+def _check_extra_kwargs(kwargs: dict) -> None:
+    """Refuse keywords this model would otherwise drop silently (a cache under another name
+    would make every decoding step attend only to itself)."""
+    unknown = [name for name in kwargs
+               if name not in IGNORED_KEYWORDS + UNSUPPORTED_IF_TRUE]
+    if unknown:
+        raise TypeError(f"SA-Llama forward got unexpected keyword arguments {sorted(unknown)}; "
+                        f"the KV cache goes in {' or '.join(CACHE_KEYWORDS)}. If a newer "
+                        "transformers passes new inputs, see the tested range in pyproject.toml")
+    wanted = [name for name in UNSUPPORTED_IF_TRUE if kwargs.get(name)]
+    if wanted:
+        raise ValueError(f"SA-Llama does not return {wanted}; pass them as False")
+
+
+def positions_from_mask(attention_mask: torch.Tensor, length: int) -> torch.LongTensor:
+    """Positions of the last ``length`` slots: each row counts its real tokens from 0, as
+    transformers' generate does (left padding shifts a row's first token to position 0)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)[:, -length:]
+
+
 class SALlamaModel(SALlamaPreTrainedModel):
     def __init__(self, config: SALlamaConfig) -> None:
         super().__init__(config)
@@ -85,23 +126,31 @@ class SALlamaModel(SALlamaPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """``attention_mask`` [batch, cached + new] (1 = real token) covers the cache too;
+        without ``position_ids`` positions follow the mask (or the cache length)."""
+        _check_extra_kwargs(kwargs)
+        cache = _resolve_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        cache = past_key_values if use_cache or past_key_values is not None else None
+        if use_cache and cache is None:
+            cache = DynamicCache()
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(past, past + x.shape[1], device=x.device)[None]
+            if attention_mask is not None:
+                position_ids = positions_from_mask(attention_mask, x.shape[1])
+            else:
+                position_ids = torch.arange(past, past + x.shape[1], device=x.device)[None]
         for layer in self.layers:
             x = layer(x, position_ids=position_ids, attention_mask=attention_mask, cache=cache)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x),
+                                       **{OUTPUT_CACHE_FIELD: cache})
 
 
 class SALlamaForCausalLM(SALlamaPreTrainedModel, GenerationMixin):
@@ -121,16 +170,18 @@ class SALlamaForCausalLM(SALlamaPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Hugging Face convention: ``labels`` are the inputs; the shift happens here."""
+        _check_extra_kwargs(kwargs)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=past_key_values,
+                         position_ids=position_ids, cache=_resolve_cache(cache, past_key_values),
                          inputs_embeds=inputs_embeds, use_cache=use_cache)
         hidden = out.last_hidden_state
         if logits_to_keep:
@@ -141,7 +192,7 @@ class SALlamaForCausalLM(SALlamaPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                    labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      past_key_values=out.past_key_values)
+                                      **{OUTPUT_CACHE_FIELD: getattr(out, OUTPUT_CACHE_FIELD)})
 
 
 AutoConfig.register(SALlamaConfig.model_type, SALlamaConfig, exist_ok=True)

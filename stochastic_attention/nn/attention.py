@@ -7,9 +7,10 @@ cache; the token mixing itself is one of the package's pure operators. Data flow
       -> operator (SA permutes internally) -> (gate) -> output projection
 
 Decoding with a cache (any call whose queries follow cached keys) uses full causal attention
-over the cache for every kind except SWA, which keeps its window (the paper decodes SA with
-full attention; the SWA branch of the gated layer keeps its window too; SA + local and BigBird
-decode like SA).
+over the cache for SA and the SA branch of the gated layer (the paper decodes SA with full
+attention); SWA and the gated layer's SWA branch keep their window, and MoBA and FNA run their
+own operator for the new positions (see ``MultiHeadAttention._attend_cached``); SA + local and
+BigBird decode like SA.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..functional import sliding_window_attention, stochastic_attention
-from ..ops.patterns import visible
 from ..ops.permute import random_permutation
 from .gate import BranchGate
 from .rotary import RotaryEmbedding
@@ -246,28 +246,63 @@ class MultiHeadAttention(nn.Module):
             window=window, perm=perm if self.fna_stochastic else None, layout=self.layout)
 
     def _attend_cached(self, x, q, k, v, key_padding_mask):
-        """New queries after cached keys: full causal attention, a window for SWA branches."""
+        """New queries at the last L of S cached positions.
+
+        SA (and the SA branch of the gated layer) decodes with full causal attention over the
+        cache, the protocol of the paper; SWA keeps its window. MoBA and FNA run their own
+        operator for the new rows, so cached decoding computes what a forward pass over the
+        whole sequence computes at those positions (FNA inside SA windows drops the windows at
+        decode, as SA does).
+        """
         if self.kind == "swa":
             return cached_attention(q, k, v, self.swa_window, self.sinks, key_padding_mask)
+        if self.kind in ("moba", "fna"):
+            return self._operator_rows(q, k, v, key_padding_mask)
         full = cached_attention(q, k, v, k.shape[2], 0, key_padding_mask)
         if self.kind != "gated":
             return full
         swa = cached_attention(q, k, v, self.swa_window, self.sinks, key_padding_mask)
         return self.gate(x, full, swa)
 
+    def _operator_rows(self, q, k, v, key_padding_mask):
+        """MoBA / FNA outputs of the last L positions of the cached sequence.
+
+        Both operators are causal and row-wise (a row depends on its own query and on the keys
+        and values), so the rows before the new queries get zero queries and are discarded.
+        This costs one operator call over the whole cache per step: exact, not fast.
+        """
+        B, H, L, D = q.shape
+        S = k.shape[2]
+        q_all = torch.cat([q.new_zeros(B, H, S - L, D), q], dim=2)
+        if self.kind == "moba":
+            moba = importlib.import_module("stochastic_attention.ops.moba")
+            block_size, topk = self.moba
+            out = moba.moba_attention(q_all, k, v, block_size, topk, sinks=self.sinks,
+                                      key_padding_mask=key_padding_mask)
+        else:
+            fractional = importlib.import_module("stochastic_attention.ops.fractional")
+            alpha, eps, window = self.fna
+            out = fractional.fractional_attention(
+                q_all, k, v, alpha, eps=eps, causal=True, key_padding_mask=key_padding_mask,
+                window=None if self.fna_stochastic else window, layout=self.layout)
+        return out[:, :, S - L:]
+
 
 def cached_attention(q, k, v, window: int, sinks: int, key_padding_mask) -> torch.Tensor:
-    """Queries at the last L positions of k/v, a causal band of ``window`` keys plus sinks.
+    """Queries at the last L positions of k/v: a causal band of ``window`` keys plus sinks.
 
-    Dense over the cache: with L = 1 (decoding) that is O(cache) per token anyway.
+    Windows and sinks count real tokens (``key_padding_mask`` True), so a left-padded row sees
+    the keys it would see alone. Dense over the cache: with L = 1 (decoding) that is
+    O(cache) per token anyway.
     """
-    L, S = q.shape[2], k.shape[2]
-    q_pos = torch.arange(S - L, S, device=q.device)[:, None]
-    k_pos = torch.arange(S, device=q.device)[None, :]
-    key_valid = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
-    mask = visible(q_pos, k_pos, q_pos, k_pos, window=window, layout="band", causal=True,
-                   sinks=sinks, seq_len=S, key_valid=key_valid)
-    mask = mask.expand(q.shape[0], 1, L, S) if mask.dim() == 4 else mask[None, None]
+    B, L, S = q.shape[0], q.shape[2], k.shape[2]
+    valid = (key_padding_mask if key_padding_mask is not None
+             else torch.ones(B, S, dtype=torch.bool, device=q.device))
+    rank = valid.long().cumsum(-1) - 1  # index of each key among its row's real tokens
+    k_rank, q_rank = rank[:, None, None, :], rank[:, None, S - L:, None]
+    slot = torch.arange(S, device=q.device)
+    causal = (slot[None, :] <= slot[S - L:, None]) & valid[:, None, None, :]  # [B, 1, L, S]
+    mask = causal & ((k_rank > q_rank - window) | (k_rank < sinks))
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
