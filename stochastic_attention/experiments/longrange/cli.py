@@ -34,8 +34,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     run = lsub.add_parser("run", help="run (or resume) one shard of a profile's grid")
     run.add_argument("--profile", choices=sorted(PROFILES), default="quick",
                      help="grid to run: quick (~10 min), full (the documented grid), tiny (seconds)")
-    run.add_argument("--shard", default="0/1", help="i/k: run every k-th group starting at i")
+    run.add_argument("--shard", default="0/1", help="i/k: run shard i of k (groups split by estimated cost)")
     run.add_argument("--out", default="runs/longrange", help="folder for the shard files (resumed if present)")
+    run.add_argument("--tasks", type=_csv(str), default=None, help="comma-separated task names (default: all)")
     run.add_argument("--kinds", type=_csv(str), default=None, help=f"comma-separated subset of {','.join(KINDS)}")
     run.add_argument("--depths", type=_csv(int), default=None, help="comma-separated layer counts")
     run.add_argument("--widths", type=_csv(int), default=None, help="comma-separated model widths")
@@ -64,10 +65,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def _profile(args):
-    from .sweep import PROFILES, with_overrides
+    from .sweep import PROFILES, select_tasks, with_overrides
 
-    return with_overrides(PROFILES[args.profile], kinds=args.kinds, depths=args.depths,
-                          widths=args.widths, seeds=args.seeds, lrs=args.lrs, steps=args.steps)
+    profile = with_overrides(PROFILES[args.profile], kinds=args.kinds, depths=args.depths,
+                             widths=args.widths, seeds=args.seeds, lrs=args.lrs, steps=args.steps)
+    return select_tasks(profile, getattr(args, "tasks", None))
 
 
 def run_main(args: argparse.Namespace) -> int:

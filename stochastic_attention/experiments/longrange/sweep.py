@@ -2,8 +2,8 @@
 
 A *group* is (task, kind, depth, width). Each group runs its learning-rate sweep at the first
 seed, keeps the learning rate with the best validation accuracy, then runs the other seeds at
-it (so the reported test accuracy is never the one that picked the learning rate). Shards take
-every k-th group; each appends one JSON line per finished cell to its own file, so an
+it (so the reported test accuracy is never the one that picked the learning rate). Shards split
+the groups by estimated cost; each appends one JSON line per finished cell to its own file, so an
 interrupted shard skips what it already finished when started again, and any set of shard
 files merges into one report.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .kinds import KINDS, kind_options, mean_keys
@@ -33,8 +33,8 @@ class Profile:
     batch_size: int = 32
     eval_examples: int = 512
     heads: int = 2
-    # Extra groups: (task index, kinds, depths, widths) crossed in addition to the main grid.
-    extra: tuple[tuple[int, tuple[str, ...], tuple[int, ...], tuple[int, ...]], ...] = ()
+    # Extra groups: (task name, kinds, depths, widths) crossed in addition to the main grid.
+    extra: tuple[tuple[str, tuple[str, ...], tuple[int, ...], tuple[int, ...]], ...] = ()
     description: str = ""
 
 
@@ -46,7 +46,7 @@ PROFILES: dict[str, Profile] = {
     # The grid behind docs/results-long-range.md.
     "full": Profile(
         "full", tasks=(MAJORITY, MQAR), depths=(2, 4), widths=(64,),
-        extra=((0, ("swa", "sa", "sa_local", "full"), (4,), (32, 128)),),
+        extra=(("majority", ("swa", "sa", "sa_local", "full"), (4,), (32, 128)),),
         description="majority and MQAR at 512 tokens, budget 16 keys/query; 8 kinds x depth 2, 4 "
                     "(width 64); width 32 and 128 at depth 4 for 4 kinds (majority); "
                     "lr {1e-3, 3e-3}; 3 seeds"),
@@ -85,10 +85,31 @@ class Group:
 def groups(profile: Profile) -> list[Group]:
     out = [Group(t, k, d, w) for t in range(len(profile.tasks)) for k in profile.kinds
            for d in profile.depths for w in profile.widths]
-    for t, kinds, depths, widths in profile.extra:
-        out += [Group(t, k, d, w) for k in kinds for d in depths for w in widths
-                if Group(t, k, d, w) not in out]
+    names = [task.name for task in profile.tasks]
+    for name, kinds, depths, widths in profile.extra:
+        if name not in names:
+            continue
+        t = names.index(name)
+        out += [Group(t, k, d, w) for k in kinds if k in profile.kinds for d in depths
+                for w in widths if Group(t, k, d, w) not in out]
     return out
+
+
+def shard_groups(profile: Profile, shard: tuple[int, int]) -> list[Group]:
+    """The groups of shard i of k: balanced by estimated cost (layers x width x length), greedily.
+
+    Deterministic, so a restarted shard gets the same groups.
+    """
+    i, k = shard
+    def cost(g: Group) -> float:
+        return g.depth * g.width * profile.tasks[g.task].seq_len
+    loads, mine = [0.0] * k, []
+    for index, group in sorted(enumerate(groups(profile)), key=lambda ig: (-cost(ig[1]), ig[0])):
+        target = min(range(k), key=lambda s: (loads[s], s))
+        loads[target] += cost(group)
+        if target == i:
+            mine.append((index, group))
+    return [g for _, g in sorted(mine, key=lambda ig: ig[0])]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -137,7 +158,7 @@ def run_shard(profile: Profile, out: Path, shard: tuple[int, int] = (0, 1), *,
     i, k = shard
     path = out / f"shard-{i}-of-{k}.jsonl"
     done = {r["key"]: r for r in load_records([out])}
-    mine = groups(profile)[i::k]
+    mine = shard_groups(profile, shard)
     total = len(mine) * (len(profile.lrs) + len(profile.seeds) - 1)
     bar = _bar(total, progress, f"shard {i}/{k}")
     for group in mine:
@@ -179,5 +200,16 @@ def with_overrides(profile: Profile, **changes) -> Profile:
     return replace(profile, **{k: v for k, v in changes.items() if v is not None})
 
 
-__all__ = ["PROFILES", "Group", "Profile", "field", "groups", "load_records", "parse_shard",
-           "run_shard", "with_overrides"]
+def select_tasks(profile: Profile, names: tuple[str, ...] | None) -> Profile:
+    """The profile restricted to the tasks with these names (None: all)."""
+    if not names:
+        return profile
+    known = [t.name for t in profile.tasks]
+    bad = set(names) - set(known)
+    if bad:
+        raise ValueError(f"--tasks: unknown {sorted(bad)}; profile {profile.name} has {known}")
+    return replace(profile, tasks=tuple(t for t in profile.tasks if t.name in names))
+
+
+__all__ = ["PROFILES", "Group", "Profile", "groups", "load_records", "parse_shard", "run_shard",
+           "select_tasks", "shard_groups", "with_overrides"]
