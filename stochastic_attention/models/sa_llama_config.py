@@ -10,15 +10,19 @@ from ..nn.attention import KINDS
 ATTENTION_OPTIONS = (
     "window", "sa_window", "swa_window", "sinks", "layout", "qk_norm", "perm_per_head",
     "eval_perm", "perm_seed", "gate", "gate_granularity", "gate_bias", "moba_block_size",
-    "moba_topk", "fna_alpha", "fna_eps", "fna_window", "fna_stochastic",
+    "moba_topk", "fna_alpha", "fna_eps", "fna_window", "fna_stochastic", "local", "random_keys",
 )
+# Options that only one kind reads: the other layers of a mixed model get the neutral 0.
+KIND_OPTIONS = {"local": "sa_local", "random_keys": "bigbird"}
 
 
 class SALlamaConfig(PretrainedConfig):
     """Llama-style decoder (RMSNorm, SwiGLU, RoPE) whose layers may use different attention.
 
     ``attention_kinds`` is one kind for every layer ("full", "swa", "sa", "gated", "moba",
-    "fna") or a list with one kind per layer. ``attention_backend`` picks the operators'
+    "fna", "sa_local", "bigbird") or a list with one kind per layer. ``local`` is read by the
+    "sa_local" layers and ``random_keys`` by the "bigbird" layers only (setting either with no
+    such layer is an error). ``attention_backend`` picks the operators'
     backend ("auto", "blocked", "reference", "flex"). The other attention options are those
     of :class:`stochastic_attention.nn.MultiHeadAttention`. (The names avoid Hugging Face's
     ``sliding_window`` / ``layer_types``, which would make its caches drop old keys.)
@@ -55,6 +59,8 @@ class SALlamaConfig(PretrainedConfig):
         fna_eps: float = 1.0,
         fna_window: int | None = None,
         fna_stochastic: bool = False,
+        local: int = 0,
+        random_keys: int = 0,
         attention_backend: str = "auto",
         rope_theta: float = 10000.0,
         rms_norm_eps: float = 1e-6,
@@ -75,6 +81,11 @@ class SALlamaConfig(PretrainedConfig):
         bad = [kind for kind in attention_kinds if kind not in KINDS]
         if bad:
             raise ValueError(f"attention_kinds: unknown kinds {bad}; choose from {KINDS}")
+        for name, kind in KIND_OPTIONS.items():
+            value = local if name == "local" else random_keys
+            if value and kind not in attention_kinds:
+                raise ValueError(f"{name}={value} is only used by {kind!r} layers, and "
+                                 f"attention_kinds has none; set {name}=0 or add such layers")
         if head_dim is None:
             if hidden_size % num_attention_heads:
                 raise ValueError(f"hidden_size ({hidden_size}) must be divisible by "
@@ -95,6 +106,7 @@ class SALlamaConfig(PretrainedConfig):
         self.moba_block_size, self.moba_topk = moba_block_size, moba_topk
         self.fna_alpha, self.fna_eps, self.fna_window = fna_alpha, fna_eps, fna_window
         self.fna_stochastic = fna_stochastic
+        self.local, self.random_keys = local, random_keys
         self.attention_backend, self.rope_theta = attention_backend, rope_theta
         self.rms_norm_eps, self.max_position_embeddings = rms_norm_eps, max_position_embeddings
         self.initializer_range = initializer_range
@@ -104,6 +116,9 @@ class SALlamaConfig(PretrainedConfig):
     def attention_kwargs(self, layer_idx: int) -> dict:
         """Keyword arguments of layer ``layer_idx``'s MultiHeadAttention."""
         options = {name: getattr(self, name) for name in ATTENTION_OPTIONS}
+        for name, kind in KIND_OPTIONS.items():
+            if self.attention_kinds[layer_idx] != kind:
+                options[name] = 0
         if isinstance(options["gate_bias"], list):
             options["gate_bias"] = tuple(options["gate_bias"])
         return dict(options, kind=self.attention_kinds[layer_idx], layer_idx=layer_idx,

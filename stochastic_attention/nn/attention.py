@@ -1,4 +1,4 @@
-"""Multi-head self-attention whose token mixing is full, SWA, SA, gated SA + SWA, MoBA or FNA.
+"""Multi-head self-attention: full, SWA, SA, SA + local, gated SA + SWA, MoBA, FNA or BigBird.
 
 The layer owns the projections, QK-norm, rotary embedding, permutation sampling and the KV
 cache; the token mixing itself is one of the package's pure operators. Data flow:
@@ -8,7 +8,8 @@ cache; the token mixing itself is one of the package's pure operators. Data flow
 
 Decoding with a cache (any call whose queries follow cached keys) uses full causal attention
 over the cache for every kind except SWA, which keeps its window (the paper decodes SA with
-full attention; the SWA branch of the gated layer keeps its window too).
+full attention; the SWA branch of the gated layer keeps its window too; SA + local and BigBird
+decode like SA).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..ops.permute import random_permutation
 from .gate import BranchGate
 from .rotary import RotaryEmbedding
 
-KINDS = ("full", "swa", "sa", "gated", "moba", "fna")
+KINDS = ("full", "swa", "sa", "gated", "moba", "fna", "sa_local", "bigbird")
 EVAL_PERMS = ("seeded", "random")
 
 
@@ -35,7 +36,10 @@ class MultiHeadAttention(nn.Module):
     Args:
         hidden_size: model width; num_heads: query heads; num_kv_heads: key/value heads
             (grouped-query attention, default num_heads); head_dim: default hidden / heads.
-        kind: "full", "swa", "sa", "gated" (SA + SWA fused by gates), "moba" or "fna".
+        kind: "full", "swa", "sa", "gated" (SA + SWA fused by gates), "moba", "fna",
+            "sa_local" (SA whose windows also hold the last ``local`` positions, one softmax) or
+            "bigbird" (a causal window of ``swa_window``, the sinks and ``random_keys`` random
+            earlier keys per query; see :mod:`stochastic_attention.ops.bigbird`).
         window: keys per query for SWA and SA (itself included); ``sa_window`` and
             ``swa_window`` override it per branch of the gated layer.
         sinks, layout, backend: passed to the operators (see :mod:`stochastic_attention`).
@@ -48,6 +52,10 @@ class MultiHeadAttention(nn.Module):
         moba_block_size, moba_topk: MoBA's block size and selected blocks per query.
         fna_alpha, fna_eps, fna_window: fractional attention's parameters; ``fna_stochastic``
             runs it inside SA windows (a permutation drawn as for SA; needs fna_window).
+        local: recent positions added to every query's SA window (kind "sa_local" only, >= 1).
+        random_keys: random earlier keys per query (kind "bigbird" only). They are drawn per
+            sample and shared by the heads (per head with ``perm_per_head``), afresh on every
+            training forward pass and, in eval mode, as ``eval_perm`` says (like permutations).
     """
 
     def __init__(
@@ -81,6 +89,8 @@ class MultiHeadAttention(nn.Module):
         fna_eps: float = 1.0,
         fna_window: int | None = None,
         fna_stochastic: bool = False,
+        local: int = 0,
+        random_keys: int = 0,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -112,6 +122,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("fna_stochastic=True needs fna_window (the SA window size)")
         self.fna = (fna_alpha, fna_eps, fna_window)
         self.fna_stochastic = fna_stochastic
+        self.local, self.random_keys = _check_kind_options(kind, local, random_keys)
 
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
@@ -126,7 +137,7 @@ class MultiHeadAttention(nn.Module):
 
     @property
     def uses_permutation(self) -> bool:
-        return self.kind in ("sa", "gated") or (self.kind == "fna" and self.fna_stochastic)
+        return self.kind in ("sa", "gated", "sa_local") or (self.kind == "fna" and self.fna_stochastic)
 
     def draw_permutation(self, batch: int, seq_len: int, device=None) -> torch.Tensor:
         """The permutation a forward pass would use: [batch, heads or 1, seq_len]."""
@@ -136,6 +147,21 @@ class MultiHeadAttention(nn.Module):
             # Seeded per layer so that layers still use independent permutations.
             generator = torch.Generator().manual_seed(self.perm_seed * 1_000_003 + self.layer_idx)
         return random_permutation(batch, heads, seq_len, generator=generator, device=device)
+
+    def _generator(self) -> torch.Generator | None:
+        """None (global RNG) in training; in eval mode a generator seeded per layer if asked."""
+        if not self.training and self.eval_perm == "seeded":
+            # Seeded per layer so that layers still use independent draws.
+            return torch.Generator().manual_seed(self.perm_seed * 1_000_003 + self.layer_idx)
+        return None
+
+    def draw_random_keys(self, batch: int, seq_len: int, device=None) -> torch.Tensor:
+        """BigBird's random earlier keys a forward pass would use: [batch, heads or 1, n, r]."""
+        bigbird = importlib.import_module("stochastic_attention.ops.bigbird")
+        heads = self.num_heads if self.perm_per_head else 1
+        return bigbird.bigbird_indices(batch, heads, seq_len, self.swa_window, self.random_keys,
+                                       sinks=self.sinks, generator=self._generator(),
+                                       device=device)
 
     def forward(
         self,
@@ -196,6 +222,18 @@ class MultiHeadAttention(nn.Module):
                 return sa
             swa = sliding_window_attention(q, k, v, self.swa_window, sinks=self.sinks, **common)
             return self.gate(x, sa, swa)
+        if self.kind == "sa_local":
+            # The union runs on the blocked (or reference) backend only: a model-wide "flex"
+            # backend falls back to "blocked" for these layers instead of failing.
+            backend = "blocked" if self.backend == "flex" else self.backend
+            return stochastic_attention(q, k, v, self.sa_window, perm=perm, layout=self.layout,
+                                        sinks=self.sinks, local=self.local,
+                                        key_padding_mask=key_padding_mask, backend=backend)
+        if self.kind == "bigbird":
+            bigbird = importlib.import_module("stochastic_attention.ops.bigbird")
+            return bigbird.bigbird_attention(q, k, v, self.swa_window, self.random_keys,
+                                             sinks=self.sinks, key_padding_mask=key_padding_mask,
+                                             indices=self.draw_random_keys(q.shape[0], n, q.device))
         if self.kind == "moba":
             moba = importlib.import_module("stochastic_attention.ops.moba")
             block_size, topk = self.moba
@@ -236,3 +274,20 @@ def cached_attention(q, k, v, window: int, sinks: int, key_padding_mask) -> torc
     has_key = mask.any(dim=-1, keepdim=True)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~has_key)
     return out * has_key
+
+
+def _check_kind_options(kind: str, local: int, random_keys: int) -> tuple[int, int]:
+    """``local`` belongs to "sa_local" and ``random_keys`` to "bigbird": refuse them elsewhere."""
+    for name, value in (("local", local), ("random_keys", random_keys)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if kind == "sa_local" and local < 1:
+        raise ValueError("kind='sa_local' needs local >= 1 (recent positions every query sees); "
+                         "use kind='sa' for SA without a local window")
+    if local and kind != "sa_local":
+        raise ValueError(f"local={local} is only used by kind='sa_local', not {kind!r}; "
+                         "set local=0 or use kind='sa_local'")
+    if random_keys and kind != "bigbird":
+        raise ValueError(f"random_keys={random_keys} is only used by kind='bigbird', not "
+                         f"{kind!r}; set random_keys=0 or use kind='bigbird'")
+    return local, random_keys

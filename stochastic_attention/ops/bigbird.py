@@ -1,0 +1,323 @@
+"""BigBird-style causal attention: a local window, global sink tokens and random earlier keys.
+
+Query i sees, in one softmax (Zaheer et al. 2020, causal form):
+  (a) the local causal window ``(i - window, i]`` (itself included);
+  (b) the sink positions ``0 .. sinks - 1`` (subject to causality; positions, as for every
+      operator of the package, so with left padding a padded sink is simply not seen);
+  (c) up to ``random_keys`` random earlier positions j with ``sinks <= j <= i - window``, i.e.
+      outside its window and outside the sinks. Draws are uniform with replacement; a position
+      drawn twice counts once (repeats are masked, as are padded keys).
+
+The random positions are an explicit index tensor ``indices`` [B|1, H|1, n, r] (-1 = no key),
+drawn by :func:`bigbird_indices` (one draw per sample shared by the heads by default, like SA's
+permutation; pass heads > 1 for per-head draws). The fast path :func:`bigbird_attention` is
+O(n * (window + random_keys + sinks)) in time and memory: the window and the sinks go through
+the blocked sliding-window kernel, the random keys are gathered ([B, H, n, r, D]) and attended
+in one pass, and the two disjoint parts are merged exactly by their log-sum-exps.
+:func:`bigbird_reference` builds the dense n x n mask from the same indices (tests only).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from . import blocked
+from .reference import masked_attention
+from .validate import (
+    check_key_padding_mask,
+    check_qkv,
+    check_scale,
+    check_sinks,
+    check_window,
+)
+
+__all__ = [
+    "bigbird_attended_keys",
+    "bigbird_attention",
+    "bigbird_indices",
+    "bigbird_mask",
+    "bigbird_reference",
+]
+
+
+def check_random_keys(random_keys: int) -> int:
+    if isinstance(random_keys, bool) or not isinstance(random_keys, numbers.Integral):
+        raise TypeError(f"random_keys must be an int (random earlier keys per query), "
+                        f"got {random_keys!r}")
+    if random_keys < 0:
+        raise ValueError(f"random_keys must be >= 0 (0 leaves only the window and the sinks), "
+                         f"got {random_keys}")
+    return int(random_keys)
+
+
+def bigbird_indices(
+    batch: int,
+    heads: int,
+    seq_len: int,
+    window: int,
+    random_keys: int,
+    *,
+    sinks: int = 0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Random earlier keys of every query: a LongTensor [batch, heads, seq_len, random_keys].
+
+    Query i draws uniformly, with replacement, among positions ``sinks .. i - window``; an entry
+    is -1 where that range is empty or the position repeats an earlier draw of the same query
+    (so every kept position counts once). Drawn on the generator's device, like
+    :func:`stochastic_attention.random_permutation` (a CPU generator gives the same draw
+    whatever ``device`` is), then moved to ``device``.
+    """
+    for name, value in (("batch", batch), ("heads", heads), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    window, sinks = check_window(window), check_sinks(sinks)
+    r = check_random_keys(random_keys)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    draw_on = generator.device if generator is not None else device
+    u = torch.rand(batch, heads, seq_len, r, generator=generator, device=draw_on,
+                   dtype=torch.float64)
+    i = torch.arange(seq_len, device=u.device).view(seq_len, 1)
+    choices = (i - window + 1 - sinks).clamp(min=0)  # eligible positions per query
+    offset = (u * choices).long().clamp(max=(choices - 1).clamp(min=0))
+    idx = torch.where(choices > 0, sinks + offset, -1)
+    return dedupe(idx).to(device if device is not None else idx.device)
+
+
+def dedupe(indices: torch.Tensor) -> torch.Tensor:
+    """Sort each query's indices and set repeats to -1 (the order of a key set is irrelevant)."""
+    idx = indices.sort(dim=-1).values
+    repeat = torch.zeros_like(idx, dtype=torch.bool)
+    repeat[..., 1:] = idx[..., 1:] == idx[..., :-1]
+    return idx.masked_fill(repeat, -1)
+
+
+def check_indices(indices: torch.Tensor, batch: int, heads: int, seq_len: int, window: int,
+                  random_keys: int, sinks: int, device) -> torch.Tensor:
+    """Validate user indices [B|1, H|1, n, r]; returns them as long with repeats masked."""
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"indices must be a LongTensor, got {type(indices).__name__}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"indices must be an integer tensor (torch.long), got {indices.dtype}")
+    if indices.device != device:
+        raise ValueError(f"indices is on {indices.device} but q is on {device}")
+    if (indices.dim() != 4 or indices.shape[0] not in (1, batch)
+            or indices.shape[1] not in (1, heads) or indices.shape[2] != seq_len
+            or indices.shape[3] != random_keys):
+        raise ValueError(
+            f"indices must have shape [batch|1, heads|1, seq, random_keys] = "
+            f"[{batch}|1, {heads}|1, {seq_len}, {random_keys}], got {tuple(indices.shape)}; "
+            "draw them with bigbird_indices")
+    indices = indices.long()
+    i = torch.arange(seq_len, device=device).view(seq_len, 1)
+    ok = (indices == -1) | ((indices >= sinks) & (indices <= i - window))
+    if not bool(ok.all()):
+        raise ValueError(
+            "indices must be -1 or an earlier position outside the query's window and the sinks "
+            f"(sinks <= j <= i - window, with window={window}, sinks={sinks}); draw them with "
+            "bigbird_indices")
+    return dedupe(indices)
+
+
+def _prepare(q, k, v, window, random_keys, sinks, key_padding_mask, scale, generator, indices):
+    check_qkv(q, k, v)
+    window, sinks = check_window(window), check_sinks(sinks)
+    random_keys = check_random_keys(random_keys)
+    B, H, n, D = q.shape
+    check_key_padding_mask(key_padding_mask, B, n, q.device)
+    scale = check_scale(scale, D)
+    if indices is None:
+        # One draw per sample, shared by the heads (as SA's default permutation).
+        indices = bigbird_indices(B, 1, n, window, random_keys, sinks=sinks, generator=generator,
+                                  device=q.device)
+    else:
+        indices = check_indices(indices, B, H, n, window, random_keys, sinks, q.device)
+    return window, sinks, scale, indices
+
+
+def bigbird_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    random_keys: int,
+    *,
+    sinks: int = 0,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    generator: torch.Generator | None = None,
+    indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal BigBird attention (see the module doc), O(n * (window + random_keys + sinks)).
+
+    Args:
+        q: [batch, heads_q, seq, head_dim]; k, v: [batch, heads_kv, seq, head_dim], heads_q a
+            multiple of heads_kv (grouped-query attention).
+        window: local causal window, itself included (>= 1).
+        random_keys: random earlier keys per query (>= 0), drawn from ``generator`` (one draw
+            per sample, shared by the heads) unless ``indices`` is given.
+        sinks: the first ``sinks`` positions are visible to every later query.
+        key_padding_mask: bool [batch, seq], True for real tokens; padded keys are never seen.
+            A query with no visible key returns zeros.
+        scale: softmax scale, default ``head_dim ** -0.5``.
+        indices: [batch|1, heads_q|1, seq, random_keys] random positions, -1 for none (see
+            :func:`bigbird_indices`); repeats are counted once.
+
+    Returns:
+        [batch, heads_q, seq, head_dim] in q's dtype.
+    """
+    window, sinks, scale, indices = _prepare(q, k, v, window, random_keys, sinks,
+                                             key_padding_mask, scale, generator, indices)
+    B, Hq, n, D = q.shape
+    if n == 0:
+        return q.new_zeros(q.shape)
+    groups = Hq // k.shape[1]
+    kpm = key_padding_mask
+    if window >= n:  # no random candidates exist: plain causal attention
+        from ..functional import full_attention  # late import: functional imports ops
+        return full_attention(q, k, v, causal=True, key_padding_mask=kpm, scale=scale)
+    sinks = min(sinks, n)
+    ke, ve = k, v
+    if groups > 1:
+        ke, ve = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    local = dict(pos=None, key_valid=None if kpm is None else kpm[:, None, :], layout="band",
+                 causal=True, sinks=sinks, sink_k=ke[:, :, :sinks] if sinks else None,
+                 sink_v=ve[:, :, :sinks] if sinks else None,
+                 sink_valid=None if kpm is None or not sinks else kpm[:, None, :sinks],
+                 scale=scale)
+    if not bool((indices >= 0).any()):
+        return blocked.windowed_attention(q, ke, ve, window, **local).to(q.dtype)
+    out_a, lse_a = blocked.windowed_attention(q, ke, ve, window, return_lse=True, **local)
+    out_b, lse_b = _random_part(q, k, v, indices, kpm, scale)
+    return blocked.merge_parts(out_a, lse_a, out_b, lse_b).to(q.dtype)
+
+
+def _random_part(q, k, v, indices, kpm, scale):
+    """Attention of each query to its gathered random keys alone: out [B, Hq, n, D], lse.
+
+    Keys are gathered from the kv heads, never expanded to the query heads: with one draw per
+    sample the G query heads of a kv head share its gathered keys, so each query position does a
+    [G, D] x [D, r] product instead of G separate [1, D] x [D, r] ones.
+    """
+    B, Hq, n, D = q.shape
+    Hkv, G = k.shape[1], Hq // k.shape[1]
+    Hi, r = indices.shape[1], indices.shape[-1]
+    indices = indices.expand(B, Hi, n, r)
+    seen = indices >= 0
+    if kpm is not None:
+        seen = seen & torch.gather(kpm[:, None, :].expand(B, Hi, n), 2,
+                                   indices.clamp(min=0).reshape(B, Hi, n * r)).view(B, Hi, n, r)
+    # Rows of k viewed as [B * Hkv * n, D] (a row gather is faster than torch.gather with an
+    # expanded index on CPU). Per query head, indices [B, Hq, n, r] are grouped as
+    # [B, Hkv, G * n * r] under their kv head; shared ones [B, 1, n * r] serve every kv head.
+    flat = indices.clamp(min=0).reshape(B, 1 if Hi == 1 else Hkv, -1)
+    base = (torch.arange(B, device=q.device).view(B, 1, 1) * Hkv
+            + torch.arange(Hkv, device=q.device).view(1, Hkv, 1)) * n
+    rows = (base + flat).reshape(-1)
+    kg, vg = k.reshape(-1, D)[rows], v.reshape(-1, D)[rows]
+    bias = torch.zeros(seen.shape, dtype=torch.float32, device=q.device)
+    bias = bias.masked_fill(~seen, float("-inf"))
+    if Hi == 1:  # queries [B, Hkv, n, G, D] against keys [B, Hkv, n, r, D]
+        qg = q.view(B, Hkv, G, n, D).transpose(2, 3)
+        kg, vg = kg.view(B, Hkv, n, r, D), vg.view(B, Hkv, n, r, D)
+        out, lse = blocked.attend_with_lse(qg, kg, vg, bias.unsqueeze(-2), scale)
+        return out.transpose(2, 3).reshape(B, Hq, n, D), lse.transpose(2, 3).reshape(B, Hq, n)
+    kg, vg = kg.view(B, Hq, n, r, D), vg.view(B, Hq, n, r, D)  # one query per key set
+    out, lse = blocked.attend_with_lse(q.unsqueeze(-2), kg, vg, bias.unsqueeze(-2), scale)
+    return out.squeeze(-2), lse.squeeze(-1)
+
+
+def bigbird_mask(
+    seq_len: int,
+    window: int,
+    indices: torch.Tensor,
+    *,
+    sinks: int = 0,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense visibility [B|1, H|1, n, n] (bool) of the rule in the module doc. O(n^2)."""
+    n = seq_len
+    device = indices.device
+    i = torch.arange(n, device=device).view(n, 1)
+    j = torch.arange(n, device=device).view(1, n)
+    base = (j <= i) & ((j > i - window) | (j < sinks))
+    rand = torch.zeros(*indices.shape[:2], n, n + 1, dtype=torch.bool, device=device)
+    # Column n collects the -1 entries, then is dropped.
+    rand.scatter_(-1, torch.where(indices >= 0, indices, n), True)
+    mask = base | rand[..., :n]
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :]
+    return mask
+
+
+def bigbird_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    random_keys: int,
+    *,
+    sinks: int = 0,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    generator: torch.Generator | None = None,
+    indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The same attention through the dense mask and an explicit softmax: O(n^2), for tests."""
+    window, sinks, scale, indices = _prepare(q, k, v, window, random_keys, sinks,
+                                             key_padding_mask, scale, generator, indices)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    mask = bigbird_mask(q.shape[2], window, indices, sinks=sinks,
+                        key_padding_mask=key_padding_mask)
+    return masked_attention(q, k, v, mask, scale)
+
+
+def bigbird_attended_keys(
+    seq_len: int,
+    window: int,
+    random_keys: int,
+    sinks: int = 0,
+    indices: torch.Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """How many keys each query sees: LongTensor [B|1, H|1, seq_len], in O(n * random_keys).
+
+    Equal to the row sums of :func:`bigbird_mask` for the same ``indices``; without
+    ``indices`` one draw (batch 1, shared heads) is taken from ``generator`` exactly as
+    :func:`bigbird_attention` draws it.
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
+        raise ValueError(f"seq_len must be a non-negative int, got {seq_len!r}")
+    window, sinks = check_window(window), check_sinks(sinks)
+    random_keys = check_random_keys(random_keys)
+    n = seq_len
+    device = (indices.device if indices is not None else
+              key_padding_mask.device if key_padding_mask is not None else None)
+    batch = key_padding_mask.shape[0] if key_padding_mask is not None else 1
+    check_key_padding_mask(key_padding_mask, batch, n, device)
+    if indices is None:
+        indices = bigbird_indices(batch, 1, n, window, random_keys, sinks=sinks,
+                                  generator=generator, device=device)
+    else:
+        indices = check_indices(indices, indices.shape[0], indices.shape[1], n, window,
+                                random_keys, sinks, indices.device)
+    valid = (key_padding_mask if key_padding_mask is not None
+             else torch.ones(1, n, dtype=torch.bool, device=indices.device))
+    seen = F.pad(torch.cumsum(valid.long(), -1), (1, 0))  # seen[:, j] = valid among 0..j-1
+    i = torch.arange(n, device=indices.device)
+    sink_end = torch.minimum(i + 1, torch.tensor(sinks))  # sinks among 0..i
+    low = torch.maximum(i - window + 1, sink_end)  # window part, without the sinks
+    counts = seen[:, sink_end] + (seen[:, i + 1] - seen[:, low]).clamp(min=0)
+    Bt, Hi, r = max(valid.shape[0], indices.shape[0]), indices.shape[1], indices.shape[-1]
+    indices = indices.expand(Bt, Hi, n, r)
+    real = torch.gather(valid[:, None, :].expand(Bt, Hi, n), 2,
+                        indices.clamp(min=0).reshape(Bt, Hi, n * r)).view(Bt, Hi, n, r)
+    return counts[:, None, :] + ((indices >= 0) & real).sum(-1)
