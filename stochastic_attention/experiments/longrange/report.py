@@ -87,10 +87,10 @@ def markdown(rows: list[dict], *, budget: int) -> str:
             line.append(f"{statistics.fmean(ratios):.2f}x time" if ratios else "")
             out.append("| " + " | ".join(line) + " |")
         if task == "majority" and margins:
-            line = ["SWA ceiling (sees L*(w-1)+1 tokens)", ""]
-            line += [f"{statistics.fmean(sample_ceiling(n - 1, float(m), swa_reach(d, budget)) for m in margins):.3f}"
+            line = ["SWA ceiling (its last token sees L*(w-1) bits)", ""]
+            line += [f"{statistics.fmean(sample_ceiling(n - 1, float(m), swa_reach(d, budget) - 1) for m in margins):.3f}"
                      for d in depths]
-            line += [f"{sample_ceiling(n - 1, float(hard), swa_reach(d, budget)):.3f}" for d in depths]
+            line += [f"{sample_ceiling(n - 1, float(hard), swa_reach(d, budget) - 1):.3f}" for d in depths]
             line.append("")
             out.append("| " + " | ".join(line) + " |")
         out.append("")
