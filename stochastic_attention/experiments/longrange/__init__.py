@@ -1,0 +1,1 @@
+"""The trained long-range benchmark: synthetic tasks, small models per attention kind, sweeps, loss by position."""

@@ -1,0 +1,137 @@
+"""``sattn longrange``: train small models per attention kind on long-range tasks; report.
+
+    sattn longrange run --profile full --shard 0/2 --out runs/longrange   # resumable shard
+    sattn longrange report runs/longrange --out runs/longrange-report      # merge shards
+    sattn longrange cost --out runs/longrange-cost                         # step time side by side
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return tuple(kind(x) for x in text.split(",") if x)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from err
+    return parse
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    from .kinds import KINDS
+    from .sweep import PROFILES
+
+    p = sub.add_parser("longrange", help="trained long-range benchmark (majority, MQAR)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    lsub = p.add_subparsers(dest="longrange_command", required=True)
+
+    run = lsub.add_parser("run", help="run (or resume) one shard of a profile's grid")
+    run.add_argument("--profile", choices=sorted(PROFILES), default="quick",
+                     help="grid to run: quick (~10 min), full (the documented grid), tiny (seconds)")
+    run.add_argument("--shard", default="0/1", help="i/k: run shard i of k (groups split by estimated cost)")
+    run.add_argument("--out", default="runs/longrange", help="folder for the shard files (resumed if present)")
+    run.add_argument("--tasks", type=_csv(str), default=None, help="comma-separated task names (default: all)")
+    run.add_argument("--kinds", type=_csv(str), default=None, help=f"comma-separated subset of {','.join(KINDS)}")
+    run.add_argument("--depths", type=_csv(int), default=None, help="comma-separated layer counts")
+    run.add_argument("--widths", type=_csv(int), default=None, help="comma-separated model widths")
+    run.add_argument("--seeds", type=_csv(int), default=None, help="comma-separated seeds")
+    run.add_argument("--lrs", type=_csv(float), default=None, help="comma-separated learning rates")
+    run.add_argument("--steps", type=int, default=None, help="training steps per cell")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=run_main)
+
+    rep = lsub.add_parser("report", help="merge shard folders into one table, JSON and plot")
+    rep.add_argument("dirs", nargs="+", help="shard folders (or shard files) to merge")
+    rep.add_argument("--out", default="runs/longrange-report", help="folder for longrange.md/.json/.png")
+    rep.add_argument("--budget", type=int, default=None, help="SWA window of the grid (default: from the profile)")
+    rep.set_defaults(func=report_main)
+
+    cost = lsub.add_parser("cost", help="training step time of every kind, side by side, medians")
+    cost.add_argument("--profile", choices=sorted(PROFILES), default="full", help="model and task sizes")
+    cost.add_argument("--depth", type=int, default=4, help="layers")
+    cost.add_argument("--kinds", type=_csv(str), default=None, help="comma-separated kinds")
+    cost.add_argument("--repeats", type=int, default=7, help="timed steps per kind (median kept)")
+    cost.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    cost.add_argument("--out", default="runs/longrange-cost", help="folder for cost.json and cost.md")
+    cost.set_defaults(func=cost_main)
+    return p
+
+
+def _profile(args):
+    from .sweep import PROFILES, select_tasks, with_overrides
+
+    profile = with_overrides(PROFILES[args.profile], kinds=args.kinds, depths=args.depths,
+                             widths=args.widths, seeds=args.seeds, lrs=args.lrs, steps=args.steps)
+    return select_tasks(profile, getattr(args, "tasks", None))
+
+
+def run_main(args: argparse.Namespace) -> int:
+    import torch
+
+    from .kinds import KINDS
+    from .sweep import parse_shard, run_shard
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    profile = _profile(args)
+    bad = set(profile.kinds) - set(KINDS)
+    if bad:
+        raise SystemExit(f"sattn longrange run: unknown --kinds {sorted(bad)}; choose from {KINDS}")
+    shard = parse_shard(args.shard)
+    start = time.time()
+    path = run_shard(profile, Path(args.out), shard, progress=not args.no_progress)
+    print(f"{path}: shard {args.shard} of profile {profile.name} done in {time.time() - start:.0f} s")
+    return 0
+
+
+def report_main(args: argparse.Namespace) -> int:
+    from .report import markdown, plot, summarise
+    from .sweep import PROFILES, load_records
+
+    records = load_records([Path(d) for d in args.dirs])
+    if not records:
+        raise SystemExit(f"sattn longrange report: no records in {args.dirs}")
+    budget = args.budget
+    if budget is None:
+        budget = PROFILES[records[0]["profile"]].budget
+    rows = summarise(records)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "longrange.json").write_text(json.dumps({"rows": rows, "cells": len(records)}, indent=1))
+    text = markdown(rows, budget=budget)
+    (out / "longrange.md").write_text(text + "\n")
+    plot(rows, out / "longrange.png")
+    print(text)
+    print(f"\n{len(records)} cells; wrote {out}/longrange.md, .json, .png")
+    return 0
+
+
+def cost_main(args: argparse.Namespace) -> int:
+    import torch
+
+    from .cost import step_times
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    profile = _profile(argparse.Namespace(profile=args.profile, kinds=args.kinds, depths=None,
+                                          widths=None, seeds=None, lrs=None, steps=None))
+    table = step_times(profile, depth=args.depth, repeats=args.repeats)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
+                torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    (out / "cost.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=1))
+    lines = ["| task | kind | keys/q | step time vs swa (median) |", "|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['kind']} | {r['keys_per_query']:.1f} | {r['ratio_vs_swa']:.2f} |"
+              for r in table]
+    text = "\n".join(lines)
+    (out / "cost.md").write_text(text + "\n")
+    print(text)
+    return 0

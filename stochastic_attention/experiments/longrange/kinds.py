@@ -1,0 +1,104 @@
+"""Attention kinds of the long-range benchmark, each set to the same mean attended keys per query.
+
+A kind's options are chosen so that its mean number of attended keys per query (counted with
+the operators' own visibility rules) is as close as possible to ``budget``, the window of the
+sliding-window baseline: comparisons are at equal attention cost, not at equal nominal window.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ...functional import attended_keys
+from ...ops.moba import moba_attended_keys
+
+KINDS = ("full", "swa", "sa", "sa_block", "sa_local", "gated", "moba", "bigbird")
+SEEDS_FOR_COUNT = 4
+
+
+def _sa_keys(n: int, window: int, layout: str = "band", local: int = 0) -> float:
+    gen = torch.Generator().manual_seed(0)
+    counts = attended_keys(n, window, method="stochastic", generator=gen, batch=SEEDS_FOR_COUNT,
+                           layout=layout, local=local)
+    return float(counts.float().mean())
+
+
+def _bigbird_keys(n: int, window: int, random_keys: int, sinks: int) -> float:
+    from ...ops.bigbird import bigbird_attended_keys
+
+    return float(bigbird_attended_keys(n, window, random_keys, sinks).float().mean())
+
+
+def _closest_window(n: int, budget: float, count) -> int:
+    """The window whose count(window) is closest to budget (counts grow with the window)."""
+    best, best_gap = 1, float("inf")
+    lo, hi = 1, max(2, n)
+    while lo <= hi:  # binary search for the crossing, then compare its two sides
+        mid = (lo + hi) // 2
+        if count(mid) < budget:
+            lo = mid + 1
+        else:
+            hi = mid - 1
+    for w in {max(1, lo - 1), lo, min(n, lo + 1)}:
+        gap = abs(count(w) - budget)
+        if gap < best_gap:
+            best, best_gap = w, gap
+    return best
+
+
+@functools.cache
+def kind_options(kind: str, budget: int, seq_len: int) -> tuple[str, tuple[tuple[str, object], ...]]:
+    """(layer kind, SALlamaConfig attention options) for a benchmark kind at a key budget."""
+    n = seq_len
+    if kind == "full":
+        return "full", ()
+    if kind == "swa":
+        return "swa", (("window", budget),)
+    if kind in ("sa", "sa_block"):
+        layout = "block" if kind == "sa_block" else "band"
+        w = _closest_window(n, budget, lambda w: _sa_keys(n, w, layout))
+        return "sa", (("layout", layout), ("window", w))
+    if kind == "sa_local":
+        local = max(1, budget // 2)
+        w = _closest_window(n, budget, lambda w: _sa_keys(n, w, local=local))
+        return "sa_local", (("local", local), ("window", w))
+    if kind == "gated":
+        # The gate mixes an SA branch and an SWA branch: their union costs the budget.
+        swa = max(1, budget // 2)
+        w = _closest_window(n, budget, lambda w: _sa_keys(n, w, local=swa))
+        return "gated", (("sa_window", w), ("swa_window", swa), ("window", w))
+    if kind == "moba":
+        # Own block (causal, about (block + 1) / 2 keys) plus topk - 1 earlier full blocks;
+        # blocks of at least 4 keys so that the router has something to average.
+        pairs = [(b, t) for b in range(min(4, budget), budget + 1) for t in range(2, budget + 2)]
+        block, topk = min(pairs, key=lambda bt: (abs(bt[0] * (bt[1] - 1) + (bt[0] + 1) / 2
+                                                     - budget), -bt[0]))
+        return "moba", (("moba_block_size", block), ("moba_topk", topk))
+    if kind == "bigbird":
+        sinks = 2
+        local = max(1, budget // 2)
+        rand = max(0, round(budget - local - sinks))
+        return "bigbird", (("random_keys", rand), ("sinks", sinks), ("window", local))
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def mean_keys(kind: str, options: tuple[tuple[str, object], ...], seq_len: int) -> float:
+    """Mean attended keys per query of a kind with these options, at length seq_len."""
+    n, o = seq_len, dict(options)
+    if kind == "full":
+        return (n + 1) / 2
+    if kind == "swa":
+        return float(attended_keys(n, o["window"], method="sliding_window").float().mean())
+    if kind == "sa":
+        return _sa_keys(n, o["window"], o.get("layout", "band"))
+    if kind == "sa_local":
+        return _sa_keys(n, o["window"], local=o["local"])
+    if kind == "gated":
+        return _sa_keys(n, o["sa_window"], local=o["swa_window"])
+    if kind == "moba":
+        return float(moba_attended_keys(n, o["moba_block_size"], o["moba_topk"]).float().mean())
+    if kind == "bigbird":
+        return _bigbird_keys(n, o["window"], o["random_keys"], o["sinks"])
+    raise ValueError(f"unknown kind {kind!r}")

@@ -1,0 +1,215 @@
+"""The long-range grid: profiles, groups of cells, resumable shards and merging.
+
+A *group* is (task, kind, depth, width). Each group runs its learning-rate sweep at the first
+seed, keeps the learning rate with the best validation accuracy, then runs the other seeds at
+it (so the reported test accuracy is never the one that picked the learning rate). Shards split
+the groups by estimated cost; each appends one JSON line per finished cell to its own file, so an
+interrupted shard skips what it already finished when started again, and any set of shard
+files merges into one report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .kinds import KINDS, kind_options, mean_keys
+from .train import Cell, TaskSpec, train_cell
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    tasks: tuple[TaskSpec, ...]
+    kinds: tuple[str, ...] = KINDS
+    depths: tuple[int, ...] = (2, 4)
+    widths: tuple[int, ...] = (64,)
+    lrs: tuple[float, ...] = (1e-3, 3e-3)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    budget: int = 16
+    steps: int = 150
+    batch_size: int = 32
+    eval_examples: int = 512
+    heads: int = 2
+    # Extra groups: (task name, kinds, depths, widths) crossed in addition to the main grid.
+    extra: tuple[tuple[str, tuple[str, ...], tuple[int, ...], tuple[int, ...]], ...] = ()
+    description: str = ""
+
+
+MAJORITY = TaskSpec("majority", seq_len=256, margins=(0.0625, 0.125, 0.25),
+                    eval_margins=(0.0625, 0.125, 0.25))
+MQAR = TaskSpec("mqar", seq_len=128, pairs=8, vocab=64, random_filler=False)
+
+PROFILES: dict[str, Profile] = {
+    # The grid behind docs/results-long-range.md.
+    "full": Profile(
+        "full", tasks=(MAJORITY,), depths=(2, 4), widths=(64,), budget=8,
+        extra=(("majority", ("swa", "sa_local"), (4,), (32, 128)),),
+        description="majority at 256 tokens, budget 8 keys/query; 8 kinds x depth 2, 4 (width 64); "
+                    "width 32 and 128 at depth 4 for swa and sa_local; lr {1e-3, 3e-3} at seed 0, "
+                    "seeds 0-2 at the best"),
+    # About 10 minutes on 2 cores: the majority task's decisive cells, one seed.
+    "quick": Profile(
+        "quick", tasks=(TaskSpec("majority", seq_len=256, margins=(0.0625, 0.125, 0.25),
+                                 eval_margins=(0.0625, 0.125)),),
+        kinds=("full", "swa", "sa_local"), depths=(2,), lrs=(3e-3,), seeds=(0,), budget=8,
+        steps=100, batch_size=32, eval_examples=256,
+        description="majority at 256 tokens, budget 8; full, swa, sa_local; depth 2; 1 seed"),
+    # Seconds: for the tests.
+    "tiny": Profile(
+        "tiny", tasks=(TaskSpec("majority", seq_len=32, margins=(0.25,), eval_margins=(0.25,)),
+                       TaskSpec("mqar", seq_len=32, pairs=4, vocab=32)),
+        kinds=("full", "swa", "sa"), depths=(1,), widths=(16,), lrs=(3e-3, 1e-2), seeds=(0, 1),
+        budget=4, steps=3, batch_size=4, eval_examples=8, heads=1,
+        description="smoke test"),
+}
+
+
+@dataclass(frozen=True)
+class Group:
+    task: int
+    kind: str
+    depth: int
+    width: int
+
+    def cells(self, profile: Profile, lr: float, seed: int) -> Cell:
+        task = profile.tasks[self.task]
+        layer_kind, options = kind_options(self.kind, profile.budget, task.seq_len)
+        return Cell(task=task, kind=layer_kind, attention=options, layers=self.depth,
+                    width=self.width, heads=profile.heads, lr=lr, steps=profile.steps,
+                    batch_size=profile.batch_size, seed=seed, eval_examples=profile.eval_examples)
+
+
+def groups(profile: Profile) -> list[Group]:
+    out = [Group(t, k, d, w) for t in range(len(profile.tasks)) for k in profile.kinds
+           for d in profile.depths for w in profile.widths]
+    names = [task.name for task in profile.tasks]
+    for name, kinds, depths, widths in profile.extra:
+        if name not in names:
+            continue
+        t = names.index(name)
+        out += [Group(t, k, d, w) for k in kinds if k in profile.kinds for d in depths
+                for w in widths if Group(t, k, d, w) not in out]
+    return out
+
+
+def shard_groups(profile: Profile, shard: tuple[int, int]) -> list[Group]:
+    """The groups of shard i of k: balanced by estimated cost (layers x width x length), greedily.
+
+    Deterministic, so a restarted shard gets the same groups.
+    """
+    i, k = shard
+    def cost(g: Group) -> float:
+        return g.depth * g.width * profile.tasks[g.task].seq_len
+    loads, mine = [0.0] * k, []
+    for index, group in sorted(enumerate(groups(profile)), key=lambda ig: (-cost(ig[1]), ig[0])):
+        target = min(range(k), key=lambda s: (loads[s], s))
+        loads[target] += cost(group)
+        if target == i:
+            mine.append((index, group))
+    return [g for _, g in sorted(mine, key=lambda ig: ig[0])]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/k' -> (i, k) with 0 <= i < k."""
+    try:
+        i, k = (int(x) for x in text.split("/"))
+    except ValueError as err:
+        raise ValueError(f"--shard must look like i/k (e.g. 0/4), got {text!r}") from err
+    if not 0 <= i < k:
+        raise ValueError(f"--shard i/k needs 0 <= i < k, got {text!r}")
+    return i, k
+
+
+def load_records(paths: list[Path]) -> list[dict]:
+    """Every record in the shard files (a torn last line from an interruption is skipped)."""
+    records = []
+    for path in paths:
+        files = sorted(Path(path).glob("shard-*.jsonl")) if Path(path).is_dir() else [Path(path)]
+        for file in files:
+            for line in file.read_text().splitlines():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    return records
+
+
+def _append(path: Path, record: dict) -> None:
+    torn = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+    with path.open("a") as f:
+        if torn:  # an interrupted write left half a line: end it so the new record stays readable
+            f.write("\n")
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_shard(profile: Profile, out: Path, shard: tuple[int, int] = (0, 1), *,
+              progress: bool = True, log=print) -> Path:
+    """Run one shard's groups; cells already in ``out`` are skipped. Returns the shard file."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = out / "profile.json"
+    if not meta.exists():
+        meta.write_text(json.dumps({"profile": profile.name, "description": profile.description},
+                                   indent=2))
+    i, k = shard
+    path = out / f"shard-{i}-of-{k}.jsonl"
+    done = {r["key"]: r for r in load_records([out])}
+    mine = shard_groups(profile, shard)
+    total = len(mine) * (len(profile.lrs) + len(profile.seeds) - 1)
+    bar = _bar(total, progress, f"shard {i}/{k}")
+    for group in mine:
+        val = {}
+        for lr in profile.lrs:
+            rec = _run(group.cells(profile, lr, profile.seeds[0]), done, path, group, profile)
+            val[lr] = rec["val_accuracy"]
+            bar.update(1)
+        best = max(profile.lrs, key=lambda lr: (val[lr], -lr))
+        for seed in profile.seeds[1:]:
+            _run(group.cells(profile, best, seed), done, path, group, profile)
+            bar.update(1)
+        log(f"{profile.tasks[group.task].name} {group.kind} L={group.depth} d={group.width}: "
+            f"best lr {best:g} (val acc {val[best]:.3f})")
+    bar.close()
+    return path
+
+
+def _run(cell: Cell, done: dict, path: Path, group: Group, profile: Profile) -> dict:
+    if cell.key() in done:
+        return done[cell.key()]
+    record = train_cell(cell)
+    record.update(kind=group.kind, depth=group.depth, width=group.width,
+                  task=profile.tasks[group.task].name, profile=profile.name,
+                  keys_per_query=mean_keys(cell.kind, cell.attention, cell.task.seq_len))
+    _append(path, record)
+    done[cell.key()] = record
+    return record
+
+
+def _bar(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="cell")
+
+
+def with_overrides(profile: Profile, **changes) -> Profile:
+    """A profile with some fields replaced (None values are ignored)."""
+    return replace(profile, **{k: v for k, v in changes.items() if v is not None})
+
+
+def select_tasks(profile: Profile, names: tuple[str, ...] | None) -> Profile:
+    """The profile restricted to the tasks with these names (None: all)."""
+    if not names:
+        return profile
+    known = [t.name for t in profile.tasks]
+    bad = set(names) - set(known)
+    if bad:
+        raise ValueError(f"--tasks: unknown {sorted(bad)}; profile {profile.name} has {known}")
+    return replace(profile, tasks=tuple(t for t in profile.tasks if t.name in names))
+
+
+__all__ = ["PROFILES", "Group", "Profile", "groups", "load_records", "parse_shard", "run_shard",
+           "select_tasks", "shard_groups", "with_overrides"]

@@ -1,0 +1,190 @@
+"""The long-range benchmark: task generators keep their stated properties; grid runs, resumes, merges."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from stochastic_attention.cli import main as cli_main
+from stochastic_attention.experiments.longrange import kinds, report, sweep, tasks
+from stochastic_attention.experiments.longrange.train import Cell, TaskSpec, evaluate, lr_at, train_cell
+
+
+@pytest.mark.parametrize("n_bits,margin", [(511, 0.0625), (512, 0.0625), (7, 0.01), (8, 0.01), (1, 1.0),
+                                           (100, 1.0), (33, 0.5)])
+def test_majority_counts_have_the_margin_and_no_tie(n_bits, margin):
+    minority, major = tasks.majority_bit_counts(n_bits, margin)
+    assert minority + major == n_bits
+    assert major > minority
+    assert abs((major - minority) - margin * n_bits) <= 1.0 + 1e-9 or major - minority <= 2
+
+
+def test_majority_labels_are_the_majority_and_only_the_query_is_scored():
+    batch = tasks.majority(64, 101, [0.02, 0.3], seed=1)
+    assert batch.inputs.shape == batch.labels.shape == (64, 101)
+    assert (batch.inputs[:, -1] == tasks.QUERY).all()
+    assert (batch.labels[:, :-1] == tasks.IGNORE).all()
+    bits = batch.inputs[:, :-1]
+    assert set(bits.unique().tolist()) <= {tasks.ZERO, tasks.ONE}
+    ones = (bits == tasks.ONE).sum(1)
+    expected = torch.where(2 * ones > 100, tasks.ONE, tasks.ZERO)
+    assert torch.equal(batch.labels[:, -1], expected)
+    for row in range(64):
+        minority, major = tasks.majority_bit_counts(100, float(batch.margins[row]))
+        assert max(int(ones[row]), 100 - int(ones[row])) == major
+    # Both answers occur, both margins occur.
+    assert len(set(batch.labels[:, -1].tolist())) == 2
+    assert set(batch.margins.tolist()) == {0.02, 0.3}
+
+
+def test_majority_is_seeded():
+    a, b = tasks.majority(8, 50, [0.1], seed=3), tasks.majority(8, 50, [0.1], seed=3)
+    c = tasks.majority(8, 50, [0.1], seed=4)
+    assert torch.equal(a.inputs, b.inputs) and not torch.equal(a.inputs, c.inputs)
+    assert torch.equal(tasks.majority(8, 50, [0.1], seed=[0, 1, 2]).inputs,
+                       tasks.majority(8, 50, [0.1], seed=[0, 1, 2]).inputs)
+
+
+@pytest.mark.parametrize("bad", [dict(seq_len=1), dict(margins=[0.0]), dict(margins=[1.5])])
+def test_majority_rejects_bad_arguments(bad):
+    args = dict(num=2, seq_len=10, margins=[0.1]) | bad
+    with pytest.raises(ValueError):
+        tasks.majority(args["num"], args["seq_len"], args["margins"], seed=0)
+
+
+def test_sample_ceiling_matches_monte_carlo_and_is_monotone():
+    n, margin = 101, 0.1
+    ceil = [tasks.sample_ceiling(n, margin, r) for r in (1, 11, 31, 61, 101)]
+    assert ceil[-1] == 1.0
+    assert all(a <= b + 1e-12 for a, b in zip(ceil, ceil[1:]))
+    assert ceil[0] == pytest.approx(tasks.majority_bit_counts(n, margin)[1] / n)
+    rng = np.random.default_rng(0)
+    minority, major = tasks.majority_bit_counts(n, margin)
+    bits = np.array([1] * major + [0] * minority)
+    wins = 0
+    trials = 20000
+    for _ in range(trials):
+        sample = rng.choice(bits, size=31, replace=False)
+        wins += sample.sum() * 2 > 31
+    assert wins / trials == pytest.approx(ceil[2], abs=0.015)
+    assert tasks.normal_ceiling(0.0625, 61) == pytest.approx(tasks.sample_ceiling(511, 0.0625, 61), abs=0.03)
+
+
+def test_mqar_follows_the_protocol():
+    V, n, pairs = 64, 128, 8
+    batch = tasks.mqar(200, n, pairs, V, seed=0)
+    x, y = batch.inputs, batch.labels
+    ctx = 2 * pairs
+    gaps = []
+    for row in range(200):
+        keys, values = x[row, 0:ctx:2], x[row, 1:ctx:2]
+        assert ((keys >= 1) & (keys < V // 2)).all() and ((values >= V // 2) & (values < V)).all()
+        assert len(set(keys.tolist())) == pairs and len(set(values.tolist())) == pairs
+        scored = (y[row] != tasks.IGNORE).nonzero().flatten()
+        assert len(scored) == pairs  # every key queried once
+        assert (scored >= ctx).all() and ((scored - ctx) % 2 == 0).all()
+        value_of = dict(zip(keys.tolist(), values.tolist()))
+        for pos in scored.tolist():
+            assert y[row, pos].item() == value_of[x[row, pos].item()]
+        gaps += ((scored - ctx) // 2).tolist()
+    # The power law favours small gaps: far below the uniform mean of the space.
+    space = (n - ctx) // 2
+    assert np.mean(gaps) < 0.6 * (space - 1) / 2
+    assert torch.equal(tasks.mqar(3, n, pairs, V, seed=5).inputs, tasks.mqar(3, n, pairs, V, seed=5).inputs)
+
+
+def test_mqar_zero_filler_and_errors():
+    batch = tasks.mqar(4, 64, 4, 64, seed=0, random_filler=False)
+    scored = batch.labels != tasks.IGNORE
+    filler = batch.inputs[:, 8:][~scored[:, 8:]]
+    assert (filler == 0).all()
+    for bad in (dict(seq_len=63), dict(seq_len=12, pairs=4), dict(pairs=0), dict(vocab=8, pairs=8)):
+        args = dict(num=1, seq_len=64, pairs=4, vocab=64) | bad
+        with pytest.raises(ValueError):
+            tasks.mqar(args["num"], args["seq_len"], args["pairs"], args["vocab"], seed=0)
+
+
+@pytest.mark.parametrize("kind", [k for k in kinds.KINDS if k != "full"])
+def test_kinds_are_set_to_the_same_budget(kind):
+    n, budget = 256, 8
+    layer_kind, options = kinds.kind_options(kind, budget, n)
+    keys = kinds.mean_keys(layer_kind, options, n)
+    assert abs(keys - budget) <= 0.25 * budget, (kind, options, keys)
+
+
+def test_lr_schedule_warms_up_and_decays_to_zero():
+    lrs = [lr_at(s, 100, 1.0, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[-1] < 0.01 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_a_cell_learns_majority_with_full_attention():
+    """Not a smoke test: a 1-layer full-attention model must beat chance clearly."""
+    torch.manual_seed(0)
+    task = TaskSpec("majority", seq_len=24, margins=(0.5,), eval_margins=(0.5,))
+    cell = Cell(task=task, kind="full", layers=1, width=16, heads=1, lr=1e-2, steps=120,
+                batch_size=32, eval_examples=128)
+    record = train_cell(cell)
+    assert record["accuracy"] > 0.85, record["accuracy"]
+    assert record["val_accuracy"] > 0.8
+
+
+def test_swa_cannot_beat_its_reach_ceiling():
+    """An SWA model that sees one bit scores the one-bit ceiling at most (untrained or not)."""
+    task = TaskSpec("majority", seq_len=41, margins=(0.1,), eval_margins=(0.1,))
+    cell = Cell(task=task, kind="swa", attention=(("window", 2),), layers=1, width=16, heads=1,
+                steps=1, eval_examples=512)
+    from stochastic_attention.experiments.longrange.train import build_model
+
+    model = build_model(cell)
+    acc = evaluate(model, cell)["accuracy"]
+    ceiling = tasks.sample_ceiling(40, 0.1, report.swa_reach(1, 2) - 1)
+    assert acc <= ceiling + 3 * math.sqrt(0.25 / 512)
+
+
+def test_grid_runs_in_shards_resumes_and_merges(tmp_path, capsys):
+    profile = sweep.PROFILES["tiny"]
+    out = tmp_path / "grid"
+    n_groups = len(sweep.groups(profile))
+    per_group = len(profile.lrs) + len(profile.seeds) - 1
+    for i in range(2):
+        sweep.run_shard(profile, out, (i, 2), progress=False, log=lambda *_: None)
+    records = sweep.load_records([out])
+    assert len(records) == n_groups * per_group
+    assert len({r["key"] for r in records}) == len(records)
+    before = {p.name: p.read_text() for p in out.glob("shard-*.jsonl")}
+    # An interrupted shard: drop its last record and leave a torn line; rerun finishes only that.
+    shard0 = out / "shard-0-of-2.jsonl"
+    lines = shard0.read_text().splitlines()
+    shard0.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    sweep.run_shard(profile, out, (0, 2), progress=False, log=lambda *_: None)
+    records = sweep.load_records([out])
+    assert len(records) == n_groups * per_group
+    assert (out / "shard-1-of-2.jsonl").read_text() == before["shard-1-of-2.jsonl"]
+    # Seeds after the first run at the learning rate with the best validation accuracy.
+    for group in sweep.groups(profile):
+        recs = [r for r in records if r["kind"] == group.kind
+                and r["task"] == profile.tasks[group.task].name]
+        firsts = [r for r in recs if r["cell"]["seed"] == profile.seeds[0]]
+        best = max(firsts, key=lambda r: (r["val_accuracy"], -r["cell"]["lr"]))["cell"]["lr"]
+        assert {r["cell"]["lr"] for r in recs if r["cell"]["seed"] != profile.seeds[0]} == {best}
+    assert cli_main(["longrange", "report", str(out), "--out", str(tmp_path / "rep")]) == 0
+    data = json.loads((tmp_path / "rep" / "longrange.json").read_text())
+    assert len(data["rows"]) == n_groups
+    assert (tmp_path / "rep" / "longrange.png").stat().st_size > 0
+    assert "SWA ceiling" in (tmp_path / "rep" / "longrange.md").read_text()
+
+
+def test_cli_run_and_shard_errors(tmp_path):
+    out = tmp_path / "cli"
+    assert cli_main(["longrange", "run", "--profile", "tiny", "--kinds", "swa", "--seeds", "0",
+                     "--lrs", "0.01", "--out", str(out), "--no-progress"]) == 0
+    assert len(sweep.load_records([out])) == 2  # two tasks, one cell each
+    with pytest.raises(ValueError, match="shard"):
+        sweep.parse_shard("2/2")
+    with pytest.raises(SystemExit):
+        cli_main(["longrange", "run", "--profile", "tiny", "--kinds", "nope", "--out", str(out)])
