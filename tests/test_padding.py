@@ -8,7 +8,7 @@ import torch
 from test_ops import make_qkv
 
 import stochastic_attention as sa
-from stochastic_attention.nn import MultiHeadAttention
+from stochastic_attention.nn import KVCache, MultiHeadAttention
 from stochastic_attention.ops import fractional, moba
 from stochastic_attention.ops.patterns import dense_mask
 from stochastic_attention.ops.permute import routing_permutation
@@ -287,3 +287,18 @@ def test_fractional_nan_padding_changes_nothing(backend):
     out = fractional.fractional_attention(q, k.masked_fill(pad, float("nan")),
                                           v.masked_fill(pad, float("nan")), 1.2, **kw)
     torch.testing.assert_close(out, clean, atol=1e-6, rtol=1e-6)
+
+
+def test_layer_decoding_keeps_the_first_real_tokens_as_sinks():
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(24, 4, num_kv_heads=2, kind="swa", window=3, sinks=2).double()
+    layer.eval()
+    x = torch.randn(2, 12, 24, dtype=torch.double)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, :4] = False
+    full = layer(x, attention_mask=mask)
+    cache = KVCache()
+    steps = [layer(x[:, :6], cache=cache, attention_mask=mask[:, :6])]
+    steps += [layer(x[:, i:i + 1], cache=cache, attention_mask=mask[:, :i + 1])
+              for i in range(6, 12)]
+    torch.testing.assert_close(torch.cat(steps, 1)[1, 4:], full[1, 4:])
