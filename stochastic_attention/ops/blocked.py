@@ -127,20 +127,21 @@ def _attend(q, k, v, bias, scale, guard_empty_rows: bool):
     return out.view(B, H, nt, T, D)
 
 
-def attend_with_lse(q, k, v, bias, scale):
+def attend_with_lse(q, k, v, bias, scale, select: bool = True):
     """Like :func:`_attend`, computed explicitly so it also returns the log-sum-exp of each row.
 
     Any leading dims: q [..., T, D], k/v [..., L, D], bias broadcastable to [..., T, L].
     Returns out [..., T, D] and lse [..., T] in fp32, fp64 for fp64 inputs (lse = -inf and out = 0
     for a row with no visible key, with zero gradients there), for :func:`merge_parts`. Hidden
-    keys are selected away (not added to -inf), so a NaN key reaches only the rows that see it.
-    One exp pass, in place (safe for autograd: only the exp's own result is saved).
+    keys are selected away (not added to -inf), so a NaN key reaches only the rows that see it;
+    ``select=False`` skips that pass when the caller knows every key is finite. One exp pass, in
+    place (safe for autograd: only the exp's own result is saved).
     """
     dt = compute_dtype(q)
-    hidden = bias == float("-inf")
     scores = torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)).mul_(scale).add_(bias)
-    scores = scores.masked_fill_(hidden, float("-inf"))
-    has_key = (~hidden).any(dim=-1, keepdim=True)
+    if select:
+        scores = scores.masked_fill_(bias == float("-inf"), float("-inf"))
+    has_key = (bias > float("-inf")).any(dim=-1, keepdim=True)
     row_max = scores.detach().amax(dim=-1, keepdim=True)
     row_max = torch.where(has_key, row_max, torch.zeros_like(row_max))  # empty rows: exp(-inf) = 0
     p = scores.sub_(row_max).exp_()
@@ -282,10 +283,11 @@ def windowed_attention(
         kt = torch.cat([kt, sink_k.unsqueeze(2).expand(B, H, plan.nt, S, D)], dim=-2)
         vt = torch.cat([vt, sink_v.unsqueeze(2).expand(B, H, plan.nt, S, D)], dim=-2)
 
+    finite = all_finite(k)  # the sink keys are keys too
     if return_lse:
-        out, lse = attend_with_lse(qt, kt, vt, bias, scale)
+        out, lse = attend_with_lse(qt, kt, vt, bias, scale, select=not finite)
         return plan.unpad(out), plan.unpad(lse.unsqueeze(-1)).squeeze(-1)
-    if not all_finite(k):  # the sink keys are keys too
+    if not finite:
         return plan.unpad(attend_with_lse(qt, kt, vt, bias, scale)[0].to(q.dtype))
     return plan.unpad(_attend(qt, kt, vt, bias, scale, guard))
 

@@ -208,7 +208,8 @@ def _earlier_blocks(q, k, v, index, other, block_size, sinks, kpm, scale):
     dt = blocked.compute_dtype(q)
     bias = torch.zeros(key_ok.shape, dtype=dt, device=q.device)
     bias = bias.masked_fill(~key_ok, float("-inf"))[:, None, :]  # [T, 1, bs]
-    out, lse = blocked.attend_with_lse(q_rows, kb, vb, bias, scale)  # [T, P, D], [T, P]
+    out, lse = blocked.attend_with_lse(q_rows, kb, vb, bias, scale,  # [T, P, D], [T, P]
+                                       select=not blocked.all_finite(k))
     part_out = q.new_zeros(G, n, t, D, dtype=dt).index_put((g, i, s), out[tile, slot])
     part_lse = torch.full((G, n, t), float("-inf"), dtype=dt, device=q.device).index_put(
         (g, i, s), lse[tile, slot])
