@@ -87,3 +87,14 @@ def test_gradcheck_fractional(backend, alpha):
         kw = dict(causal=True, key_padding_mask=kpm, window=3, perm=perm)
     check(lambda q, k, v: fractional.fractional_attention(q, k, v, alpha, backend=backend, **kw),
           inputs())
+
+
+@pytest.mark.parametrize("kind,kw", [("sa", dict(sinks=1, layout="block")), ("gated", dict()),
+                                     ("swa", dict(sinks=1)), ("moba", dict(moba_block_size=2))])
+def test_gradcheck_layer(kind, kw):
+    from stochastic_attention.nn import MultiHeadAttention
+
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(8, 2, num_kv_heads=1, kind=kind, window=3, **kw).double().eval()
+    x = torch.randn(2, N, 8, dtype=torch.float64, requires_grad=True)
+    check(lambda x: layer(x, attention_mask=padding()), (x,))

@@ -135,10 +135,11 @@ def _sampled_decode(cfg: PatchConfig, layer_idx: int, q, k, v, valid, causal, sc
     idx = top.indices
     kg = k[torch.arange(B)[:, None, None, None], kv_head[None, :, None, None], idx]  # [B,hq,L,K,D]
     vg = v[torch.arange(B)[:, None, None, None], kv_head[None, :, None, None], idx]
-    scores = torch.einsum("bhld,bhlkd->bhlk", q.float(), kg.float()) * scale
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.einsum("bhld,bhlkd->bhlk", q.to(dt), kg.to(dt)) * scale
     scores = scores.masked_fill(~keep, float("-inf"))
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhlk,bhlkd->bhld", p, vg.float()).to(q.dtype)
+    return torch.einsum("bhlk,bhlkd->bhld", p, vg.to(dt)).to(q.dtype)
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
