@@ -156,6 +156,7 @@ LAYER_CASES = [
     ("sa", dict(layout="block", sinks=2)),
     ("sa", dict(perm_per_head=True, sinks=1)),
     ("gated", dict(sinks=1)),
+    ("sa_local", dict(local=2, sinks=1, layout="block")),
     ("moba", dict(moba_block_size=3, moba_topk=2, sinks=1)),
     ("fna", dict(fna_window=4, fna_stochastic=True, fna_alpha=1.2)),
     ("full", dict()),
