@@ -2,8 +2,10 @@
 
 Query i sees, in one softmax (Zaheer et al. 2020, causal form):
   (a) the local causal window ``(i - window, i]`` (itself included);
-  (b) the sink positions ``0 .. sinks - 1`` (subject to causality; positions, as for every
-      operator of the package, so with left padding a padded sink is simply not seen);
+  (b) the sink positions ``0 .. sinks - 1`` (subject to causality). Unlike the other operators,
+      whose sinks are each row's first REAL tokens, BigBird still counts sinks and the random
+      keys' range by position: with left padding a padded sink is simply not seen, and a
+      sequence's result depends on its padding;
   (c) up to ``random_keys`` random earlier positions j with ``sinks <= j <= i - window``, i.e.
       outside its window and outside the sinks. Draws are uniform with replacement; a position
       drawn twice counts once (repeats are masked, as are padded keys).
