@@ -303,3 +303,22 @@ def test_layer_decoding_keeps_the_first_real_tokens_as_sinks():
     steps += [layer(x[:, i:i + 1], cache=cache, attention_mask=mask[:, :i + 1])
               for i in range(6, 12)]
     torch.testing.assert_close(torch.cat(steps, 1)[1, 4:], full[1, 4:])
+
+
+def test_bigbird_sinks_are_the_first_real_tokens():
+    from stochastic_attention.ops import bigbird
+
+    kpm = torch.tensor([[False, False, False, True, True, True, True, True, True, True]])
+    idx = torch.full((1, 1, 10, 1), -1)
+    idx[0, 0, 9, 0] = 4  # one random key for the last query: position 4 (window 2 ends at 8)
+    mask = bigbird.bigbird_mask(10, 2, idx, sinks=2, key_padding_mask=kpm)[0, 0]
+    assert mask[9].nonzero().flatten().tolist() == [3, 4, 8, 9]
+    counts = bigbird.bigbird_attended_keys(10, 2, 1, 2, idx, key_padding_mask=kpm)
+    assert torch.equal(counts[0, 0], mask.sum(-1))
+    # Without random keys, a sequence's output does not depend on its padding.
+    seqs = sequences()
+    alone = [bigbird.bigbird_attention(*s, 3, 0, sinks=2) for s in seqs]
+    q, k, v, kpm2, spans = _pad_inputs(seqs, (True, False))
+    out = bigbird.bigbird_attention(q, k, v, 3, 0, sinks=2, key_padding_mask=kpm2)
+    for i, span in enumerate(spans):
+        torch.testing.assert_close(out[i, :, span], alone[i][0], atol=1e-5, rtol=1e-5)

@@ -2,13 +2,12 @@
 
 Query i sees, in one softmax (Zaheer et al. 2020, causal form):
   (a) the local causal window ``(i - window, i]`` (itself included);
-  (b) the sink positions ``0 .. sinks - 1`` (subject to causality). Unlike the other operators,
-      whose sinks are each row's first REAL tokens, BigBird still counts sinks and the random
-      keys' range by position: with left padding a padded sink is simply not seen, and a
-      sequence's result depends on its padding;
+  (b) the sinks: each row's first ``sinks`` REAL tokens (per the key padding mask; positions
+      ``0 .. sinks - 1`` without one), subject to causality, as for every operator;
   (c) up to ``random_keys`` random earlier positions j with ``sinks <= j <= i - window``, i.e.
       outside its window and outside the sinks. Draws are uniform with replacement; a position
-      drawn twice counts once (repeats are masked, as are padded keys).
+      drawn twice counts once (repeats are masked, as are padded keys and sinks). The range is
+      counted in positions: with padding the draws, unlike the sinks, depend on it.
 
 The random positions are an explicit index tensor ``indices`` [B|1, H|1, n, r] (-1 = no key),
 drawn by :func:`bigbird_indices` (one draw per sample shared by the heads by default, like SA's
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import blocked
+from .patterns import sink_keys
 from .reference import masked_attention
 from .validate import (
     check_key_padding_mask,
@@ -184,22 +184,30 @@ def bigbird_attention(
         from ..functional import full_attention  # late import: functional imports ops
         return full_attention(q, k, v, causal=True, key_padding_mask=kpm, scale=scale)
     sinks = min(sinks, n)
+    if kpm is not None:  # padded keys and values never reach an output, even NaN
+        pad = ~kpm[:, None, :, None]
+        k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
     ke, ve = k, v
     if groups > 1:
         ke, ve = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     local = dict(pos=None, key_valid=None if kpm is None else kpm[:, None, :], layout="band",
-                 causal=True, sinks=sinks, sink_k=ke[:, :, :sinks] if sinks else None,
-                 sink_v=ve[:, :, :sinks] if sinks else None,
-                 sink_valid=None if kpm is None or not sinks else kpm[:, None, :sinks],
+                 causal=True, sinks=sinks, sink_k=None, sink_v=None, sink_valid=None,
                  scale=scale)
+    is_sink = None
+    if sinks:  # each row's first real tokens
+        s_pos, s_valid, is_sink = sink_keys(kpm, sinks, n, q.device)
+        index = s_pos[:, None, :, None].expand(B, ke.shape[1], sinks, D)
+        local.update(sink_k=torch.gather(ke, 2, index), sink_v=torch.gather(ve, 2, index),
+                     sink_valid=None if s_valid is None else s_valid[:, None, :],
+                     sink_pos=s_pos[:, None, :], key_is_sink=is_sink[:, None, :])
     if not bool((indices >= 0).any()):
         return blocked.windowed_attention(q, ke, ve, window, **local).to(q.dtype)
     out_a, lse_a = blocked.windowed_attention(q, ke, ve, window, return_lse=True, **local)
-    out_b, lse_b = _random_part(q, k, v, indices, kpm, scale)
+    out_b, lse_b = _random_part(q, k, v, indices, kpm, scale, is_sink)
     return blocked.merge_parts(out_a, lse_a, out_b, lse_b).to(q.dtype)
 
 
-def _random_part(q, k, v, indices, kpm, scale):
+def _random_part(q, k, v, indices, kpm, scale, is_sink=None):
     """Attention of each query to its gathered random keys alone: out [B, Hq, n, D], lse.
 
     Keys are gathered from the kv heads, never expanded to the query heads: with one draw per
@@ -211,8 +219,13 @@ def _random_part(q, k, v, indices, kpm, scale):
     Hi, r = indices.shape[1], indices.shape[-1]
     indices = indices.expand(B, Hi, n, r)
     seen = indices >= 0
-    if kpm is not None:
-        seen = seen & torch.gather(kpm[:, None, :].expand(B, Hi, n), 2,
+    # Padded keys are never seen; sinks come once, through the window part.
+    ok = kpm if kpm is not None else None
+    if is_sink is not None:
+        ok = ~is_sink if ok is None else ok & ~is_sink
+    if ok is not None:
+        ok = ok.expand(B, n)
+        seen = seen & torch.gather(ok[:, None, :].expand(B, Hi, n), 2,
                                    indices.clamp(min=0).reshape(B, Hi, n * r)).view(B, Hi, n, r)
     # Rows of k viewed as [B * Hkv * n, D] (a row gather is faster than torch.gather with an
     # expanded index on CPU). Per query head, indices [B, Hq, n, r] are grouped as
@@ -222,7 +235,7 @@ def _random_part(q, k, v, indices, kpm, scale):
             + torch.arange(Hkv, device=q.device).view(1, Hkv, 1)) * n
     rows = (base + flat).reshape(-1)
     kg, vg = k.reshape(-1, D)[rows], v.reshape(-1, D)[rows]
-    bias = torch.zeros(seen.shape, dtype=torch.float32, device=q.device)
+    bias = torch.zeros(seen.shape, dtype=blocked.compute_dtype(q), device=q.device)
     bias = bias.masked_fill(~seen, float("-inf"))
     if Hi == 1:  # queries [B, Hkv, n, G, D] against keys [B, Hkv, n, r, D]
         qg = q.view(B, Hkv, G, n, D).transpose(2, 3)
@@ -247,7 +260,8 @@ def bigbird_mask(
     device = indices.device
     i = torch.arange(n, device=device).view(n, 1)
     j = torch.arange(n, device=device).view(1, n)
-    base = (j <= i) & ((j > i - window) | (j < sinks))
+    is_sink = sink_keys(key_padding_mask, sinks, n, device)[2][:, None, None, :]  # first real
+    base = (j <= i) & ((j > i - window) | is_sink)
     rand = torch.zeros(*indices.shape[:2], n, n + 1, dtype=torch.bool, device=device)
     # Column n collects the -1 entries, then is dropped.
     rand.scatter_(-1, torch.where(indices >= 0, indices, n), True)
@@ -313,13 +327,16 @@ def bigbird_attended_keys(
                                 random_keys, sinks, indices.device)
     valid = (key_padding_mask if key_padding_mask is not None
              else torch.ones(1, n, dtype=torch.bool, device=indices.device))
-    seen = F.pad(torch.cumsum(valid.long(), -1), (1, 0))  # seen[:, j] = valid among 0..j-1
+    is_sink = sink_keys(key_padding_mask, sinks, n, indices.device)[2].expand_as(valid)
+    other = valid & ~is_sink  # real keys that are not sinks
+    # cumulative counts: c[:, j] = how many among positions 0..j-1
+    c_sink = F.pad(torch.cumsum(is_sink.long(), -1), (1, 0))
+    c_other = F.pad(torch.cumsum(other.long(), -1), (1, 0))
     i = torch.arange(n, device=indices.device)
-    sink_end = torch.minimum(i + 1, torch.tensor(sinks))  # sinks among 0..i
-    low = torch.maximum(i - window + 1, sink_end)  # window part, without the sinks
-    counts = seen[:, sink_end] + (seen[:, i + 1] - seen[:, low]).clamp(min=0)
+    low = (i - window + 1).clamp(min=0)  # window part, without the sinks
+    counts = c_sink[:, i + 1] + c_other[:, i + 1] - c_other[:, low]
     Bt, Hi, r = max(valid.shape[0], indices.shape[0]), indices.shape[1], indices.shape[-1]
     indices = indices.expand(Bt, Hi, n, r)
-    real = torch.gather(valid[:, None, :].expand(Bt, Hi, n), 2,
+    real = torch.gather(other.expand(Bt, n)[:, None, :].expand(Bt, Hi, n), 2,
                         indices.clamp(min=0).reshape(Bt, Hi, n * r)).view(Bt, Hi, n, r)
     return counts[:, None, :] + ((indices >= 0) & real).sum(-1)
