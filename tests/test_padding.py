@@ -157,6 +157,7 @@ LAYER_CASES = [
     ("sa", dict(perm_per_head=True, sinks=1)),
     ("gated", dict(sinks=1)),
     ("sa_local", dict(local=2, sinks=1, layout="block")),
+    ("bigbird", dict(random_keys=3, sinks=1)),
     ("moba", dict(moba_block_size=3, moba_topk=2, sinks=1)),
     ("fna", dict(fna_window=4, fna_stochastic=True, fna_alpha=1.2)),
     ("full", dict()),
@@ -315,10 +316,23 @@ def test_bigbird_sinks_are_the_first_real_tokens():
     assert mask[9].nonzero().flatten().tolist() == [3, 4, 8, 9]
     counts = bigbird.bigbird_attended_keys(10, 2, 1, 2, idx, key_padding_mask=kpm)
     assert torch.equal(counts[0, 0], mask.sum(-1))
-    # Without random keys, a sequence's output does not depend on its padding.
+
+
+
+@pytest.mark.parametrize("left", PAD_LAYOUTS)
+@pytest.mark.parametrize("random_keys,sinks", [(0, 2), (3, 0), (2, 1)])
+def test_bigbird_output_does_not_depend_on_padding(random_keys, sinks, left):
+    from stochastic_attention.ops import bigbird
+
     seqs = sequences()
-    alone = [bigbird.bigbird_attention(*s, 3, 0, sinks=2) for s in seqs]
-    q, k, v, kpm2, spans = _pad_inputs(seqs, (True, False))
-    out = bigbird.bigbird_attention(q, k, v, 3, 0, sinks=2, key_padding_mask=kpm2)
+
+    def run(q, k, v, kpm=None):
+        return bigbird.bigbird_attention(q, k, v, 3, random_keys, sinks=sinks,
+                                         key_padding_mask=kpm,
+                                         generator=torch.Generator().manual_seed(5))
+
+    alone = [run(*s) for s in seqs]
+    q, k, v, kpm, spans = _pad_inputs(seqs, left)
+    out = run(q, k, v, kpm)
     for i, span in enumerate(spans):
         torch.testing.assert_close(out[i, :, span], alone[i][0], atol=1e-5, rtol=1e-5)

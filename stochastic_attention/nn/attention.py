@@ -165,13 +165,16 @@ class MultiHeadAttention(nn.Module):
             return torch.Generator().manual_seed(self.perm_seed * 1_000_003 + self.layer_idx)
         return None
 
-    def draw_random_keys(self, batch: int, seq_len: int, device=None) -> torch.Tensor:
-        """BigBird's random earlier keys a forward pass would use: [batch, heads or 1, n, r]."""
+    def draw_random_keys(self, batch: int, seq_len: int, device=None,
+                         key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """BigBird's random earlier keys a forward pass would use: [batch, heads or 1, n, r],
+        drawn over each row's real tokens (see :func:`~stochastic_attention.ops.bigbird.
+        bigbird_indices`)."""
         bigbird = importlib.import_module("stochastic_attention.ops.bigbird")
         heads = self.num_heads if self.perm_per_head else 1
         return bigbird.bigbird_indices(batch, heads, seq_len, self.swa_window, self.random_keys,
                                        sinks=self.sinks, generator=self._generator(),
-                                       device=device)
+                                       device=device, key_padding_mask=key_padding_mask)
 
     def forward(
         self,
@@ -245,9 +248,10 @@ class MultiHeadAttention(nn.Module):
                                         key_padding_mask=key_padding_mask, backend=backend)
         if self.kind == "bigbird":
             bigbird = importlib.import_module("stochastic_attention.ops.bigbird")
+            indices = self.draw_random_keys(q.shape[0], n, q.device, key_padding_mask)
             return bigbird.bigbird_attention(q, k, v, self.swa_window, self.random_keys,
                                              sinks=self.sinks, key_padding_mask=key_padding_mask,
-                                             indices=self.draw_random_keys(q.shape[0], n, q.device))
+                                             indices=indices)
         if self.kind == "moba":
             moba = importlib.import_module("stochastic_attention.ops.moba")
             block_size, topk = self.moba

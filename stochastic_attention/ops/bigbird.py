@@ -6,8 +6,9 @@ Query i sees, in one softmax (Zaheer et al. 2020, causal form):
       ``0 .. sinks - 1`` without one), subject to causality, as for every operator;
   (c) up to ``random_keys`` random earlier positions j with ``sinks <= j <= i - window``, i.e.
       outside its window and outside the sinks. Draws are uniform with replacement; a position
-      drawn twice counts once (repeats are masked, as are padded keys and sinks). The range is
-      counted in positions: with padding the draws, unlike the sinks, depend on it.
+      drawn twice counts once (repeats are masked, as are padded keys and sinks). With padding
+      the draws are made over each row's real tokens (:func:`bigbird_indices`), so a sequence
+      gets the same keys alone or padded in a batch.
 
 The random positions are an explicit index tensor ``indices`` [B|1, H|1, n, r] (-1 = no key),
 drawn by :func:`bigbird_indices` (one draw per sample shared by the heads by default, like SA's
@@ -65,6 +66,7 @@ def bigbird_indices(
     sinks: int = 0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Random earlier keys of every query: a LongTensor [batch, heads, seq_len, random_keys].
 
@@ -73,6 +75,13 @@ def bigbird_indices(
     (so every kept position counts once). Drawn on the generator's device, like
     :func:`stochastic_attention.random_permutation` (a CPU generator gives the same draw
     whatever ``device`` is), then moved to ``device``.
+
+    With a ``key_padding_mask`` (or a ``generator``) each row draws over its REAL tokens only,
+    as SA's routing does (:func:`~stochastic_attention.ops.permute.routing_permutation`): the
+    real token of rank i draws among the real tokens of rank ``sinks .. i - window``, padded
+    queries draw nothing, and with a generator every row draws from its own copy of its state
+    (same seed and real length, same keys, whatever the padding or the batch), after which the
+    generator is advanced once.
     """
     for name, value in (("batch", batch), ("heads", heads), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -82,13 +91,43 @@ def bigbird_indices(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     draw_on = generator.device if generator is not None else device
-    u = torch.rand(batch, heads, seq_len, r, generator=generator, device=draw_on,
-                   dtype=torch.float64)
-    i = torch.arange(seq_len, device=u.device).view(seq_len, 1)
+    if key_padding_mask is None and generator is None:
+        u = torch.rand(batch, heads, seq_len, r, device=draw_on, dtype=torch.float64)
+        return _draws_to_indices(u, window, sinks).to(device if device is not None else u.device)
+    if key_padding_mask is not None:
+        batch = key_padding_mask.shape[0]
+        device = key_padding_mask.device if device is None else device
+    lengths = (key_padding_mask.sum(-1).tolist() if key_padding_mask is not None
+               else [seq_len] * batch)
+    draws = {}
+    if generator is not None:
+        state = generator.get_state()
+        for length in sorted(set(lengths)):
+            generator.set_state(state)
+            draws[length] = torch.rand(heads, length, r, generator=generator, device=draw_on,
+                                       dtype=torch.float64)
+        generator.set_state(state)
+        generator.manual_seed(int(torch.randint(0, 2**62, (), generator=generator,
+                                                device=draw_on)))
+    out = torch.full((batch, heads, seq_len, r), -1, dtype=torch.long, device=device)
+    for b, length in enumerate(lengths):
+        u = draws[length] if generator is not None else torch.rand(
+            heads, length, r, device=device, dtype=torch.float64)
+        idx = _draws_to_indices(u, window, sinks).to(device)  # in ranks among real tokens
+        if key_padding_mask is None:
+            out[b] = idx
+            continue
+        real = key_padding_mask[b].nonzero().flatten()  # rank -> position
+        out[b][:, real] = torch.where(idx >= 0, real[idx.clamp(min=0)], -1)
+    return out
+
+
+def _draws_to_indices(u: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
+    """Uniform draws [..., n, r] in [0, 1) -> indices in sinks .. i - window (-1: none, repeat)."""
+    i = torch.arange(u.shape[-2], device=u.device).view(-1, 1)
     choices = (i - window + 1 - sinks).clamp(min=0)  # eligible positions per query
     offset = (u * choices).long().clamp(max=(choices - 1).clamp(min=0))
-    idx = torch.where(choices > 0, sinks + offset, -1)
-    return dedupe(idx).to(device if device is not None else idx.device)
+    return dedupe(torch.where(choices > 0, sinks + offset, -1))
 
 
 def dedupe(indices: torch.Tensor) -> torch.Tensor:
@@ -136,7 +175,7 @@ def _prepare(q, k, v, window, random_keys, sinks, key_padding_mask, scale, gener
     if indices is None:
         # One draw per sample, shared by the heads (as SA's default permutation).
         indices = bigbird_indices(B, 1, n, window, random_keys, sinks=sinks, generator=generator,
-                                  device=q.device)
+                                  device=q.device, key_padding_mask=key_padding_mask)
     else:
         indices = check_indices(indices, B, H, n, window, random_keys, sinks, q.device)
     return window, sinks, scale, indices
@@ -321,7 +360,8 @@ def bigbird_attended_keys(
     check_key_padding_mask(key_padding_mask, batch, n, device)
     if indices is None:
         indices = bigbird_indices(batch, 1, n, window, random_keys, sinks=sinks,
-                                  generator=generator, device=device)
+                                  generator=generator, device=device,
+                                  key_padding_mask=key_padding_mask)
     else:
         indices = check_indices(indices, indices.shape[0], indices.shape[1], n, window,
                                 random_keys, sinks, indices.device)
