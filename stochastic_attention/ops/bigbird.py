@@ -200,9 +200,10 @@ def bigbird_attention(
         q: [batch, heads_q, seq, head_dim]; k, v: [batch, heads_kv, seq, head_dim], heads_q a
             multiple of heads_kv (grouped-query attention).
         window: local causal window, itself included (>= 1).
-        random_keys: random earlier keys per query (>= 0), drawn from ``generator`` (one draw
-            per sample, shared by the heads) unless ``indices`` is given.
-        sinks: the first ``sinks`` positions are visible to every later query.
+        random_keys: random earlier keys per query (>= 0), drawn from ``generator`` over each
+            row's real tokens (shared by the heads; see :func:`bigbird_indices`) unless
+            ``indices`` is given.
+        sinks: the first ``sinks`` real tokens of each row are visible to every later query.
         key_padding_mask: bool [batch, seq], True for real tokens; padded keys are never seen.
             A query with no visible key returns zeros.
         scale: softmax scale, default ``head_dim ** -0.5``.
