@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from .ops import blocked, reference
 from .ops import flex as flex_backend
-from .ops.patterns import in_window, inverse_permutation, visible, window_candidates
-from .ops.permute import gather_mask, permute_seq, random_permutation
+from .ops.patterns import in_window, inverse_permutation, sink_keys, visible, window_candidates
+from .ops.permute import gather_mask, permute_seq, random_permutation, routing_permutation
 from .ops.validate import (
     check_key_padding_mask,
     check_layout,
@@ -58,9 +58,11 @@ def sliding_window_attention(
             heads_q a multiple of heads_kv (grouped-query attention).
         window: keys a query may see, itself included (>= 1).
         causal: mask keys after the query.
-        sinks: the first ``sinks`` positions are visible to every query (subject to causality).
-        key_padding_mask: bool [batch, seq], True for real tokens; padded keys are never seen.
-            A query with no visible key returns zeros.
+        sinks: the first ``sinks`` real tokens of each row (per ``key_padding_mask``; without
+            one, positions 0..sinks-1) are visible to every query (subject to causality).
+        key_padding_mask: bool [batch, seq], True for real tokens; padded keys and values never
+            influence any output (not even when they hold NaN or inf). A query with no visible
+            key returns zeros.
         scale: softmax scale, default ``head_dim ** -0.5``.
         backend: "auto", "reference", "blocked" or "flex".
 
@@ -91,9 +93,14 @@ def stochastic_attention(
 
     ``perm[..., p]`` is the original position of the token placed at permuted slot ``p``
     (permuted = ``x[..., perm, :]``); shape [seq], [batch, seq] or [batch, heads_q, seq]. If
-    None, one permutation per sample, shared by the heads, is drawn from ``generator`` (same
-    generator state, same output); pass ``perm=random_permutation(batch, heads_q, seq)`` to give
-    every head its own routing (more diverse, but each head then needs its own mask).
+    None, one permutation per sample, shared by the heads, is drawn by
+    :func:`~stochastic_attention.ops.permute.routing_permutation`: over each row's real tokens
+    only (they fill the first slots, padding follows), so a sequence gets the same routing and
+    the same output alone or padded in a batch. With a ``generator`` every row draws from its
+    own copy of the generator's state (same seed and same real length, same routing, whatever
+    the row and the rest of the batch); the generator is then advanced once. Pass
+    ``perm=random_permutation(batch, heads_q, seq)`` to give every head its own routing (more
+    diverse, but each head then needs its own mask).
 
     Layouts, in permuted order:
       - ``"band"``: the query at slot p sees slots (p - window, p] (causal) or a centred band
@@ -118,7 +125,9 @@ def stochastic_attention(
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         # One permutation per sample, shared by the heads (the paper draws one per layer): the
         # per-head mask work disappears and GQA keys/values are moved before being expanded.
-        perm = random_permutation(B, 1, n, generator=generator, device=q.device)
+        check_key_padding_mask(key_padding_mask, B, n, q.device)
+        perm = routing_permutation(B, 1, n, key_padding_mask=key_padding_mask,
+                                   generator=generator, device=q.device)
     else:
         perm = normalize_perm(perm, B, H, n, q.device)
     return _windowed(q, k, v, window, perm=perm, layout=layout, causal=causal, sinks=sinks,
@@ -139,6 +148,10 @@ def _windowed(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask,
     backend = _resolve_backend(backend, q, k, v, local)
     if n == 0:
         return q.new_zeros(q.shape)
+    if key_padding_mask is not None:
+        # Selection, not multiplication: padded keys and values (even NaN or inf) are replaced
+        # before any product, so they cannot reach an output.
+        k, v = zero_padding(k, key_padding_mask), zero_padding(v, key_padding_mask)
     if backend == "reference":
         return reference.attention(q, k, v, window, perm=perm, layout=layout, causal=causal,
                                    sinks=sinks, key_padding_mask=key_padding_mask, scale=scale,
@@ -171,14 +184,31 @@ def _resolve_backend(backend: str, q, k, v, local: int = 0) -> str:
     return backend
 
 
+def zero_padding(x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """x [B, H, n, D] with the padded positions (mask False) set to 0, by selection."""
+    return x.masked_fill(~key_padding_mask[:, None, :, None], 0)
+
+
 def full_attention(q, k, v, *, causal: bool, key_padding_mask, scale: float) -> torch.Tensor:
-    """Full (causal) attention through SDPA, with the zero-row rule for padding."""
+    """Full (causal) attention through SDPA, with the zero-row rule for padding.
+
+    SDPA adds its mask to the scores, so a non-finite key would reach hidden queries too
+    (NaN + -inf = NaN): such inputs take the explicit, selecting reference path instead.
+    """
+    n = q.shape[2]
+    if not blocked.all_finite(k):
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device)
+        mask = mask.tril() if causal else mask
+        if key_padding_mask is not None:
+            mask = mask & key_padding_mask[:, None, None, :]
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return reference.masked_attention(q, k, v, mask, scale)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     if key_padding_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    n = q.shape[2]
     mask = key_padding_mask[:, None, None, :]
     if causal:
         mask = mask & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
@@ -192,14 +222,7 @@ def _blocked(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask, 
     if local:
         return _blocked_union(q, k, v, window, perm=perm, layout=layout, sinks=sinks,
                               key_padding_mask=key_padding_mask, scale=scale, local=local)
-    sink_k = sink_v = sink_valid = None
-    if sinks > 0:
-        sink_k, sink_v = k[:, :, :sinks], v[:, :, :sinks]
-        if groups > 1:
-            sink_k = sink_k.repeat_interleave(groups, dim=1)
-            sink_v = sink_v.repeat_interleave(groups, dim=1)
-        if key_padding_mask is not None:
-            sink_valid = key_padding_mask[:, None, :sinks]
+    sink = _SinkParts(k, v, sinks, key_padding_mask, groups)
 
     if perm is None:  # SWA: slot == position, nothing to move
         if groups > 1:
@@ -207,7 +230,7 @@ def _blocked(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask, 
         key_valid = key_padding_mask[:, None, :] if key_padding_mask is not None else None
         return blocked.windowed_attention(
             q, k, v, window, pos=None, key_valid=key_valid, layout=layout, causal=causal,
-            sinks=sinks, sink_k=sink_k, sink_v=sink_v, sink_valid=sink_valid, scale=scale)
+            scale=scale, **sink.slot_order(None))
 
     if layout == "block":
         perm = blocked.sort_groups(perm, window)
@@ -223,14 +246,43 @@ def _blocked(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask, 
     qs = permute_seq(q, perm, inv)
 
     n = q.shape[2]
-    if layout == "block" and sinks == 0 and key_padding_mask is None and (causal or n % window == 0):
+    if (layout == "block" and sinks == 0 and key_padding_mask is None
+            and (causal or n % window == 0) and blocked.all_finite(ks)):
         out = blocked.dense_tiles(qs, ks, vs, window, scale, causal)
     else:
         key_valid = gather_mask(key_padding_mask, perm) if key_padding_mask is not None else None
         out = blocked.windowed_attention(
             qs, ks, vs, window, pos=perm, key_valid=key_valid, layout=layout, causal=causal,
-            sinks=sinks, sink_k=sink_k, sink_v=sink_v, sink_valid=sink_valid, scale=scale)
+            scale=scale, **sink.slot_order(perm))
     return permute_seq(out, inv, perm)
+
+
+class _SinkParts:
+    """The sink keys of each row (its first real tokens) and which keys are sinks."""
+
+    def __init__(self, k, v, sinks, key_padding_mask, groups):
+        self.sinks = sinks
+        if sinks == 0:
+            return
+        B, Hkv, n, D = k.shape
+        pos, valid, self.is_sink = sink_keys(key_padding_mask, sinks, n, k.device)
+        index = pos[:, None, :, None].expand(B, Hkv, pos.shape[-1], D)
+        self.k, self.v = torch.gather(k, 2, index), torch.gather(v, 2, index)
+        if groups > 1:
+            self.k = self.k.repeat_interleave(groups, dim=1)
+            self.v = self.v.repeat_interleave(groups, dim=1)
+        self.pos = pos[:, None, :]  # [B|1, 1, S]
+        self.valid = None if valid is None else valid[:, None, :]
+
+    def slot_order(self, perm) -> dict:
+        """Keyword arguments of :func:`blocked.windowed_attention` for keys in slot order."""
+        if self.sinks == 0:
+            return dict(sinks=0, sink_k=None, sink_v=None, sink_valid=None)
+        is_sink = (self.is_sink[:, None, :] if perm is None
+                   else gather_mask(self.is_sink, perm))
+        return dict(sinks=self.sinks, sink_k=self.k, sink_v=self.v, sink_valid=self.valid,
+                    sink_pos=self.pos, key_is_sink=is_sink)
+
 
 
 def _blocked_union(q, k, v, window, *, perm, layout, sinks, key_padding_mask, scale, local):
@@ -243,11 +295,7 @@ def _blocked_union(q, k, v, window, *, perm, layout, sinks, key_padding_mask, sc
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    sink_k = sink_v = sink_valid = None
-    if sinks > 0:
-        sink_k, sink_v = k[:, :, :sinks], v[:, :, :sinks]
-        if key_padding_mask is not None:
-            sink_valid = key_padding_mask[:, None, :sinks]
+    sink = _SinkParts(k, v, sinks, key_padding_mask, 1)
     if layout == "block":
         perm = blocked.sort_groups(perm, window)
     inv = inverse_permutation(perm)
@@ -255,14 +303,16 @@ def _blocked_union(q, k, v, window, *, perm, layout, sinks, key_padding_mask, sc
     key_valid = gather_mask(key_padding_mask, perm) if key_padding_mask is not None else None
     out_a, lse_a = blocked.windowed_attention(
         qs, ks, vs, window, pos=perm, key_valid=key_valid, layout=layout, causal=True,
-        sinks=sinks, sink_k=sink_k, sink_v=sink_v, sink_valid=sink_valid, scale=scale,
-        exclude_recent=local, return_lse=True)
+        scale=scale, exclude_recent=local, return_lse=True, **sink.slot_order(perm))
     out_a = permute_seq(out_a, inv, perm)
     lse_a = permute_seq(lse_a.unsqueeze(-1), inv, perm).squeeze(-1)
+    # Part B drops the window keys that are sinks (part A has them) and adds no sink keys.
+    sinks_b = sink.slot_order(None)
+    sinks_b.update(sink_k=None, sink_v=None, sink_valid=None, sink_pos=None)
     out_b, lse_b = blocked.windowed_attention(
-        q, k, v, local, pos=None, layout="band", causal=True, sinks=sinks, sink_k=None,
-        sink_v=None, sink_valid=None, scale=scale, return_lse=True,
-        key_valid=key_padding_mask[:, None, :] if key_padding_mask is not None else None)
+        q, k, v, local, pos=None, layout="band", causal=True, scale=scale, return_lse=True,
+        key_valid=key_padding_mask[:, None, :] if key_padding_mask is not None else None,
+        **sinks_b)
     return blocked.merge_parts(out_a, lse_a, out_b, lse_b).to(q.dtype)
 
 
@@ -304,7 +354,8 @@ def attended_keys(
         window = max(window, n)
     if method == "stochastic":
         if perm is None:
-            perm = random_permutation(batch, 1, n, generator=generator, device=device)
+            perm = routing_permutation(batch, 1, n, key_padding_mask=key_padding_mask,
+                                       generator=generator, device=device)
         elif perm.dim() == 3:  # a given perm fixes the heads (and batch, unless a mask does)
             heads = perm.shape[1]
             batch = batch if key_padding_mask is not None else perm.shape[0]
@@ -329,26 +380,28 @@ def attended_keys(
     kv = kv.view(batch, Hp, n, -1)
     vis = ok & visible(q_slot, k_slot, q_pos, k_pos, window=window, layout=layout, causal=causal,
                        sinks=0, seq_len=n, key_valid=kv)
+    s_pos, _, is_sink = sink_keys(key_padding_mask, sinks, n, device)
     if local:  # recent non-sink keys are counted once, below, with the local window
-        vis = vis & ((k_pos <= q_pos - local) | (k_pos < sinks))
+        k_sink = torch.gather(is_sink[:, None].expand(batch, Hp, n), -1,
+                              k_pos.expand(batch, Hp, n, k_pos.shape[-1]).reshape(batch, Hp, -1))
+        vis = vis & ((k_pos <= q_pos - local) | k_sink.view(batch, Hp, n, -1))
     counts = vis.sum(-1)  # per query slot
     if sinks > 0 and n > 0:
-        slot_of = inverse_permutation(perm)
-        s_pos = torch.arange(min(sinks, n), device=device)
-        s_slot = slot_of[..., s_pos]  # [Bp, Hp, S]
+        slot_of = inverse_permutation(perm).expand(batch, Hp, n)
+        s_pos = s_pos.expand(batch, -1)[:, None, :].expand(batch, Hp, -1)  # [B, Hp, S]
+        s_slot = torch.gather(slot_of, -1, s_pos)
         extra = ~in_window(q_slot, s_slot[..., None, :], window, layout, causal, n)
         if causal:
-            extra = extra & (s_pos <= q_pos)
-        extra = extra & key_valid[..., None, s_pos]
+            extra = extra & (s_pos[..., None, :] <= q_pos)
+        extra = extra & torch.gather(key_valid.expand(batch, 1, n), -1, s_pos[:, :1])[..., None, :]
         counts = counts + extra.sum(-1)
     counts = counts.expand(batch, heads if Hp == 1 else Hp, n)
     # Slot order -> original order.
     counts = torch.gather(counts, -1, inverse_permutation(perm).expand_as(counts))
     if local:  # valid non-sink keys among positions (q - local, q]
-        seen = torch.cumsum(key_valid.expand(batch, 1, n).long(), -1)
-        seen = F.pad(seen, (1, 0))  # seen[..., j + 1] = valid keys among positions 0..j
+        recent_ok = key_valid.expand(batch, 1, n) & ~is_sink[:, None, :]
+        seen = F.pad(torch.cumsum(recent_ok.long(), -1), (1, 0))  # seen[j + 1]: among 0..j
         q_pos = torch.arange(n, device=counts.device)
-        low = torch.clamp(torch.maximum(q_pos - local, torch.tensor(sinks - 1)), min=-1)
-        recent = (seen[..., q_pos + 1] - seen[..., low + 1]).clamp(min=0)
-        counts = counts + recent
+        low = torch.clamp(q_pos - local, min=-1)
+        counts = counts + seen[..., q_pos + 1] - seen[..., low + 1]
     return counts

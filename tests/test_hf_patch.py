@@ -79,16 +79,17 @@ def test_generate_after_patching():
 
 
 def test_permutation_ensemble_is_the_mean_over_independent_draws():
-    from stochastic_attention import random_permutation, stochastic_attention
+    from stochastic_attention import stochastic_attention
     from stochastic_attention.hf.attention import _generator, _stochastic
     from stochastic_attention.hf.config import PatchConfig
+    from stochastic_attention.ops.permute import routing_permutation
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, 17, 8, generator=g) for h in (4, 2, 2))
     cfg = PatchConfig(method="stochastic", window=3, sinks=1, local=2, ensemble=3)
     out = _stochastic(cfg, 5, q, k, v, None, 0.3)
     draws = _generator(0, 5, 0, torch.device("cpu"))
-    parts = [stochastic_attention(q, k, v, 3, perm=random_permutation(2, 4, 17, generator=draws),
+    parts = [stochastic_attention(q, k, v, 3, perm=routing_permutation(2, 4, 17, generator=draws),
                                   sinks=1, local=2, scale=0.3) for _ in range(3)]
     torch.testing.assert_close(out, sum(parts) / 3)
     single = _stochastic(PatchConfig(method="stochastic", window=3, sinks=1, local=2), 5, q, k, v,

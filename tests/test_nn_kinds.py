@@ -60,7 +60,7 @@ def test_bigbird_layer_matches_dense_reference(per_head):
     x = torch.randn(2, 25, HIDDEN, dtype=torch.double, requires_grad=True)
     padding = left_padding(2, 25)
     out = layer(x, attention_mask=padding)  # eval: the seeded draw below
-    idx = layer.draw_random_keys(2, 25)
+    idx = layer.draw_random_keys(2, 25, key_padding_mask=padding)
     assert idx.shape == (2, HEADS if per_head else 1, 25, 4)
     q, k, v = _projected(layer, x)
     mixed_ref = bigbird_reference(q, k, v, 3, 4, sinks=2, key_padding_mask=padding, indices=idx)

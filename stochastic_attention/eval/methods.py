@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..functional import attended_keys
-from ..hf.config import METHODS, PatchConfig
+from ..hf.config import METHODS, PatchConfig, resolve_local
 from ..ops.moba import moba_attended_keys
 from ..ops.patterns import dense_mask
 from ..ops.permute import random_permutation
@@ -33,10 +33,9 @@ class MethodSpec:
     def settings(self, window: int, num_layers: int, seed: int = 0) -> dict:
         """Keyword arguments for :func:`stochastic_attention.hf.patch` at this window."""
         kw = {k: v for k, v in self.options.items() if k not in ("local", "layers")}
-        local = self.options.get("local", 0)
-        if isinstance(local, float):  # a share of the nominal window
-            local = int(round(window * local))
-            window = max(1, window - local)
+        # An int is a number of tokens, a float a share of the nominal window: the same rule
+        # (and the same errors) as hf.patch.
+        window, local = resolve_local(window, self.options.get("local", 0))
         if local:
             kw["local"] = local
         if "layers" in self.options:

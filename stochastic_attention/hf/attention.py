@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..functional import sliding_window_attention, stochastic_attention
 from ..ops.moba import moba_attention
 from ..ops.patterns import inverse_permutation
-from ..ops.permute import gather_mask, gather_seq, random_permutation
+from ..ops.permute import gather_mask, gather_seq, routing_permutation
 from .config import PatchConfig
 
 
@@ -66,7 +66,9 @@ def _stochastic(cfg: PatchConfig, layer_idx: int, q, k, v, kpm, scale):
     g = _generator(cfg.seed, layer_idx, 0, torch.device("cpu"))
     out = None
     for _ in range(cfg.ensemble):
-        perm = random_permutation(B, H, n, generator=g, device=q.device)
+        # Drawn over each row's real tokens from its own copy of g: a sequence gets the same
+        # routing alone or padded in any batch.
+        perm = routing_permutation(B, H, n, key_padding_mask=kpm, generator=g, device=q.device)
         one = stochastic_attention(q, k, v, cfg.window, perm=perm, layout=cfg.layout,
                                    sinks=cfg.sinks, local=cfg.local, key_padding_mask=kpm,
                                    scale=scale)
@@ -94,6 +96,21 @@ def _with_cache(cfg: PatchConfig, layer_idx: int, q, k, v, valid, scale, own_win
     return _sampled_decode(cfg, layer_idx, q, k, v, valid, causal, scale)
 
 
+def _row_noise(seed: int, layer_idx: int, valid: torch.Tensor, heads: int, L: int) -> torch.Tensor:
+    """Sampling priorities [B, heads, L, S] in [0, 1), drawn per row over its real keys only.
+
+    Each row's generator is seeded by (seed, layer, its number of real tokens) and its draws go
+    to its real keys in order: a sequence samples the same keys alone or padded in a batch.
+    """
+    B, S = valid.shape
+    noise = torch.zeros(B, heads, L, S)
+    for b, r in enumerate(valid.sum(-1).tolist()):
+        if r:
+            g = _generator(seed, layer_idx, r, torch.device("cpu"))
+            noise[b][..., valid[b].cpu()] = torch.rand(heads, L, r, generator=g)
+    return noise
+
+
 def _sampled_decode(cfg: PatchConfig, layer_idx: int, q, k, v, valid, causal, scale):
     """Each query: sinks + last ``max(local, 1)`` tokens + ``window`` random earlier keys.
 
@@ -107,8 +124,7 @@ def _sampled_decode(cfg: PatchConfig, layer_idx: int, q, k, v, valid, causal, sc
     fixed = (rank[:, None, None, :] < cfg.sinks) | (
         rank[:, None, None, :] > q_rank[:, None, :, None] - local)
     fixed = fixed & causal
-    g = _generator(cfg.seed, layer_idx, S, torch.device("cpu"))
-    noise = torch.rand(B, hq, L, S, generator=g).to(q.device)
+    noise = _row_noise(cfg.seed, layer_idx, valid, hq, L).to(q.device)
     # Priority: always-kept keys first, then a uniform sample of the other visible keys.
     prio = torch.where(fixed, 2.0, torch.where(causal, noise, -1.0))
     budget = min(S, cfg.sinks + local + cfg.window)
@@ -119,10 +135,11 @@ def _sampled_decode(cfg: PatchConfig, layer_idx: int, q, k, v, valid, causal, sc
     idx = top.indices
     kg = k[torch.arange(B)[:, None, None, None], kv_head[None, :, None, None], idx]  # [B,hq,L,K,D]
     vg = v[torch.arange(B)[:, None, None, None], kv_head[None, :, None, None], idx]
-    scores = torch.einsum("bhld,bhlkd->bhlk", q.float(), kg.float()) * scale
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.einsum("bhld,bhlkd->bhlk", q.to(dt), kg.to(dt)) * scale
     scores = scores.masked_fill(~keep, float("-inf"))
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhlk,bhlkd->bhld", p, vg.float()).to(q.dtype)
+    return torch.einsum("bhlk,bhlkd->bhld", p, vg.to(dt)).to(q.dtype)
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

@@ -23,6 +23,30 @@ def _int(name: str, value, low: int) -> int:
     return value
 
 
+def resolve_local(window: int, local) -> tuple[int, int]:
+    """(window, local) from ``local`` given as a number of keys or as a share of the window.
+
+    An int >= 0 is a number of recent tokens (``window`` unchanged). A float in (0, 1) is a
+    share of the nominal window: ``round(window * local)`` recent tokens and an SA window of
+    the rest, so the budget stays ``window``. Shared by :func:`~stochastic_attention.hf.patch`
+    and ``sattn eval``'s method specs, so both accept the same forms.
+    """
+    if isinstance(local, bool) or not isinstance(local, (int, float)):
+        raise TypeError(f"local must be an int (recent tokens) or a float in (0, 1) (a share of "
+                        f"the window), got {local!r}")
+    if isinstance(local, float):
+        if not 0 < local < 1:
+            raise ValueError(f"local as a float is a share of the window and must lie in (0, 1), "
+                             f"got {local}; pass an int for a number of tokens")
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise TypeError(f"window must be an int, got {window!r}")
+        keys = int(round(window * local))
+        return max(1, window - keys), keys
+    if local < 0:
+        raise ValueError(f"local must be >= 0 (0 turns the local window off), got {local}")
+    return window, local
+
+
 @dataclass(frozen=True)
 class PatchConfig:
     """How the attention of a patched model works. See :func:`stochastic_attention.hf.patch`."""

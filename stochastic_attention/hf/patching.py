@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial, wraps
 
 from .attention import attention_forward, padding_mask
-from .config import CONFIG_KEY, METHODS, PatchConfig
+from .config import CONFIG_KEY, METHODS, PatchConfig, resolve_local
 
 # model_type values whose attention modules follow the contract we rely on (query/key/value
 # handed to the attention interface after RoPE, a ``layer_idx`` per module, the model's mask
@@ -88,6 +88,8 @@ def patch(
         window: keys per query (the query included). For MoBA, blocks of ``window // moba_topk``.
         sinks: the first ``sinks`` real tokens are visible to every query.
         local: SA only: every query also sees its last ``local`` tokens, in the same softmax.
+            A float in (0, 1) is a share of ``window`` (as in ``sattn eval``'s method specs):
+            ``round(window * local)`` recent tokens and an SA window of the rest.
         layout: SA window layout in permuted order, "band" or "block".
         layers: indices of the layers that change (negative ones count from the end); the
             others keep the model's own attention. None = all layers.
@@ -96,7 +98,8 @@ def patch(
             "stochastic" (SA only) to the sinks, ``max(local, 1)`` recent tokens and a fresh
             random sample of ``window`` cached keys.
         moba_topk: blocks per query for MoBA (own block included).
-        head_split: SA only: the first ``head_split`` query heads use SA, the others SWA.
+        head_split: SA only: the first ``head_split`` query heads use SA, the others SWA
+            (0 to the model's number of query heads).
         ensemble: SA only: every SA layer returns the mean of its outputs under ``ensemble``
             independent permutations (a permutation ensemble; that many times the attention
             work, and each query reads the union of the windows).
@@ -113,6 +116,12 @@ def patch(
         raise ValueError("head_split applies to method='stochastic' only")
     if local and method != "stochastic":
         raise ValueError("local applies to method='stochastic' only (SWA already is local)")
+    window, local = resolve_local(window, local)
+    heads = getattr(model.config, "num_attention_heads", None)
+    if (isinstance(head_split, int) and not isinstance(head_split, bool) and heads is not None
+            and head_split > heads):  # type and sign: PatchConfig below
+        raise ValueError(f"head_split must be between 0 and the model's {heads} query heads, "
+                         f"got {head_split}")
     previous = getattr(model.config, CONFIG_KEY, None)
     restore = (previous["restore_attn_implementation"] if previous
                else model.config._attn_implementation)

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..functional import sliding_window_attention, stochastic_attention
-from ..ops.permute import random_permutation
+from ..functional import BACKENDS, sliding_window_attention, stochastic_attention
+from ..ops.permute import routing_permutation
+from ..ops.validate import check_layout, check_sinks
 from .gate import BranchGate
 from .rotary import RotaryEmbedding
 
@@ -111,6 +112,11 @@ class MultiHeadAttention(nn.Module):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        # Checked here, not at the first forward pass, so a bad config fails where it is written.
+        check_layout(layout)
+        check_sinks(sinks)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.kind, self.layer_idx = kind, layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.sa_window = sa_window or window
@@ -139,14 +145,18 @@ class MultiHeadAttention(nn.Module):
     def uses_permutation(self) -> bool:
         return self.kind in ("sa", "gated", "sa_local") or (self.kind == "fna" and self.fna_stochastic)
 
-    def draw_permutation(self, batch: int, seq_len: int, device=None) -> torch.Tensor:
-        """The permutation a forward pass would use: [batch, heads or 1, seq_len]."""
+    def draw_permutation(self, batch: int, seq_len: int, device=None,
+                         key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The permutation a forward pass would use: [batch or 1, heads or 1, seq_len].
+
+        Drawn over each row's real tokens (``key_padding_mask`` True), which fill the first
+        slots (see :func:`~stochastic_attention.ops.permute.routing_permutation`). In seeded
+        eval mode every row draws from the same per-layer seed, so a sequence gets the same
+        routing, and output, alone or padded in any batch.
+        """
         heads = self.num_heads if self.perm_per_head else 1
-        generator = None
-        if not self.training and self.eval_perm == "seeded":
-            # Seeded per layer so that layers still use independent permutations.
-            generator = torch.Generator().manual_seed(self.perm_seed * 1_000_003 + self.layer_idx)
-        return random_permutation(batch, heads, seq_len, generator=generator, device=device)
+        return routing_permutation(batch, heads, seq_len, key_padding_mask=key_padding_mask,
+                                   generator=self._generator(), device=device)
 
     def _generator(self) -> torch.Generator | None:
         """None (global RNG) in training; in eval mode a generator seeded per layer if asked."""
@@ -155,13 +165,16 @@ class MultiHeadAttention(nn.Module):
             return torch.Generator().manual_seed(self.perm_seed * 1_000_003 + self.layer_idx)
         return None
 
-    def draw_random_keys(self, batch: int, seq_len: int, device=None) -> torch.Tensor:
-        """BigBird's random earlier keys a forward pass would use: [batch, heads or 1, n, r]."""
+    def draw_random_keys(self, batch: int, seq_len: int, device=None,
+                         key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """BigBird's random earlier keys a forward pass would use: [batch, heads or 1, n, r],
+        drawn over each row's real tokens (see :func:`~stochastic_attention.ops.bigbird.
+        bigbird_indices`)."""
         bigbird = importlib.import_module("stochastic_attention.ops.bigbird")
         heads = self.num_heads if self.perm_per_head else 1
         return bigbird.bigbird_indices(batch, heads, seq_len, self.swa_window, self.random_keys,
                                        sinks=self.sinks, generator=self._generator(),
-                                       device=device)
+                                       device=device, key_padding_mask=key_padding_mask)
 
     def forward(
         self,
@@ -179,6 +192,10 @@ class MultiHeadAttention(nn.Module):
         cache: a :class:`KVCache` or Hugging Face ``Cache``; updated in place.
         perm: the SA permutation to use instead of drawing one ([L], [B, L] or [B, H, L]).
         """
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape [batch, seq, hidden] (3 dims), got {shape}; "
+                             "add a batch dimension with x.unsqueeze(0)")
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -214,7 +231,7 @@ class MultiHeadAttention(nn.Module):
         if self.kind == "swa":
             return sliding_window_attention(q, k, v, self.swa_window, sinks=self.sinks, **common)
         if self.uses_permutation and perm is None:
-            perm = self.draw_permutation(q.shape[0], n, q.device)
+            perm = self.draw_permutation(q.shape[0], n, q.device, key_padding_mask)
         if self.kind in ("sa", "gated"):
             sa = stochastic_attention(q, k, v, self.sa_window, perm=perm, layout=self.layout,
                                       sinks=self.sinks, **common)
@@ -231,9 +248,10 @@ class MultiHeadAttention(nn.Module):
                                         key_padding_mask=key_padding_mask, backend=backend)
         if self.kind == "bigbird":
             bigbird = importlib.import_module("stochastic_attention.ops.bigbird")
+            indices = self.draw_random_keys(q.shape[0], n, q.device, key_padding_mask)
             return bigbird.bigbird_attention(q, k, v, self.swa_window, self.random_keys,
                                              sinks=self.sinks, key_padding_mask=key_padding_mask,
-                                             indices=self.draw_random_keys(q.shape[0], n, q.device))
+                                             indices=indices)
         if self.kind == "moba":
             moba = importlib.import_module("stochastic_attention.ops.moba")
             block_size, topk = self.moba

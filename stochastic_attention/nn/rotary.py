@@ -27,9 +27,11 @@ class RotaryEmbedding(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q [B, Hq, L, D] and k [B, Hk, L, D] by ``positions`` [B|1, L]."""
-        exponents = torch.arange(0, self.head_dim, 2, device=q.device, dtype=torch.float32)
+        # float32, or float64 for float64 inputs (gradcheck needs the input's precision).
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        exponents = torch.arange(0, self.head_dim, 2, device=q.device, dtype=dt)
         inv_freq = 1.0 / self.theta ** (exponents / self.head_dim)
-        angles = positions[:, None, :, None].float() * inv_freq  # [B, 1, L, D/2]
+        angles = positions[:, None, :, None].to(dt) * inv_freq  # [B, 1, L, D/2]
         cos = torch.cat([angles.cos()] * 2, dim=-1)
         sin = torch.cat([angles.sin()] * 2, dim=-1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -38,4 +40,4 @@ class RotaryEmbedding(nn.Module):
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return (x.to(cos.dtype) * cos + rotated.to(cos.dtype) * sin).to(x.dtype)

@@ -2,11 +2,13 @@
 
 Query i sees, in one softmax (Zaheer et al. 2020, causal form):
   (a) the local causal window ``(i - window, i]`` (itself included);
-  (b) the sink positions ``0 .. sinks - 1`` (subject to causality; positions, as for every
-      operator of the package, so with left padding a padded sink is simply not seen);
+  (b) the sinks: each row's first ``sinks`` REAL tokens (per the key padding mask; positions
+      ``0 .. sinks - 1`` without one), subject to causality, as for every operator;
   (c) up to ``random_keys`` random earlier positions j with ``sinks <= j <= i - window``, i.e.
       outside its window and outside the sinks. Draws are uniform with replacement; a position
-      drawn twice counts once (repeats are masked, as are padded keys).
+      drawn twice counts once (repeats are masked, as are padded keys and sinks). With padding
+      the draws are made over each row's real tokens (:func:`bigbird_indices`), so a sequence
+      gets the same keys alone or padded in a batch.
 
 The random positions are an explicit index tensor ``indices`` [B|1, H|1, n, r] (-1 = no key),
 drawn by :func:`bigbird_indices` (one draw per sample shared by the heads by default, like SA's
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import blocked
+from .patterns import sink_keys
 from .reference import masked_attention
 from .validate import (
     check_key_padding_mask,
@@ -63,6 +66,7 @@ def bigbird_indices(
     sinks: int = 0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Random earlier keys of every query: a LongTensor [batch, heads, seq_len, random_keys].
 
@@ -71,6 +75,13 @@ def bigbird_indices(
     (so every kept position counts once). Drawn on the generator's device, like
     :func:`stochastic_attention.random_permutation` (a CPU generator gives the same draw
     whatever ``device`` is), then moved to ``device``.
+
+    With a ``key_padding_mask`` (or a ``generator``) each row draws over its REAL tokens only,
+    as SA's routing does (:func:`~stochastic_attention.ops.permute.routing_permutation`): the
+    real token of rank i draws among the real tokens of rank ``sinks .. i - window``, padded
+    queries draw nothing, and with a generator every row draws from its own copy of its state
+    (same seed and real length, same keys, whatever the padding or the batch), after which the
+    generator is advanced once.
     """
     for name, value in (("batch", batch), ("heads", heads), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -80,13 +91,43 @@ def bigbird_indices(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     draw_on = generator.device if generator is not None else device
-    u = torch.rand(batch, heads, seq_len, r, generator=generator, device=draw_on,
-                   dtype=torch.float64)
-    i = torch.arange(seq_len, device=u.device).view(seq_len, 1)
+    if key_padding_mask is None and generator is None:
+        u = torch.rand(batch, heads, seq_len, r, device=draw_on, dtype=torch.float64)
+        return _draws_to_indices(u, window, sinks).to(device if device is not None else u.device)
+    if key_padding_mask is not None:
+        batch = key_padding_mask.shape[0]
+        device = key_padding_mask.device if device is None else device
+    lengths = (key_padding_mask.sum(-1).tolist() if key_padding_mask is not None
+               else [seq_len] * batch)
+    draws = {}
+    if generator is not None:
+        state = generator.get_state()
+        for length in sorted(set(lengths)):
+            generator.set_state(state)
+            draws[length] = torch.rand(heads, length, r, generator=generator, device=draw_on,
+                                       dtype=torch.float64)
+        generator.set_state(state)
+        generator.manual_seed(int(torch.randint(0, 2**62, (), generator=generator,
+                                                device=draw_on)))
+    out = torch.full((batch, heads, seq_len, r), -1, dtype=torch.long, device=device)
+    for b, length in enumerate(lengths):
+        u = draws[length] if generator is not None else torch.rand(
+            heads, length, r, device=device, dtype=torch.float64)
+        idx = _draws_to_indices(u, window, sinks).to(device)  # in ranks among real tokens
+        if key_padding_mask is None:
+            out[b] = idx
+            continue
+        real = key_padding_mask[b].nonzero().flatten()  # rank -> position
+        out[b][:, real] = torch.where(idx >= 0, real[idx.clamp(min=0)], -1)
+    return out
+
+
+def _draws_to_indices(u: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
+    """Uniform draws [..., n, r] in [0, 1) -> indices in sinks .. i - window (-1: none, repeat)."""
+    i = torch.arange(u.shape[-2], device=u.device).view(-1, 1)
     choices = (i - window + 1 - sinks).clamp(min=0)  # eligible positions per query
     offset = (u * choices).long().clamp(max=(choices - 1).clamp(min=0))
-    idx = torch.where(choices > 0, sinks + offset, -1)
-    return dedupe(idx).to(device if device is not None else idx.device)
+    return dedupe(torch.where(choices > 0, sinks + offset, -1))
 
 
 def dedupe(indices: torch.Tensor) -> torch.Tensor:
@@ -134,7 +175,7 @@ def _prepare(q, k, v, window, random_keys, sinks, key_padding_mask, scale, gener
     if indices is None:
         # One draw per sample, shared by the heads (as SA's default permutation).
         indices = bigbird_indices(B, 1, n, window, random_keys, sinks=sinks, generator=generator,
-                                  device=q.device)
+                                  device=q.device, key_padding_mask=key_padding_mask)
     else:
         indices = check_indices(indices, B, H, n, window, random_keys, sinks, q.device)
     return window, sinks, scale, indices
@@ -159,9 +200,10 @@ def bigbird_attention(
         q: [batch, heads_q, seq, head_dim]; k, v: [batch, heads_kv, seq, head_dim], heads_q a
             multiple of heads_kv (grouped-query attention).
         window: local causal window, itself included (>= 1).
-        random_keys: random earlier keys per query (>= 0), drawn from ``generator`` (one draw
-            per sample, shared by the heads) unless ``indices`` is given.
-        sinks: the first ``sinks`` positions are visible to every later query.
+        random_keys: random earlier keys per query (>= 0), drawn from ``generator`` over each
+            row's real tokens (shared by the heads; see :func:`bigbird_indices`) unless
+            ``indices`` is given.
+        sinks: the first ``sinks`` real tokens of each row are visible to every later query.
         key_padding_mask: bool [batch, seq], True for real tokens; padded keys are never seen.
             A query with no visible key returns zeros.
         scale: softmax scale, default ``head_dim ** -0.5``.
@@ -182,22 +224,30 @@ def bigbird_attention(
         from ..functional import full_attention  # late import: functional imports ops
         return full_attention(q, k, v, causal=True, key_padding_mask=kpm, scale=scale)
     sinks = min(sinks, n)
+    if kpm is not None:  # padded keys and values never reach an output, even NaN
+        pad = ~kpm[:, None, :, None]
+        k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
     ke, ve = k, v
     if groups > 1:
         ke, ve = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     local = dict(pos=None, key_valid=None if kpm is None else kpm[:, None, :], layout="band",
-                 causal=True, sinks=sinks, sink_k=ke[:, :, :sinks] if sinks else None,
-                 sink_v=ve[:, :, :sinks] if sinks else None,
-                 sink_valid=None if kpm is None or not sinks else kpm[:, None, :sinks],
+                 causal=True, sinks=sinks, sink_k=None, sink_v=None, sink_valid=None,
                  scale=scale)
+    is_sink = None
+    if sinks:  # each row's first real tokens
+        s_pos, s_valid, is_sink = sink_keys(kpm, sinks, n, q.device)
+        index = s_pos[:, None, :, None].expand(B, ke.shape[1], sinks, D)
+        local.update(sink_k=torch.gather(ke, 2, index), sink_v=torch.gather(ve, 2, index),
+                     sink_valid=None if s_valid is None else s_valid[:, None, :],
+                     sink_pos=s_pos[:, None, :], key_is_sink=is_sink[:, None, :])
     if not bool((indices >= 0).any()):
         return blocked.windowed_attention(q, ke, ve, window, **local).to(q.dtype)
     out_a, lse_a = blocked.windowed_attention(q, ke, ve, window, return_lse=True, **local)
-    out_b, lse_b = _random_part(q, k, v, indices, kpm, scale)
+    out_b, lse_b = _random_part(q, k, v, indices, kpm, scale, is_sink)
     return blocked.merge_parts(out_a, lse_a, out_b, lse_b).to(q.dtype)
 
 
-def _random_part(q, k, v, indices, kpm, scale):
+def _random_part(q, k, v, indices, kpm, scale, is_sink=None):
     """Attention of each query to its gathered random keys alone: out [B, Hq, n, D], lse.
 
     Keys are gathered from the kv heads, never expanded to the query heads: with one draw per
@@ -209,8 +259,13 @@ def _random_part(q, k, v, indices, kpm, scale):
     Hi, r = indices.shape[1], indices.shape[-1]
     indices = indices.expand(B, Hi, n, r)
     seen = indices >= 0
-    if kpm is not None:
-        seen = seen & torch.gather(kpm[:, None, :].expand(B, Hi, n), 2,
+    # Padded keys are never seen; sinks come once, through the window part.
+    ok = kpm if kpm is not None else None
+    if is_sink is not None:
+        ok = ~is_sink if ok is None else ok & ~is_sink
+    if ok is not None:
+        ok = ok.expand(B, n)
+        seen = seen & torch.gather(ok[:, None, :].expand(B, Hi, n), 2,
                                    indices.clamp(min=0).reshape(B, Hi, n * r)).view(B, Hi, n, r)
     # Rows of k viewed as [B * Hkv * n, D] (a row gather is faster than torch.gather with an
     # expanded index on CPU). Per query head, indices [B, Hq, n, r] are grouped as
@@ -220,7 +275,7 @@ def _random_part(q, k, v, indices, kpm, scale):
             + torch.arange(Hkv, device=q.device).view(1, Hkv, 1)) * n
     rows = (base + flat).reshape(-1)
     kg, vg = k.reshape(-1, D)[rows], v.reshape(-1, D)[rows]
-    bias = torch.zeros(seen.shape, dtype=torch.float32, device=q.device)
+    bias = torch.zeros(seen.shape, dtype=blocked.compute_dtype(q), device=q.device)
     bias = bias.masked_fill(~seen, float("-inf"))
     if Hi == 1:  # queries [B, Hkv, n, G, D] against keys [B, Hkv, n, r, D]
         qg = q.view(B, Hkv, G, n, D).transpose(2, 3)
@@ -245,7 +300,8 @@ def bigbird_mask(
     device = indices.device
     i = torch.arange(n, device=device).view(n, 1)
     j = torch.arange(n, device=device).view(1, n)
-    base = (j <= i) & ((j > i - window) | (j < sinks))
+    is_sink = sink_keys(key_padding_mask, sinks, n, device)[2][:, None, None, :]  # first real
+    base = (j <= i) & ((j > i - window) | is_sink)
     rand = torch.zeros(*indices.shape[:2], n, n + 1, dtype=torch.bool, device=device)
     # Column n collects the -1 entries, then is dropped.
     rand.scatter_(-1, torch.where(indices >= 0, indices, n), True)
@@ -305,19 +361,23 @@ def bigbird_attended_keys(
     check_key_padding_mask(key_padding_mask, batch, n, device)
     if indices is None:
         indices = bigbird_indices(batch, 1, n, window, random_keys, sinks=sinks,
-                                  generator=generator, device=device)
+                                  generator=generator, device=device,
+                                  key_padding_mask=key_padding_mask)
     else:
         indices = check_indices(indices, indices.shape[0], indices.shape[1], n, window,
                                 random_keys, sinks, indices.device)
     valid = (key_padding_mask if key_padding_mask is not None
              else torch.ones(1, n, dtype=torch.bool, device=indices.device))
-    seen = F.pad(torch.cumsum(valid.long(), -1), (1, 0))  # seen[:, j] = valid among 0..j-1
+    is_sink = sink_keys(key_padding_mask, sinks, n, indices.device)[2].expand_as(valid)
+    other = valid & ~is_sink  # real keys that are not sinks
+    # cumulative counts: c[:, j] = how many among positions 0..j-1
+    c_sink = F.pad(torch.cumsum(is_sink.long(), -1), (1, 0))
+    c_other = F.pad(torch.cumsum(other.long(), -1), (1, 0))
     i = torch.arange(n, device=indices.device)
-    sink_end = torch.minimum(i + 1, torch.tensor(sinks))  # sinks among 0..i
-    low = torch.maximum(i - window + 1, sink_end)  # window part, without the sinks
-    counts = seen[:, sink_end] + (seen[:, i + 1] - seen[:, low]).clamp(min=0)
+    low = (i - window + 1).clamp(min=0)  # window part, without the sinks
+    counts = c_sink[:, i + 1] + c_other[:, i + 1] - c_other[:, low]
     Bt, Hi, r = max(valid.shape[0], indices.shape[0]), indices.shape[1], indices.shape[-1]
     indices = indices.expand(Bt, Hi, n, r)
-    real = torch.gather(valid[:, None, :].expand(Bt, Hi, n), 2,
+    real = torch.gather(other.expand(Bt, n)[:, None, :].expand(Bt, Hi, n), 2,
                         indices.clamp(min=0).reshape(Bt, Hi, n * r)).view(Bt, Hi, n, r)
     return counts[:, None, :] + ((indices >= 0) & real).sum(-1)

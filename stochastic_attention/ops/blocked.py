@@ -94,6 +94,18 @@ class TilePlan:
         return out.reshape(B, H, self.nt * self.T, out.shape[-1])[:, :, : self.n]
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Are all entries finite? SDPA adds its mask to the scores, and NaN + -inf is NaN, so a
+    non-finite key would reach the queries that do not see it: callers then take an explicit
+    path that selects (:func:`attend_with_lse`)."""
+    return bool(torch.isfinite(x).all())
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 inputs are computed in float64 (gradcheck), everything else in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _attend(q, k, v, bias, scale, guard_empty_rows: bool):
     """One batched SDPA over tiles. q [B,H,nt,T,D]; k,v [B,H,nt,L,D]; bias [Bm,Hm,nt,T,L] (0 / -inf)."""
     B, H, nt, T, D = q.shape
@@ -115,22 +127,27 @@ def _attend(q, k, v, bias, scale, guard_empty_rows: bool):
     return out.view(B, H, nt, T, D)
 
 
-def attend_with_lse(q, k, v, bias, scale):
+def attend_with_lse(q, k, v, bias, scale, select: bool = True):
     """Like :func:`_attend`, computed explicitly so it also returns the log-sum-exp of each row.
 
     Any leading dims: q [..., T, D], k/v [..., L, D], bias broadcastable to [..., T, L].
-    Returns out [..., T, D] and lse [..., T] in fp32 (lse = -inf and out = 0 for a row with no
-    visible key, with zero gradients there), for :func:`merge_parts`. One exp pass, in place
-    (safe for autograd: only the exp's own result is saved).
+    Returns out [..., T, D] and lse [..., T] in fp32, fp64 for fp64 inputs (lse = -inf and out = 0
+    for a row with no visible key, with zero gradients there), for :func:`merge_parts`. Hidden
+    keys are selected away (not added to -inf), so a NaN key reaches only the rows that see it;
+    ``select=False`` skips that pass when the caller knows every key is finite. One exp pass, in
+    place (safe for autograd: only the exp's own result is saved).
     """
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale).add_(bias)
+    dt = compute_dtype(q)
+    scores = torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)).mul_(scale).add_(bias)
+    if select:
+        scores = scores.masked_fill_(bias == float("-inf"), float("-inf"))
     has_key = (bias > float("-inf")).any(dim=-1, keepdim=True)
     row_max = scores.detach().amax(dim=-1, keepdim=True)
     row_max = torch.where(has_key, row_max, torch.zeros_like(row_max))  # empty rows: exp(-inf) = 0
     p = scores.sub_(row_max).exp_()
     total = p.sum(dim=-1, keepdim=True)
     total = torch.where(has_key, total, torch.ones_like(total))
-    out = torch.matmul(p, v.float()) / total
+    out = torch.matmul(p, v.to(dt)) / total
     lse = torch.where(has_key, row_max + torch.log(total), float("-inf"))
     return out, lse.squeeze(-1)
 
@@ -182,6 +199,8 @@ def windowed_attention(
     scale: float,
     exclude_recent: int = 0,
     return_lse: bool = False,
+    sink_pos: torch.Tensor | None = None,
+    key_is_sink: torch.Tensor | None = None,
 ):
     """Attention of each slot to the keys of its window (and the sinks), in slot space.
 
@@ -189,7 +208,10 @@ def windowed_attention(
     pos: [B|1, H|1, n] original position of each slot, or None when slot == position (SWA).
     key_valid: [B, 1|H, n] bool in slot order, or None. For ``block`` the caller sorts every
     group of ``window`` slots by position (see :func:`sort_groups`).
-    sink_k, sink_v: [B, H, S, D] keys/values at original positions 0..S-1; sink_valid [B, 1, S].
+    sink_k, sink_v: [B, H, S, D] the sink keys/values, at original positions ``sink_pos``
+    [B|1, 1, S] (default 0..S-1); sink_valid [B, 1, S]. ``key_is_sink`` [B|1, 1|H, n] (slot order)
+    marks the window keys that are sinks, which are left to the sink keys (default: positions
+    below ``sinks``).
     window < n is assumed (the dispatcher sends window >= n to full attention).
     exclude_recent (causal, with ``pos``): window keys among the query's last ``exclude_recent``
     positions are left out; the SA + local union serves them in a second, local pass.
@@ -220,15 +242,18 @@ def windowed_attention(
     drop = None  # [.., nt, 1, L] keys that no query may see through the window
     if key_valid is not None:
         drop = ~as_tiles(key_valid, False)[1]
+    if sinks > 0 and key_is_sink is not None:
+        sink_key = as_tiles(key_is_sink, False)[1]
+        drop = sink_key if drop is None else drop | sink_key
     if pos is None:  # SWA: slot == position, the band already is causal
-        if sinks > 0:
+        if sinks > 0 and key_is_sink is None:
             static = static & (key_slot >= sinks)
         visible_keys = static if drop is None else static & ~drop
         bias = torch.zeros((), dtype=q.dtype, device=device).masked_fill(~visible_keys, neg)
         q_pos = query_slot
     else:
         q_pos, k_pos = as_tiles(pos, n_pad)
-        if sinks > 0:
+        if sinks > 0 and key_is_sink is None:
             sink_key = k_pos < sinks
             drop = sink_key if drop is None else drop | sink_key
         static_bias = torch.zeros(static.shape, dtype=q.dtype, device=device).masked_fill_(~static, neg)
@@ -242,8 +267,11 @@ def windowed_attention(
 
     if sink_k is not None:
         S = sink_k.shape[-2]
-        s_ok = torch.arange(S, device=device).view(1, 1, S) <= q_pos if causal else torch.ones(
-            1, 1, S, dtype=torch.bool, device=device)
+        if sink_pos is None:
+            sink_pos = torch.arange(S, device=device).view(1, 1, S)
+        # [B|1, 1, S] -> [B|1, 1, 1, 1, S] against query positions [.., nt, T, 1]
+        s_ok = (sink_pos[:, :, None, None, :] <= q_pos if causal else torch.ones(
+            1, 1, S, dtype=torch.bool, device=device))
         if sink_valid is not None:
             s_ok = s_ok & sink_valid.unsqueeze(-2).unsqueeze(-2)
         s_ok = s_ok.view((1,) * (5 - s_ok.dim()) + tuple(s_ok.shape))
@@ -255,9 +283,12 @@ def windowed_attention(
         kt = torch.cat([kt, sink_k.unsqueeze(2).expand(B, H, plan.nt, S, D)], dim=-2)
         vt = torch.cat([vt, sink_v.unsqueeze(2).expand(B, H, plan.nt, S, D)], dim=-2)
 
+    finite = all_finite(k)  # the sink keys are keys too
     if return_lse:
-        out, lse = attend_with_lse(qt, kt, vt, bias, scale)
+        out, lse = attend_with_lse(qt, kt, vt, bias, scale, select=not finite)
         return plan.unpad(out), plan.unpad(lse.unsqueeze(-1)).squeeze(-1)
+    if not finite:
+        return plan.unpad(attend_with_lse(qt, kt, vt, bias, scale)[0].to(q.dtype))
     return plan.unpad(_attend(qt, kt, vt, bias, scale, guard))
 
 

@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from .patterns import band_extent, inverse_permutation, visible
+from .patterns import band_extent, inverse_permutation, sink_keys, visible
 from .permute import permute_seq
 
 BLOCK = 128
@@ -86,6 +86,7 @@ def attention(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask,
     """Same contract as the blocked path of the dispatcher (window < n, validated inputs)."""
     B, H, n, D = q.shape
     groups = H // k.shape[1]
+    sinks = min(sinks, n)
     if perm is None:
         pos = torch.arange(n, device=q.device).view(1, 1, n)
         qs, ks, vs = q, k, v
@@ -97,26 +98,37 @@ def attention(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask,
         else:
             ks = permute_seq(k.repeat_interleave(groups, dim=1), perm, inv)
             vs = permute_seq(v.repeat_interleave(groups, dim=1), perm, inv)
+    valid = key_padding_mask
     if sinks > 0:
-        sk, sv = k[:, :, :sinks], v[:, :, :sinks]
+        # The sinks are each row's first real tokens: gather them in front of the slot keys.
+        s_pos, s_valid, is_sink = sink_keys(valid, sinks, n, q.device)
+        s_pos = s_pos.expand(B, -1)
+        index = s_pos[:, None, :, None].expand(B, k.shape[1], sinks, D)
+        sk, sv = torch.gather(k, 2, index), torch.gather(v, 2, index)
         if ks.shape[1] != sk.shape[1]:
             sk, sv = sk.repeat_interleave(groups, dim=1), sv.repeat_interleave(groups, dim=1)
         ks, vs = torch.cat([sk, ks], dim=2), torch.cat([sv, vs], dim=2)
+        s_valid = torch.ones_like(s_pos, dtype=torch.bool) if s_valid is None else s_valid
+        is_sink = is_sink.expand(B, n).contiguous()
     pos = pos.expand(B, H, n).contiguous()
-    valid = key_padding_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
-        is_sink = kv_idx < sinks
+        is_sink_idx = kv_idx < sinks
         slot_k = (kv_idx - sinks).clamp(min=0)
         pos_q = pos[b, h, q_idx]
-        pos_k = torch.where(is_sink, kv_idx, pos[b, h, slot_k])
+        pos_k = pos[b, h, slot_k]
         real = valid[b, pos_k] if valid is not None else True
-        # Window keys that are sinks are dropped here: they come once, through the sink prefix.
+        if sinks > 0:
+            # Window keys that are sinks are dropped here: they come once, through the prefix.
+            real = real & ~is_sink[b, pos_k]
         win = visible(q_idx, slot_k, pos_q, pos_k, window=window, layout=layout, causal=causal,
-                      sinks=0, seq_len=n, key_valid=(~is_sink) & (pos_k >= sinks) & real)
-        sink = is_sink & real
+                      sinks=0, seq_len=n, key_valid=(~is_sink_idx) & real)
+        if sinks == 0:
+            return win
+        s_idx = kv_idx.clamp(max=sinks - 1)
+        sink = is_sink_idx & s_valid[b, s_idx]
         if causal:
-            sink = sink & (pos_k <= pos_q)
+            sink = sink & (s_pos[b, s_idx] <= pos_q)
         return win | sink
 
     block_mask = build_block_mask(n, window, layout, causal, sinks, mask_mod, B, H, q.device)

@@ -101,6 +101,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _zero_padding(x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """x [B, H, n, D] with padded positions set to 0 by selection (NaN padding cannot leak)."""
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        return x  # None, or a bad mask the argument checks report
+    if key_padding_mask.shape != (x.shape[0], x.shape[2]):
+        return x  # the argument checks report the mismatch
+    return x.masked_fill(~key_padding_mask[:, None, :, None], 0)
+
+
 def log_kernel(d2: torch.Tensor, alpha: float, eps: float, head_dim: int) -> torch.Tensor:
     """log K from squared scaled distances D^2 (any shape)."""
     if alpha == 2:
@@ -165,6 +174,7 @@ def fractional_weights(
     B, H, n, D = q.shape
     s = _resolve_scale(scale, D, alpha)
     mask = _dense_visibility(B, H, n, q.device, causal, key_padding_mask, window, perm, layout)
+    k = _zero_padding(k, key_padding_mask)
     dt = _compute_dtype(q)
     k = k.repeat_interleave(H // k.shape[1], dim=1)
     diff = q.to(dt).unsqueeze(-2) - k.to(dt).unsqueeze(-3)  # [B, H, n, n, D]
@@ -174,7 +184,7 @@ def fractional_weights(
     else:
         dist = d2.clamp(min=1e-12).sqrt()
         kern = (1 + dist / math.sqrt(eps)) ** -(D + alpha)
-    kern = kern * mask
+    kern = torch.where(mask, kern, torch.zeros((), dtype=kern.dtype))  # selection: NaN stays out
     denom = kern.sum(-1, keepdim=True)
     return kern / torch.where(denom > 0, denom, torch.ones_like(denom))
 
@@ -246,6 +256,7 @@ def fractional_attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     B, H, n, D = q.shape
+    v = _zero_padding(v, key_padding_mask)  # padded values never reach an output, even NaN
     if backend == "reference":
         P = fractional_weights(q, k, alpha, eps=eps, scale=scale, causal=causal,
                                key_padding_mask=key_padding_mask, window=window, perm=perm,
@@ -270,6 +281,7 @@ def fractional_attention(
             f"backend='chunked' computes full attention but window={window} < seq={n};"
             " use backend='blocked' (or 'auto') for windowed FNA"
         )
+    k = _zero_padding(k, key_padding_mask)
     groups = H // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .reference import masked_attention
+
 # Query rows per SDPA call: bounds the [B, H, rows, n] score matrix.
 ROW_CHUNK = 512
 
@@ -33,10 +35,14 @@ def chunked_masked_attention(
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    finite = bool(torch.isfinite(k).all())
     outs = []
     for start in range(0, q.shape[2], chunk):
         stop = min(start + chunk, q.shape[2])
         mask = mask_rows(start, stop)
+        if not finite:  # SDPA adds its mask, so a NaN key would reach hidden queries: select
+            outs.append(masked_attention(q[:, :, start:stop], k, v, mask, scale))
+            continue
         has_key = mask.any(dim=-1, keepdim=True)
         out = F.scaled_dot_product_attention(q[:, :, start:stop], k, v, attn_mask=mask | ~has_key,
                                              scale=scale)

@@ -3,8 +3,11 @@
 Keys are cut into blocks of ``block_size`` consecutive positions. A query scores every block by
 ``q . mean(block keys)``, always keeps its own block (causally masked) and adds the best earlier
 blocks, ``topk`` blocks in all; future blocks are never chosen. With ``topk`` >= the number of
-blocks this is exactly full causal attention. ``sinks`` leading positions may be added to every
-query. Implementations: :func:`moba_reference` (one query at a time, obviously correct),
+blocks this is exactly full causal attention. The first ``sinks`` tokens may be added to every
+query. With a key padding mask, every row's real tokens are first moved, in order, in front of
+its padding (and moved back afterwards): blocks and sinks are then counted over real tokens, so
+a sequence gives the same output alone or padded in a batch, and padded keys and values never
+reach an output. Implementations: :func:`moba_reference` (one query at a time, obviously correct),
 :func:`moba_attention` (block-sparse, O(n * topk * block_size) time and memory, below) and
 :func:`moba_masked` (a chunked dense mask, O(n^2) time; a cross-check).
 
@@ -21,6 +24,8 @@ import torch
 
 from . import blocked
 from .masked import chunked_masked_attention
+from .patterns import inverse_permutation
+from .permute import gather_mask, permute_seq
 from .reference import masked_attention
 
 # Queries packed against one key block per matmul in the block-sparse path.
@@ -35,6 +40,25 @@ def _check(block_size: int, topk: int, sinks: int) -> None:
             raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
+def _real_tokens_first(fn, q, k, v, block_size, topk, *, sinks, key_padding_mask, scale):
+    """Run ``fn`` with each row's real tokens moved (stably) in front of its padding.
+
+    Padded keys and values are zeroed by selection first, so even NaN padding cannot reach an
+    output. Returns None when there is no mask (the caller runs directly).
+    """
+    if key_padding_mask is None:
+        return None
+    pad = ~key_padding_mask[:, None, :, None]
+    k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
+    order = torch.argsort((~key_padding_mask).to(torch.int8), dim=-1, stable=True)[:, None, :]
+    inv = inverse_permutation(order)
+    q, k, v = (permute_seq(x, order, inv) for x in (q, k, v))
+    kpm = gather_mask(key_padding_mask, order)[:, 0]
+    out = fn(q, k, v, block_size, topk, sinks=sinks, key_padding_mask=kpm, scale=scale,
+             _compact=True)
+    return permute_seq(out, inv, order)
+
+
 def block_means(k: torch.Tensor, block_size: int, key_valid: torch.Tensor | None) -> tuple:
     """Mean key of each block over its real tokens: ([B, Hkv, nb, D], has_key [B, 1, nb])."""
     B, H, n, D = k.shape
@@ -42,8 +66,9 @@ def block_means(k: torch.Tensor, block_size: int, key_valid: torch.Tensor | None
     valid = (torch.ones(B, n, dtype=torch.bool, device=k.device) if key_valid is None
              else key_valid)
     pad = nb * block_size - n
-    kv = torch.nn.functional.pad(k.float() * valid[:, None, :, None], (0, 0, 0, pad))
-    count = torch.nn.functional.pad(valid.float(), (0, pad)).view(B, 1, nb, block_size).sum(-1)
+    dt = blocked.compute_dtype(k)
+    kv = torch.nn.functional.pad(k.to(dt).masked_fill(~valid[:, None, :, None], 0), (0, 0, 0, pad))
+    count = torch.nn.functional.pad(valid.to(dt), (0, pad)).view(B, 1, nb, block_size).sum(-1)
     sums = kv.view(B, H, nb, block_size, D).sum(-2)
     return sums / count.clamp(min=1)[..., None], count > 0
 
@@ -67,11 +92,12 @@ def top_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int,
     means, has_key = block_means(k, block_size, key_valid)
     means = means.repeat_interleave(Hq // k.shape[1], dim=1)
     nb = means.shape[2]
-    gate = torch.matmul(q.float(), means.transpose(-1, -2))  # [B, Hq, n, nb]
+    gate = torch.matmul(q.to(means.dtype), means.transpose(-1, -2))  # [B, Hq, n, nb]
     own = torch.div(torch.arange(n, device=q.device), block_size, rounding_mode="floor")[:, None]
     blk = torch.arange(nb, device=q.device)[None, :]
-    gate = gate.masked_fill(blk == own, float("inf"))
+    # Own block last: it is always first-ranked, even when it holds no real key (a padded query).
     gate = gate.masked_fill((blk > own) | ~has_key[:, :, None, :], float("-inf"))
+    gate = gate.masked_fill(blk == own, float("inf"))
     top = gate.topk(min(topk, nb), dim=-1)
     return top.indices, top.values > float("-inf")
 
@@ -99,10 +125,14 @@ def moba_attention(
     sinks: int = 0,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    _compact: bool = False,
 ) -> torch.Tensor:
     """Causal MoBA, block-sparse (see the module doc). q [B, Hq, n, D], k/v [B, Hkv, n, D];
     returns [B, Hq, n, D]. Differentiable."""
     _check(block_size, topk, sinks)
+    if not _compact and key_padding_mask is not None:
+        return _real_tokens_first(moba_attention, q, k, v, block_size, topk, sinks=sinks,
+                                  key_padding_mask=key_padding_mask, scale=scale)
     B, Hq, n, D = q.shape
     if n == 0:
         return q.new_zeros(q.shape)
@@ -127,7 +157,7 @@ def moba_attention(
     if not bool(other.any()):
         return own_out.to(q.dtype)
     part_out, part_lse = _earlier_blocks(q, k, v, index, other, block_size, sinks, kpm, scale)
-    outs = torch.cat([own_out.float().unsqueeze(-2), part_out], -2)  # [B, Hq, n, t + 1, D]
+    outs = torch.cat([own_out.to(part_out.dtype).unsqueeze(-2), part_out], -2)  # [B, Hq, n, t + 1, D]
     lses = torch.cat([own_lse.unsqueeze(-1), part_lse], -1)  # [B, Hq, n, t + 1]
     m = lses.amax(-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -175,11 +205,13 @@ def _earlier_blocks(q, k, v, index, other, block_size, sinks, kpm, scale):
     if kpm is not None:
         key_ok = key_ok & torch.nn.functional.pad(kpm, (0, pad)).view(B, 1, nb, block_size)
     key_ok = key_ok.expand(B, Hq, nb, block_size).reshape(G * nb, block_size)[tile_group]
-    bias = torch.zeros(key_ok.shape, dtype=torch.float32, device=q.device)
+    dt = blocked.compute_dtype(q)
+    bias = torch.zeros(key_ok.shape, dtype=dt, device=q.device)
     bias = bias.masked_fill(~key_ok, float("-inf"))[:, None, :]  # [T, 1, bs]
-    out, lse = blocked.attend_with_lse(q_rows, kb, vb, bias, scale)  # [T, P, D], [T, P]
-    part_out = q.new_zeros(G, n, t, D, dtype=torch.float32).index_put((g, i, s), out[tile, slot])
-    part_lse = torch.full((G, n, t), float("-inf"), device=q.device).index_put(
+    out, lse = blocked.attend_with_lse(q_rows, kb, vb, bias, scale,  # [T, P, D], [T, P]
+                                       select=not blocked.all_finite(k))
+    part_out = q.new_zeros(G, n, t, D, dtype=dt).index_put((g, i, s), out[tile, slot])
+    part_lse = torch.full((G, n, t), float("-inf"), dtype=dt, device=q.device).index_put(
         (g, i, s), lse[tile, slot])
     return part_out.view(B, Hq, n, t, D), part_lse.view(B, Hq, n, t)
 
@@ -194,10 +226,14 @@ def moba_masked(
     sinks: int = 0,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    _compact: bool = False,
 ) -> torch.Tensor:
     """Causal MoBA through a chunked dense mask: O(n^2) time. Same result as
     :func:`moba_attention`."""
     _check(block_size, topk, sinks)
+    if not _compact and key_padding_mask is not None:
+        return _real_tokens_first(moba_masked, q, k, v, block_size, topk, sinks=sinks,
+                                  key_padding_mask=key_padding_mask, scale=scale)
     n = q.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     chosen = chosen_blocks(q, k, block_size, topk, key_padding_mask)
@@ -219,9 +255,13 @@ def moba_reference(
     sinks: int = 0,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    _compact: bool = False,
 ) -> torch.Tensor:
     """The same rule, one (batch, head, query) at a time in plain Python. Tests only."""
     _check(block_size, topk, sinks)
+    if not _compact and key_padding_mask is not None:
+        return _real_tokens_first(moba_reference, q, k, v, block_size, topk, sinks=sinks,
+                                  key_padding_mask=key_padding_mask, scale=scale)
     B, Hq, n, D = q.shape
     groups = Hq // k.shape[1]
     scale = D**-0.5 if scale is None else scale

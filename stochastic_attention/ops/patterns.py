@@ -6,10 +6,14 @@ Vocabulary:
   ``perm = arange(n)`` (slot == position).
 
 A key is visible to a query when
-  (the key's slot lies in the query's window  OR  the key is one of the first ``sinks`` positions
+  (the key's slot lies in the query's window  OR  the key is a sink
    OR  the key is one of the query's last ``local`` positions)
   AND (not causal  OR  key position <= query position)
   AND the key is not padding.
+
+The sinks are the first ``sinks`` REAL tokens of each row (per the key padding mask; without a
+mask, positions 0..sinks-1): with left padding they are the first tokens of the text, not the
+padding. :func:`real_rank` gives each key's index among its row's real tokens.
 
 ``local`` (causal only, 0 by default) is the SA + local union: every query also sees the
 ``local`` positions ending at itself, in the same softmax (a key in both sets counts once).
@@ -69,11 +73,16 @@ def visible(
     seq_len: int,
     key_valid: torch.Tensor | None = None,
     local: int = 0,
+    key_rank: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Elementwise visibility of key (slot_k, pos_k) to query (slot_q, pos_q); see module doc."""
+    """Elementwise visibility of key (slot_k, pos_k) to query (slot_q, pos_q); see module doc.
+
+    ``key_rank``: the key's index among its row's real tokens (:func:`real_rank`), which decides
+    whether it is a sink; None means no padding (rank == position).
+    """
     vis = in_window(slot_q, slot_k, window, layout, causal, seq_len)
     if sinks > 0:
-        vis = vis | (pos_k < sinks)
+        vis = vis | ((pos_k if key_rank is None else key_rank) < sinks)
     if local > 0:
         vis = vis | (pos_k > pos_q - local)  # the causal test below bounds it from above
     if causal:
@@ -81,6 +90,33 @@ def visible(
     if key_valid is not None:
         vis = vis & key_valid
     return vis
+
+
+def real_rank(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """[B, n] long: each real token's index among its row's real tokens; padding gets n.
+
+    Padding never counts as a sink: its rank is past any ``sinks`` that can matter.
+    """
+    n = key_padding_mask.shape[-1]
+    rank = key_padding_mask.long().cumsum(-1) - 1
+    return torch.where(key_padding_mask, rank, torch.full_like(rank, n))
+
+
+def sink_keys(key_padding_mask: torch.Tensor | None, sinks: int, seq_len: int, device=None):
+    """Where each row's sinks are: (positions [B|1, S], valid [B, S] or None, is_sink [B|1, n]).
+
+    S = min(sinks, seq_len). Position s of a row is its s-th real token; a row with fewer than S
+    real tokens gets invalid entries (valid False) at the end. ``is_sink`` marks, in original
+    order, the keys that are sinks.
+    """
+    S = min(sinks, seq_len)
+    if key_padding_mask is None:
+        pos = torch.arange(seq_len, device=device)
+        return pos[None, :S], None, (pos < S)[None]
+    # Stable sort puts a row's real positions first, in order.
+    order = torch.argsort((~key_padding_mask).to(torch.int8), dim=-1, stable=True)[:, :S]
+    valid = torch.gather(key_padding_mask, -1, order)
+    return order, valid, real_rank(key_padding_mask) < S
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -113,9 +149,10 @@ def dense_mask(
     device = perm.device
     slot_of = inverse_permutation(perm)  # [B, H, n]
     pos = torch.arange(seq_len, device=device)
-    key_valid = None
+    key_valid = key_rank = None
     if key_padding_mask is not None:
         key_valid = key_padding_mask[:, None, None, :]
+        key_rank = real_rank(key_padding_mask)[:, None, None, :]
     return visible(
         slot_of[..., :, None],
         slot_of[..., None, :],
@@ -128,6 +165,7 @@ def dense_mask(
         seq_len=seq_len,
         key_valid=key_valid,
         local=local,
+        key_rank=key_rank,
     )
 
 
@@ -179,16 +217,17 @@ def pattern_edges(
                        sinks=0, seq_len=seq_len, key_valid=kv)
     qs, ks = [q_pos[vis]], [k_pos[vis]]
     if sinks > 0:
-        # Sink keys that are not already window-mates of the query.
+        # Sink keys (the first real tokens) that are not already window-mates of the query.
         slot_of = inverse_permutation(perm)
-        s_pos = torch.arange(min(sinks, seq_len), device=device)[None, :]
+        s_pos, s_valid, _ = sink_keys(None if key_valid is None else key_valid[None], sinks,
+                                      seq_len, device)
         q_pos_all = torch.arange(seq_len, device=device)[:, None].expand(-1, s_pos.shape[1])
         s_pos = s_pos.expand_as(q_pos_all)
         extra = ~in_window(slot_of[q_pos_all], slot_of[s_pos], window, layout, causal, seq_len)
         if causal:
             extra &= s_pos <= q_pos_all
-        if key_valid is not None:
-            extra &= key_valid[s_pos]
+        if s_valid is not None:
+            extra &= s_valid.expand_as(extra)
         qs.append(q_pos_all[extra])
         ks.append(s_pos[extra])
     return torch.cat(qs), torch.cat(ks)

@@ -26,6 +26,63 @@ def random_permutation(
     return keys.argsort(dim=-1).to(device if device is not None else keys.device)
 
 
+def routing_permutation(
+    batch: int,
+    heads: int,
+    seq_len: int,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The SA routing drawn when none is given: [B|1, heads, seq_len], padding-independent.
+
+    Each row's permutation is drawn over its REAL tokens only (``key_padding_mask`` True): they
+    are permuted among themselves and fill the first slots, in drawn order; padded positions
+    follow, in position order. So the band and block windows give a real token the same
+    window-mates as when its sequence is alone.
+
+    With a ``generator``, every row draws from its own copy of the generator's current state:
+    the same seed and the same number of real tokens give the same routing, whatever the row's
+    index, its padding or the rest of the batch (rows of equal length share a routing). The
+    generator then moves on by one draw (it is reseeded from itself), so a second call draws
+    afresh, and its new state does not depend on the batch. Without a generator, rows draw
+    independently from torch's global RNG. Without a mask and without a generator this is
+    :func:`random_permutation`.
+    """
+    if key_padding_mask is None and generator is None:
+        return random_permutation(batch, heads, seq_len, device=device)
+    if key_padding_mask is not None:
+        device = key_padding_mask.device if device is None else device
+        batch = key_padding_mask.shape[0]
+    if generator is None:  # independent rows; padding keys sort after every real one
+        keys = torch.rand(batch, heads, seq_len, device=device)
+    else:
+        lengths = (key_padding_mask.sum(-1).tolist() if key_padding_mask is not None
+                   else [seq_len])
+        state = generator.get_state()
+        draws = {}
+        for r in sorted(set(lengths)):
+            generator.set_state(state)
+            draws[r] = torch.rand(heads, r, generator=generator, device=generator.device).to(device)
+        generator.set_state(state)
+        generator.manual_seed(int(torch.randint(0, 2**62, (), generator=generator,
+                                                device=generator.device)))
+        if key_padding_mask is None:
+            return draws[seq_len].argsort(dim=-1, stable=True)[None]
+        rank = (key_padding_mask.long().cumsum(-1) - 1).clamp(min=0)
+        keys = torch.empty(batch, heads, seq_len, device=device)
+        for b, r in enumerate(lengths):
+            if r:
+                keys[b] = draws[r][:, rank[b].clamp(max=r - 1)]
+    if key_padding_mask is None:
+        return keys.argsort(dim=-1, stable=True)
+    # Draws lie in [0, 1): padding gets 1 + position / n, after every real token, in order.
+    pad_key = 1 + torch.arange(seq_len, device=device) / max(seq_len, 1)
+    keys = torch.where(key_padding_mask[:, None, :], keys, pad_key)
+    return keys.argsort(dim=-1, stable=True)
+
+
 def permute_seq(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """``gather_seq(x, index)`` for a permutation ``index`` whose inverse is ``inverse``.
 
@@ -60,7 +117,8 @@ def gather_seq(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def gather_mask(mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """out[b, h, i] = mask[b, index[b, h, i]] for mask [B, n] and index [B|1, H|1, n]."""
-    B = mask.shape[0]
+    """out[b, h, i] = mask[b, index[b, h, i]] for mask [B|1, n] and index [B|1, H|1, n]."""
+    B = max(mask.shape[0], index.shape[0])
+    mask = mask.expand(B, mask.shape[-1])
     index = index.expand(B, *index.shape[1:])
     return torch.gather(mask[:, None, :].expand(B, index.shape[1], -1), -1, index)

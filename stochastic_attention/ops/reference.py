@@ -15,9 +15,12 @@ def masked_attention(
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v over visible keys; rows with no visible key give zeros.
 
-    q [..., Lq, D], k/v [..., Lk, D], mask bool broadcastable to [..., Lq, Lk]. Computed in fp32.
+    q [..., Lq, D], k/v [..., Lk, D], mask bool broadcastable to [..., Lq, Lk]. Computed in fp32
+    (fp64 for fp64 inputs, so gradcheck holds). Hidden keys are selected away, never added to
+    -inf: a NaN key reaches only the queries that see it.
     """
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
     # A fully masked row has max -inf; shift it by 0 so exp gives 0 instead of NaN.
@@ -25,7 +28,7 @@ def masked_attention(
     p = torch.exp(scores - row_max)
     denom = p.sum(dim=-1, keepdim=True)
     p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-    return torch.matmul(p, v.float()).to(q.dtype)
+    return torch.matmul(p, v.to(dt)).to(q.dtype)
 
 
 def attention(

@@ -1,0 +1,52 @@
+"""Bad layer and patch arguments fail where they are given, with an error that names them."""
+
+import pytest
+import torch
+from hf_tiny import tiny_model
+
+from stochastic_attention.eval.methods import parse_method
+from stochastic_attention.hf import patch, patched_config
+from stochastic_attention.nn import MultiHeadAttention
+
+
+def test_layer_checks_layout_backend_and_sinks_at_construction():
+    with pytest.raises(ValueError, match="layout must be one of"):
+        MultiHeadAttention(16, 2, kind="sa", layout="blk")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        MultiHeadAttention(16, 2, kind="sa", backend="x")
+    with pytest.raises(ValueError, match="sinks must be >= 0"):
+        MultiHeadAttention(16, 2, kind="swa", sinks=-1)
+
+
+def test_layer_forward_names_the_expected_shape_of_x():
+    layer = MultiHeadAttention(16, 2, kind="sa", window=4)
+    with pytest.raises(ValueError, match=r"x must have shape \[batch, seq, hidden\]"):
+        layer(torch.randn(5, 16))
+    assert layer(torch.randn(1, 5, 16)).shape == (1, 5, 16)
+
+
+def test_patch_checks_head_split_against_the_model():
+    model = tiny_model("llama", hidden_size=72, num_attention_heads=9, num_key_value_heads=3)
+    with pytest.raises(ValueError, match="head_split must be between 0 and the model's 9"):
+        patch(model, "stochastic", 8, head_split=100)
+    patch(model, "stochastic", 8, head_split=9)
+    assert patched_config(model).head_split == 9
+
+
+def test_patch_accepts_local_as_a_share_of_the_window_like_eval_specs():
+    model = tiny_model("llama")
+    spec = parse_method("stochastic+sinks=2+local=0.75")
+    want = spec.settings(16, 2)
+    patch(model, "stochastic", 16, sinks=2, local=0.75)
+    got = patched_config(model)
+    assert (got.window, got.local) == (want["window"], want["local"]) == (4, 12)
+
+
+@pytest.mark.parametrize("local", [1.5, 0.0, -0.25, 1.0])
+def test_patch_and_eval_specs_refuse_the_same_bad_local(local):
+    with pytest.raises(ValueError, match="local"):
+        patch(tiny_model("llama"), "stochastic", 16, local=local)
+    with pytest.raises(ValueError, match="local"):
+        parse_method(f"stochastic+local={local}").settings(16, 2)
+    with pytest.raises(TypeError, match="local"):
+        patch(tiny_model("llama"), "stochastic", 16, local="half")
