@@ -3,6 +3,11 @@
 A subcommand module defines ``add_parser(subparsers) -> argparse.ArgumentParser`` and sets
 ``func=`` (a callable taking the parsed args) with ``set_defaults``; list it in COMMANDS.
 Modules are imported lazily so ``sattn --help`` stays fast and optional extras stay optional.
+
+Every subcommand speaks the same language (``cli_args``): list options are comma-separated,
+``--out`` is a folder, ``--no-progress`` silences progress bars. A user error (a
+:class:`~stochastic_attention.cli_args.UsageError`) ends with one line,
+``sattn CMD: error: MESSAGE``, and exit code 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +15,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from . import __version__
+from .cli_args import UsageError
 
 COMMANDS = (
     "stochastic_attention.bench.cli",
@@ -25,15 +33,25 @@ COMMANDS = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sattn", description="stochastic-attention tools")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the package version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="the tool to run (sattn COMMAND --help for its options)")
     for name in COMMANDS:
         importlib.import_module(name).add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .progress import disabled
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        with disabled(getattr(args, "no_progress", False)):
+            return int(args.func(args) or 0)
+    except UsageError as err:
+        print(f"sattn {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .cli_args import UsageError, check_memory, int_at_least, nonneg_int, positive_int
 from .ops.blocked import sort_groups
 from .ops.patterns import dense_mask
 from .ops.permute import random_permutation
@@ -48,12 +49,30 @@ def plot_patterns(path: str | Path, seq_len: int = 64, window: int = 8, sinks: i
     return path
 
 
+MAX_SEQ_LEN = 4096  # a picture has a few thousand pixels a side; the masks are n x n
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("patterns", help="draw the SWA / SA band / SA block attention masks (PNG)")
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--window", type=int, default=8)
-    p.add_argument("--sinks", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="docs/figures/patterns.png")
-    p.set_defaults(func=lambda a: print(plot_patterns(a.out, a.seq_len, a.window, a.sinks, a.seed)))
+    p = sub.add_parser("patterns", help="draw the SWA / SA band / SA block attention masks (PNG)",
+                       description="Draw the causal SWA, SA band and SA block masks, in original "
+                                   "and permuted order, into OUT/patterns.png.")
+    p.add_argument("--seq-len", type=int_at_least(2), default=64,
+                   help=f"sequence length (2 to {MAX_SEQ_LEN})")
+    p.add_argument("--window", type=positive_int, default=8, help="attention window")
+    p.add_argument("--sinks", type=nonneg_int, default=0,
+                   help="leading tokens every query also sees")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random permutation")
+    p.add_argument("--out", default=".", help="folder for patterns.png (default: the current one)")
+    p.set_defaults(func=run)
     return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.seq_len > MAX_SEQ_LEN:
+        raise UsageError(f"--seq-len {args.seq_len} is too long to draw (n x n masks); "
+                         f"use at most {MAX_SEQ_LEN}")
+    # six n x n panels, converted to float images by matplotlib
+    check_memory(6 * 16 * args.seq_len**2, f"--seq-len {args.seq_len}", "use a shorter --seq-len")
+    print(plot_patterns(Path(args.out) / "patterns.png", args.seq_len, args.window, args.sinks,
+                        args.seed))
+    return 0

@@ -6,12 +6,26 @@ import argparse
 import json
 import math
 import platform
+import shlex
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..cli_args import (
+    check_memory,
+    choice_list,
+    ensure_folder,
+    int_at_least,
+    length_list,
+    nonneg_int,
+    nonneg_int_list,
+    optional_list,
+    positive_int,
+    positive_int_list,
+    zero_or_length,
+)
 from . import experiments, plots
 from .families import PATTERNS, PatternSpec
 
@@ -21,8 +35,6 @@ THREADS_HELP = ("torch threads (default 1: the pattern ops are small, and on a b
 
 
 def _set_threads(threads: int) -> None:
-    if threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
 
 
@@ -31,63 +43,76 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "coverage", help="exact receptive fields through depth (plots, markdown, JSON)",
         description="Exact receptive-field coverage of the library's attention patterns: "
                     "coverage of the last token vs depth, layers to full coverage vs sequence "
-                    "length, per-position coverage of causal patterns.")
-    cov.add_argument("--seq-len", type=int, default=16384, help="length for the depth curves")
-    cov.add_argument("--window", type=int, default=64)
-    cov.add_argument("--sinks", type=int, default=0,
+                    "length, per-position coverage of causal patterns. List options are "
+                    "comma-separated.")
+    cov.add_argument("--seq-len", type=int_at_least(2), default=16384,
+                     help="length for the depth curves")
+    cov.add_argument("--window", type=positive_int, default=64, help="attention window")
+    cov.add_argument("--sinks", type=nonneg_int, default=0,
                      help="leading tokens every query also sees (all patterns but MoBA/dilated)")
-    cov.add_argument("--patterns", nargs="+", default=list(DEFAULT_PATTERNS), choices=PATTERNS)
-    cov.add_argument("--causal", choices=("causal", "non-causal", "both"), default="both")
-    cov.add_argument("--seeds", type=int, default=3, help="permutation seeds (random patterns)")
-    cov.add_argument("--max-layers", type=int, default=300,
+    cov.add_argument("--patterns", type=choice_list(PATTERNS), default=list(DEFAULT_PATTERNS),
+                     help=f"comma-separated, from {','.join(PATTERNS)}")
+    cov.add_argument("--causal", choices=("causal", "non-causal", "both"), default="both",
+                     help="which masks to measure")
+    cov.add_argument("--seeds", type=nonneg_int_list, default=[0, 1, 2],
+                     help="comma-separated permutation seeds (random patterns)")
+    cov.add_argument("--max-layers", type=positive_int, default=300,
                      help="depth cap for random patterns (deterministic ones run to the end)")
-    cov.add_argument("--sweep-seq-lens", type=int, nargs="*", default=[1024, 4096, 16384],
-                     help="lengths for layers-to-full vs n (empty: skip)")
-    cov.add_argument("--sweep-patterns", nargs="+", choices=PATTERNS,
-                     default=["swa", "sa_band", "sa_swa", "moba", "dilated"])
-    cov.add_argument("--sweep-seeds", type=int, default=2)
-    cov.add_argument("--sweep-max-layers", type=int, default=150)
-    cov.add_argument("--position-seq-len", type=int, default=4096,
+    cov.add_argument("--sweep-seq-lens", type=optional_list(length_list), default=[1024, 4096, 16384],
+                     help="comma-separated lengths for layers-to-full vs n ('': skip)")
+    cov.add_argument("--sweep-patterns", type=choice_list(PATTERNS),
+                     default=["swa", "sa_band", "sa_swa", "moba", "dilated"],
+                     help="comma-separated patterns of the length sweep")
+    cov.add_argument("--sweep-seeds", type=nonneg_int_list, default=[0, 1],
+                     help="comma-separated permutation seeds of the length sweep")
+    cov.add_argument("--sweep-max-layers", type=positive_int, default=150,
+                     help="depth cap of the length sweep")
+    cov.add_argument("--position-seq-len", type=zero_or_length, default=4096,
                      help="length for per-position coverage of all tokens (0: skip)")
-    cov.add_argument("--position-depths", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 32])
-    cov.add_argument("--out", type=Path, default=Path("runs/coverage"))
-    cov.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    cov.add_argument("--position-depths", type=positive_int_list, default=[1, 2, 3, 4, 8, 16, 32],
+                     help="comma-separated depths of the per-position coverage")
+    cov.add_argument("--out", type=Path, default=Path("runs/coverage"),
+                     help="folder for the plots, coverage.md and coverage.json")
+    cov.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
+    cov.add_argument("--no-progress", action="store_true", help="no progress bars")
     cov.set_defaults(func=run_coverage)
 
     graph = subparsers.add_parser(
         "graph", help="graph statistics of attention patterns (hops, clustering, spectral gap)",
         description="Small-world statistics of non-causal attention graphs and a comparison at "
-                    "the fly connectome's scale.")
-    graph.add_argument("--seq-len", type=int, default=512)
-    graph.add_argument("--window", type=int, default=16)
-    graph.add_argument("--patterns", nargs="+", choices=PATTERNS,
-                       default=["swa", "sa_band", "sa_swa", "moba", "dilated"])
-    graph.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4])
-    graph.add_argument("--gap-depth", type=int, default=6,
-                       help="spectral gap of products of up to this many layers")
-    graph.add_argument("--small-world-seq-len", type=int, default=128, help="0: skip")
-    graph.add_argument("--small-world-window", type=int, default=4)
-    graph.add_argument("--connectome-nodes", type=int, default=130_000, help="0: skip")
-    graph.add_argument("--connectome-degree", type=float, default=26.0)
-    graph.add_argument("--connectome-window", type=int, default=14,
+                    "the fly connectome's scale. List options are comma-separated.")
+    graph.add_argument("--seq-len", type=int_at_least(2), default=512, help="sequence length")
+    graph.add_argument("--window", type=positive_int, default=16, help="attention window")
+    graph.add_argument("--patterns", type=choice_list(PATTERNS),
+                       default=["swa", "sa_band", "sa_swa", "moba", "dilated"],
+                       help=f"comma-separated, from {','.join(PATTERNS)}")
+    graph.add_argument("--depths", type=positive_int_list, default=[1, 2, 4],
+                       help="comma-separated numbers of layers whose union graph is measured")
+    graph.add_argument("--gap-depth", type=nonneg_int, default=6,
+                       help="spectral gap of products of up to this many layers (0: skip)")
+    graph.add_argument("--small-world-seq-len", type=zero_or_length, default=128,
+                       help="length of the small-world coefficients (0: skip)")
+    graph.add_argument("--small-world-window", type=positive_int, default=4,
+                       help="window of the small-world coefficients")
+    graph.add_argument("--connectome-nodes", type=zero_or_length, default=130_000,
+                       help="nodes of the connectome-scale comparison (0: skip)")
+    graph.add_argument("--connectome-degree", type=float, default=26.0,
+                       help="mean degree of the random graph at connectome scale")
+    graph.add_argument("--connectome-window", type=positive_int, default=14,
                        help="window of each SA+SWA branch (single branches get twice this)")
-    graph.add_argument("--connectome-sources", type=int, default=64)
-    graph.add_argument("--seed", type=int, default=0)
-    graph.add_argument("--out", type=Path, default=Path("runs/graph"))
-    graph.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    graph.add_argument("--connectome-sources", type=positive_int, default=64,
+                       help="breadth-first-search sources for the hop counts")
+    graph.add_argument("--seed", type=int, default=0, help="permutation seed")
+    graph.add_argument("--out", type=Path, default=Path("runs/graph"),
+                       help="folder for the plots, graph.md and graph.json")
+    graph.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
+    graph.add_argument("--no-progress", action="store_true", help="no progress bars")
     graph.set_defaults(func=run_graph)
     return cov
 
 
 def _modes(choice: str) -> list[bool]:
     return {"causal": [True], "non-causal": [False], "both": [True, False]}[choice]
-
-
-def _check_positive(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
 
 
 def _header(command: str) -> str:
@@ -137,11 +162,12 @@ def _layers_text(summary: dict) -> str:
 
 
 def run_coverage(args: argparse.Namespace) -> int:
-    _check_positive(args, "seq_len", "window", "sinks", "seeds", "max_layers",
-                    "position_seq_len")
+    if args.position_seq_len:  # packed bitsets of all tokens' receptive fields: n^2 / 8 bytes
+        n = args.position_seq_len
+        check_memory(2 * n * (-(-n // 64) * 8), f"--position-seq-len {n}",
+                     "use a shorter --position-seq-len (or 0 to skip)")
     _set_threads(args.threads)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    out: Path = ensure_folder(args.out, "--out")
     modes = _modes(args.causal)
     specs = [PatternSpec(p, args.window, causal=c, sinks=args.sinks) for c in modes
              for p in args.patterns]
@@ -198,9 +224,10 @@ def run_coverage(args: argparse.Namespace) -> int:
             for d in args.position_depths:
                 cov = r["coverage"][str(d)]
                 n = len(cov)
+                edge = max(1, n // 100)  # (at least one token on short sequences)
                 rows.append({"pattern": r["pattern"], "L": d, "mean": sum(cov) / n,
-                             "first 1%": sum(cov[: n // 100]) / (n // 100),
-                             "last 1%": sum(cov[-(n // 100):]) / (n // 100),
+                             "first 1%": sum(cov[:edge]) / edge,
+                             "last 1%": sum(cov[-edge:]) / edge,
                              "tokens full": sum(c >= 1.0 for c in cov) / n})
         result["per_position"] = [_binned(r) for r in per_pos]
         md.append(f"\n## Causal per-position coverage, all tokens, n={args.position_seq_len}, "
@@ -224,11 +251,8 @@ def _binned(row: dict, bins: int = 128) -> dict:
 
 
 def run_graph(args: argparse.Namespace) -> int:
-    _check_positive(args, "seq_len", "window", "gap_depth", "small_world_seq_len",
-                    "connectome_nodes", "connectome_sources")
     _set_threads(args.threads)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    out: Path = ensure_folder(args.out, "--out")
     specs = [PatternSpec(p, args.window, causal=False) for p in args.patterns]
     result: dict = {"args": {k: str(v) if isinstance(v, Path) else v
                              for k, v in vars(args).items() if k != "func"}}
@@ -274,6 +298,8 @@ def _command(name: str, args: argparse.Namespace) -> str:
     for key, value in vars(args).items():
         if key in ("func", "command"):
             continue
-        values = value if isinstance(value, list) else [value]
-        parts.append(f"--{key.replace('_', '-')} " + " ".join(str(v) for v in values))
+        if key == "no_progress":
+            continue
+        text = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+        parts.append(f"--{key.replace('_', '-')} {shlex.quote(text)}")
     return " ".join(parts)

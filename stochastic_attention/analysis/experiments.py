@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from ..progress import tqdm
 from . import graphstats, theory
 from .families import LayerStack, PatternSpec
 from .receptive import all_tokens_sizes, allowed_sources, layers_to_full, query_coverage_curve
@@ -22,20 +22,27 @@ def _depth_cap(spec: PatternSpec, seq_len: int, max_layers: int) -> int:
 def coverage_curves(
     specs: Sequence[PatternSpec],
     seq_len: int,
-    seeds: int,
+    seeds: int | Sequence[int],
     max_layers: int,
     *,
     query: int = -1,
 ) -> list[dict]:
-    """Receptive-field size of one query vs depth, Monte Carlo over seeds for random schemes."""
+    """Receptive-field size of one query vs depth, Monte Carlo over seeds for random schemes.
+
+    ``seeds``: the permutation seeds, or a count (seeds 0 .. count - 1).
+    """
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seeds:
+        raise ValueError("seeds must name at least one permutation seed")
     rows = []
     for spec in tqdm(specs, desc=f"coverage n={seq_len}"):
         cap = _depth_cap(spec, seq_len, max_layers)
-        runs = seeds if spec.random else 1
+        used = seeds if spec.random else seeds[:1]
+        runs = len(used)
         curves = np.stack([
             query_coverage_curve(LayerStack(spec, seq_len, seed), seq_len, cap, causal=spec.causal,
                                  query=query, progress=True)
-            for seed in range(runs)
+            for seed in used
         ])
         full = int(allowed_sources(seq_len, spec.causal)[query % seq_len])
         rows.append({
@@ -50,7 +57,7 @@ def coverage_curves(
 def full_coverage_vs_length(
     specs: Sequence[PatternSpec],
     seq_lens: Sequence[int],
-    seeds: int,
+    seeds: int | Sequence[int],
     max_layers: int,
 ) -> list[dict]:
     """Layers until the last token sees the whole sequence, for each scheme and length."""

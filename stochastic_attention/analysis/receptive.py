@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from ..progress import tqdm
 from .layers import Edges
 
 

@@ -8,51 +8,79 @@ from pathlib import Path
 
 import torch
 
+from ..cli_args import UsageError, check_memory, choice_list, int_at_least, positive_int, positive_int_list
 from .run import METHODS, Cell, as_records, benchmark, machine_info
 
 DEFAULT_SEQ_LENS = "1024,2048,4096,8192,16384,32768,65536"
+MODES = ("fwd", "fwd+bwd")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time and memory of dense / SWA / SA attention",
                        description=__doc__)
-    p.add_argument("--seq-lens", default=DEFAULT_SEQ_LENS, help="comma-separated sequence lengths")
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--methods", default=None,
+    p.add_argument("--seq-lens", type=positive_int_list, default=DEFAULT_SEQ_LENS,
+                   help="comma-separated sequence lengths")
+    p.add_argument("--window", type=positive_int, default=256, help="attention window (keys per query)")
+    p.add_argument("--batch", type=positive_int, default=1, help="batch size")
+    p.add_argument("--heads", type=positive_int, default=8, help="attention heads")
+    p.add_argument("--head-dim", type=positive_int, default=64, help="features per head")
+    p.add_argument("--methods", type=choice_list(METHODS), default=None,
                    help=f"comma-separated, from {','.join(METHODS)} (default: dense,swa,sa_band,"
                         "sa_block,sa_band_per_head,sa_local; on GPU the flex variants too)")
-    p.add_argument("--modes", default="fwd,fwd+bwd")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per cell (median kept)")
-    p.add_argument("--dense-max-len", type=int, default=16384, help="skip dense attention above this length")
+    p.add_argument("--modes", type=choice_list(MODES), default="fwd,fwd+bwd",
+                   help="comma-separated, from fwd,fwd+bwd")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="float32 / bfloat16 / float16 (default fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per cell (median kept)")
+    p.add_argument("--dense-max-len", type=int_at_least(0), default=16384,
+                   help="skip dense attention above this length")
     p.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and bench.png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
     return p
 
 
-def main(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a device; use cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA GPU is available; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: only cpu and cuda are supported")
 
-    seq_lens = tuple(int(s) for s in args.seq_lens.split(","))
-    methods = tuple(args.methods.split(",")) if args.methods else (
+
+def main(args: argparse.Namespace) -> int:
+    from ..progress import tqdm
+
+    seq_lens = tuple(args.seq_lens)
+    _check_device(args.device)
+    methods = tuple(args.methods) if args.methods else (
         ("dense", "swa", "sa_band", "sa_block", "sa_band_per_head", "sa_local")
         + (("swa_flex", "sa_band_flex", "sa_block_flex") if args.device.startswith("cuda") else ()))
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise SystemExit(f"sattn bench: unknown --methods {sorted(unknown)}; choose from {METHODS}")
     dtype_name = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     dtype = getattr(torch, dtype_name)
-    modes = tuple(args.modes.split(","))
+    modes = tuple(args.modes)
+    # q, k, v, the output and (fwd+bwd) their gradients, at the longest length, before any work
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    copies = 8 if "fwd+bwd" in modes else 4
+    check_memory(copies * args.batch * args.heads * max(seq_lens) * args.head_dim * itemsize,
+                 f"--seq-lens {max(seq_lens)} (batch {args.batch}, {args.heads} heads of "
+                 f"{args.head_dim})", "use shorter --seq-lens or fewer --heads", device=args.device)
     total = len(seq_lens) * len(modes) * len(methods) * args.repeats
     with tqdm(total=total, desc="bench", unit="run") as bar:
         cells = benchmark(methods=methods, seq_lens=seq_lens, window=args.window, batch=args.batch,
                           heads=args.heads, head_dim=args.head_dim, dtype=dtype, device=args.device,
                           modes=modes, repeats=args.repeats, dense_max_len=args.dense_max_len,
                           progress=bar.update)
+    failed = sorted({(c.method, c.skipped) for c in cells if c.skipped and c.median_s is None
+                     and not c.skipped.startswith(("seq_len > dense_max_len", "no FlexAttention"))})
+    if failed and all(c.median_s is None for c in cells):
+        raise UsageError("no method ran: " + "; ".join(f"{m}: {why}" for m, why in failed))
     config = {k: v for k, v in vars(args).items() if k != "func"} | {"dtype": dtype_name, "methods": methods}
     info = machine_info(args.device)
     table = markdown_tables(cells, methods, seq_lens, modes)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from ..progress import tqdm
 from .sources import Source
 
 CACHE_VERSION = 1

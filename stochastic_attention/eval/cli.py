@@ -13,20 +13,43 @@ import platform
 import time
 from pathlib import Path
 
+from ..cli_args import (
+    UsageError,
+    ensure_folder,
+    float_list,
+    int_at_least,
+    int_list,
+    length_list,
+    nonneg_int,
+    optional_list,
+    positive_int,
+    positive_int_list,
+    str_list,
+)
+
 DEFAULT_METHODS = ("full,sliding_window,sliding_window+sinks=4,stochastic+sinks=4,"
                    "stochastic+sinks=4+local=0.5,moba,moba+sinks=4")
 DEFAULT_TASKS = "perplexity,passkey,lastword,nextline"
 QUICK = dict(methods="full,sliding_window+sinks=4,stochastic+sinks=4+local=0.5,moba+sinks=4",
-             windows="64,128", seeds="0", examples=12, context=256, ppl_docs=1,
-             ppl_length=1024, passkey_lengths="1024", passkey_depths="0.5", passkey_per_cell=2)
+             windows=[64, 128], seeds=[0], examples=12, context=256, ppl_docs=1,
+             ppl_length=1024, passkey_lengths=[1024], passkey_depths=[0.5], passkey_per_cell=2)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _decode_check(text: str) -> list[int]:
+    values = positive_int_list(text)
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected PROMPT,STEPS (two integers), got {text!r}")
+    return values
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+_decode_check.__name__ = "PROMPT,STEPS"
+
+
+def _fraction_or_count(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 or a fraction in (0, 1), got {text}")
+    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -34,52 +57,65 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "eval", help="training-free comparison of attention methods on a pretrained model",
         description="Patch a pretrained model with each method/window and score it on "
                     "perplexity, passkey retrieval, last-word and next-line tasks built from "
-                    "real text. Prints a table; writes JSON, markdown and a PNG plot.")
+                    "real text. Prints a table; writes JSON, markdown and a PNG plot. "
+                    "List options are comma-separated.")
     p.add_argument("--model", default="smollm2-135m", help="built-in name, HF id or path")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated specs name[+opt=val...], e.g. stochastic+sinks=4+local=0.5")
-    p.add_argument("--windows", default="32,64,128,256", help="comma-separated windows")
-    p.add_argument("--seeds", default="0,1,2", help="permutation seeds for stochastic methods")
-    p.add_argument("--tasks", default=None,
+    p.add_argument("--windows", type=positive_int_list, default=[32, 64, 128, 256],
+                   help="comma-separated windows")
+    p.add_argument("--seeds", type=int_list, default=[0, 1, 2],
+                   help="comma-separated permutation seeds for stochastic methods")
+    p.add_argument("--tasks", type=str_list, default=None,
                    help="comma-separated tasks, or 'none' (e.g. timing only); default: "
                         f"{DEFAULT_TASKS}, or none when --harness is given")
-    p.add_argument("--corpora", default="shakespeare,bible,wikipedia")
-    p.add_argument("--examples", type=int, default=40, help="examples per lastword/nextline task")
-    p.add_argument("--context", type=int, default=384, help="prompt tokens of lastword/nextline")
-    p.add_argument("--ppl-docs", type=int, default=6, help="passages for perplexity")
-    p.add_argument("--ppl-length", type=int, default=2048, help="tokens per perplexity passage")
-    p.add_argument("--passkey-lengths", default="512,1024,2048")
-    p.add_argument("--passkey-depths", default="0.1,0.5,0.9")
-    p.add_argument("--passkey-per-cell", type=int, default=2)
+    p.add_argument("--corpora", type=str_list, default=["shakespeare", "bible", "wikipedia"],
+                   help="comma-separated corpora the task texts come from")
+    p.add_argument("--examples", type=positive_int, default=40,
+                   help="examples per lastword/nextline task")
+    p.add_argument("--context", type=positive_int, default=384,
+                   help="prompt tokens of lastword/nextline")
+    p.add_argument("--ppl-docs", type=positive_int, default=6, help="passages for perplexity")
+    p.add_argument("--ppl-length", type=int_at_least(2), default=2048,
+                   help="tokens per perplexity passage")
+    p.add_argument("--passkey-lengths", type=length_list, default=[512, 1024, 2048],
+                   help="comma-separated prompt lengths of the passkey task")
+    p.add_argument("--passkey-depths", type=float_list, default=[0.1, 0.5, 0.9],
+                   help="comma-separated depths (0-1) at which the passkey is planted")
+    p.add_argument("--passkey-per-cell", type=positive_int, default=2,
+                   help="passkey examples per (length, depth)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the task data")
-    p.add_argument("--prefill-timing", default="",
+    p.add_argument("--prefill-timing", type=optional_list(length_list), default=[],
                    help="comma-separated lengths (e.g. 2048,4096,8192): also time prefill")
-    p.add_argument("--timing-window", type=int, default=128)
-    p.add_argument("--timing-repeats", type=int, default=1, help="best of N, methods interleaved")
-    p.add_argument("--decode-check", default="",
+    p.add_argument("--timing-window", type=positive_int, default=128,
+                   help="window of the prefill timing and the decode check")
+    p.add_argument("--timing-repeats", type=positive_int, default=1,
+                   help="best of N, methods interleaved")
+    p.add_argument("--decode-check", type=_decode_check, default=None,
                    help="PROMPT,STEPS (e.g. 2048,64): perplexity and time per step of full vs "
                         "stochastic decoding after an SA prefill at --timing-window")
     p.add_argument("--harness", default="",
                    help="comma-separated lm-evaluation-harness tasks (e.g. hellaswag,arc_easy; "
                         "they download their data): score every method/window on them too")
-    p.add_argument("--harness-limit", type=float, default=None,
+    p.add_argument("--harness-limit", type=_fraction_or_count, default=None,
                    help="documents per harness task (a fraction if < 1)")
     p.add_argument("--harness-include", default=None,
                    help="folder of extra lm-eval task YAMLs (e.g. local jsonl tasks)")
-    p.add_argument("--harness-fewshot", type=int, default=None, help="few-shot examples")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--harness-fewshot", type=nonneg_int, default=None, help="few-shot examples")
+    p.add_argument("--threads", type=nonneg_int, default=1,
                    help="torch threads (1 is fastest on a CPU shared with other jobs; 0: default)")
     p.add_argument("--out", default="runs/eval", help="output folder")
-    p.add_argument("--merge", default="",
+    p.add_argument("--merge", type=str_list, default=[],
                    help="comma-separated result folders (shards of one grid run in parallel): "
                         "evaluate nothing, write their combined table, JSON and plot to --out")
-    p.add_argument("--versus", default="",
+    p.add_argument("--versus", type=str_list, default=[],
                    help="with --merge: comma-separated methods to compare every other method "
                         "with at the same measured budget (interpolated between their windows)")
-    p.add_argument("--only", default="",
+    p.add_argument("--only", type=str_list, default=[],
                    help="with --merge: keep only these comma-separated method labels (in this order)")
     p.add_argument("--quick", action="store_true",
                    help="short default comparison: 4 methods, windows 64 and 128, 12 examples per task")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
 
@@ -88,23 +124,30 @@ def _merge(args: argparse.Namespace) -> int:
     from . import report
     from .sweep import aggregate
 
-    folders = [Path(p.strip()) for p in args.merge.split(",") if p.strip()]
-    records, metas = report.load_records(folders)
+    folders = [Path(p) for p in args.merge]
+    for folder in folders:
+        if not (folder / "results.json" if folder.is_dir() else folder).is_file():
+            raise UsageError(f"--merge: {folder} holds no results.json")
+    try:
+        records, metas = report.load_records(folders)
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UsageError(f"--merge: a results.json is corrupt ({type(err).__name__}: {err})") from None
+    except ValueError as err:
+        raise UsageError(f"--merge: {err}") from None
     if args.only:
-        keep = [x.strip() for x in args.only.split(",") if x.strip()]
+        keep = args.only
         missing = set(keep) - {r["label"] for r in records}
         if missing:
-            raise SystemExit(f"--only: no results for {sorted(missing)} in {args.merge}")
+            raise UsageError(f"--only: no results for {sorted(missing)} in {','.join(args.merge)}")
         records = sorted((r for r in records if r["label"] in keep),
                          key=lambda r: keep.index(r["label"]))
     summary = aggregate(records)
     meta = dict(merged=[str(f) for f in folders], parts=metas,
                 seconds=round(sum(m.get("seconds", 0) for m in metas), 1))
-    paths = report.save(Path(args.out), meta, records, summary, None)
+    paths = report.save(ensure_folder(args.out, "--out"), meta, records, summary, None)
     print(report.markdown_table(summary))
     if args.versus:
-        versus = [x.strip() for x in args.versus.split(",") if x.strip()]
-        table = report.equal_budget_table(summary, versus)
+        table = report.equal_budget_table(summary, args.versus)
         (Path(args.out) / "equal-budget.md").write_text(table + "\n")
         print("\nAt equal budget:\n" + table)
     print(f"Wrote {paths['json']}, {paths['markdown']}; plot: {paths['plot']}")
@@ -128,22 +171,34 @@ def run(args: argparse.Namespace) -> int:
             setattr(args, key, value)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    specs = parse_methods(args.methods)
-    tasks = args.tasks if args.tasks is not None else "none" if args.harness else DEFAULT_TASKS
-    names = [t.strip() for t in tasks.split(",") if t.strip() and t.strip() != "none"]
+    try:
+        specs = parse_methods(args.methods)
+    except ValueError as err:
+        raise UsageError(f"--methods: {err}") from None
+    tasks = args.tasks if args.tasks is not None else ["none"] if args.harness else \
+        DEFAULT_TASKS.split(",")
+    names = [t for t in tasks if t != "none"]
     unknown = set(names) - set(T.TASKS)
     if unknown:
-        raise SystemExit(f"unknown task(s) {sorted(unknown)}; choose from {T.TASKS}")
+        raise UsageError(f"--tasks: unknown task(s) {sorted(unknown)}; choose from {T.TASKS}")
+    bad_depths = [d for d in args.passkey_depths if not 0 <= d <= 1]
+    if bad_depths:
+        raise UsageError(f"--passkey-depths must lie in [0, 1], got {bad_depths}")
+    out = ensure_folder(args.out, "--out")
     started = time.time()
-    model, tokenizer = load_pretrained(args.model)
-    docs = [d for c in args.corpora.split(",") for d in load_corpus(c.strip())] \
+    try:
+        model, tokenizer = load_pretrained(args.model)
+    except OSError as err:  # a missing or broken folder, or an id not in the local cache
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"--model {args.model} cannot be loaded: {first}") from None
+    docs = [d for c in args.corpora for d in load_corpus(c)] \
         if names or args.decode_check else []
     s = args.data_seed
     builders = {
         "perplexity": lambda: T.perplexity_task(tokenizer, docs, count=args.ppl_docs,
                                                 length=args.ppl_length, seed=s),
-        "passkey": lambda: T.passkey_task(tokenizer, docs, lengths=_ints(args.passkey_lengths),
-                                          depths=_floats(args.passkey_depths),
+        "passkey": lambda: T.passkey_task(tokenizer, docs, lengths=args.passkey_lengths,
+                                          depths=args.passkey_depths,
                                           per_cell=args.passkey_per_cell, seed=s),
         "lastword": lambda: T.lastword_task(tokenizer, docs, count=args.examples,
                                             context=args.context, seed=s),
@@ -151,25 +206,24 @@ def run(args: argparse.Namespace) -> int:
                                             context=args.context, seed=s),
     }
     task_list = [builders[n]() for n in names]
-    records = run_sweep(model, tokenizer, specs, _ints(args.windows), _ints(args.seeds),
-                        task_list)
+    records = run_sweep(model, tokenizer, specs, args.windows, args.seeds, task_list)
     summary = aggregate(records)
     harness = None
     if args.harness:
         from .harness import harness_sweep
 
         limit = args.harness_limit
-        harness = harness_sweep(model, tokenizer, specs, _ints(args.windows), _ints(args.seeds),
+        harness = harness_sweep(model, tokenizer, specs, args.windows, args.seeds,
                                 args.harness, include_path=args.harness_include,
                                 num_fewshot=args.harness_fewshot,
                                 limit=int(limit) if limit and limit >= 1 else limit)
     timings = None
     if args.prefill_timing:
-        timings = time_prefill(model, specs, args.timing_window, _ints(args.prefill_timing),
+        timings = time_prefill(model, specs, args.timing_window, args.prefill_timing,
                                args.timing_repeats)
     decoding = None
     if args.decode_check:
-        prompt, steps = _ints(args.decode_check)
+        prompt, steps = args.decode_check
         ids = T.perplexity_task(tokenizer, docs, count=1, length=prompt + steps,
                                 seed=s).examples[0]
         decoding = decode_cost(model, ids, prompt, args.timing_window)
@@ -179,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
                 if not torch.cuda.is_available() else torch.cuda.get_device_name(),
                 seconds=round(time.time() - started, 1),
                 examples={t.name: len(t.examples) for t in task_list})
-    paths = report.save(Path(args.out), meta, records, summary, timings, decoding)
+    paths = report.save(out, meta, records, summary, timings, decoding)
     if summary:
         print(report.markdown_table(summary))
     if harness:

@@ -12,9 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from ..hf import patch, unpatch
+from ..progress import tqdm
 from .methods import MethodSpec
 from .sweep import grid
 

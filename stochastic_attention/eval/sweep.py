@@ -7,9 +7,9 @@ import time
 from collections import defaultdict
 
 import torch
-from tqdm.auto import tqdm
 
 from ..hf import patch, unpatch
+from ..progress import tqdm
 from .methods import MethodSpec, mean_keys
 from .tasks import SCORERS, Task
 

@@ -2,12 +2,17 @@
 
 The state dicts are full (unsharded) and keyed by parameter name, via
 ``torch.distributed.checkpoint.state_dict``, so the same file serves 1 process, DDP and FSDP.
+
+Each run has an id (``run.json`` in its output folder) that every checkpoint records; pruning
+old checkpoints and picking the one to resume from only ever look at the current run's files.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import uuid
 from pathlib import Path
 
 import torch
@@ -18,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from ..cli_args import UsageError
 from .distributed import DistInfo
 
 FORMAT = "stochastic-attention-train"
@@ -25,7 +31,7 @@ VERSION = 1
 _NAME = re.compile(r"step-(\d+)\.pt$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint that cannot be used: unreadable, not ours, or from another configuration."""
 
 
@@ -33,9 +39,54 @@ def checkpoint_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def latest(out_dir: str | Path) -> Path | None:
-    paths = [p for p in checkpoint_dir(out_dir).glob("step-*.pt") if _NAME.search(p.name)]
-    return max(paths, key=lambda p: int(_NAME.search(p.name).group(1)), default=None)
+def run_file(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "run.json"
+
+
+def new_run_id(out_dir: str | Path) -> str:
+    """Start a new run in ``out_dir``: a fresh id, recorded in ``run.json``."""
+    run_id = uuid.uuid4().hex
+    path = run_file(out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"run_id": run_id}) + "\n")
+    return run_id
+
+
+def current_run_id(out_dir: str | Path) -> str | None:
+    """The id of the run in ``out_dir`` (None: no run.json, e.g. a run from an older version)."""
+    try:
+        return json.loads(run_file(out_dir).read_text())["run_id"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def _step(path: Path) -> int:
+    return int(_NAME.search(path.name).group(1))
+
+
+def _run_id_of(path: Path) -> str | None:
+    """The run id a checkpoint records; memory-mapped, so its tensors are not read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("run_id")
+    except Exception:  # unreadable files belong to no run (and are never deleted here)
+        return ""
+
+
+def checkpoints(out_dir: str | Path, run_id: str | None = None) -> list[Path]:
+    """Checkpoints in ``out_dir``, oldest first; only run ``run_id``'s when given."""
+    paths = sorted((p for p in checkpoint_dir(out_dir).glob("step-*.pt") if _NAME.search(p.name)),
+                   key=_step)
+    if run_id is not None:
+        paths = [p for p in paths if _run_id_of(p) == run_id]
+    return paths
+
+
+def latest(out_dir: str | Path, run_id: str | None = None) -> Path | None:
+    """The newest checkpoint (of run ``run_id`` when given), or None."""
+    paths = checkpoints(out_dir)
+    if run_id is not None:  # read ids newest first: usually the first one matches
+        paths = [p for p in paths[::-1] if _run_id_of(p) == run_id][:1]
+    return paths[-1] if paths else None
 
 
 def _options(info: DistInfo) -> StateDictOptions:
@@ -54,8 +105,12 @@ def _rng_state(info: DistInfo) -> list[dict]:
 
 
 def save(path: Path, *, model, optimizer, scheduler, step: int, samples: int, config: dict,
-         info: DistInfo, keep: int) -> None:
-    """Collective under distributed training; rank 0 writes ``path`` (atomically)."""
+         info: DistInfo, keep: int, run_id: str | None = None) -> None:
+    """Collective under distributed training; rank 0 writes ``path`` (atomically).
+
+    Then deletes all but the newest ``keep`` checkpoints of run ``run_id`` (files of other
+    runs, or unreadable ones, are left alone).
+    """
     model_state, optim_state = get_state_dict(model, optimizer, options=_options(info))
     rng = _rng_state(info)
     if info.is_main:
@@ -64,12 +119,12 @@ def save(path: Path, *, model, optimizer, scheduler, step: int, samples: int, co
             "format": FORMAT, "version": VERSION, "step": step, "samples": samples,
             "config": config, "world_size": info.world_size, "model": model_state,
             "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng,
+            "run_id": run_id,
         }
         tmp = path.with_suffix(".tmp")
         torch.save(payload, tmp)
         os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint behind
-        old = sorted(checkpoint_dir(path.parent.parent).glob("step-*.pt"))[:-keep]
-        for stale in old:
+        for stale in checkpoints(path.parent.parent, run_id)[:-keep]:
             stale.unlink()
     if info.enabled:
         dist.barrier()

@@ -10,10 +10,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train", help="pre-train a language model from a YAML config",
         description="Pre-train an SA-Llama model. Run under `torchrun --nproc_per_node=N` for "
-                    "data-parallel training (DDP, or FSDP with train.distributed=fsdp).")
+                    "data-parallel training (DDP, or FSDP with train.distributed=fsdp). "
+                    "A new run refuses to start in a folder that holds another run.")
     parser.add_argument("config", help="YAML file with model / data / train sections")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in train.out_dir")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue the run in train.out_dir from its latest checkpoint")
+    start.add_argument("--overwrite", action="store_true",
+                       help="delete the run already in train.out_dir (checkpoints, metrics, "
+                            "final model) and start a new one")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override a config value, e.g. "
                         "--set train.steps=200 (repeatable)")
@@ -24,9 +29,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .distributed import launched_rank
     from .loop import train
 
     summary = train(load_config(args.config, args.overrides), resume=args.resume,
-                    progress=not args.no_progress)
-    print(json.dumps(summary))
+                    overwrite=args.overwrite, progress=not args.no_progress)
+    if launched_rank() == 0:  # under torchrun, one summary rather than one per process
+        print(json.dumps(summary))
     return 0

@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cli_args import UsageError
 from ..data import ChunkSampler, load_tokenizer, parse_source, prepare_source
 from ..models import SALlamaForCausalLM
 from . import checkpoint
 from .cloze import CLOZE_TASKS, cloze_accuracy, heldout_documents
 from .config import ExperimentConfig, load_config
-from .distributed import DistInfo
+from .distributed import DistInfo, launched_rank
 from .loop import evaluate, train
 from .passkey import passkey_accuracy
 
@@ -214,7 +215,7 @@ def run_comparison(configs: list[Path], seeds: list[int], *, out_root: Path, rep
     ``cloze_context`` tokens, built with ``cloze_seed`` (the same examples for every run).
     """
     if cloze_examples < 0 or cloze_context < 1:
-        raise ValueError(f"cloze_examples must be >= 0 and cloze_context >= 1, got "
+        raise UsageError(f"cloze_examples must be >= 0 and cloze_context >= 1, got "
                          f"{cloze_examples}, {cloze_context}")
     cloze = (dict(examples=cloze_examples, context=cloze_context, seed=cloze_seed)
              if cloze_examples else None)
@@ -222,6 +223,8 @@ def run_comparison(configs: list[Path], seeds: list[int], *, out_root: Path, rep
     argv = [a for a in sys.argv[1:] if a != "--report-only"]
     command = "sattn " + shlex.join(argv) if argv else "run_comparison(...)"
     plot = report.with_suffix(".png")
+    # Under torchrun every process trains; only rank 0 evaluates and writes the reports.
+    main = launched_rank() == 0
     runs = []
     for seed in seeds:
         for config in configs:
@@ -232,7 +235,11 @@ def run_comparison(configs: list[Path], seeds: list[int], *, out_root: Path, rep
             if not (out_dir / "final" / "config.json").exists():
                 if report_only:
                     continue
-                train(cfg, resume=checkpoint.latest(out_dir) is not None, progress=progress)
+                # resume an interrupted run; a run that never checkpointed starts afresh
+                resume = checkpoint.latest(out_dir, checkpoint.current_run_id(out_dir)) is not None
+                train(cfg, resume=resume, overwrite=not resume, progress=progress)
+            if not main:
+                continue
             runs.append({"name": name, "seed": seed, "out_dir": str(out_dir),
                          "steps": cfg.train.steps,
                          "eval": evaluate_run(cfg, out_dir, eval_chunks=eval_chunks,
@@ -241,6 +248,6 @@ def run_comparison(configs: list[Path], seeds: list[int], *, out_root: Path, rep
             report.with_suffix(".json").write_text(json.dumps(runs, indent=1))  # per seed
             plot_curves(runs, plot)
             write_report(runs, report, command=command, plot=plot, header=header)
-    if not runs:
-        raise ValueError(f"no finished run under {out_root}: nothing to report")
+    if not runs and main:
+        raise UsageError(f"no finished run under {out_root}: nothing to report")
     return runs

@@ -1,9 +1,11 @@
-"""``sattn pretrain-compare CONFIG... --seeds 0 1``: the paper-style pre-training comparison."""
+"""``sattn pretrain-compare CONFIG... --seeds 0,1``: the paper-style pre-training comparison."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from ..cli_args import int_list, nonneg_int, positive_int
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -13,19 +15,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "corpus, a long-range pass-key probe and zero-shot cloze accuracy, and write "
                     "a Markdown report with a loss-curve plot. Re-running skips finished runs and resumes others.")
     parser.add_argument("configs", nargs="+", type=Path, help="training configs (YAML)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--out", type=Path, default=Path("runs/pretrain-comparison"))
-    parser.add_argument("--report", type=Path, default=Path("docs/results-pretraining.md"))
+    parser.add_argument("--seeds", type=int_list, default=[0, 1],
+                        help="comma-separated training seeds, each run for every config "
+                             "(default 0,1)")
+    parser.add_argument("--out", type=Path, default=Path("runs/pretrain-comparison"),
+                        help="folder for the runs (one sub-folder per config and seed) and "
+                             "results.json")
+    parser.add_argument("--report", type=Path, default=Path("docs/results-pretraining.md"),
+                        help="the Markdown report to write (results JSON and plot beside it)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override every config, e.g. "
                         "--set train.steps=100")
-    parser.add_argument("--eval-chunks", type=int, default=32,
+    parser.add_argument("--eval-chunks", type=positive_int, default=32,
                         help="validation sequences per corpus for the final perplexity")
-    parser.add_argument("--passkey-trials", type=int, default=64)
-    parser.add_argument("--cloze-examples", type=int, default=50,
+    parser.add_argument("--passkey-trials", type=positive_int, default=64,
+                        help="pass-key examples per distance (near and far)")
+    parser.add_argument("--cloze-examples", type=nonneg_int, default=50,
                         help="examples per zero-shot cloze task (lastword, nextline) built from "
                              "held-out documents; 0: skip")
-    parser.add_argument("--cloze-context", type=int, default=256,
+    parser.add_argument("--cloze-context", type=positive_int, default=256,
                         help="context length of the cloze examples, in tokens")
     parser.add_argument("--cloze-seed", type=int, default=0,
                         help="seed choosing the cloze examples (the same for every model)")
@@ -33,7 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--report-only", action="store_true",
                         help="report the finished runs, train nothing (scores missing from a run, "
                              "e.g. cloze accuracy, are computed from its final model)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
     return parser
 

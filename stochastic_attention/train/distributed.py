@@ -77,3 +77,8 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     t = torch.tensor([int(flag)], device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def launched_rank() -> int:
+    """This process's rank as ``torchrun`` set it (0 outside torchrun), process group or not."""
+    return int(os.environ.get("RANK", "0"))

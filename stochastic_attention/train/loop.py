@@ -2,7 +2,8 @@
 
 Data position, learning-rate schedule and permutation RNG are all functions of the step
 count and the saved state, so a run interrupted (SIGINT / SIGTERM, or ``stop_after``) and
-resumed with ``resume=True`` reproduces the uninterrupted run exactly.
+resumed with ``resume=True`` reproduces the uninterrupted run exactly. A new run never
+replaces an old one in the same folder unless asked (``overwrite=True``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,13 +21,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from ..cli_args import UsageError
 from ..data import ChunkSampler, load_tokenizer, parse_source, prepare_source
 from ..models import SALlamaConfig, SALlamaForCausalLM
+from ..progress import tqdm
 from . import checkpoint
 from . import distributed as dist_utils
 from .config import ExperimentConfig
+
+# What a run writes into its folder (``overwrite=True`` removes exactly these).
+RUN_FILES = ("run.json", "config.json", "metrics.jsonl", "eval.json")
+RUN_DIRS = ("checkpoints", "final", "tensorboard")
 
 
 def cosine_schedule(step: int, *, warmup: int, total: int, lr: float, min_lr: float) -> float:
@@ -149,14 +157,36 @@ def evaluate(model, samplers: dict[str, ChunkSampler], *, micro_batch_size: int,
     return results
 
 
-def train(cfg: ExperimentConfig, *, resume: bool = False, stop_after: int | None = None,
-          progress: bool = True) -> dict:
+def existing_run(out_dir: Path) -> list[str]:
+    """The files and folders of an earlier run in ``out_dir`` (empty: nothing to lose)."""
+    return [name for name in (*RUN_FILES, *RUN_DIRS) if (out_dir / name).exists()]
+
+
+def clear_run(out_dir: Path) -> None:
+    """Remove what a run wrote into ``out_dir`` (and nothing else)."""
+    for name in RUN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    for name in RUN_DIRS:
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+
+
+def train(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False,
+          stop_after: int | None = None, progress: bool = True) -> dict:
     """Train (or resume) the run described by ``cfg``; returns a summary dict.
 
-    ``stop_after`` behaves like an interruption after that many steps (checkpoint, then
-    return with ``interrupted=True``); tests use it to exercise the resume path.
+    A fresh run refuses to start in a folder that holds another run: ``resume=True``
+    continues that run, ``overwrite=True`` deletes it first. ``stop_after`` behaves like an
+    interruption after that many steps (checkpoint, then return with ``interrupted=True``);
+    tests use it to exercise the resume path. The summary's ``val_loss`` is measured at its
+    ``step``.
     """
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; pass one of them")
     t = cfg.train
+    out_dir = Path(t.out_dir)
+    if not resume and not overwrite and existing_run(out_dir):
+        raise UsageError(f"{out_dir} already holds a run ({', '.join(existing_run(out_dir))}); "
+                         "pass --resume to continue it or --overwrite to replace it")
     info = dist_utils.setup()
     try:
         return _train(cfg, t, info, resume, stop_after, progress)
@@ -164,11 +194,50 @@ def train(cfg: ExperimentConfig, *, resume: bool = False, stop_after: int | None
         dist_utils.teardown(info)
 
 
+def _save_final(model, cfg: ExperimentConfig, tokenizer, info: dist_utils.DistInfo,
+                path: Path) -> None:
+    """The Hugging Face directory for evaluation and generate(); collective under FSDP."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    if not (info.enabled and cfg.train.distributed == "fsdp"):
+        if info.is_main:
+            model.save_pretrained(path)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # Every rank takes part in gathering the shards; rank 0 alone receives the full weights.
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+    if info.is_main:
+        with torch.random.fork_rng(devices=[]):  # a plain copy, initialised then overwritten
+            plain = build_model(cfg, tokenizer.vocab_size, tokenizer.eos_id)
+        plain.load_state_dict(state)
+        plain.save_pretrained(path)
+    torch.distributed.barrier()
+
+
+def _resume_point(out_dir: Path) -> tuple[Path, str | None]:
+    """The checkpoint to resume from: the newest of the run recorded in ``run.json``."""
+    run_id = checkpoint.current_run_id(out_dir)
+    path = checkpoint.latest(out_dir, run_id)
+    if path is None:
+        raise checkpoint.CheckpointError(
+            f"--resume: no checkpoint of the run in {out_dir} under "
+            f"{checkpoint.checkpoint_dir(out_dir)}; start it without --resume")
+    return path, run_id
+
+
 def _train(cfg, t, info, resume, stop_after, progress) -> dict:
     if t.threads:
         torch.set_num_threads(t.threads)
     out_dir = Path(t.out_dir)
     config_dict = cfg.to_dict()
+    run_id = None  # (rank 0 writes the checkpoints, so only it needs the id)
+    if resume:
+        resume_path, run_id = _resume_point(out_dir)
+    elif info.is_main:
+        clear_run(out_dir)  # (only reached with overwrite=True, or when there is nothing)
+        run_id = checkpoint.new_run_id(out_dir)
     micro_per_step = t.batch_size // t.micro_batch_size
     if micro_per_step % info.world_size:
         raise ValueError(f"train.batch_size / train.micro_batch_size = {micro_per_step} "
@@ -199,16 +268,18 @@ def _train(cfg, t, info, resume, stop_after, progress) -> dict:
 
     step, samples = 0, 0
     if resume:
-        path = checkpoint.latest(out_dir)
-        if path is None:
-            raise ValueError(f"--resume: no checkpoint in {checkpoint.checkpoint_dir(out_dir)}")
+        path = resume_path
         payload = checkpoint.read(path)
         checkpoint.check_compatible(payload, config_dict, path)
+        if run_id is None:  # a run from before run ids: adopt the checkpoint's (or none)
+            run_id = payload.get("run_id")
         checkpoint.restore(payload, model=model, optimizer=optimizer, scheduler=scheduler,
                            info=info)
         step, samples = payload["step"], payload["samples"]
         if len(payload["rng"]) != info.world_size:  # cannot be exact; stay reproducible
             torch.manual_seed(t.seed * 1_000_003 + 7919 * info.rank + 1 + step)
+        if info.is_main:
+            print(f"resumed from step {step} ({path})", file=sys.stderr, flush=True)
 
     metrics = _Metrics(out_dir, step, t.tensorboard, info.is_main)
     if info.is_main:
@@ -218,14 +289,14 @@ def _train(cfg, t, info, resume, stop_after, progress) -> dict:
                desc=f"train {out_dir.name}", unit="step")
     tokens_per_step = t.batch_size * t.seq_len
     model.train()
-    interrupted, last_loss, last_val = False, float("nan"), None
+    interrupted, last_loss, last_val, val_step = False, float("nan"), None, None
     is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
     def save():
         checkpoint.save(checkpoint.checkpoint_dir(out_dir) / f"step-{step:07d}.pt",
                         model=model, optimizer=optimizer, scheduler=scheduler, step=step,
                         samples=samples, config=config_dict, info=info,
-                        keep=t.keep_checkpoints)
+                        keep=t.keep_checkpoints, run_id=run_id)
 
     with _StopFlag() as stop:
         tic = time.perf_counter()
@@ -265,6 +336,7 @@ def _train(cfg, t, info, resume, stop_after, progress) -> dict:
             if step % t.eval_every == 0 or step == t.steps:
                 last_val = evaluate(model, val_samplers, micro_batch_size=t.micro_batch_size,
                                     batches=t.eval_batches, precision=t.precision, info=info)
+                val_step = step
                 metrics.log({"step": step, "val_loss": last_val,
                              "val_loss_mean": sum(last_val.values()) / len(last_val)})
             if stop_after is not None and step >= stop_after:
@@ -276,8 +348,10 @@ def _train(cfg, t, info, resume, stop_after, progress) -> dict:
                 break
     bar.close()
     metrics.close()
-    if info.is_main and not interrupted and not (info.enabled and t.distributed == "fsdp"):
-        # A Hugging Face directory for evaluation and generate() (FSDP runs: the checkpoint).
-        (model.module if is_ddp else model).save_pretrained(out_dir / "final")
+    if val_step != step:  # interrupted between evaluations, or resumed a finished run
+        last_val = evaluate(model, val_samplers, micro_batch_size=t.micro_batch_size,
+                            batches=t.eval_batches, precision=t.precision, info=info)
+    if not interrupted:
+        _save_final(model, cfg, tokenizer, info, out_dir / "final")
     return {"step": step, "samples": samples, "loss": last_loss, "val_loss": last_val,
             "interrupted": interrupted, "out_dir": str(out_dir)}

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ...cli_args import ensure_folder, length_list, positive_int
+
+DEFAULT_SPEED_LENGTHS = [512, 1024, 2048, 4096]
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -14,11 +18,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--config", default="configs/fna/passages.yaml", help="YAML experiment config")
     p.add_argument("--out", default="runs/fna", help="folder for results.json and table.md")
     p.add_argument("--figures", default=None, help="folder for the PNG figures (default: --out)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="smoke run: 10 steps, one size, one seed")
-    p.add_argument("--speed", type=int, nargs="*", metavar="N",
-                   help="instead: time dense FNA vs FNA in SA windows (fwd+bwd) at these lengths")
-    p.add_argument("--window", type=int, default=128, help="window for --speed")
+    p.add_argument("--speed", type=length_list, nargs="?", const=DEFAULT_SPEED_LENGTHS,
+                   metavar="N,N,...",
+                   help="instead: time dense FNA vs FNA in SA windows (fwd+bwd) at these "
+                        "comma-separated lengths (default 512,1024,2048,4096)")
+    p.add_argument("--window", type=positive_int, default=128, help="window for --speed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=main)
     return p
 
@@ -29,6 +36,7 @@ def main(args: argparse.Namespace) -> int:
     from .run import load_config, run
 
     torch.set_num_threads(args.threads)
+    ensure_folder(args.out, "--out")
     if args.speed is not None:
         return _speed(args)
     result = run(load_config(args.config), args.out, args.figures, quick=args.quick)
@@ -40,11 +48,13 @@ def main(args: argparse.Namespace) -> int:
 def _speed(args: argparse.Namespace) -> int:
     import json
 
+    from ...cli_args import check_memory
     from .speed import speed_markdown, speed_table
 
-    rows = speed_table(args.speed or [512, 1024, 2048, 4096], window=args.window)
+    n = max(args.speed)  # dense FNA keeps n x n weights per head for the backward pass
+    check_memory(4 * 4 * n * n * 2, f"--speed {n} (dense FNA)", "use shorter --speed lengths")
+    rows = speed_table(args.speed, window=args.window)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps(rows, indent=1))
     print(speed_markdown(rows))
     return 0

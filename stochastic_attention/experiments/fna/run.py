@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ...models.fna_classifier import ClassifierConfig
+from ...progress import tqdm
 from .data import ALPHABET, PassageTask, TextDoc, build_task, synthetic_corpora
 from .graph import diffusion_map, mean_shortest_path, spectral_gap
 from .train import TrainConfig, train_classifier
@@ -30,11 +30,20 @@ from .train import TrainConfig, train_classifier
 def load_config(path: str | Path) -> dict[str, Any]:
     import yaml
 
-    with open(path) as f:
-        cfg = yaml.safe_load(f)
+    from ...cli_args import UsageError
+
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UsageError(f"config file {path} cannot be read: {' '.join(str(err).split())}") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"config file {path} must hold a mapping")
     for key in ("task", "variants", "d_model", "seeds", "train"):
         if key not in cfg:
-            raise ValueError(f"config {path} lacks the key {key!r}")
+            raise UsageError(f"config {path} lacks the key {key!r}")
     return cfg
 
 

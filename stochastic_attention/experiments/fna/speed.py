@@ -11,10 +11,10 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ...functional import random_permutation
 from ...ops.fractional import fractional_attention
+from ...progress import tqdm
 
 
 def _fwd_bwd(call) -> None:

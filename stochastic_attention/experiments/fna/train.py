@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ...models.fna_classifier import ClassifierConfig, EncoderClassifier
+from ...progress import tqdm
 from .data import PassageTask
 
 

@@ -1,0 +1,140 @@
+"""What every ``sattn`` subcommand shares: option types, the user-error type, memory checks.
+
+One syntax for list options: comma-separated (``--seeds 0,1,2``). Types raise
+``argparse.ArgumentTypeError``, so argparse prints ``sattn CMD: error: ...`` and exits with 2.
+Errors found later (a missing file, a size the machine cannot hold) raise :class:`UsageError`,
+which ``sattn`` reports the same way, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+
+
+class UsageError(ValueError):
+    """A mistake in the user's input (option, config, file): reported in one line, exit code 2."""
+
+
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _list_of(convert: Callable[[str], object], what: str, *, allow_empty: bool = False):
+    def parse(text: str) -> list:
+        items = _items(text)
+        if not items and not allow_empty:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, "
+                                             f"got {text!r}")
+        try:
+            return [convert(item) for item in items]
+        except (ValueError, argparse.ArgumentTypeError) as err:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, "
+                                             f"got {text!r} ({err})") from None
+
+    parse.__name__ = f"list of {what}"  # argparse names the type in its messages
+    return parse
+
+
+def _bounded_int(minimum: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _bounded_int(1, "an integer >= 1")
+nonneg_int = _bounded_int(0, "an integer >= 0")
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An integer option with a lower bound, e.g. ``int_at_least(2)`` for sequence lengths."""
+    return _bounded_int(minimum, f"an integer >= {minimum}")
+
+
+def zero_or_length(text: str) -> int:
+    """A sequence length (>= 2), or 0 meaning "skip this part"."""
+    value = nonneg_int(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("expected 0 (skip) or a length >= 2, got 1")
+    return value
+
+
+zero_or_length.__name__ = "0 or a length >= 2"
+
+int_list = _list_of(int, "integers")
+length_list = _list_of(int_at_least(2), "lengths >= 2")
+positive_int_list = _list_of(positive_int, "integers >= 1")
+nonneg_int_list = _list_of(nonneg_int, "integers >= 0")
+float_list = _list_of(float, "numbers")
+str_list = _list_of(str, "names")
+
+
+def optional_list(parse: Callable[[str], list]) -> Callable[[str], list]:
+    """Like ``parse``, but an empty string means an empty list (``--sweep-seq-lens ''``: skip)."""
+    def wrapped(text: str) -> list:
+        return parse(text) if text.strip() else []
+
+    wrapped.__name__ = parse.__name__
+    return wrapped
+
+
+def choice_list(choices) -> Callable[[str], list[str]]:
+    """A comma-separated list whose items must come from ``choices``."""
+    def parse(text: str) -> list[str]:
+        items = str_list(text)
+        unknown = [item for item in items if item not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from "
+                                             f"{','.join(choices)}")
+        return items
+
+    parse.__name__ = "list of names"
+    return parse
+
+
+def ensure_folder(path: str | os.PathLike, option: str = "--out"):
+    """Create the output folder ``path`` (UsageError if a file is in the way)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path} is a file; {option} names a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (None when the platform cannot say)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(need_bytes: float, what: str, fix: str, *, device: str = "cpu") -> None:
+    """Raise UsageError if ``what`` would need more memory than ``device`` has available."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        available = free
+    else:
+        available = available_memory()
+    if available is not None and need_bytes > available:
+        raise UsageError(f"{what} needs about {need_bytes / 2**30:.1f} GiB but only "
+                         f"{available / 2**30:.1f} GiB is available; {fix}")
