@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .cli_args import UsageError, check_memory, int_at_least, nonneg_int, positive_int
+from .cli_args import UsageError, check_memory, ensure_folder, int_at_least, nonneg_int, positive_int
 from .ops.blocked import sort_groups
 from .ops.patterns import dense_mask
 from .ops.permute import random_permutation
@@ -73,6 +73,6 @@ def run(args: argparse.Namespace) -> int:
                          f"use at most {MAX_SEQ_LEN}")
     # six n x n panels, converted to float images by matplotlib
     check_memory(6 * 16 * args.seq_len**2, f"--seq-len {args.seq_len}", "use a shorter --seq-len")
-    print(plot_patterns(Path(args.out) / "patterns.png", args.seq_len, args.window, args.sinks,
+    print(plot_patterns(ensure_folder(args.out, "--out") / "patterns.png", args.seq_len, args.window, args.sinks,
                         args.seed))
     return 0

@@ -243,6 +243,8 @@ def run_coverage(args: argparse.Namespace) -> int:
 
 def _binned(row: dict, bins: int = 128) -> dict:
     """Per-position lists averaged over ``bins`` equal runs of positions (keeps JSON small)."""
+    bins = min(bins, len(row["keys_one_layer"]))  # (short sequences: one position a bin)
+
     def mean_bins(values):
         return [round(float(b.mean()), 5) for b in np.array_split(np.asarray(values, float), bins)]
 

@@ -184,6 +184,10 @@ def run(args: argparse.Namespace) -> int:
     bad_depths = [d for d in args.passkey_depths if not 0 <= d <= 1]
     if bad_depths:
         raise UsageError(f"--passkey-depths must lie in [0, 1], got {bad_depths}")
+    model_path = Path(args.model).expanduser()
+    if args.model.startswith((".", "/", "~")) and not model_path.exists():
+        raise UsageError(f"--model {args.model}: no such folder (give a built-in name, an HF id "
+                         "or the folder of a saved model)")
     out = ensure_folder(args.out, "--out")
     started = time.time()
     try:

@@ -85,7 +85,8 @@ def latest(out_dir: str | Path, run_id: str | None = None) -> Path | None:
     """The newest checkpoint (of run ``run_id`` when given), or None."""
     paths = checkpoints(out_dir)
     if run_id is not None:  # read ids newest first: usually the first one matches
-        paths = [p for p in paths[::-1] if _run_id_of(p) == run_id][:1]
+        # an unreadable file is returned too, so that resuming reports it as corrupt
+        paths = [p for p in paths[::-1] if _run_id_of(p) in (run_id, "")][:1]
     return paths[-1] if paths else None
 
 
@@ -135,7 +136,8 @@ def read(path: Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, not a zip, not a torch file ...
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); "
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {reason}); "
                               "it is corrupt or truncated: delete it to resume from an "
                               "earlier one, or start a new out_dir") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
