@@ -12,9 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from stochastic_attention.train import CheckpointError, config_from_dict, train
+from stochastic_attention.cli_args import UsageError
+from stochastic_attention.models import SALlamaForCausalLM
+from stochastic_attention.train import CheckpointError, config_from_dict, load_config, train
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven cats sing near old mills".split()
 
@@ -84,6 +87,80 @@ def test_bad_configs_name_the_key(corpus, tmp_path):
         config_from_dict(raw)
 
 
+def test_unknown_model_keys_are_rejected_with_the_valid_ones(corpus, tmp_path):
+    raw = raw_config(corpus, tmp_path)
+    raw["model"]["attention_kind"] = raw["model"].pop("attention_kinds")  # a typo
+    with pytest.raises(UsageError, match="attention_kind") as info:
+        config_from_dict(raw)
+    assert "'attention_kinds'" in str(info.value) and "'window'" in str(info.value)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw_config(corpus, tmp_path)))
+    with pytest.raises(UsageError, match="windw"):
+        load_config(path, ["model.windw=8"])
+    with pytest.raises(UsageError, match="sources"):
+        load_config(path, ["data.source=x"])
+    with pytest.raises(UsageError, match="train.lr must be a float"):
+        load_config(path, ["train.lr=fast"])
+    assert load_config(path, ["model.window=16"]).model["window"] == 16
+
+
+def _checkpoint_steps(out_dir: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in (out_dir / "checkpoints").glob("step-*.pt"))
+
+
+def test_a_new_run_never_silently_replaces_an_old_one(corpus, tmp_path):
+    old = config_from_dict(raw_config(corpus, tmp_path / "run", kind="swa", steps=6,
+                                      checkpoint_every=2, keep_checkpoints=2))
+    train(old, progress=False)
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    weights = (tmp_path / "run" / "final" / "model.safetensors").read_bytes()
+    new = config_from_dict(raw_config(corpus, tmp_path / "run", kind="swa", steps=2,
+                                      checkpoint_every=1, keep_checkpoints=2))
+    with pytest.raises(UsageError, match="--resume.*--overwrite"):
+        train(new, progress=False)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+    assert (tmp_path / "run" / "final" / "model.safetensors").read_bytes() == weights
+    assert _checkpoint_steps(tmp_path / "run") == [4, 6]
+    train(new, overwrite=True, progress=False)
+    # the old run is gone entirely: its step-6 checkpoint would otherwise win a later --resume
+    assert _checkpoint_steps(tmp_path / "run") == [1, 2]
+    assert max(json.loads(line)["step"] for line in
+               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_pruning_and_resume_only_touch_the_current_run(corpus, tmp_path):
+    other = config_from_dict(raw_config(corpus, tmp_path / "other", kind="swa", steps=6,
+                                        checkpoint_every=6))
+    train(other, progress=False)
+    cfg = config_from_dict(raw_config(corpus, tmp_path / "run", kind="swa", steps=4,
+                                      checkpoint_every=1, keep_checkpoints=1))
+    assert train(cfg, stop_after=1, progress=False)["step"] == 1
+    # a checkpoint of another run (same configuration) lands in this run's folder
+    foreign = tmp_path / "run" / "checkpoints" / "step-0000006.pt"
+    foreign.write_bytes((tmp_path / "other" / "checkpoints" / "step-0000006.pt").read_bytes())
+    resumed = train(cfg, resume=True, progress=False)
+    assert resumed["step"] == 4  # resumed from its own step 1, not the other run's step 6
+    assert _checkpoint_steps(tmp_path / "run") == [4, 6]  # own ones pruned, the other kept
+
+
+def test_resume_says_where_it_resumed_and_the_summary_val_loss_is_its_step(corpus, tmp_path,
+                                                                          capsys):
+    every = config_from_dict(raw_config(corpus, tmp_path / "every", kind="swa", eval_every=1))
+    train(every, progress=False)
+    val = {json.loads(line)["step"]: json.loads(line)["val_loss"]["toy"] for line in
+           (tmp_path / "every" / "metrics.jsonl").read_text().splitlines() if "val_loss" in line}
+    cfg = config_from_dict(raw_config(corpus, tmp_path / "run", kind="swa", eval_every=3))
+    first = train(cfg, stop_after=4, progress=False)
+    assert first["interrupted"] and first["step"] == 4
+    assert first["val_loss"]["toy"] == pytest.approx(val[4], rel=1e-6)  # not step 3's
+    capsys.readouterr()
+    resumed = train(cfg, resume=True, progress=False)
+    assert "resumed from step 4" in capsys.readouterr().err
+    assert resumed["val_loss"]["toy"] == pytest.approx(val[6], rel=1e-6)
+    # the extra evaluation at the interruption is not logged: metrics match the full run
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "every"), rel=1e-6)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -117,6 +194,15 @@ def test_two_processes_match_one_with_the_same_global_batch(corpus, tmp_path, st
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
     assert json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[-1])[
         "val_loss"]["toy"] == pytest.approx(single["val_loss"]["toy"], rel=1e-4)
+    summaries = [line for line in output.splitlines() if line.startswith('{"step"')]
+    assert len(summaries) == 1, output  # rank 0 alone prints the summary
+    # the final Hugging Face model holds the trained (for FSDP: gathered) weights
+    final = SALlamaForCausalLM.from_pretrained(tmp_path / "two" / "final").state_dict()
+    saved = torch.load(tmp_path / "two" / "checkpoints" / "step-0000004.pt",
+                       weights_only=True)["model"]
+    assert set(saved) <= set(final)
+    for name, value in saved.items():
+        assert torch.equal(final[name], value), name
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(corpus, tmp_path):
