@@ -113,11 +113,11 @@ def run_cli(argv: list[str]) -> int:
 
 
 def test_coverage_command_writes_plots_tables_json(tmp_path):
-    rc = run_cli(["coverage", "--seq-len", "512", "--window", "8", "--seeds", "2",
-                  "--max-layers", "40", "--patterns", "swa", "sa_band", "sa_swa",
-                  "--sweep-seq-lens", "128", "256", "--sweep-patterns", "swa", "sa_swa",
-                  "--sweep-seeds", "1", "--sweep-max-layers", "20", "--position-seq-len", "256",
-                  "--position-depths", "1", "4", "--out", str(tmp_path)])
+    rc = run_cli(["coverage", "--seq-len", "512", "--window", "8", "--seeds", "0,1",
+                  "--max-layers", "40", "--patterns", "swa,sa_band,sa_swa",
+                  "--sweep-seq-lens", "128,256", "--sweep-patterns", "swa,sa_swa",
+                  "--sweep-seeds", "0", "--sweep-max-layers", "20", "--position-seq-len", "256",
+                  "--position-depths", "1,4", "--out", str(tmp_path)])
     assert rc == 0
     for name in ("coverage_curves.png", "layers_vs_length.png", "per_position.png",
                  "coverage.md"):
@@ -132,8 +132,8 @@ def test_coverage_command_writes_plots_tables_json(tmp_path):
 
 
 def test_graph_command_writes_tables(tmp_path):
-    rc = run_cli(["graph", "--seq-len", "128", "--window", "8", "--patterns", "swa", "sa_swa",
-                  "--depths", "1", "2", "--gap-depth", "2", "--small-world-seq-len", "0",
+    rc = run_cli(["graph", "--seq-len", "128", "--window", "8", "--patterns", "swa,sa_swa",
+                  "--depths", "1,2", "--gap-depth", "2", "--small-world-seq-len", "0",
                   "--connectome-nodes", "3000", "--connectome-sources", "4",
                   "--out", str(tmp_path)])
     assert rc == 0
@@ -145,6 +145,7 @@ def test_graph_command_writes_tables(tmp_path):
     assert "random G(n, p)" in graphs and "fly connectome (reported)" in graphs
 
 
-def test_cli_rejects_negative_sizes(tmp_path):
-    with pytest.raises(ValueError, match="--seq-len"):
+def test_cli_rejects_negative_sizes(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
         run_cli(["coverage", "--seq-len", "-4", "--out", str(tmp_path)])
+    assert info.value.code == 2 and "--seq-len" in capsys.readouterr().err

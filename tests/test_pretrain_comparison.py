@@ -168,3 +168,19 @@ def test_report_only_adds_cloze_accuracy_to_finished_runs(tmp_path):
     text = report.read_text()
     assert "lastword acc (n=2)" in text and "nextline acc (n=2)" in text
     assert text.endswith("hand-written notes\n")
+
+
+def test_only_rank_zero_evaluates_and_writes_reports(tmp_path, monkeypatch):
+    _sentence_docs(tmp_path / "docs")
+    configs = _tiny_configs(tmp_path, tmp_path / "docs")[:1]
+    report = tmp_path / "report.md"
+    kwargs = dict(out_root=tmp_path / "runs", report=report, overrides=[], eval_chunks=2,
+                  passkey_trials=4, progress=False, cloze_examples=0)
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it for the second process
+    assert run_comparison(configs, [0], **kwargs) == []
+    assert (tmp_path / "runs" / "swa-seed0" / "final" / "model.safetensors").exists()  # trained
+    assert not report.exists() and not (tmp_path / "runs" / "results.json").exists()
+    assert not (tmp_path / "runs" / "swa-seed0" / "eval.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    runs = run_comparison(configs, [0], **kwargs)  # the finished run is evaluated, not retrained
+    assert [r["name"] for r in runs] == ["swa"] and report.exists()

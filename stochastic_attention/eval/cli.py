@@ -155,6 +155,14 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..models import load_pretrained  # noqa: F401 (imports transformers)
+    from ..progress import disabled
+
+    with disabled(args.no_progress):  # (again, now that transformers is imported)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
     from ..data.corpora import load_corpus

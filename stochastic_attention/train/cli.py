@@ -28,12 +28,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..progress import disabled
     from .config import load_config
     from .distributed import launched_rank
     from .loop import train
 
-    summary = train(load_config(args.config, args.overrides), resume=args.resume,
-                    overwrite=args.overwrite, progress=not args.no_progress)
+    with disabled(args.no_progress):  # (again, now that transformers is imported)
+        summary = train(load_config(args.config, args.overrides), resume=args.resume,
+                        overwrite=args.overwrite, progress=not args.no_progress)
     if launched_rank() == 0:  # under torchrun, one summary rather than one per process
         print(json.dumps(summary))
     return 0

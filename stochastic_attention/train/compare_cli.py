@@ -47,12 +47,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..progress import disabled
     from .compare import run_comparison
 
-    run_comparison(args.configs, args.seeds, out_root=args.out, report=args.report,
-                   overrides=args.overrides, eval_chunks=args.eval_chunks,
-                   passkey_trials=args.passkey_trials, header=args.header,
-                   progress=not args.no_progress, report_only=args.report_only,
-                   cloze_examples=args.cloze_examples, cloze_context=args.cloze_context,
-                   cloze_seed=args.cloze_seed)
+    with disabled(args.no_progress):  # (again, now that transformers is imported)
+        run_comparison(args.configs, args.seeds, out_root=args.out, report=args.report,
+                       overrides=args.overrides, eval_chunks=args.eval_chunks,
+                       passkey_trials=args.passkey_trials, header=args.header,
+                       progress=not args.no_progress, report_only=args.report_only,
+                       cloze_examples=args.cloze_examples, cloze_context=args.cloze_context,
+                       cloze_seed=args.cloze_seed)
     return 0
