@@ -191,6 +191,10 @@ def test_train_rejects_bad_configs_and_files(capsys, tmp_path):
     assert_usage_error(["train", config, "--set", "train.steps=ten"], capsys, "train.steps")
     assert_usage_error(["train", config, "--set", "train.seq_len=1"], capsys, "seq_len")
     assert_usage_error(["train", config, "--set", "data.split=0"], capsys, "data", "split")
+    assert_usage_error(["train", config, "--set", "data.sources=[nocorpus]"], capsys,
+                       "unknown data source")
+    assert_usage_error(["train", config, "--set", "train.seq_len=100000"], capsys,
+                       "not enough tokens")
     assert_usage_error(["train", config, "--resume", "--overwrite"], capsys, "--overwrite")
     assert_usage_error(["train", config, "--resume"], capsys, "no checkpoint")
     assert not (tmp_path / "run").exists()

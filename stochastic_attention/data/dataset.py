@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..progress import tqdm
-from .sources import Source
+from .sources import DataError, Source
 
 CACHE_VERSION = 1
 
@@ -39,9 +39,9 @@ def split_documents(
 ) -> tuple[list[int], list[int]]:
     """Indices of the (train, validation) documents: a seeded shuffle, at least one of each."""
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if len(texts) < 2:
-        raise ValueError(f"a source needs at least 2 documents to split by document, got "
+        raise DataError(f"a source needs at least 2 documents to split by document, got "
                          f"{len(texts)}; give several files (one document per file)")
     order = np.random.default_rng(seed).permutation(len(texts))
     n_val = min(len(texts) - 1, max(1, round(val_fraction * len(texts))))
@@ -89,7 +89,7 @@ def prepare_source(source: Source, tokenizer, cache_dir: str | Path, *, val_frac
         meta_path.write_text(json.dumps(meta, indent=1))
     meta = json.loads(meta_path.read_text())
     if meta["vocab_size"] != tokenizer.vocab_size:
-        raise ValueError(f"token cache {directory} was built for vocab {meta['vocab_size']}, "
+        raise DataError(f"token cache {directory} was built for vocab {meta['vocab_size']}, "
                          f"tokenizer has {tokenizer.vocab_size}; delete the directory")
     arrays = [np.memmap(directory / f"{split}.bin", dtype=meta["dtype"], mode="r")
               for split in ("train", "val")]
@@ -101,12 +101,12 @@ class ChunkSampler:
 
     def __init__(self, arrays: list[np.ndarray], seq_len: int, seed: int = 0) -> None:
         if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+            raise DataError(f"seq_len must be >= 1, got {seq_len}")
         self.arrays, self.seq_len, self.seed = arrays, seq_len, seed
         counts = [max(0, (len(a) - 1) // seq_len) for a in arrays]
         self.offsets = np.cumsum([0] + counts)
         if self.num_chunks == 0:
-            raise ValueError(f"not enough tokens for one sequence of seq_len={seq_len}")
+            raise DataError(f"not enough tokens for one sequence of seq_len={seq_len}")
         self._epoch, self._order = -1, None
 
     @property

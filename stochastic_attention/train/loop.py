@@ -235,9 +235,6 @@ def _train(cfg, t, info, resume, stop_after, progress) -> dict:
     run_id = None  # (rank 0 writes the checkpoints, so only it needs the id)
     if resume:
         resume_path, run_id = _resume_point(out_dir)
-    elif info.is_main:
-        clear_run(out_dir)  # (only reached with overwrite=True, or when there is nothing)
-        run_id = checkpoint.new_run_id(out_dir)
     micro_per_step = t.batch_size // t.micro_batch_size
     if micro_per_step % info.world_size:
         raise ValueError(f"train.batch_size / train.micro_batch_size = {micro_per_step} "
@@ -255,6 +252,9 @@ def _train(cfg, t, info, resume, stop_after, progress) -> dict:
             torch.distributed.barrier()
     train_sampler = ChunkSampler([s.train for s in splits], t.seq_len, seed=t.seed)
     val_samplers = {s.name: ChunkSampler([s.val], t.seq_len) for s in splits}
+    if not resume and info.is_main:  # the data is usable: only now replace an old run
+        clear_run(out_dir)  # (only reached with overwrite=True, or when there is nothing)
+        run_id = checkpoint.new_run_id(out_dir)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(cfg, tokenizer.vocab_size, tokenizer.eos_id).to(info.device)
