@@ -149,3 +149,9 @@ def test_cli_rejects_negative_sizes(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         run_cli(["coverage", "--seq-len", "-4", "--out", str(tmp_path)])
     assert info.value.code == 2 and "--seq-len" in capsys.readouterr().err
+
+
+def test_small_world_of_a_tiny_graph_is_a_value_error_not_a_division_by_zero():
+    adj = graphstats.union_graph([LayerStack(PatternSpec("swa", 2, causal=False), 4, 0)(0)])
+    with pytest.raises(ValueError, match="undefined"):
+        graphstats.small_world(adj)

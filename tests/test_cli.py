@@ -135,6 +135,16 @@ def test_coverage_and_graph_reject_bad_values(capsys, tmp_path):
     assert_usage_error(["graph", "--seq-len", "1", "--out", out], capsys, "--seq-len")
     assert_usage_error(["graph", "--window", "0", "--out", out], capsys, "--window")
     assert_usage_error(["graph", "--depths", "0", "--out", out], capsys, "--depths")
+    assert_usage_error(["coverage", "--seq-len", "8", "--window", "8", "--out", out], capsys,
+                       "shorter")
+    assert_usage_error(["coverage", "--window", "1", "--out", out], capsys, ">= 2")
+    assert_usage_error(["graph", "--small-world-seq-len", "3", "--out", out], capsys,
+                       "--small-world-seq-len")
+    assert_usage_error(["graph", "--connectome-nodes", "5", "--out", out], capsys,
+                       "--connectome-nodes", "too short")
+    assert_usage_error(["graph", "--connectome-nodes", "40", "--connectome-degree", "39",
+                        "--out", out], capsys,
+                       "--connectome-degree")
     assert not (tmp_path / "o").exists()
 
 

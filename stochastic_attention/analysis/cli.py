@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..cli_args import (
+    UsageError,
     check_memory,
     choice_list,
     ensure_folder,
@@ -47,7 +48,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "comma-separated.")
     cov.add_argument("--seq-len", type=int_at_least(2), default=16384,
                      help="length for the depth curves")
-    cov.add_argument("--window", type=positive_int, default=64, help="attention window")
+    cov.add_argument("--window", type=int_at_least(2), default=64, help="attention window (>= 2)")
     cov.add_argument("--sinks", type=nonneg_int, default=0,
                      help="leading tokens every query also sees (all patterns but MoBA/dilated)")
     cov.add_argument("--patterns", type=choice_list(PATTERNS), default=list(DEFAULT_PATTERNS),
@@ -82,7 +83,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Small-world statistics of non-causal attention graphs and a comparison at "
                     "the fly connectome's scale. List options are comma-separated.")
     graph.add_argument("--seq-len", type=int_at_least(2), default=512, help="sequence length")
-    graph.add_argument("--window", type=positive_int, default=16, help="attention window")
+    graph.add_argument("--window", type=int_at_least(2), default=16, help="attention window (>= 2)")
     graph.add_argument("--patterns", type=choice_list(PATTERNS),
                        default=["swa", "sa_band", "sa_swa", "moba", "dilated"],
                        help=f"comma-separated, from {','.join(PATTERNS)}")
@@ -92,13 +93,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="spectral gap of products of up to this many layers (0: skip)")
     graph.add_argument("--small-world-seq-len", type=zero_or_length, default=128,
                        help="length of the small-world coefficients (0: skip)")
-    graph.add_argument("--small-world-window", type=positive_int, default=4,
+    graph.add_argument("--small-world-window", type=int_at_least(2), default=4,
                        help="window of the small-world coefficients")
     graph.add_argument("--connectome-nodes", type=zero_or_length, default=130_000,
                        help="nodes of the connectome-scale comparison (0: skip)")
     graph.add_argument("--connectome-degree", type=float, default=26.0,
                        help="mean degree of the random graph at connectome scale")
-    graph.add_argument("--connectome-window", type=positive_int, default=14,
+    graph.add_argument("--connectome-window", type=int_at_least(2), default=14,
                        help="window of each SA+SWA branch (single branches get twice this)")
     graph.add_argument("--connectome-sources", type=positive_int, default=64,
                        help="breadth-first-search sources for the hop counts")
@@ -162,6 +163,10 @@ def _layers_text(summary: dict) -> str:
 
 
 def run_coverage(args: argparse.Namespace) -> int:
+    short = [n for n in (args.seq_len, *args.sweep_seq_lens) if n <= args.window]
+    if short:
+        raise UsageError(f"--window {args.window} must be shorter than every sequence length "
+                         f"(got lengths {short}): one layer already sees the whole sequence")
     if args.position_seq_len:  # packed bitsets of all tokens' receptive fields: n^2 / 8 bytes
         n = args.position_seq_len
         check_memory(2 * n * (-(-n // 64) * 8), f"--position-seq-len {n}",
@@ -253,6 +258,17 @@ def _binned(row: dict, bins: int = 128) -> dict:
 
 
 def run_graph(args: argparse.Namespace) -> int:
+    for option, n, window in (("--seq-len", args.seq_len, args.window),
+                              ("--small-world-seq-len", args.small_world_seq_len,
+                               args.small_world_window),
+                              ("--connectome-nodes", args.connectome_nodes,
+                               2 * args.connectome_window)):
+        if n and n <= max(window, 3):
+            raise UsageError(f"{option} {n} is too short for a window of {window}: use more "
+                             "than the window and at least 4 (or 0 to skip, where allowed)")
+    if args.connectome_nodes and not 0 < args.connectome_degree < args.connectome_nodes - 1:
+        raise UsageError(f"--connectome-degree must lie between 0 and --connectome-nodes - 1 = "
+                         f"{args.connectome_nodes - 1}, got {args.connectome_degree}")
     _set_threads(args.threads)
     out: Path = ensure_folder(args.out, "--out")
     specs = [PatternSpec(p, args.window, causal=False) for p in args.patterns]

@@ -94,10 +94,14 @@ def small_world(adj: sp.csr_array, *, niter: int = 2, nrand: int = 2, seed: int 
     if not nx.is_connected(graph):
         raise ValueError("small-world coefficients need a connected graph; use more layers or a "
                          "larger window")
-    return {
-        "sigma": float(nx.sigma(graph, niter=niter, nrand=nrand, seed=seed)),
-        "omega": float(nx.omega(graph, niter=niter, nrand=nrand, seed=seed)),
-    }
+    try:
+        return {
+            "sigma": float(nx.sigma(graph, niter=niter, nrand=nrand, seed=seed)),
+            "omega": float(nx.omega(graph, niter=niter, nrand=nrand, seed=seed)),
+        }
+    except (ZeroDivisionError, nx.NetworkXError) as err:  # tiny or complete graphs
+        raise ValueError(f"small-world coefficients are undefined for this graph "
+                         f"({type(err).__name__}: {err}); use a longer sequence") from None
 
 
 def mixing_matrix(edges: Edges) -> sp.csr_array:
