@@ -133,6 +133,9 @@ def test_coverage_and_graph_reject_bad_values(capsys, tmp_path):
     assert_usage_error(["coverage", "--position-seq-len", "10000000", "--out", out], capsys,
                        "GiB", "--position-seq-len")
     assert_usage_error(["graph", "--seq-len", "1", "--out", out], capsys, "--seq-len")
+    assert_usage_error(["coverage", "--seq-len", str(10**12), "--sweep-seq-lens", "",
+                        "--position-seq-len", "0", "--out", out], capsys, "GiB", "--seq-len")
+    assert_usage_error(["graph", "--seq-len", str(10**12), "--out", out], capsys, "GiB")
     assert_usage_error(["graph", "--window", "0", "--out", out], capsys, "--window")
     assert_usage_error(["graph", "--depths", "0", "--out", out], capsys, "--depths")
     assert_usage_error(["coverage", "--seq-len", "8", "--window", "8", "--out", out], capsys,

@@ -112,6 +112,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return cov
 
 
+def _check_edges(seq_len: int, window: int, option: str) -> None:
+    """A layer's (query, key) pairs as int64 arrays plus their sparse copies: ~64 bytes each."""
+    check_memory(64 * seq_len * window, f"{option} {seq_len} with window {window}",
+                 f"use a shorter {option.split(' ')[0]} or a smaller window")
+
+
 def _modes(choice: str) -> list[bool]:
     return {"causal": [True], "non-causal": [False], "both": [True, False]}[choice]
 
@@ -167,6 +173,8 @@ def run_coverage(args: argparse.Namespace) -> int:
     if short:
         raise UsageError(f"--window {args.window} must be shorter than every sequence length "
                          f"(got lengths {short}): one layer already sees the whole sequence")
+    longest = max([args.seq_len, *args.sweep_seq_lens])
+    _check_edges(longest, args.window, "--seq-len / --sweep-seq-lens")
     if args.position_seq_len:  # packed bitsets of all tokens' receptive fields: n^2 / 8 bytes
         n = args.position_seq_len
         check_memory(2 * n * (-(-n // 64) * 8), f"--position-seq-len {n}",
@@ -266,6 +274,9 @@ def run_graph(args: argparse.Namespace) -> int:
         if n and n <= max(window, 3):
             raise UsageError(f"{option} {n} is too short for a window of {window}: use more "
                              "than the window and at least 4 (or 0 to skip, where allowed)")
+    _check_edges(args.seq_len, args.window * max(args.depths), "--seq-len")
+    if args.connectome_nodes:
+        _check_edges(args.connectome_nodes, 2 * args.connectome_window, "--connectome-nodes")
     if args.connectome_nodes and not 0 < args.connectome_degree < args.connectome_nodes - 1:
         raise UsageError(f"--connectome-degree must lie between 0 and --connectome-nodes - 1 = "
                          f"{args.connectome_nodes - 1}, got {args.connectome_degree}")

@@ -222,9 +222,12 @@ def run_comparison(configs: list[Path], seeds: list[int], *, out_root: Path, rep
     # The command that reproduces the report from scratch (--report-only only re-reads runs).
     argv = [a for a in sys.argv[1:] if a != "--report-only"]
     command = "sattn " + shlex.join(argv) if argv else "run_comparison(...)"
-    plot = report.with_suffix(".png")
     # Under torchrun every process trains; only rank 0 evaluates and writes the reports.
     main = launched_rank() == 0
+    if main:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        out_root.mkdir(parents=True, exist_ok=True)
+    plot = report.with_suffix(".png")
     runs = []
     for seed in seeds:
         for config in configs:

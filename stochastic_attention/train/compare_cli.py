@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli_args import int_list, nonneg_int, positive_int
+from ..cli_args import ensure_folder, int_list, nonneg_int, positive_int
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -21,8 +21,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("runs/pretrain-comparison"),
                         help="folder for the runs (one sub-folder per config and seed) and "
                              "results.json")
-    parser.add_argument("--report", type=Path, default=Path("docs/results-pretraining.md"),
-                        help="the Markdown report to write (results JSON and plot beside it)")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="the Markdown report to write, results JSON and plot beside it "
+                             "(default: OUT/results-pretraining.md)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override every config, e.g. "
                         "--set train.steps=100")
@@ -51,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     from .compare import run_comparison
 
     with disabled(args.no_progress):  # (again, now that transformers is imported)
-        run_comparison(args.configs, args.seeds, out_root=args.out, report=args.report,
+        ensure_folder(args.out, "--out")
+        report = args.report or args.out / "results-pretraining.md"
+        run_comparison(args.configs, args.seeds, out_root=args.out, report=report,
                        overrides=args.overrides, eval_chunks=args.eval_chunks,
                        passkey_trials=args.passkey_trials, header=args.header,
                        progress=not args.no_progress, report_only=args.report_only,
