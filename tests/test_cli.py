@@ -223,6 +223,10 @@ def test_train_refuses_to_replace_a_run_and_reports_corrupt_checkpoints(capsys, 
     assert_usage_error(["train", config, "--set", "train.steps=1"], capsys, "--resume",
                        "--overwrite", "already holds a run")
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics  # untouched
+    # --overwrite replaces the old run only once the new one is known to start
+    assert_usage_error(["train", config, "--overwrite", "--set", "model.window=0"], capsys,
+                       "model: window")
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
     for ckpt in (tmp_path / "run" / "checkpoints").glob("step-*.pt"):
         ckpt.write_bytes(b"not a checkpoint")
     assert_usage_error(["train", config, "--resume"], capsys, "corrupt")

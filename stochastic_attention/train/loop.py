@@ -28,7 +28,7 @@ from ..models import SALlamaConfig, SALlamaForCausalLM
 from ..progress import tqdm
 from . import checkpoint
 from . import distributed as dist_utils
-from .config import ExperimentConfig
+from .config import ConfigError, ExperimentConfig
 
 # What a run writes into its folder (``overwrite=True`` removes exactly these).
 RUN_FILES = ("run.json", "config.json", "metrics.jsonl", "eval.json")
@@ -237,7 +237,7 @@ def _train(cfg, t, info, resume, stop_after, progress) -> dict:
         resume_path, run_id = _resume_point(out_dir)
     micro_per_step = t.batch_size // t.micro_batch_size
     if micro_per_step % info.world_size:
-        raise ValueError(f"train.batch_size / train.micro_batch_size = {micro_per_step} "
+        raise ConfigError(f"train.batch_size / train.micro_batch_size = {micro_per_step} "
                          f"micro-batches must divide among {info.world_size} processes")
     accum = micro_per_step // info.world_size
 
@@ -252,12 +252,15 @@ def _train(cfg, t, info, resume, stop_after, progress) -> dict:
             torch.distributed.barrier()
     train_sampler = ChunkSampler([s.train for s in splits], t.seq_len, seed=t.seed)
     val_samplers = {s.name: ChunkSampler([s.val], t.seq_len) for s in splits}
-    if not resume and info.is_main:  # the data is usable: only now replace an old run
-        clear_run(out_dir)  # (only reached with overwrite=True, or when there is nothing)
-        run_id = checkpoint.new_run_id(out_dir)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
-    model = build_model(cfg, tokenizer.vocab_size, tokenizer.eos_id).to(info.device)
+    try:
+        model = build_model(cfg, tokenizer.vocab_size, tokenizer.eos_id).to(info.device)
+    except ValueError as err:  # the attention layers' own checks (window, sinks, ...)
+        raise ConfigError(f"model: {err}") from None
+    if not resume and info.is_main:  # data and model are usable: only now replace an old run
+        clear_run(out_dir)  # (only reached with overwrite=True, or when there is nothing)
+        run_id = checkpoint.new_run_id(out_dir)
     model = dist_utils.wrap(model, info, t.distributed)
     optimizer = _optimizer(model, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
