@@ -13,7 +13,8 @@ from stochastic_attention import cli_args
 from stochastic_attention.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-PROGRESS_COMMANDS = ("bench", "coverage", "graph", "fna", "train", "pretrain-compare", "eval")
+PROGRESS_COMMANDS = ("bench", "coverage", "graph", "fna", "train", "pretrain-compare", "eval",
+                     "longrange run")
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -37,16 +38,21 @@ def assert_usage_error(argv: list[str], capsys, *fragments: str) -> str:
     return last
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
+def _subparsers(parser: argparse.ArgumentParser, prefix: str = "") -> dict:
+    """Every (sub)command's parser, nested ones included, by name ("longrange run")."""
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found[prefix + name] = sub
+                found.update(_subparsers(sub, prefix + name + " "))
+    return found
 
 
 def test_every_option_of_every_subcommand_has_help():
     parser = build_parser()
     missing = [f"sattn {a.dest}" for a in parser._actions if not (a.help or "").strip()]
     for name, sub in _subparsers(parser).items():
-        assert (sub.description or "").strip() or name, name
         missing += [f"sattn {name} {'/'.join(a.option_strings) or a.dest}"
                     for a in sub._actions if not (a.help or "").strip()]
     assert not missing, f"options without help text: {missing}"
@@ -72,9 +78,9 @@ def test_list_options_are_comma_separated_everywhere(capsys):
     seeds = {name: next(a for a in sub._actions if "--seeds" in a.option_strings)
              for name, sub in _subparsers(build_parser()).items()
              if any("--seeds" in a.option_strings for a in sub._actions)}
-    assert set(seeds) == {"coverage", "pretrain-compare", "eval"}
+    assert set(seeds) == {"coverage", "pretrain-compare", "eval", "longrange run"}
     for action in seeds.values():
-        assert action.nargs is None and action.type("0,1, 2") == [0, 1, 2]
+        assert action.nargs is None and list(action.type("0,1, 2")) == [0, 1, 2]
     # the old space-separated spelling is an error, not a silently different value
     assert_usage_error(["coverage", "--seeds", "0", "1"], capsys, "unrecognized arguments")
     assert_usage_error(["pretrain-compare", "x.yaml", "--seeds", "0", "1"], capsys)

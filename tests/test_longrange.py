@@ -179,12 +179,20 @@ def test_grid_runs_in_shards_resumes_and_merges(tmp_path, capsys):
     assert "SWA ceiling" in (tmp_path / "rep" / "longrange.md").read_text()
 
 
-def test_cli_run_and_shard_errors(tmp_path):
+def test_cli_run_and_shard_errors(tmp_path, capsys):
     out = tmp_path / "cli"
     assert cli_main(["longrange", "run", "--profile", "tiny", "--kinds", "swa", "--seeds", "0",
                      "--lrs", "0.01", "--out", str(out), "--no-progress"]) == 0
     assert len(sweep.load_records([out])) == 2  # two tasks, one cell each
     with pytest.raises(ValueError, match="shard"):
         sweep.parse_shard("2/2")
-    with pytest.raises(SystemExit):
-        cli_main(["longrange", "run", "--profile", "tiny", "--kinds", "nope", "--out", str(out)])
+    # user errors: one line on stderr and exit code 2 (was a SystemExit with status 1)
+    capsys.readouterr()
+    assert cli_main(["longrange", "run", "--profile", "tiny", "--kinds", "nope",
+                     "--out", str(out)]) == 2
+    assert "sattn longrange: error: unknown --kinds ['nope']" in capsys.readouterr().err
+    assert cli_main(["longrange", "run", "--profile", "tiny", "--shard", "2/2",
+                     "--out", str(out)]) == 2
+    assert "--shard" in capsys.readouterr().err
+    assert cli_main(["longrange", "report", str(tmp_path / "missing")]) == 2
+    assert "no such shard folder" in capsys.readouterr().err

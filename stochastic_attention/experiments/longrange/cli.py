@@ -13,14 +13,16 @@ import platform
 import time
 from pathlib import Path
 
+from ...cli_args import UsageError, float_list, int_list, positive_int, positive_int_list, str_list
 
-def _csv(kind):
-    def parse(text: str):
-        try:
-            return tuple(kind(x) for x in text.split(",") if x)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from err
-    return parse
+
+def _csv(parse):
+    """A shared comma-separated list type (cli_args), as the tuple the profiles hold."""
+    def as_tuple(text: str) -> tuple:
+        return tuple(parse(text))
+
+    as_tuple.__name__ = parse.__name__
+    return as_tuple
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -29,36 +31,38 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     p = sub.add_parser("longrange", help="trained long-range benchmark (majority, MQAR)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    lsub = p.add_subparsers(dest="longrange_command", required=True)
+    lsub = p.add_subparsers(dest="longrange_command", required=True, metavar="ACTION",
+                            help="run, report or cost (sattn longrange ACTION --help)")
 
     run = lsub.add_parser("run", help="run (or resume) one shard of a profile's grid")
     run.add_argument("--profile", choices=sorted(PROFILES), default="quick",
                      help="grid to run: quick (~10 min), full (the documented grid), tiny (seconds)")
     run.add_argument("--shard", default="0/1", help="i/k: run shard i of k (groups split by estimated cost)")
     run.add_argument("--out", default="runs/longrange", help="folder for the shard files (resumed if present)")
-    run.add_argument("--tasks", type=_csv(str), default=None, help="comma-separated task names (default: all)")
-    run.add_argument("--kinds", type=_csv(str), default=None, help=f"comma-separated subset of {','.join(KINDS)}")
-    run.add_argument("--depths", type=_csv(int), default=None, help="comma-separated layer counts")
-    run.add_argument("--widths", type=_csv(int), default=None, help="comma-separated model widths")
-    run.add_argument("--seeds", type=_csv(int), default=None, help="comma-separated seeds")
-    run.add_argument("--lrs", type=_csv(float), default=None, help="comma-separated learning rates")
-    run.add_argument("--steps", type=int, default=None, help="training steps per cell")
-    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    run.add_argument("--tasks", type=_csv(str_list), default=None, help="comma-separated task names (default: all)")
+    run.add_argument("--kinds", type=_csv(str_list), default=None, help=f"comma-separated subset of {','.join(KINDS)}")
+    run.add_argument("--depths", type=_csv(positive_int_list), default=None, help="comma-separated layer counts")
+    run.add_argument("--widths", type=_csv(positive_int_list), default=None, help="comma-separated model widths")
+    run.add_argument("--seeds", type=_csv(int_list), default=None, help="comma-separated seeds")
+    run.add_argument("--lrs", type=_csv(float_list), default=None, help="comma-separated learning rates")
+    run.add_argument("--steps", type=positive_int, default=None, help="training steps per cell")
+    run.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=run_main)
 
     rep = lsub.add_parser("report", help="merge shard folders into one table, JSON and plot")
     rep.add_argument("dirs", nargs="+", help="shard folders (or shard files) to merge")
     rep.add_argument("--out", default="runs/longrange-report", help="folder for longrange.md/.json/.png")
-    rep.add_argument("--budget", type=int, default=None, help="SWA window of the grid (default: from the profile)")
+    rep.add_argument("--budget", type=positive_int, default=None,
+                     help="SWA window of the grid (default: from the profile)")
     rep.set_defaults(func=report_main)
 
     cost = lsub.add_parser("cost", help="training step time of every kind, side by side, medians")
     cost.add_argument("--profile", choices=sorted(PROFILES), default="full", help="model and task sizes")
-    cost.add_argument("--depth", type=int, default=4, help="layers")
-    cost.add_argument("--kinds", type=_csv(str), default=None, help="comma-separated kinds")
-    cost.add_argument("--repeats", type=int, default=7, help="timed steps per kind (median kept)")
-    cost.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    cost.add_argument("--depth", type=positive_int, default=4, help="layers")
+    cost.add_argument("--kinds", type=_csv(str_list), default=None, help="comma-separated kinds")
+    cost.add_argument("--repeats", type=positive_int, default=7, help="timed steps per kind (median kept)")
+    cost.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     cost.add_argument("--out", default="runs/longrange-cost", help="folder for cost.json and cost.md")
     cost.set_defaults(func=cost_main)
     return p
@@ -69,7 +73,10 @@ def _profile(args):
 
     profile = with_overrides(PROFILES[args.profile], kinds=args.kinds, depths=args.depths,
                              widths=args.widths, seeds=args.seeds, lrs=args.lrs, steps=args.steps)
-    return select_tasks(profile, getattr(args, "tasks", None))
+    try:
+        return select_tasks(profile, getattr(args, "tasks", None))
+    except ValueError as err:  # unknown task names
+        raise UsageError(str(err)) from None
 
 
 def run_main(args: argparse.Namespace) -> int:
@@ -83,8 +90,11 @@ def run_main(args: argparse.Namespace) -> int:
     profile = _profile(args)
     bad = set(profile.kinds) - set(KINDS)
     if bad:
-        raise SystemExit(f"sattn longrange run: unknown --kinds {sorted(bad)}; choose from {KINDS}")
-    shard = parse_shard(args.shard)
+        raise UsageError(f"unknown --kinds {sorted(bad)}; choose from {KINDS}")
+    try:
+        shard = parse_shard(args.shard)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     start = time.time()
     path = run_shard(profile, Path(args.out), shard, progress=not args.no_progress)
     print(f"{path}: shard {args.shard} of profile {profile.name} done in {time.time() - start:.0f} s")
@@ -95,9 +105,12 @@ def report_main(args: argparse.Namespace) -> int:
     from .report import markdown, plot, summarise
     from .sweep import PROFILES, load_records
 
+    missing = [d for d in args.dirs if not Path(d).exists()]
+    if missing:
+        raise UsageError(f"no such shard folder or file: {missing}")
     records = load_records([Path(d) for d in args.dirs])
     if not records:
-        raise SystemExit(f"sattn longrange report: no records in {args.dirs}")
+        raise UsageError(f"no records in {args.dirs}")
     budget = args.budget
     if budget is None:
         budget = PROFILES[records[0]["profile"]].budget

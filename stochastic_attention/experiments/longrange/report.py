@@ -88,8 +88,9 @@ def markdown(rows: list[dict], *, budget: int) -> str:
             out.append("| " + " | ".join(line) + " |")
         if task == "majority" and margins:
             line = ["SWA ceiling (its last token sees L*(w-1) bits)", ""]
-            line += [f"{statistics.fmean(sample_ceiling(n - 1, float(m), swa_reach(d, budget) - 1) for m in margins):.3f}"
-                     for d in depths]
+            mean_ceiling = {d: statistics.fmean(sample_ceiling(n - 1, float(m), swa_reach(d, budget) - 1)
+                                                for m in margins) for d in depths}
+            line += [f"{mean_ceiling[d]:.3f}" for d in depths]
             line += [f"{sample_ceiling(n - 1, float(hard), swa_reach(d, budget) - 1):.3f}" for d in depths]
             line.append("")
             out.append("| " + " | ".join(line) + " |")

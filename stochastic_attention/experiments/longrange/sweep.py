@@ -190,7 +190,7 @@ def _run(cell: Cell, done: dict, path: Path, group: Group, profile: Profile) -> 
 
 
 def _bar(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
+    from ...progress import tqdm  # (silenced by sattn --no-progress too)
 
     return tqdm(total=total, disable=not enabled, desc=desc, unit="cell")
 
