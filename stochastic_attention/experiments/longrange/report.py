@@ -88,9 +88,10 @@ def markdown(rows: list[dict], *, budget: int) -> str:
             out.append("| " + " | ".join(line) + " |")
         if task == "majority" and margins:
             line = ["SWA ceiling (its last token sees L*(w-1) bits)", ""]
-            line += [f"{statistics.fmean(sample_ceiling(n - 1, float(m), swa_reach(d, budget) - 1) for m in margins):.3f}"
-                     for d in depths]
-            line += [f"{sample_ceiling(n - 1, float(hard), swa_reach(d, budget) - 1):.3f}" for d in depths]
+            def ceiling(d: int, m: str, n: int = n) -> float:
+                return sample_ceiling(n - 1, float(m), swa_reach(d, budget) - 1)
+            line += [f"{statistics.fmean(ceiling(d, m) for m in margins):.3f}" for d in depths]
+            line += [f"{ceiling(d, hard):.3f}" for d in depths]
             line.append("")
             out.append("| " + " | ".join(line) + " |")
         out.append("")
