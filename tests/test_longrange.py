@@ -196,3 +196,33 @@ def test_cli_run_and_shard_errors(tmp_path, capsys):
     assert "--shard" in capsys.readouterr().err
     assert cli_main(["longrange", "report", str(tmp_path / "missing")]) == 2
     assert "no such shard folder" in capsys.readouterr().err
+
+
+def test_mqar_sight_is_exact_for_swa_and_full_and_grows_with_depth():
+    from stochastic_attention.experiments.longrange.sight import mqar_sight, visible_masks
+
+    task = TaskSpec("mqar", seq_len=64, pairs=4, vocab=32, random_filler=False)
+    full = mqar_sight(task, "full", (), 1, examples=16, draws=2)
+    assert full["sight"] == 1.0
+    swa = mqar_sight(task, "swa", (("window", 8),), 3, examples=16, draws=2)
+    # SWA: the value token is visible exactly when it lies among the last 8 positions.
+    batch = task.batch(16, seed=[4, 0])
+    within = []
+    for row in range(16):
+        where = {int(k): 2 * i for i, k in enumerate(batch.inputs[row, 0:8:2])}
+        for q in (batch.labels[row] != tasks.IGNORE).nonzero().flatten().tolist():
+            within.append(q - (where[int(batch.inputs[row, q])] + 1) < 8)
+    assert swa["sight"] == pytest.approx(sum(within) / len(within))
+    sa = [mqar_sight(task, "sa", (("window", 16),), d, examples=16, draws=32)["sight"] for d in (1, 2, 4)]
+    assert sa[0] < sa[1] < sa[2] < 1.0
+    masks = visible_masks("sa_local", (("local", 4), ("window", 8)), 32, 3)
+    assert masks.shape == (3, 32, 32) and not masks.triu(1).any()  # causal
+    with pytest.raises(ValueError):
+        visible_masks("moba", (), 32, 1)
+
+
+def test_cli_sight_writes_a_table(tmp_path):
+    assert cli_main(["longrange", "sight", "--seq-lens", "32", "--pairs", "4", "--budgets", "4",
+                     "--layers", "1,2", "--examples", "4", "--draws", "2", "--out", str(tmp_path)]) == 0
+    assert "| swa |" in (tmp_path / "sight.md").read_text()
+    assert len(json.loads((tmp_path / "sight.json").read_text())) == 7 * 2

@@ -57,6 +57,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
                      help="SWA window of the grid (default: from the profile)")
     rep.set_defaults(func=report_main)
 
+    sight = lsub.add_parser("sight", help="MQAR: how often each kind can read the answer directly")
+    sight.add_argument("--seq-lens", type=_csv(positive_int_list), default=(128, 512), help="MQAR lengths")
+    sight.add_argument("--pairs", type=_csv(positive_int_list), default=(8, 32), help="key-value pairs, one per length")
+    sight.add_argument("--budgets", type=_csv(positive_int_list), default=(8, 16), help="keys per query")
+    sight.add_argument("--layers", type=_csv(positive_int_list), default=(1, 2, 4), help="comma-separated depths")
+    sight.add_argument("--examples", type=positive_int, default=256, help="MQAR examples per cell")
+    sight.add_argument("--draws", type=positive_int, default=64, help="pattern draws per cell")
+    sight.add_argument("--out", default="runs/longrange-sight", help="folder for sight.md and sight.json")
+    sight.set_defaults(func=sight_main)
+
     cost = lsub.add_parser("cost", help="training step time of every kind, side by side, medians")
     cost.add_argument("--profile", choices=sorted(PROFILES), default="full", help="model and task sizes")
     cost.add_argument("--depth", type=positive_int, default=4, help="layers")
@@ -146,5 +156,43 @@ def cost_main(args: argparse.Namespace) -> int:
               for r in table]
     text = "\n".join(lines)
     (out / "cost.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def sight_main(args: argparse.Namespace) -> int:
+    from .kinds import kind_options
+    from .sight import mqar_sight
+    from .train import TaskSpec
+
+    if len(args.pairs) != len(args.seq_lens):
+        raise UsageError("--pairs needs one value per --seq-lens value")
+    kinds = ("full", "swa", "sa", "sa_block", "sa_local", "gated", "bigbird")
+    rows = []
+    for n, pairs in zip(args.seq_lens, args.pairs):
+        task = TaskSpec("mqar", seq_len=n, pairs=pairs, vocab=max(4 * pairs, 64), random_filler=False)
+        for budget in args.budgets:
+            for kind in kinds:
+                layer_kind, options = kind_options(kind, budget, n)
+                for layers in args.layers:
+                    r = mqar_sight(task, layer_kind, options, layers, examples=args.examples,
+                                   draws=args.draws)
+                    rows.append(dict(r, kind=kind, seq_len=n, pairs=pairs, budget=budget))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sight.json").write_text(json.dumps(rows, indent=1))
+    lines = []
+    for n, pairs in zip(args.seq_lens, args.pairs):
+        for budget in args.budgets:
+            lines += [f"MQAR, {n} tokens, {pairs} pairs, {budget} keys/query:", "",
+                      "| kind | " + " | ".join(f"L={d}" for d in args.layers) + " |",
+                      "|---|" + "---|" * len(args.layers)]
+            for kind in kinds:
+                cells = [r for r in rows if r["kind"] == kind and r["seq_len"] == n
+                         and r["budget"] == budget]
+                lines.append(f"| {kind} | " + " | ".join(f"{r['sight']:.3f}" for r in cells) + " |")
+            lines.append("")
+    text = "\n".join(lines)
+    (out / "sight.md").write_text(text + "\n")
     print(text)
     return 0

@@ -50,6 +50,12 @@ PROFILES: dict[str, Profile] = {
         description="majority at 256 tokens, budget 8 keys/query; 8 kinds x depth 2, 4 (width 64); "
                     "width 32 and 128 at depth 4 for swa and sa_local; lr {1e-3, 3e-3} at seed 0, "
                     "seeds 0-2 at the best"),
+    # MQAR as far as this CPU affords: 600 steps of 32 sequences (Zoology trains about 20x longer).
+    "mqar": Profile(
+        "mqar", tasks=(MQAR,), kinds=("full", "swa", "sa_local", "moba"), depths=(2,), lrs=(1e-2,),
+        seeds=(0,), budget=8, steps=600, batch_size=32, eval_examples=256,
+        description="MQAR at 128 tokens, 8 pairs, vocabulary 64, zero filler; depth 2, width 64; "
+                    "600 steps; 1 seed"),
     # About 10 minutes on 2 cores: the majority task's decisive cells, one seed.
     "quick": Profile(
         "quick", tasks=(TaskSpec("majority", seq_len=256, margins=(0.0625, 0.125, 0.25),
