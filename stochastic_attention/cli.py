@@ -19,6 +19,7 @@ COMMANDS = (
     "stochastic_attention.train.cli",
     "stochastic_attention.train.compare_cli",
     "stochastic_attention.eval.cli",
+    "stochastic_attention.experiments.longrange.position_cli",
 )
 
 

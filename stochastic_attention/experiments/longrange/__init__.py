@@ -1,0 +1,1 @@
+"""Long-range benchmarks: how much of a long document a model actually uses."""
