@@ -31,7 +31,8 @@ def markdown_table(result: dict) -> str:
 def plot(result: dict, path: str | Path, *, title: str | None = None,
          error: str = "doc_sem") -> Path:
     """Mean loss per bucket against position (log2 axis, at each bucket's geometric middle),
-    one line per method with a band of +-1 standard error (``error``: "doc_sem" or "sem")."""
+    one line per method with a band of +-1 standard error (``error``: "doc_sem" or "sem").
+    A dotted vertical line marks the window of each sliding-window method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,6 +49,9 @@ def plot(result: dict, path: str | Path, *, title: str | None = None,
         (line,) = ax.plot(xs, ys, marker="o", ms=3, label=m["label"])
         ax.fill_between(xs, [y - e for y, e in zip(ys, errs)], [y + e for y, e in zip(ys, errs)],
                         color=line.get_color(), alpha=0.15, linewidth=0)
+        if m.get("method") == "sliding_window" and m.get("window"):  # where its reach ends
+            ax.axvline(m["window"], color=line.get_color(), linestyle=":", linewidth=1)
+    _clip_outliers(ax, result)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("position in document (tokens of context)")
     ax.set_ylabel("mean next-token loss (nats)")
@@ -62,6 +66,20 @@ def plot(result: dict, path: str | Path, *, title: str | None = None,
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _clip_outliers(ax, result: dict) -> None:
+    """Scale the y axis to positions >= 2 when position 1 is far above them: with one token
+    of context a model without a BOS token can score 20 nats, which would flatten the rest."""
+    rest = [b["mean"] for m in result["methods"] for b in m["buckets"] if b["lo"] >= 2]
+    first = [b["mean"] for m in result["methods"] for b in m["buckets"] if b["hi"] <= 2]
+    if not rest or not first:
+        return
+    lo, hi = min(rest), max(rest)
+    if max(first) > hi + (hi - lo):
+        ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.15 * (hi - lo))
+        ax.annotate(f"position 1: {max(first):.1f} nats (off scale)", xy=(0.01, 0.97),
+                    xycoords="axes fraction", va="top", fontsize=8)
 
 
 def save(result: dict, out_dir: str | Path) -> dict[str, Path]:
