@@ -21,7 +21,12 @@ from stochastic_attention.experiments.longrange.position import (
     parse_position_method,
     token_losses,
 )
-from stochastic_attention.experiments.longrange.position_report import markdown_table
+from stochastic_attention.experiments.longrange.position_report import (
+    gap_table,
+    markdown_table,
+    paired_gap,
+    plot,
+)
 from stochastic_attention.models import SALlamaConfig, SALlamaForCausalLM
 
 
@@ -146,8 +151,30 @@ def test_compare_positions_patches_then_restores_the_model():
     assert all(b["count"] == 3 * (min(b["hi"], 40) - b["lo"]) for b in plain["buckets"])
     table = markdown_table(result)
     assert table.count("\n") == 1 + len(methods) and "32-63" in table
+    gaps = gap_table(result, "full")
+    assert gaps.count("\n") == len(methods) and "| full |" not in gaps
+    assert "| sliding_window:64 | +0.00 ± 0.00 |" in gaps
+    with pytest.raises(ValueError, match="reference"):
+        gap_table(result, "dense")
     with pytest.raises(ValueError, match="model"):
         compare_positions(docs, methods=methods)
+
+
+def test_paired_gap_is_the_mean_and_error_of_per_document_differences(tmp_path):
+    a = {"doc_means": [3.0, 4.0, None, 6.0]}
+    b = {"doc_means": [2.0, 2.0, 1.0, None]}
+    gap, err = paired_gap(a, b)  # documents 0 and 1 only: differences 1 and 2
+    assert gap == pytest.approx(1.5) and err == pytest.approx(math.sqrt(0.5) / math.sqrt(2))
+    assert math.isnan(paired_gap({"doc_means": [1.0]}, {"doc_means": [0.5]})[1])
+    edges = [1, 2, 4]
+    rows = {name: bucket_stats(torch.tensor([[20.0, 3.0, 3.0], [20.0, 2.0, 4.0]]) + shift, edges)
+            for name, shift in (("full", 0.0), ("worse", 0.5), ("awful", 5.0))}
+    result = dict(docs=2, seq_len=4, methods=[
+        dict(label=k, method="sliding_window" if k == "worse" else k, window=2, buckets=v)
+        for k, v in rows.items()])
+    path = plot(result, tmp_path / "gap.png")  # two panels, clipped axes, SWA reach marked
+    assert path.stat().st_size > 0
+    assert "| worse | +0.50 ± 0.00 | +0.50 ± 0.00 |" in gap_table(result)
 
 
 @pytest.fixture()

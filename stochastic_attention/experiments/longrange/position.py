@@ -74,8 +74,10 @@ def _check_edges(edges: Sequence[int]) -> list[int]:
 def bucket_stats(losses: torch.Tensor, edges: Sequence[int]) -> list[dict]:
     """Per bucket ``[lo, hi)`` of positions: mean loss over all its tokens in all documents,
     its standard error over tokens (``sem``), the standard error of the per-document bucket
-    means (``doc_sem``; tokens of one document are correlated, so it is the more honest one)
-    and the token count. ``losses`` is ``[docs, n-1]`` from :func:`token_losses`; NaN entries
+    means (``doc_sem``; tokens of one document are correlated, so it is the more honest one),
+    the token count and the per-document means (``doc_means``, None where a document has no
+    token in the bucket; they allow paired comparisons of methods on the same documents).
+    ``losses`` is ``[docs, n-1]`` from :func:`token_losses`; NaN entries
     (padding) are left out."""
     edges = _check_edges(edges)
     losses = torch.as_tensor(losses, dtype=torch.float64)
@@ -88,11 +90,13 @@ def bucket_stats(losses: torch.Tensor, edges: Sequence[int]) -> list[dict]:
         count = values.numel()
         mean = values.mean().item() if count else float("nan")
         sem = (values.std(unbiased=True).item() / math.sqrt(count)) if count > 1 else float("nan")
-        per_doc = [row[~torch.isnan(row)].mean().item() for row in part
-                   if (~torch.isnan(row)).any()]
+        doc_means = [row[~torch.isnan(row)].mean().item() if (~torch.isnan(row)).any() else None
+                     for row in part]
+        per_doc = [m for m in doc_means if m is not None]
         doc_sem = float(np.std(per_doc, ddof=1) / math.sqrt(len(per_doc))) \
             if len(per_doc) > 1 else float("nan")
-        rows.append(dict(lo=lo, hi=hi, mean=mean, sem=sem, doc_sem=doc_sem, count=count))
+        rows.append(dict(lo=lo, hi=hi, mean=mean, sem=sem, doc_sem=doc_sem, count=count,
+                         doc_means=doc_means))
     return rows
 
 
@@ -101,7 +105,7 @@ def loss_by_position(model, docs: Sequence[torch.Tensor], *, buckets: Sequence[i
     """Token losses of every document (one forward each), bucketed by position.
 
     ``buckets`` are the edges (default :func:`log2_edges` of the longest document). Returns
-    ``{"edges", "buckets": [{lo, hi, mean, sem, doc_sem, count}], "mean_loss", "tokens",
+    ``{"edges", "buckets": [{lo, hi, mean, sem, doc_sem, count, doc_means}], "mean_loss", "tokens",
     "docs"}``.
     """
     if not docs:
