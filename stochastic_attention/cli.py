@@ -28,6 +28,7 @@ COMMANDS = (
     "stochastic_attention.train.compare_cli",
     "stochastic_attention.eval.cli",
     "stochastic_attention.experiments.longrange.cli",
+    "stochastic_attention.experiments.longrange.position_cli",
 )
 
 
