@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .ops import blocked, reference
+from .ops import blocked, merge, reference
 from .ops import flex as flex_backend
 from .ops.patterns import in_window, inverse_permutation, visible, window_candidates
 from .ops.permute import gather_mask, permute_seq, random_permutation
@@ -253,17 +253,17 @@ def _blocked_union(q, k, v, window, *, perm, layout, sinks, key_padding_mask, sc
     inv = inverse_permutation(perm)
     qs, ks, vs = (permute_seq(x, perm, inv) for x in (q, k, v))
     key_valid = gather_mask(key_padding_mask, perm) if key_padding_mask is not None else None
-    out_a, lse_a = blocked.windowed_attention(
+    part_a = blocked.windowed_attention(
         qs, ks, vs, window, pos=perm, key_valid=key_valid, layout=layout, causal=True,
         sinks=sinks, sink_k=sink_k, sink_v=sink_v, sink_valid=sink_valid, scale=scale,
-        exclude_recent=local, return_lse=True)
-    out_a = permute_seq(out_a, inv, perm)
-    lse_a = permute_seq(lse_a.unsqueeze(-1), inv, perm).squeeze(-1)
-    out_b, lse_b = blocked.windowed_attention(
+        exclude_recent=local, return_tiles=True)
+    unpermute = (lambda x: permute_seq(x, inv, perm), lambda x, fill: permute_seq(x, perm, inv))
+    part_b = blocked.windowed_attention(
         q, k, v, local, pos=None, layout="band", causal=True, sinks=sinks, sink_k=None,
-        sink_v=None, sink_valid=None, scale=scale, return_lse=True,
+        sink_v=None, sink_valid=None, scale=scale, return_tiles=True,
         key_valid=key_padding_mask[:, None, :] if key_padding_mask is not None else None)
-    return blocked.merge_parts(out_a, lse_a, out_b, lse_b).to(q.dtype)
+    return merge.attend_parts([merge.window_part(part_a, unpermute), merge.window_part(part_b)],
+                              scale)
 
 
 def attended_keys(

@@ -24,7 +24,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from . import blocked
+from . import blocked, merge
 from .reference import masked_attention
 from .validate import (
     check_key_padding_mask,
@@ -192,13 +192,13 @@ def bigbird_attention(
                  scale=scale)
     if not bool((indices >= 0).any()):
         return blocked.windowed_attention(q, ke, ve, window, **local).to(q.dtype)
-    out_a, lse_a = blocked.windowed_attention(q, ke, ve, window, return_lse=True, **local)
-    out_b, lse_b = _random_part(q, k, v, indices, kpm, scale)
-    return blocked.merge_parts(out_a, lse_a, out_b, lse_b).to(q.dtype)
+    window_tiles = blocked.windowed_attention(q, ke, ve, window, return_tiles=True, **local)
+    return merge.attend_parts([merge.window_part(window_tiles),
+                               _random_part(q, k, v, indices, kpm)], scale)
 
 
-def _random_part(q, k, v, indices, kpm, scale):
-    """Attention of each query to its gathered random keys alone: out [B, Hq, n, D], lse.
+def _random_part(q, k, v, indices, kpm) -> merge.Part:
+    """Each query against its gathered random keys alone, as one part of the merged softmax.
 
     Keys are gathered from the kv heads, never expanded to the query heads: with one draw per
     sample the G query heads of a kv head share its gathered keys, so each query position does a
@@ -220,16 +220,31 @@ def _random_part(q, k, v, indices, kpm, scale):
             + torch.arange(Hkv, device=q.device).view(1, Hkv, 1)) * n
     rows = (base + flat).reshape(-1)
     kg, vg = k.reshape(-1, D)[rows], v.reshape(-1, D)[rows]
-    bias = torch.zeros(seen.shape, dtype=torch.float32, device=q.device)
+    bias = torch.zeros(seen.shape, dtype=q.dtype, device=q.device)
     bias = bias.masked_fill(~seen, float("-inf"))
-    if Hi == 1:  # queries [B, Hkv, n, G, D] against keys [B, Hkv, n, r, D]
-        qg = q.view(B, Hkv, G, n, D).transpose(2, 3)
-        kg, vg = kg.view(B, Hkv, n, r, D), vg.view(B, Hkv, n, r, D)
-        out, lse = blocked.attend_with_lse(qg, kg, vg, bias.unsqueeze(-2), scale)
-        return out.transpose(2, 3).reshape(B, Hq, n, D), lse.transpose(2, 3).reshape(B, Hq, n)
-    kg, vg = kg.view(B, Hq, n, r, D), vg.view(B, Hq, n, r, D)  # one query per key set
-    out, lse = blocked.attend_with_lse(q.unsqueeze(-2), kg, vg, bias.unsqueeze(-2), scale)
-    return out.squeeze(-2), lse.squeeze(-1)
+    if Hi == 1:  # per kv head: queries [n, G, D] against keys [n, r, D]
+        qg = q.view(B, Hkv, G, n, D).transpose(2, 3).reshape(B * Hkv, n, G, D)
+        kg, vg = kg.view(B * Hkv, n, r, D), vg.view(B * Hkv, n, r, D)
+        mask = bias.expand(B, Hkv, n, r).reshape(B * Hkv, n, 1, r)
+
+        def to_common(x):
+            return x.view(B, Hkv, n, G, x.shape[-1]).transpose(2, 3).reshape(B, Hq, n, -1)
+
+        def from_common(x, fill):
+            return x.view(B, Hkv, G, n, x.shape[-1]).transpose(2, 3).reshape(B * Hkv, n, G, -1)
+
+        return merge.Part(qg, kg, vg, mask, to_common, from_common)
+    # One query per key set: queries [n, 1, D] against keys [n, r, D] per query head.
+    kg, vg = kg.view(B * Hq, n, r, D), vg.view(B * Hq, n, r, D)
+
+    def to_one(x):
+        return x.view(B, Hq, n, x.shape[-1])
+
+    def from_one(x, fill):
+        return x.reshape(B * Hq, n, 1, x.shape[-1])
+
+    return merge.Part(q.reshape(B * Hq, n, 1, D), kg, vg, bias.view(B * Hq, n, 1, r), to_one,
+                      from_one)
 
 
 def bigbird_mask(
