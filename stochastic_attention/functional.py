@@ -258,12 +258,15 @@ def _blocked_union(q, k, v, window, *, perm, layout, sinks, key_padding_mask, sc
         sinks=sinks, sink_k=sink_k, sink_v=sink_v, sink_valid=sink_valid, scale=scale,
         exclude_recent=local, return_tiles=True)
     unpermute = (lambda x: permute_seq(x, inv, perm), lambda x, fill: permute_seq(x, perm, inv))
-    part_b = blocked.windowed_attention(
-        q, k, v, local, pos=None, layout="band", causal=True, sinks=sinks, sink_k=None,
-        sink_v=None, sink_valid=None, scale=scale, return_tiles=True,
-        key_valid=key_padding_mask[:, None, :] if key_padding_mask is not None else None)
-    return merge.attend_parts([merge.window_part(part_a, unpermute), merge.window_part(part_b)],
-                              scale)
+    if local <= merge.BAND_PART_MAX_WIDTH:  # a few keys per query: cheaper than kernel tiles
+        part_b = merge.recent_band_part(q, k, v, local, skip_first=sinks,
+                                        key_padding_mask=key_padding_mask)
+    else:
+        part_b = merge.window_part(blocked.windowed_attention(
+            q, k, v, local, pos=None, layout="band", causal=True, sinks=sinks, sink_k=None,
+            sink_v=None, sink_valid=None, scale=scale, return_tiles=True,
+            key_valid=key_padding_mask[:, None, :] if key_padding_mask is not None else None))
+    return merge.attend_parts([merge.window_part(part_a, unpermute), part_b], scale)
 
 
 def attended_keys(

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from stochastic_attention.ops import blocked
+import stochastic_attention as sa
+from stochastic_attention.ops import blocked, merge
 from stochastic_attention.ops.merge import Part, attend_parts, attend_parts_reference, window_part
 
 SCALE = 0.37
@@ -137,3 +138,60 @@ def test_part_layouts_map_back_with_tile_padding():
 def test_no_parts_is_an_error():
     with pytest.raises(ValueError, match="at least one part"):
         attend_parts([], SCALE)
+
+
+@pytest.mark.parametrize("width", [1, 4, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_recent_band_part_equals_dense_window(width, dtype):
+    """Band offsets against a dense mask of positions (i - width, i], sinks and padding excluded."""
+    g = torch.Generator().manual_seed(width)
+    B, H, n, D, sinks = 2, 3, 23, 5, 2
+    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    kpm = torch.ones(B, n, dtype=torch.bool)
+    kpm[0, :7] = False  # left padding: its first queries see nothing
+    i, j = torch.arange(n).view(n, 1), torch.arange(n).view(1, n)
+    mask = ((j <= i) & (j > i - width) & (j >= sinks))[None, None] & kpm[:, None, None, :]
+    ref, ref_grads = grads(lambda: dense(q, [k], [v], [mask]), q, [k], [v])
+    for fn in (attend_parts, attend_parts_reference):
+        out, got = grads(lambda fn=fn: fn([merge.recent_band_part(
+            q, k, v, width, skip_first=sinks, key_padding_mask=kpm)], SCALE), q, [k], [v])
+        tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else {}
+        torch.testing.assert_close(out, ref, **tol)
+        for a, b in zip(got, ref_grads):
+            torch.testing.assert_close(a, b, **tol)
+
+
+def test_gradcheck_band_and_kernel_parts_float64():
+    q, ks, vs, masks = make_case(2, torch.float64)
+    n, width = q.shape[2], 3
+    band_mask = (torch.arange(n).view(n, 1) - torch.arange(width) >= 0).view(1, 1, n, width)
+    band_mask = band_mask & (torch.rand(2, 1, n, width, generator=torch.Generator().manual_seed(3))
+                             > 0.3)
+
+    def fn(q, k0, k1, v0, v1):
+        return attend_parts([merge.BandPart(q, q.flip(-1), q.cos(), width, band_mask),
+                             Part(q, k0, v0, masks[0]), Part(q, k1, v1, masks[1])], SCALE)
+
+    assert torch.autograd.gradcheck(fn, (q, *ks, *vs))
+
+
+@pytest.mark.parametrize("local", [merge.BAND_PART_MAX_WIDTH, merge.BAND_PART_MAX_WIDTH + 1])
+def test_union_on_both_sides_of_the_band_part_threshold(local):
+    """The SA + local union serves its local part as offsets up to the threshold, as kernel tiles
+    above it: both match the dense reference (outputs and gradients)."""
+    g = torch.Generator().manual_seed(local)
+    B, Hq, Hkv, n, D = 2, 4, 2, 61, 8
+    q = torch.randn(B, Hq, n, D, generator=g, requires_grad=True)
+    k, v = (torch.randn(B, Hkv, n, D, generator=g, requires_grad=True) for _ in range(2))
+    kpm = torch.ones(B, n, dtype=torch.bool)
+    kpm[1, :9] = False
+    perm = sa.random_permutation(B, 1, n, generator=g)
+    kw = dict(window=7, perm=perm, sinks=2, key_padding_mask=kpm, local=local)
+    ref, ref_grads = grads(lambda: sa.stochastic_attention(q, k, v, backend="reference", **kw),
+                           q, [k], [v])
+    out, got = grads(lambda: sa.stochastic_attention(q, k, v, backend="blocked", **kw),
+                     q, [k], [v])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    for a, b in zip(got, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
