@@ -16,9 +16,9 @@ SCALE = 0.37
 
 def dense(q, ks, vs, masks):
     """One explicit softmax over the concatenated keys; rows with no key give 0."""
-    N, M, T, _ = q.shape
-    k, v = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
-    mask = torch.cat([m.expand(N, M, T, kk.shape[2]) for m, kk in zip(masks, ks)], dim=-1)
+    lead, T = q.shape[:-2], q.shape[-2]
+    k, v = torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
+    mask = torch.cat([m.expand(*lead, T, kk.shape[-2]) for m, kk in zip(masks, ks)], dim=-1)
     scores = (q @ k.transpose(-1, -2) * SCALE).masked_fill(~mask, -math.inf)
     has_key = mask.any(dim=-1, keepdim=True)
     p = torch.softmax(torch.where(has_key, scores, 0.0), dim=-1)
@@ -195,3 +195,56 @@ def test_union_on_both_sides_of_the_band_part_threshold(local):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     for a, b in zip(got, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_part_with_shared_and_expanded_keys_equals_dense(dtype):
+    """Per-row keys: random rows shared by two query heads (broadcast) plus two sink keys
+    expanded to every row; gradients must sum over the broadcast and the expansion."""
+    g = torch.Generator().manual_seed(5)
+    B, Hkv, G, n, r, S, D = 2, 2, 2, 9, 3, 2, 4
+    q = torch.randn(B, Hkv * G, n, D, generator=g, dtype=dtype, requires_grad=True)
+    kr, vr = (torch.randn(B, Hkv, 1, n, r, D, generator=g, dtype=dtype, requires_grad=True)
+              for _ in range(2))
+    ks, vs_ = (torch.randn(B, Hkv * G, S, D, generator=g, dtype=dtype, requires_grad=True)
+               for _ in range(2))
+    seen = torch.rand(B, 1, 1, n, r, generator=g) > 0.3
+    seen[..., 1, :] = False
+    sink_seen = (torch.arange(S) <= torch.arange(n).view(n, 1)).view(1, 1, n, S)
+    sink_seen = sink_seen & (torch.arange(n) != 1).view(1, 1, n, 1)  # row 1: no key at all
+    leaves = [q, kr, ks, vr, vs_]
+
+    def parts():
+        return [merge.RowsPart(q.view(B, Hkv, G, n, D), kr, vr, seen,
+                               lambda x: x.reshape(B, Hkv * G, n, x.shape[-1]),
+                               lambda x, fill: x.reshape(B, Hkv, G, n, x.shape[-1])),
+                merge.RowsPart(q, ks[:, :, None].expand(B, Hkv * G, n, S, D),
+                               vs_[:, :, None].expand(B, Hkv * G, n, S, D), sink_seen)]
+
+    def reference():  # one softmax per row over its r + S keys
+        k_all = torch.cat([kr.expand(B, Hkv, G, n, r, D).reshape(B, Hkv * G, n, r, D),
+                           ks[:, :, None].expand(B, Hkv * G, n, S, D)], dim=-2)
+        v_all = torch.cat([vr.expand(B, Hkv, G, n, r, D).reshape(B, Hkv * G, n, r, D),
+                           vs_[:, :, None].expand(B, Hkv * G, n, S, D)], dim=-2)
+        mask = torch.cat([seen.expand(B, Hkv, G, n, r).reshape(B, Hkv * G, n, r),
+                          sink_seen.expand(B, Hkv * G, n, S)], dim=-1)
+        return dense(q.unsqueeze(-2), [k_all], [v_all], [mask.unsqueeze(-2)]).squeeze(-2)
+
+    out_ref = reference()
+    weight = torch.linspace(-1, 1, out_ref.numel(), dtype=dtype).view_as(out_ref)
+    ref_grads = torch.autograd.grad((out_ref * weight).sum(), leaves)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else {}
+    for fn in (attend_parts, attend_parts_reference):
+        out = fn(parts(), SCALE)
+        got = torch.autograd.grad((out * weight).sum(), leaves)
+        torch.testing.assert_close(out, out_ref, **tol)
+        assert (out[:, :, 1] == 0).all()
+        for a, b in zip(got, ref_grads):
+            torch.testing.assert_close(a, b, **tol)
+    if dtype == torch.float64:
+        def sinks_only(q, ks, vs_):
+            return attend_parts([merge.RowsPart(q, ks[:, :, None].expand(B, Hkv * G, n, S, D),
+                                                vs_[:, :, None].expand(B, Hkv * G, n, S, D),
+                                                sink_seen)], SCALE)
+
+        assert torch.autograd.gradcheck(sinks_only, (q, ks, vs_))

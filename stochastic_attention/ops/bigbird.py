@@ -192,17 +192,32 @@ def bigbird_attention(
                  scale=scale)
     if not bool((indices >= 0).any()):
         return blocked.windowed_attention(q, ke, ve, window, **local).to(q.dtype)
-    window_tiles = blocked.windowed_attention(q, ke, ve, window, return_tiles=True, **local)
-    return merge.attend_parts([merge.window_part(window_tiles),
+    return merge.attend_parts([*_window_parts(q, ke, ve, window, sinks, kpm, local),
                                _random_part(q, k, v, indices, kpm)], scale)
 
 
-def _random_part(q, k, v, indices, kpm) -> merge.Part:
+def _window_parts(q, ke, ve, window, sinks, kpm, local):
+    """The local window and the sinks: offsets and sink rows for a few keys, else kernel tiles."""
+    if window > merge.BAND_PART_MAX_WIDTH:
+        return [merge.window_part(blocked.windowed_attention(q, ke, ve, window, return_tiles=True,
+                                                             **local))]
+    parts = [merge.recent_band_part(q, ke, ve, window, skip_first=sinks, key_padding_mask=kpm)]
+    if sinks:
+        B, H, n, D = q.shape
+        i = torch.arange(n, device=q.device).view(n, 1)
+        seen = (torch.arange(sinks, device=q.device) <= i).view(1, 1, n, sinks)
+        if kpm is not None:
+            seen = seen & kpm[:, None, None, :sinks]
+        parts.append(merge.RowsPart(q, ke[:, :, None, :sinks].expand(B, H, n, sinks, D),
+                                    ve[:, :, None, :sinks].expand(B, H, n, sinks, D), seen))
+    return parts
+
+
+def _random_part(q, k, v, indices, kpm) -> merge.RowsPart:
     """Each query against its gathered random keys alone, as one part of the merged softmax.
 
     Keys are gathered from the kv heads, never expanded to the query heads: with one draw per
-    sample the G query heads of a kv head share its gathered keys, so each query position does a
-    [G, D] x [D, r] product instead of G separate [1, D] x [D, r] ones.
+    sample the G query heads of a kv head share (broadcast) its gathered keys.
     """
     B, Hq, n, D = q.shape
     Hkv, G = k.shape[1], Hq // k.shape[1]
@@ -220,31 +235,13 @@ def _random_part(q, k, v, indices, kpm) -> merge.Part:
             + torch.arange(Hkv, device=q.device).view(1, Hkv, 1)) * n
     rows = (base + flat).reshape(-1)
     kg, vg = k.reshape(-1, D)[rows], v.reshape(-1, D)[rows]
-    bias = torch.zeros(seen.shape, dtype=q.dtype, device=q.device)
-    bias = bias.masked_fill(~seen, float("-inf"))
-    if Hi == 1:  # per kv head: queries [n, G, D] against keys [n, r, D]
-        qg = q.view(B, Hkv, G, n, D).transpose(2, 3).reshape(B * Hkv, n, G, D)
-        kg, vg = kg.view(B * Hkv, n, r, D), vg.view(B * Hkv, n, r, D)
-        mask = bias.expand(B, Hkv, n, r).reshape(B * Hkv, n, 1, r)
-
-        def to_common(x):
-            return x.view(B, Hkv, n, G, x.shape[-1]).transpose(2, 3).reshape(B, Hq, n, -1)
-
-        def from_common(x, fill):
-            return x.view(B, Hkv, G, n, x.shape[-1]).transpose(2, 3).reshape(B * Hkv, n, G, -1)
-
-        return merge.Part(qg, kg, vg, mask, to_common, from_common)
-    # One query per key set: queries [n, 1, D] against keys [n, r, D] per query head.
-    kg, vg = kg.view(B * Hq, n, r, D), vg.view(B * Hq, n, r, D)
-
-    def to_one(x):
-        return x.view(B, Hq, n, x.shape[-1])
-
-    def from_one(x, fill):
-        return x.reshape(B * Hq, n, 1, x.shape[-1])
-
-    return merge.Part(q.reshape(B * Hq, n, 1, D), kg, vg, bias.view(B * Hq, n, 1, r), to_one,
-                      from_one)
+    if Hi == 1:  # the G query heads of a kv head share its gathered keys
+        kg, vg = kg.view(B, Hkv, 1, n, r, D), vg.view(B, Hkv, 1, n, r, D)
+        return merge.RowsPart(q.view(B, Hkv, G, n, D), kg, vg, seen.view(B, 1, 1, n, r),
+                              lambda x: x.reshape(B, Hq, n, x.shape[-1]),
+                              lambda x, fill: x.reshape(B, Hkv, G, n, x.shape[-1]))
+    # One key set per query head.
+    return merge.RowsPart(q, kg.view(B, Hq, n, r, D), vg.view(B, Hq, n, r, D), seen)
 
 
 def bigbird_mask(

@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from . import blocked
 
-__all__ = ["BandPart", "Part", "attend_parts", "attend_parts_reference", "identity_layout", "tile_layout",
+__all__ = ["BandPart", "Part", "RowsPart", "attend_parts", "attend_parts_reference", "identity_layout", "tile_layout",
            "recent_band_part", "window_part"]
 
 NEG_INF = float("-inf")
@@ -83,6 +83,23 @@ class BandPart:
     v: torch.Tensor
     width: int
     mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RowsPart:
+    """Each query row against its own few keys (gathered random keys, sinks).
+
+    q [..., T, D]; k, v [..., T, R, D] (an ``expand``ed view is fine: no copy is made); mask
+    bool broadcastable to [..., T, R]; layout maps as for :class:`Part`. Computed with
+    elementwise products, which for a few keys per row are far cheaper than the kernel.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor
+    to_common: Callable[[torch.Tensor], torch.Tensor] = _same
+    from_common: Callable[[torch.Tensor, float], torch.Tensor] = _same_fill
 
 
 def identity_layout() -> tuple[Callable, Callable]:
@@ -186,6 +203,34 @@ def _band_backward(grad_out, out, lse, q, k, v, width, mask, scale):
     return dq, dkp[..., width - 1:, :], dvp[..., width - 1:, :]
 
 
+def _rows_scores(q, k, mask, scale):
+    s = torch.linalg.vecdot(q.unsqueeze(-2), k).mul_(scale)
+    return s.masked_fill_(~mask, NEG_INF)
+
+
+def _rows_forward(q, k, v, mask, scale):
+    """out [..., T, D] and lse [..., T, 1] (-inf where no key) of a :class:`RowsPart`."""
+    s = _rows_scores(q, k, mask, scale)
+    has_key = mask.any(dim=-1, keepdim=True)
+    m = torch.where(has_key, s.amax(dim=-1, keepdim=True), 0.0)
+    p = torch.exp(s - m)
+    total = p.sum(dim=-1, keepdim=True)
+    out = (p.unsqueeze(-1) * v).sum(dim=-2) / torch.where(has_key, total, 1.0)
+    return out, torch.where(has_key, m + torch.log(total), NEG_INF)
+
+
+def _rows_backward(grad_out, out, lse, q, k, v, mask, scale):
+    """Gradients of a :class:`RowsPart` given the MERGED out, lse (+inf on empty rows), grad."""
+    p = torch.exp(_rows_scores(q, k, mask, scale) - lse)  # [..., T, R], 0 where masked
+    row = (grad_out * out).sum(dim=-1, keepdim=True)
+    dp = torch.linalg.vecdot(grad_out.unsqueeze(-2), v)
+    ds = (p * (dp - row)).mul_(scale).unsqueeze(-1)
+    dq = (ds * k).sum(dim=-2)
+    dk = (ds * q.unsqueeze(-2)).sum_to_size(k.shape)
+    dv = (p.unsqueeze(-1) * grad_out.unsqueeze(-2)).sum_to_size(v.shape)
+    return dq, dk, dv
+
+
 class _FlashParts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scale, specs, *qkv):
@@ -198,6 +243,12 @@ class _FlashParts(torch.autograd.Function):
                 out, lse = _band_forward(*(x.to(work) for x in (q, k, v)), spec[1], spec[2], scale)
                 outs.append(out)
                 lses.append(lse)
+                continue
+            if spec[0] == "rows":
+                _, to_common, _, mask = spec
+                out, lse = _rows_forward(*(x.to(work) for x in (q, k, v)), mask, scale)
+                outs.append(to_common(out))
+                lses.append(to_common(lse))
                 continue
             _, to_common, _, mask = spec
             out, lse = kernel(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
@@ -232,6 +283,15 @@ class _FlashParts(torch.autograd.Function):
                                       ctx.scale)
                 grads += [g.to(x.dtype) for g, x in zip(band, (q, k, v))]
                 continue
+            if spec[0] == "rows":
+                _, _, from_common, mask = spec
+                work = lse_b.dtype
+                rows = _rows_backward(from_common(grad_out.to(work), 0.0),
+                                      from_common(out.to(work), 0.0),
+                                      from_common(lse_b, float("inf")),
+                                      *(x.to(work) for x in (q, k, v)), mask, ctx.scale)
+                grads += [g.to(x.dtype) for g, x in zip(rows, (q, k, v))]
+                continue
             _, _, from_common, mask = spec
             g = from_common(grad_out, 0.0).contiguous()
             o = from_common(out, 0.0).contiguous()
@@ -240,7 +300,7 @@ class _FlashParts(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def attend_parts(parts: Sequence[Part | BandPart], scale: float) -> torch.Tensor:
+def attend_parts(parts: Sequence[Part | BandPart | RowsPart], scale: float) -> torch.Tensor:
     """Attention of every merged row to the union of its parts' keys, in one softmax.
 
     The parts' key sets must be disjoint (a key in two parts would count twice). Returns the
@@ -253,6 +313,7 @@ def attend_parts(parts: Sequence[Part | BandPart], scale: float) -> torch.Tensor
         return attend_parts_reference(parts, scale)
     dtype = parts[0].q.dtype
     specs = tuple(("band", p.width, p.mask) if isinstance(p, BandPart) else
+                  ("rows", p.to_common, p.from_common, p.mask) if isinstance(p, RowsPart) else
                   ("kernel", p.to_common, p.from_common, _additive(p.mask, dtype)) for p in parts)
     qkv = [x for p in parts for x in (p.q, p.k, p.v)]
     return _FlashParts.apply(float(scale), specs, *qkv)
@@ -267,12 +328,20 @@ def _band_as_part(p: BandPart) -> Part:
                 lambda x: x.squeeze(-2), lambda x, fill: x.unsqueeze(-2))
 
 
-def attend_parts_reference(parts: Sequence[Part | BandPart], scale: float) -> torch.Tensor:
+def _rows_as_part(p: RowsPart) -> Part:
+    """A rows part as explicit one-query attentions: q [..., T, 1, D], keys [..., T, R, D]."""
+    return Part(p.q.unsqueeze(-2), p.k, p.v, p.mask.unsqueeze(-2),
+                lambda x: p.to_common(x.squeeze(-2)), lambda x, fill: p.from_common(x, fill).unsqueeze(-2))
+
+
+def attend_parts_reference(parts: Sequence[Part | BandPart | RowsPart], scale: float) -> torch.Tensor:
     """The same result through explicit fp32 (fp64 for fp64 inputs) softmaxes and autograd."""
     outs, lses = [], []
     for p in parts:
         if isinstance(p, BandPart):
             p = _band_as_part(p)
+        elif isinstance(p, RowsPart):
+            p = _rows_as_part(p)
         mask = p.mask
         if mask is None:
             mask = torch.zeros((), device=p.q.device)
