@@ -253,11 +253,17 @@ def _blocked_union(q, k, v, window, *, perm, layout, sinks, key_padding_mask, sc
     inv = inverse_permutation(perm)
     qs, ks, vs = (permute_seq(x, perm, inv) for x in (q, k, v))
     key_valid = gather_mask(key_padding_mask, perm) if key_padding_mask is not None else None
-    part_a = blocked.windowed_attention(
-        qs, ks, vs, window, pos=perm, key_valid=key_valid, layout=layout, causal=True,
-        sinks=sinks, sink_k=sink_k, sink_v=sink_v, sink_valid=sink_valid, scale=scale,
-        exclude_recent=local, return_tiles=True)
     unpermute = (lambda x: permute_seq(x, inv, perm), lambda x, fill: permute_seq(x, perm, inv))
+    if layout == "band" and window <= merge.BAND_PART_MAX_WIDTH:  # few keys: offsets, sink rows
+        parts = [merge.permuted_band_part(qs, ks, vs, window, pos=perm, key_valid=key_valid,
+                                          exclude_recent=local, sinks=sinks, outer=unpermute)]
+        if sinks > 0:
+            parts.append(merge.sink_rows_part(q, k, v, sinks, key_padding_mask))
+    else:
+        parts = [merge.window_part(blocked.windowed_attention(
+            qs, ks, vs, window, pos=perm, key_valid=key_valid, layout=layout, causal=True,
+            sinks=sinks, sink_k=sink_k, sink_v=sink_v, sink_valid=sink_valid, scale=scale,
+            exclude_recent=local, return_tiles=True), unpermute)]
     if local <= merge.BAND_PART_MAX_WIDTH:  # a few keys per query: cheaper than kernel tiles
         part_b = merge.recent_band_part(q, k, v, local, skip_first=sinks,
                                         key_padding_mask=key_padding_mask)
@@ -266,7 +272,7 @@ def _blocked_union(q, k, v, window, *, perm, layout, sinks, key_padding_mask, sc
             q, k, v, local, pos=None, layout="band", causal=True, sinks=sinks, sink_k=None,
             sink_v=None, sink_valid=None, scale=scale, return_tiles=True,
             key_valid=key_padding_mask[:, None, :] if key_padding_mask is not None else None))
-    return merge.attend_parts([merge.window_part(part_a, unpermute), part_b], scale)
+    return merge.attend_parts([*parts, part_b], scale)
 
 
 def attended_keys(

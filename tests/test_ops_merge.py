@@ -176,10 +176,11 @@ def test_gradcheck_band_and_kernel_parts_float64():
     assert torch.autograd.gradcheck(fn, (q, *ks, *vs))
 
 
+@pytest.mark.parametrize("window", [7, merge.BAND_PART_MAX_WIDTH + 1])
 @pytest.mark.parametrize("local", [merge.BAND_PART_MAX_WIDTH, merge.BAND_PART_MAX_WIDTH + 1])
-def test_union_on_both_sides_of_the_band_part_threshold(local):
-    """The SA + local union serves its local part as offsets up to the threshold, as kernel tiles
-    above it: both match the dense reference (outputs and gradients)."""
+def test_union_on_both_sides_of_the_band_part_threshold(window, local):
+    """The SA + local union serves its SA window and its local part as offsets up to the
+    threshold, as kernel tiles above it: every mix matches the dense reference."""
     g = torch.Generator().manual_seed(local)
     B, Hq, Hkv, n, D = 2, 4, 2, 61, 8
     q = torch.randn(B, Hq, n, D, generator=g, requires_grad=True)
@@ -187,7 +188,7 @@ def test_union_on_both_sides_of_the_band_part_threshold(local):
     kpm = torch.ones(B, n, dtype=torch.bool)
     kpm[1, :9] = False
     perm = sa.random_permutation(B, 1, n, generator=g)
-    kw = dict(window=7, perm=perm, sinks=2, key_padding_mask=kpm, local=local)
+    kw = dict(window=window, perm=perm, sinks=2, key_padding_mask=kpm, local=local)
     ref, ref_grads = grads(lambda: sa.stochastic_attention(q, k, v, backend="reference", **kw),
                            q, [k], [v])
     out, got = grads(lambda: sa.stochastic_attention(q, k, v, backend="blocked", **kw),

@@ -203,13 +203,7 @@ def _window_parts(q, ke, ve, window, sinks, kpm, local):
                                                              **local))]
     parts = [merge.recent_band_part(q, ke, ve, window, skip_first=sinks, key_padding_mask=kpm)]
     if sinks:
-        B, H, n, D = q.shape
-        i = torch.arange(n, device=q.device).view(n, 1)
-        seen = (torch.arange(sinks, device=q.device) <= i).view(1, 1, n, sinks)
-        if kpm is not None:
-            seen = seen & kpm[:, None, None, :sinks]
-        parts.append(merge.RowsPart(q, ke[:, :, None, :sinks].expand(B, H, n, sinks, D),
-                                    ve[:, :, None, :sinks].expand(B, H, n, sinks, D), seen))
+        parts.append(merge.sink_rows_part(q, ke, ve, sinks, kpm))
     return parts
 
 

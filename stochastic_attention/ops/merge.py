@@ -32,7 +32,8 @@ from torch.autograd.function import once_differentiable
 from . import blocked
 
 __all__ = ["BandPart", "Part", "RowsPart", "attend_parts", "attend_parts_reference", "identity_layout", "tile_layout",
-           "recent_band_part", "window_part"]
+           "permuted_band_part", "recent_band_part",
+           "sink_rows_part", "window_part"]
 
 NEG_INF = float("-inf")
 # Widest band computed as a BandPart rather than kernel tiles: the crossover of the two for
@@ -72,7 +73,8 @@ class BandPart:
     """A key set of a few keys per query, at fixed offsets: query i sees key ``i - o`` for
     ``o < width`` where ``mask[..., i, o]`` is True.
 
-    q, k, v [B, H, n, D] in the merged layout (expand GQA heads first); mask bool
+    q, k, v [B, H, n, D] (expand GQA heads first), in any order of the rows (e.g. permuted
+    slots) that layout maps as for :class:`Part` take to the merged layout; mask bool
     broadcastable to [B, H, n, width], False wherever ``i - o < 0``. Computed offset by offset
     with elementwise products instead of the kernel: for a handful of keys per query the CPU
     flash kernel costs the same per query row whatever the key count, and this costs ~width.
@@ -83,6 +85,8 @@ class BandPart:
     v: torch.Tensor
     width: int
     mask: torch.Tensor
+    to_common: Callable[[torch.Tensor], torch.Tensor] = _same
+    from_common: Callable[[torch.Tensor, float], torch.Tensor] = _same_fill
 
 
 @dataclass(frozen=True)
@@ -240,9 +244,10 @@ class _FlashParts(torch.autograd.Function):
         for i, spec in enumerate(specs):
             q, k, v = qkv[3 * i: 3 * i + 3]
             if spec[0] == "band":
-                out, lse = _band_forward(*(x.to(work) for x in (q, k, v)), spec[1], spec[2], scale)
-                outs.append(out)
-                lses.append(lse)
+                _, width, mask, to_common, _ = spec
+                out, lse = _band_forward(*(x.to(work) for x in (q, k, v)), width, mask, scale)
+                outs.append(to_common(out))
+                lses.append(to_common(lse))
                 continue
             if spec[0] == "rows":
                 _, to_common, _, mask = spec
@@ -277,10 +282,12 @@ class _FlashParts(torch.autograd.Function):
         for i, spec in enumerate(ctx.specs):
             q, k, v = qkv[3 * i: 3 * i + 3]
             if spec[0] == "band":
+                _, width, mask, _, from_common = spec
                 work = lse_b.dtype
-                band = _band_backward(grad_out.to(work), out.to(work), lse_b,
-                                      *(x.to(work) for x in (q, k, v)), spec[1], spec[2],
-                                      ctx.scale)
+                band = _band_backward(from_common(grad_out.to(work), 0.0),
+                                      from_common(out.to(work), 0.0),
+                                      from_common(lse_b, float("inf")),
+                                      *(x.to(work) for x in (q, k, v)), width, mask, ctx.scale)
                 grads += [g.to(x.dtype) for g, x in zip(band, (q, k, v))]
                 continue
             if spec[0] == "rows":
@@ -312,7 +319,8 @@ def attend_parts(parts: Sequence[Part | BandPart | RowsPart], scale: float) -> t
     if not all(p.q.device.type == "cpu" for p in parts):
         return attend_parts_reference(parts, scale)
     dtype = parts[0].q.dtype
-    specs = tuple(("band", p.width, p.mask) if isinstance(p, BandPart) else
+    specs = tuple(("band", p.width, p.mask, p.to_common, p.from_common)
+                  if isinstance(p, BandPart) else
                   ("rows", p.to_common, p.from_common, p.mask) if isinstance(p, RowsPart) else
                   ("kernel", p.to_common, p.from_common, _additive(p.mask, dtype)) for p in parts)
     qkv = [x for p in parts for x in (p.q, p.k, p.v)]
@@ -325,7 +333,8 @@ def _band_as_part(p: BandPart) -> Part:
         return F.pad(x, (0, 0, p.width - 1, 0)).unfold(-2, p.width, 1).transpose(-1, -2).flip(-2)
 
     return Part(p.q.unsqueeze(-2), windows(p.k), windows(p.v), p.mask.unsqueeze(-2),
-                lambda x: x.squeeze(-2), lambda x, fill: x.unsqueeze(-2))
+                lambda x: p.to_common(x.squeeze(-2)),
+                lambda x, fill: p.from_common(x, fill).unsqueeze(-2))
 
 
 def _rows_as_part(p: RowsPart) -> Part:
@@ -397,3 +406,38 @@ def recent_band_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, width: i
     if key_padding_mask is not None:
         mask = mask & key_padding_mask[:, key.clamp(min=0)].view(-1, 1, n, width)
     return BandPart(q, k, v, width, mask)
+
+
+def sink_rows_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: int,
+                   key_padding_mask: torch.Tensor | None = None) -> RowsPart:
+    """Query i against the sink positions ``0 .. sinks - 1`` it may see (causal, not padded).
+
+    q, k, v [B, H, n, D] in original order; the sink keys are an expanded view, not a copy.
+    """
+    B, H, n, D = q.shape
+    i = torch.arange(n, device=q.device).view(n, 1)
+    seen = (torch.arange(sinks, device=q.device) <= i).view(1, 1, n, sinks)
+    if key_padding_mask is not None:
+        seen = seen & key_padding_mask[:, None, None, :sinks]
+    return RowsPart(q, k[:, :, None, :sinks].expand(B, H, n, sinks, D),
+                    v[:, :, None, :sinks].expand(B, H, n, sinks, D), seen)
+
+
+def permuted_band_part(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, window: int, *,
+                       pos: torch.Tensor, key_valid: torch.Tensor | None, exclude_recent: int,
+                       sinks: int, outer: tuple[Callable, Callable]) -> BandPart:
+    """The causal band layout of SA in slot space as offsets: the query at slot p sees slot
+    p - o (o < window) when that key's original position is at most the query's minus
+    ``exclude_recent``, is not a sink (served by :func:`sink_rows_part`) and is not padded.
+
+    qs, ks, vs [B, H, n, D] in slot order; pos [B|1, H|1, n] original position of each slot;
+    key_valid [B, 1|H, n] in slot order or None; ``outer`` maps slots to original order.
+    """
+    n = qs.shape[-2]
+    slot = torch.arange(n, device=qs.device).view(n, 1) - torch.arange(window, device=qs.device)
+    k_slot = slot.clamp(min=0)
+    k_pos = pos[..., k_slot]  # [.., n, window]
+    mask = (slot >= 0) & (k_pos <= pos.unsqueeze(-1) - exclude_recent) & (k_pos >= sinks)
+    if key_valid is not None:
+        mask = mask & key_valid[..., k_slot]
+    return BandPart(qs, ks, vs, window, mask, *outer)
