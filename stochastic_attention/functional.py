@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .ops import blocked, merge, reference
+from .ops import blocked, merge, parts, reference
 from .ops import flex as flex_backend
 from .ops.patterns import in_window, inverse_permutation, visible, window_candidates
 from .ops.permute import gather_mask, permute_seq, random_permutation
@@ -255,24 +255,24 @@ def _blocked_union(q, k, v, window, *, perm, layout, sinks, key_padding_mask, sc
     key_valid = gather_mask(key_padding_mask, perm) if key_padding_mask is not None else None
     unpermute = (lambda x: permute_seq(x, inv, perm), lambda x, fill: permute_seq(x, perm, inv))
     if layout == "band" and window <= merge.BAND_PART_MAX_WIDTH:  # few keys: offsets, sink rows
-        parts = [merge.permuted_band_part(qs, ks, vs, window, pos=perm, key_valid=key_valid,
-                                          exclude_recent=local, sinks=sinks, outer=unpermute)]
+        sa_parts = [parts.permuted_band_part(qs, ks, vs, window, pos=perm, key_valid=key_valid,
+                                             exclude_recent=local, sinks=sinks, outer=unpermute)]
         if sinks > 0:
-            parts.append(merge.sink_rows_part(q, k, v, sinks, key_padding_mask))
+            sa_parts.append(parts.sink_rows_part(q, k, v, sinks, key_padding_mask))
     else:
-        parts = [merge.window_part(blocked.windowed_attention(
+        sa_parts = [parts.window_part(blocked.windowed_attention(
             qs, ks, vs, window, pos=perm, key_valid=key_valid, layout=layout, causal=True,
             sinks=sinks, sink_k=sink_k, sink_v=sink_v, sink_valid=sink_valid, scale=scale,
             exclude_recent=local, return_tiles=True), unpermute)]
     if local <= merge.BAND_PART_MAX_WIDTH:  # a few keys per query: cheaper than kernel tiles
-        part_b = merge.recent_band_part(q, k, v, local, skip_first=sinks,
-                                        key_padding_mask=key_padding_mask)
+        part_b = parts.recent_band_part(q, k, v, local, skip_first=sinks,
+                                       key_padding_mask=key_padding_mask)
     else:
-        part_b = merge.window_part(blocked.windowed_attention(
+        part_b = parts.window_part(blocked.windowed_attention(
             q, k, v, local, pos=None, layout="band", causal=True, sinks=sinks, sink_k=None,
             sink_v=None, sink_valid=None, scale=scale, return_tiles=True,
             key_valid=key_padding_mask[:, None, :] if key_padding_mask is not None else None))
-    return merge.attend_parts([*parts, part_b], scale)
+    return merge.attend_parts([*sa_parts, part_b], scale)
 
 
 def attended_keys(

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import stochastic_attention as sa
-from stochastic_attention.ops import blocked, merge
-from stochastic_attention.ops.merge import Part, attend_parts, attend_parts_reference, window_part
+from stochastic_attention.ops import blocked, merge, parts
+from stochastic_attention.ops.merge import Part, attend_parts, attend_parts_reference
+from stochastic_attention.ops.parts import window_part
 
 SCALE = 0.37
 
@@ -154,7 +155,7 @@ def test_recent_band_part_equals_dense_window(width, dtype):
     mask = ((j <= i) & (j > i - width) & (j >= sinks))[None, None] & kpm[:, None, None, :]
     ref, ref_grads = grads(lambda: dense(q, [k], [v], [mask]), q, [k], [v])
     for fn in (attend_parts, attend_parts_reference):
-        out, got = grads(lambda fn=fn: fn([merge.recent_band_part(
+        out, got = grads(lambda fn=fn: fn([parts.recent_band_part(
             q, k, v, width, skip_first=sinks, key_padding_mask=kpm)], SCALE), q, [k], [v])
         tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else {}
         torch.testing.assert_close(out, ref, **tol)

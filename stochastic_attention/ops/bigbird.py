@@ -24,7 +24,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from . import blocked, merge
+from . import blocked, merge, parts
 from .reference import masked_attention
 from .validate import (
     check_key_padding_mask,
@@ -199,12 +199,12 @@ def bigbird_attention(
 def _window_parts(q, ke, ve, window, sinks, kpm, local):
     """The local window and the sinks: offsets and sink rows for a few keys, else kernel tiles."""
     if window > merge.BAND_PART_MAX_WIDTH:
-        return [merge.window_part(blocked.windowed_attention(q, ke, ve, window, return_tiles=True,
+        return [parts.window_part(blocked.windowed_attention(q, ke, ve, window, return_tiles=True,
                                                              **local))]
-    parts = [merge.recent_band_part(q, ke, ve, window, skip_first=sinks, key_padding_mask=kpm)]
+    found = [parts.recent_band_part(q, ke, ve, window, skip_first=sinks, key_padding_mask=kpm)]
     if sinks:
-        parts.append(merge.sink_rows_part(q, ke, ve, sinks, kpm))
-    return parts
+        found.append(parts.sink_rows_part(q, ke, ve, sinks, kpm))
+    return found
 
 
 def _random_part(q, k, v, indices, kpm) -> merge.RowsPart:

@@ -196,7 +196,7 @@ def windowed_attention(
     positions are left out; the SA + local union serves them in a second, local pass.
     return_lse: also return the log-sum-exp of each row, [B, H, n] fp32 (see :func:`merge_parts`).
     return_tiles: attend nothing; return (plan, q tiles, k tiles, v tiles, bias) for
-    :func:`.merge.window_part`, which attends them as one part of a merged softmax.
+    :func:`.parts.window_part`, which attends them as one part of a merged softmax.
     """
     B, H, n, D = q.shape
     device = q.device
