@@ -36,7 +36,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     run = lsub.add_parser("run", help="run (or resume) one shard of a profile's grid")
     run.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                     help="grid to run: quick (~10 min), full (the documented grid), tiny (seconds)")
+                     help="grid to run: quick (~10 min), full (the documented grid), width, mqar, "
+                          "tiny (seconds)")
+    run.add_argument("--quick", dest="profile", action="store_const", const="quick",
+                     help="the same as --profile quick")
     run.add_argument("--shard", default="0/1", help="i/k: run shard i of k (groups split by estimated cost)")
     run.add_argument("--out", default="runs/longrange", help="folder for the shard files (resumed if present)")
     run.add_argument("--tasks", type=_csv(str_list), default=None, help="comma-separated task names (default: all)")
