@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .ops import blocked, reference
+from .ops import blocked, merge, parts, reference
 from .ops import flex as flex_backend
 from .ops.patterns import in_window, inverse_permutation, sink_keys, visible, window_candidates
 from .ops.permute import gather_mask, permute_seq, random_permutation, routing_permutation
@@ -301,6 +301,9 @@ def _blocked_union(q, k, v, window, *, perm, layout, sinks, key_padding_mask, sc
     inv = inverse_permutation(perm)
     qs, ks, vs = (permute_seq(x, perm, inv) for x in (q, k, v))
     key_valid = gather_mask(key_padding_mask, perm) if key_padding_mask is not None else None
+    if key_padding_mask is None and blocked.all_finite(k):
+        return _union_parts(q, k, v, qs, ks, vs, window, perm=perm, inv=inv, layout=layout,
+                            sinks=sinks, sink=sink, scale=scale, local=local)
     out_a, lse_a = blocked.windowed_attention(
         qs, ks, vs, window, pos=perm, key_valid=key_valid, layout=layout, causal=True,
         scale=scale, exclude_recent=local, return_lse=True, **sink.slot_order(perm))
@@ -314,6 +317,32 @@ def _blocked_union(q, k, v, window, *, perm, layout, sinks, key_padding_mask, sc
         key_valid=key_padding_mask[:, None, :] if key_padding_mask is not None else None,
         **sinks_b)
     return blocked.merge_parts(out_a, lse_a, out_b, lse_b).to(q.dtype)
+
+
+def _union_parts(q, k, v, qs, ks, vs, window, *, perm, inv, layout, sinks, sink, scale, local):
+    """The union without padding and with finite keys, through :func:`.ops.merge.attend_parts`:
+    the CPU flash kernel for wide parts, offset-wise products for parts of a few keys per query
+    (whose cost the kernel does not reduce). Without padding the sinks are the first positions.
+    """
+    unpermute = (lambda x: permute_seq(x, inv, perm), lambda x, fill: permute_seq(x, perm, inv))
+    if layout == "band" and window <= merge.BAND_PART_MAX_WIDTH:  # few keys: offsets, sink rows
+        sa_parts = [parts.permuted_band_part(qs, ks, vs, window, pos=perm, key_valid=None,
+                                             exclude_recent=local, sinks=sinks, outer=unpermute)]
+        if sinks > 0:
+            sa_parts.append(parts.sink_rows_part(q, k, v, sinks, None))
+    else:
+        sa_parts = [parts.window_part(blocked.windowed_attention(
+            qs, ks, vs, window, pos=perm, key_valid=None, layout=layout, causal=True, scale=scale,
+            exclude_recent=local, return_tiles=True, **sink.slot_order(perm)), unpermute)]
+    if local <= merge.BAND_PART_MAX_WIDTH:  # a few keys per query: cheaper than kernel tiles
+        part_b = parts.recent_band_part(q, k, v, local, skip_first=sinks, key_padding_mask=None)
+    else:
+        sinks_b = sink.slot_order(None)
+        sinks_b.update(sink_k=None, sink_v=None, sink_valid=None, sink_pos=None)
+        part_b = parts.window_part(blocked.windowed_attention(
+            q, k, v, local, pos=None, layout="band", causal=True, scale=scale, return_tiles=True,
+            key_valid=None, **sinks_b))
+    return merge.attend_parts([*sa_parts, part_b], scale)
 
 
 def attended_keys(

@@ -26,7 +26,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from . import blocked
+from . import blocked, merge, parts
 from .patterns import sink_keys
 from .reference import masked_attention
 from .validate import (
@@ -242,20 +242,34 @@ def bigbird_attention(
                      sink_pos=s_pos[:, None, :], key_is_sink=is_sink[:, None, :])
     if not bool((indices >= 0).any()):
         return blocked.windowed_attention(q, ke, ve, window, **local).to(q.dtype)
+    if kpm is None and blocked.all_finite(k):  # no padding: sinks are the first positions
+        return merge.attend_parts([*_window_parts(q, ke, ve, window, sinks, kpm, local),
+                                   _random_rows_part(q, k, v, indices, kpm)], scale)
     out_a, lse_a = blocked.windowed_attention(q, ke, ve, window, return_lse=True, **local)
     out_b, lse_b = _random_part(q, k, v, indices, kpm, scale, is_sink)
     return blocked.merge_parts(out_a, lse_a, out_b, lse_b).to(q.dtype)
 
 
-def _random_part(q, k, v, indices, kpm, scale, is_sink=None):
-    """Attention of each query to its gathered random keys alone: out [B, Hq, n, D], lse.
+def _window_parts(q, ke, ve, window, sinks, kpm, local):
+    """The local window and the sinks: offsets and sink rows for a few keys, else kernel tiles."""
+    if window > merge.BAND_PART_MAX_WIDTH:
+        return [parts.window_part(blocked.windowed_attention(q, ke, ve, window, return_tiles=True,
+                                                             **local))]
+    found = [parts.recent_band_part(q, ke, ve, window, skip_first=sinks, key_padding_mask=kpm)]
+    if sinks:
+        found.append(parts.sink_rows_part(q, ke, ve, sinks, kpm))
+    return found
+
+
+def _gather_random(q, k, v, indices, kpm, is_sink=None):
+    """The random keys and values of each query, gathered from the kv heads, and which count.
 
     Keys are gathered from the kv heads, never expanded to the query heads: with one draw per
-    sample the G query heads of a kv head share its gathered keys, so each query position does a
-    [G, D] x [D, r] product instead of G separate [1, D] x [D, r] ones.
+    sample the G query heads of a kv head share its gathered keys. Returns kg, vg as
+    [B * (1 or Hkv) * ..., D] rows and ``seen`` [B, Hi, n, r].
     """
     B, Hq, n, D = q.shape
-    Hkv, G = k.shape[1], Hq // k.shape[1]
+    Hkv = k.shape[1]
     Hi, r = indices.shape[1], indices.shape[-1]
     indices = indices.expand(B, Hi, n, r)
     seen = indices >= 0
@@ -274,7 +288,15 @@ def _random_part(q, k, v, indices, kpm, scale, is_sink=None):
     base = (torch.arange(B, device=q.device).view(B, 1, 1) * Hkv
             + torch.arange(Hkv, device=q.device).view(1, Hkv, 1)) * n
     rows = (base + flat).reshape(-1)
-    kg, vg = k.reshape(-1, D)[rows], v.reshape(-1, D)[rows]
+    return k.reshape(-1, D)[rows], v.reshape(-1, D)[rows], seen
+
+
+def _random_part(q, k, v, indices, kpm, scale, is_sink=None):
+    """Attention of each query to its gathered random keys alone: out [B, Hq, n, D], lse."""
+    B, Hq, n, D = q.shape
+    Hkv, G = k.shape[1], Hq // k.shape[1]
+    Hi, r = indices.shape[1], indices.shape[-1]
+    kg, vg, seen = _gather_random(q, k, v, indices, kpm, is_sink)
     bias = torch.zeros(seen.shape, dtype=blocked.compute_dtype(q), device=q.device)
     bias = bias.masked_fill(~seen, float("-inf"))
     if Hi == 1:  # queries [B, Hkv, n, G, D] against keys [B, Hkv, n, r, D]
@@ -285,6 +307,21 @@ def _random_part(q, k, v, indices, kpm, scale, is_sink=None):
     kg, vg = kg.view(B, Hq, n, r, D), vg.view(B, Hq, n, r, D)  # one query per key set
     out, lse = blocked.attend_with_lse(q.unsqueeze(-2), kg, vg, bias.unsqueeze(-2), scale)
     return out.squeeze(-2), lse.squeeze(-1)
+
+
+def _random_rows_part(q, k, v, indices, kpm) -> merge.RowsPart:
+    """Each query against its gathered random keys, as one part of the merged softmax."""
+    B, Hq, n, D = q.shape
+    Hkv, G = k.shape[1], Hq // k.shape[1]
+    Hi, r = indices.shape[1], indices.shape[-1]
+    kg, vg, seen = _gather_random(q, k, v, indices, kpm)
+    if Hi == 1:  # the G query heads of a kv head share its gathered keys
+        kg, vg = kg.view(B, Hkv, 1, n, r, D), vg.view(B, Hkv, 1, n, r, D)
+        return merge.RowsPart(q.view(B, Hkv, G, n, D), kg, vg, seen.view(B, 1, 1, n, r),
+                              lambda x: x.reshape(B, Hq, n, x.shape[-1]),
+                              lambda x, fill: x.reshape(B, Hkv, G, n, x.shape[-1]))
+    # One key set per query head.
+    return merge.RowsPart(q, kg.view(B, Hq, n, r, D), vg.view(B, Hq, n, r, D), seen)
 
 
 def bigbird_mask(

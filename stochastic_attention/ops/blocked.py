@@ -201,6 +201,7 @@ def windowed_attention(
     return_lse: bool = False,
     sink_pos: torch.Tensor | None = None,
     key_is_sink: torch.Tensor | None = None,
+    return_tiles: bool = False,
 ):
     """Attention of each slot to the keys of its window (and the sinks), in slot space.
 
@@ -216,6 +217,8 @@ def windowed_attention(
     exclude_recent (causal, with ``pos``): window keys among the query's last ``exclude_recent``
     positions are left out; the SA + local union serves them in a second, local pass.
     return_lse: also return the log-sum-exp of each row, [B, H, n] fp32 (see :func:`merge_parts`).
+    return_tiles: attend nothing; return (plan, q tiles, k tiles, v tiles, bias) for
+    :func:`.parts.window_part`, which attends them as one part of a merged softmax.
     """
     B, H, n, D = q.shape
     device = q.device
@@ -283,6 +286,8 @@ def windowed_attention(
         kt = torch.cat([kt, sink_k.unsqueeze(2).expand(B, H, plan.nt, S, D)], dim=-2)
         vt = torch.cat([vt, sink_v.unsqueeze(2).expand(B, H, plan.nt, S, D)], dim=-2)
 
+    if return_tiles:
+        return plan, qt, kt, vt, bias
     finite = all_finite(k)  # the sink keys are keys too
     if return_lse:
         out, lse = attend_with_lse(qt, kt, vt, bias, scale, select=not finite)

@@ -73,11 +73,8 @@ def markdown(rows: list[dict], *, budget: int) -> str:
         if margins:
             hard = margins[0]
             head += [f"L={d} @margin {hard}" for d in depths]
-        head += ["train tokens/s vs swa"]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
-        swa_speed = {r["depth"]: r["tokens_per_second"] for r in trs
-                     if r["kind"] == "swa" and r["width"] == main_width}
         for kind in _kind_order({r["kind"] for r in trs}):
             cells = {r["depth"]: r for r in trs if r["kind"] == kind and r["width"] == main_width}
             if not cells:
@@ -87,8 +84,6 @@ def markdown(rows: list[dict], *, budget: int) -> str:
             line += [_fmt(cells.get(d), "accuracy") for d in depths]
             if margins:
                 line += [_fmt(cells.get(d), f"accuracy@{hard}") for d in depths]
-            ratios = [swa_speed[d] / c["tokens_per_second"] for d, c in cells.items() if d in swa_speed]
-            line.append(f"{statistics.fmean(ratios):.2f}x time" if ratios else "")
             out.append("| " + " | ".join(line) + " |")
         if task == "majority" and margins:
             line = ["SWA ceiling (its last token sees L*(w-1) bits)", ""]
@@ -96,7 +91,6 @@ def markdown(rows: list[dict], *, budget: int) -> str:
                                                 for m in margins) for d in depths}
             line += [f"{mean_ceiling[d]:.3f}" for d in depths]
             line += [f"{sample_ceiling(n - 1, float(hard), swa_reach(d, budget) - 1):.3f}" for d in depths]
-            line.append("")
             out.append("| " + " | ".join(line) + " |")
         out.append("")
         if len(widths) > 1:
