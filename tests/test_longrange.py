@@ -226,3 +226,18 @@ def test_cli_sight_writes_a_table(tmp_path):
                      "--layers", "1,2", "--examples", "4", "--draws", "2", "--out", str(tmp_path)]) == 0
     assert "| swa |" in (tmp_path / "sight.md").read_text()
     assert len(json.loads((tmp_path / "sight.json").read_text())) == 7 * 2
+
+
+def test_unswept_depths_reuse_the_learning_rate_of_the_swept_depth(tmp_path):
+    profile = sweep.with_overrides(sweep.PROFILES["tiny"], depths=(1, 2), lr_sweep_depths=(1,),
+                                   tasks=(sweep.PROFILES["tiny"].tasks[0],), kinds=("swa",))
+    sweep.run_shard(profile, tmp_path, (0, 1), progress=False, log=lambda *_: None)
+    records = sweep.load_records([tmp_path])
+    shallow = [r for r in records if r["depth"] == 1]
+    deep = [r for r in records if r["depth"] == 2]
+    assert len(shallow) == len(profile.lrs) + len(profile.seeds) - 1
+    assert len(deep) == len(profile.seeds)
+    chosen = {r["cell"]["lr"] for r in shallow if r["cell"]["seed"] != profile.seeds[0]}
+    assert {r["cell"]["lr"] for r in deep} == chosen
+    rows = report.summarise(records)
+    assert {row["lr"] for row in rows} == chosen

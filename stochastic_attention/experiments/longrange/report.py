@@ -17,8 +17,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def summarise(records: list[dict]) -> list[dict]:
     """One row per (task, kind, depth, width): the cells at the chosen learning rate.
 
-    The learning rate is the one whose first-seed run had the best validation accuracy (as the
-    sweep chose it); test accuracies are averaged over every seed run at that rate.
+    The learning rate is the one the sweep chose (its first-seed run had the best validation
+    accuracy, at this depth or at the swept depth it reuses); test accuracies are averaged over
+    every seed run at that rate.
     """
     by_group = defaultdict(list)
     for r in records:
@@ -27,7 +28,10 @@ def summarise(records: list[dict]) -> list[dict]:
     for (task, kind, depth, width), recs in sorted(by_group.items()):
         first_seed = min(r["cell"]["seed"] for r in recs)
         firsts = [r for r in recs if r["cell"]["seed"] == first_seed]
-        best = max(firsts, key=lambda r: (r["val_accuracy"], -r["cell"]["lr"]))
+        # The chosen rate is the one the other seeds ran at (a group at a depth that reuses
+        # another depth's rate may also hold an older first-seed run at another rate).
+        runs = {lr: sum(r["cell"]["lr"] == lr for r in recs) for lr in {r["cell"]["lr"] for r in recs}}
+        best = max(firsts, key=lambda r: (runs[r["cell"]["lr"]], r["val_accuracy"], -r["cell"]["lr"]))
         lr = best["cell"]["lr"]
         chosen = [r for r in recs if r["cell"]["lr"] == lr]
         acc, std = _mean_std([r["accuracy"] for r in chosen])

@@ -33,6 +33,9 @@ class Profile:
     batch_size: int = 32
     eval_examples: int = 512
     heads: int = 2
+    # Depths whose groups run the learning-rate sweep; a group at another depth reuses the rate
+    # chosen for the same task, kind and width at the nearest swept depth (None: sweep everywhere).
+    lr_sweep_depths: tuple[int, ...] | None = None
     # Extra groups: (task name, kinds, depths, widths) crossed in addition to the main grid.
     extra: tuple[tuple[str, tuple[str, ...], tuple[int, ...], tuple[int, ...]], ...] = ()
     description: str = ""
@@ -45,11 +48,15 @@ MQAR = TaskSpec("mqar", seq_len=128, pairs=8, vocab=64, random_filler=False)
 PROFILES: dict[str, Profile] = {
     # The grid behind docs/results-long-range.md.
     "full": Profile(
-        "full", tasks=(MAJORITY,), depths=(2, 4), widths=(64,), budget=8,
-        extra=(("majority", ("swa", "sa_local"), (4,), (32, 128)),),
+        "full", tasks=(MAJORITY,), depths=(2, 4), widths=(64,), budget=8, lr_sweep_depths=(2,),
         description="majority at 256 tokens, budget 8 keys/query; 8 kinds x depth 2, 4 (width 64); "
-                    "width 32 and 128 at depth 4 for swa and sa_local; lr {1e-3, 3e-3} at seed 0, "
-                    "seeds 0-2 at the best"),
+                    "lr {1e-3, 3e-3} at seed 0 (depth 2; depth 4 reuses it), seeds 0-2 at the best"),
+    # Accuracy against width, where SWA and the SA + local union differ most.
+    "width": Profile(
+        "width", tasks=(MAJORITY,), kinds=("swa", "sa_local"), depths=(2,), widths=(32, 64, 128),
+        lrs=(3e-3,), seeds=(0,), budget=8,
+        description="majority at 256 tokens, budget 8; swa and sa_local at depth 2, width 32, 64, "
+                    "128; lr 3e-3; 1 seed"),
     # MQAR as far as this CPU affords: 600 steps of 32 sequences (Zoology trains about 20x longer).
     "mqar": Profile(
         "mqar", tasks=(MQAR,), kinds=("full", "swa", "sa_local", "moba"), depths=(2,), lrs=(1e-2,),
@@ -169,11 +176,16 @@ def run_shard(profile: Profile, out: Path, shard: tuple[int, int] = (0, 1), *,
     bar = _bar(total, progress, f"shard {i}/{k}")
     for group in mine:
         val = {}
-        for lr in profile.lrs:
+        reused = _reused_lr(profile, group, done)
+        for lr in profile.lrs if reused is None else ():
             rec = _run(group.cells(profile, lr, profile.seeds[0]), done, path, group, profile)
             val[lr] = rec["val_accuracy"]
             bar.update(1)
-        best = max(profile.lrs, key=lambda lr: (val[lr], -lr))
+        best = max(profile.lrs, key=lambda lr: (val[lr], -lr)) if reused is None else reused
+        if reused is not None:
+            val[best] = _run(group.cells(profile, best, profile.seeds[0]), done, path, group,
+                             profile)["val_accuracy"]
+            bar.update(len(profile.lrs))
         for seed in profile.seeds[1:]:
             _run(group.cells(profile, best, seed), done, path, group, profile)
             bar.update(1)
@@ -181,6 +193,21 @@ def run_shard(profile: Profile, out: Path, shard: tuple[int, int] = (0, 1), *,
             f"best lr {best:g} (val acc {val[best]:.3f})")
     bar.close()
     return path
+
+
+def _reused_lr(profile: Profile, group: Group, done: dict) -> float | None:
+    """The learning rate chosen at the nearest swept depth, if this depth is not swept and that
+    sweep has finished; None means: sweep here."""
+    swept = profile.lr_sweep_depths
+    if swept is None or group.depth in swept:
+        return None
+    nearest = min(swept, key=lambda d: (abs(d - group.depth), d))
+    source = Group(group.task, group.kind, nearest, group.width)
+    cells = [source.cells(profile, lr, profile.seeds[0]) for lr in profile.lrs]
+    if not all(c.key() in done for c in cells):
+        return None
+    val = {c.lr: done[c.key()]["val_accuracy"] for c in cells}
+    return max(profile.lrs, key=lambda lr: (val[lr], -lr))
 
 
 def _run(cell: Cell, done: dict, path: Path, group: Group, profile: Profile) -> dict:

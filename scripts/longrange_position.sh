@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Loss by position in small models trained here: full, SWA and the SA + local union (same mean
+# keys per query), 300 steps of 8 x 1,024 bytes each, then scored on held-out documents.
+# Usage: bash scripts/longrange_position.sh [extra sattn train options, e.g. --overwrite]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SATTN="${SATTN:-.venv/bin/sattn}"
+for kind in full swa sa_local; do
+  "$SATTN" train "configs/longrange/position-$kind.yaml" --no-progress "$@"
+done
+"$SATTN" position-loss --checkpoints runs/longrange-position/full/final,runs/longrange-position/swa/final,runs/longrange-position/sa_local/final \
+  --seq-len 1024 --docs 16 --seed 0 --threads 1 --out runs/longrange-position/report --no-progress
