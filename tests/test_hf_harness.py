@@ -172,7 +172,7 @@ def _trained_byte_model(tmp_path, kind="sa"):
     return tmp_path / "run" / "final"
 
 
-def test_harness_scores_a_model_trained_by_sattn_train(tmp_path):
+def test_harness_scores_a_model_trained_by_sattn_train(tmp_path, capsys):
     pytest.importorskip("lm_eval")
     import torch
 
@@ -208,6 +208,22 @@ def test_harness_scores_a_model_trained_by_sattn_train(tmp_path):
     other = run_harness(fresh, tok, TASK, include_path=folder, include_defaults=False,
                         log_samples=True)
     assert _loglikelihoods(other) != pytest.approx(_loglikelihoods(out), abs=1e-3)
+
+    # the same through the command line: sattn eval --model runs/NAME/final --harness TASK
+    from stochastic_attention.cli import main
+
+    base = ["eval", "--model", str(final), "--harness", TASK, "--harness-include", str(folder)]
+    assert main(base + ["--out", str(tmp_path / "out")]) == 0
+    assert "sa_llama:sa" in capsys.readouterr().out
+    records = json.loads((tmp_path / "out" / "harness.json").read_text())
+    assert [(r["label"], r["task"], r["metric"]) for r in records] == [("sa_llama:sa", TASK, "acc")]
+    assert records[0]["value"] == out["results"][TASK]["acc,none"]
+    for extra, fragment in ((["--methods", "stochastic"], "--methods"),
+                            (["--tasks", "perplexity"], "--tasks")):
+        assert main(base + extra + ["--out", str(tmp_path / "x")]) == 2
+        assert fragment in capsys.readouterr().err
+    assert main(base[:3] + ["--out", str(tmp_path / "x")]) == 2
+    assert "--harness" in capsys.readouterr().err
 
 
 def test_load_trained_errors_and_tokenizer_choices(tmp_path):

@@ -179,15 +179,31 @@ def harness_sweep(model, tokenizer, specs: list[MethodSpec], windows: list[int],
             out = run_harness(model, tokenizer, tasks, **harness_kwargs)
         finally:
             unpatch(model)
-        for task, metrics in out["results"].items():
-            for key, value in metrics.items():
-                metric, sep, filt = key.partition(",")  # metrics are "name,filter"
-                if not sep or metric.endswith("_stderr") or not isinstance(value, (int, float)):
-                    continue  # alias, sample_len, standard errors
-                records.append(dict(label=spec.label, window=window, seed=seed, task=task,
-                                    metric=metric, filter=filt, value=float(value),
-                                    subtask=task not in names))
+        records += _records(out, names, label=spec.label, window=window, seed=seed)
     return records
+
+
+def _records(out: dict, names: list[str], **row: Any) -> list[dict]:
+    """One record per (task, metric) of an lm-eval result, with the fields in ``row``."""
+    records = []
+    for task, metrics in out["results"].items():
+        for key, value in metrics.items():
+            metric, sep, filt = key.partition(",")  # metrics are "name,filter"
+            if not sep or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue  # alias, sample_len, standard errors
+            records.append(dict(row, task=task, metric=metric, filter=filt, value=float(value),
+                                subtask=task not in names))
+    return records
+
+
+def harness_trained(model, tokenizer, tasks: str | list[str], **harness_kwargs: Any) -> list[dict]:
+    """Records as :func:`harness_sweep`'s for a trained SA-Llama scored with its own attention
+    (one row, labelled with its layers' attention kinds)."""
+    kinds = model.config.attention_kinds
+    label = "sa_llama:" + (kinds[0] if len(set(kinds)) == 1 else "/".join(kinds))
+    out = run_harness(model, tokenizer, tasks, **harness_kwargs)
+    return _records(out, _task_list(tasks), label=label, window=None,
+                    seed=model.config.perm_seed)
 
 
 def harness_table(records: list[dict]) -> str:
