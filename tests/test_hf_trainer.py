@@ -137,3 +137,15 @@ def test_accelerate_loop_trains_a_tiny_sa_llama(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
     accelerator.unwrap_model(model).save_pretrained(tmp_path / "final")
     assert (tmp_path / "final" / "config.json").exists()
+
+
+def test_the_recipe_in_docs_pretraining_runs(tmp_path, monkeypatch):
+    """docs/pretraining.md's Trainer + accelerate snippet, as written."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "pretraining.md").read_text()
+    section = text.split("## Training with the Hugging Face Trainer and accelerate", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    exec(compile(code, "docs/pretraining.md", "exec"), {"__name__": "recipe"})
