@@ -59,7 +59,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "perplexity, passkey retrieval, last-word and next-line tasks built from "
                     "real text. Prints a table; writes JSON, markdown and a PNG plot. "
                     "List options are comma-separated.")
-    p.add_argument("--model", default="smollm2-135m", help="built-in name, HF id or path")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="built-in name, HF id or path; an SA-Llama folder (sattn train's "
+                        "final/) is scored with its own attention on --harness tasks")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated specs name[+opt=val...], e.g. stochastic+sinks=4+local=0.5")
     p.add_argument("--windows", type=positive_int_list, default=[32, 64, 128, 256],
