@@ -149,3 +149,104 @@ def test_written_choice_task_matches_the_builtin_scorer(tmp_path):
     assert out["results"]["sattn_nextline"]["acc,none"] == pytest.approx(score_nextline(model, task))
     with pytest.raises(ValueError, match="multiple choice"):
         write_choice_task(Task("lastword", "accuracy", True, 3, [dict(context=None)]), tok, tmp_path)
+
+
+def _trained_byte_model(tmp_path, kind="sa"):
+    """A tiny SA-Llama trained by the ``sattn train`` loop (byte tokenizer); its final/ folder."""
+    from stochastic_attention.train import config_from_dict, train
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    rng = random.Random(0)
+    for i in range(3):
+        (docs / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(200)))
+    raw = {"model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "attention_kinds": kind, "window": 8},
+           "data": {"sources": [{"name": "toy", "files": str(docs)}], "val_fraction": 0.3,
+                    "cache_dir": str(tmp_path / "cache")},
+           "train": {"out_dir": str(tmp_path / "run"), "seq_len": 32, "batch_size": 2,
+                     "micro_batch_size": 2, "steps": 4, "warmup_steps": 1, "lr": 3e-3, "log_every": 2, "eval_every": 4,
+                     "eval_batches": 1, "checkpoint_every": 100, "tensorboard": False,
+                     "threads": 1}}
+    train(config_from_dict(raw), progress=False)
+    return tmp_path / "run" / "final"
+
+
+def test_harness_scores_a_model_trained_by_sattn_train(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    import torch
+
+    from stochastic_attention.data import ByteTokenizer
+    from stochastic_attention.eval.harness import load_trained
+
+    final = _trained_byte_model(tmp_path)
+    assert not (final / "tokenizer.json").exists()  # the byte tokenizer comes from run config
+    model, tok = load_trained(final)
+    assert model.config.model_type == "sa_llama" and not model.training
+    (tmp_path / "tasks").mkdir()
+    folder = _write_task(tmp_path / "tasks")
+    out = run_harness(model, tok, TASK, include_path=folder, include_defaults=False,
+                      log_samples=True)
+    assert 0.0 <= out["results"][TASK]["acc,none"] <= 1.0
+    samples = out["samples"][TASK]
+    assert len(samples) == 4
+
+    # Every score is the model's own log-likelihood of the choice's UTF-8 bytes after the
+    # context's (wrong token ids, an added BOS or a patched attention would change it).
+    byte = ByteTokenizer()
+    for sample in samples:
+        doc = sample["doc"]
+        for choice, resp in zip(doc["choices"], sample["resps"]):
+            context, target = byte.encode(doc["question"]), byte.encode(" " + choice)
+            ids = torch.tensor([context + target])
+            with torch.no_grad():
+                logp = model(input_ids=ids[:, :-1]).logits.log_softmax(-1)[0]
+            expected = sum(float(logp[len(context) - 1 + i, t]) for i, t in enumerate(target))
+            assert float(resp[0][0]) == pytest.approx(expected, abs=1e-4)
+    # the scores depend on the trained weights: a fresh model scores the task differently
+    fresh = type(model)(model.config).eval()
+    other = run_harness(fresh, tok, TASK, include_path=folder, include_defaults=False,
+                        log_samples=True)
+    assert _loglikelihoods(other) != pytest.approx(_loglikelihoods(out), abs=1e-3)
+
+    # the same through the command line: sattn eval --model runs/NAME/final --harness TASK
+    from stochastic_attention.cli import main
+
+    base = ["eval", "--model", str(final), "--harness", TASK, "--harness-include", str(folder)]
+    assert main(base + ["--out", str(tmp_path / "out")]) == 0
+    assert "sa_llama:sa" in capsys.readouterr().out
+    records = json.loads((tmp_path / "out" / "harness.json").read_text())
+    assert [(r["label"], r["task"], r["metric"]) for r in records] == [("sa_llama:sa", TASK, "acc")]
+    assert records[0]["value"] == out["results"][TASK]["acc,none"]
+    for extra, fragment in ((["--methods", "stochastic"], "--methods"),
+                            (["--tasks", "perplexity"], "--tasks")):
+        assert main(base + extra + ["--out", str(tmp_path / "x")]) == 2
+        assert fragment in capsys.readouterr().err
+    assert main(base[:3] + ["--out", str(tmp_path / "x")]) == 2
+    assert "--harness" in capsys.readouterr().err
+
+
+def test_load_trained_errors_and_tokenizer_choices(tmp_path):
+    from stochastic_attention.data import ByteTokenizer
+    from stochastic_attention.eval.harness import load_trained, trained_tokenizer
+
+    with pytest.raises(ValueError, match="config.json"):
+        load_trained(tmp_path)
+    tiny_model("llama").save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match="load_pretrained"):
+        load_trained(tmp_path / "llama")
+    from stochastic_attention.models import SALlamaConfig, SALlamaForCausalLM
+
+    SALlamaForCausalLM(SALlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     vocab_size=40)).save_pretrained(tmp_path / "small")
+    with pytest.raises(ValueError, match="tokenizer="):  # not 257 tokens: not surely bytes
+        load_trained(tmp_path / "small")
+    with pytest.raises(ValueError, match="40"):  # a 257-token tokenizer for a 40-token model
+        load_trained(tmp_path / "small", tokenizer="byte")
+    _tokenizer().save_pretrained(tmp_path / "small")  # a saved tokenizer wins
+    model, tok = load_trained(tmp_path / "small")
+    assert tok("alpha bravo")["input_ids"] == [3, 4]
+    byte = trained_tokenizer(tmp_path / "small", "byte")
+    text = "Zoë's café: 42 €\n"
+    assert byte(text)["input_ids"] == ByteTokenizer().encode(text)
+    assert byte.decode(ByteTokenizer().encode(text)) == text and byte.eos_token_id == 256

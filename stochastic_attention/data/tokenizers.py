@@ -66,3 +66,44 @@ def load_tokenizer(spec: str = "byte"):
         path = Path(spec)
         return HFTokenizer(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), spec)
     return HFTokenizer(AutoTokenizer.from_pretrained(spec), spec)
+
+
+BYTE_EOS_TOKEN = "<|endoftext|>"
+
+
+def byte_level_hf_tokenizer():
+    """A ``transformers`` tokenizer with the ids of :class:`ByteTokenizer` (UTF-8 bytes 0..255,
+    end of document 256), for code that needs a Hugging Face tokenizer (lm-evaluation-harness,
+    pipelines) on a model trained with ``tokenizer: byte``. It can be ``save_pretrained``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # Byte-level BPE with no merges: every byte is one token, and GPT-2's byte-to-character
+    # table makes byte b the vocabulary entry of id b.
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    table = _bytes_to_unicode()
+    vocab = {table[b]: b for b in range(256)}
+    if set(vocab) != set(alphabet):
+        raise RuntimeError("tokenizers' byte-level alphabet is not GPT-2's byte table")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=BYTE_EOS_TOKEN,
+                                   pad_token=BYTE_EOS_TOKEN, clean_up_tokenization_spaces=False)
+    if fast.convert_tokens_to_ids(BYTE_EOS_TOKEN) != ByteTokenizer.eos_id:
+        raise RuntimeError("the byte-level tokenizer's end-of-document id is not 256")
+    return fast
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (the byte-level alphabet)."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars

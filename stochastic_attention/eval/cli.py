@@ -59,7 +59,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "perplexity, passkey retrieval, last-word and next-line tasks built from "
                     "real text. Prints a table; writes JSON, markdown and a PNG plot. "
                     "List options are comma-separated.")
-    p.add_argument("--model", default="smollm2-135m", help="built-in name, HF id or path")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="built-in name, HF id or path; an SA-Llama folder (sattn train's "
+                        "final/) is scored with its own attention on --harness tasks")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated specs name[+opt=val...], e.g. stochastic+sinks=4+local=0.5")
     p.add_argument("--windows", type=positive_int_list, default=[32, 64, 128, 256],
@@ -154,6 +156,38 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_trained(args: argparse.Namespace, folder: Path) -> int:
+    """An SA-Llama saved by ``sattn train`` (its final/ folder): lm-eval tasks only, scored
+    with the attention the model was trained with (the methods patch released models)."""
+    from .harness import harness_table, harness_trained, load_trained
+
+    where = f"--model {args.model} is an SA-Llama (e.g. a sattn train final/ folder)"
+    if not args.harness:
+        raise UsageError(f"{where}: give --harness TASKS to score it with lm-evaluation-harness")
+    if args.methods not in (DEFAULT_METHODS, "full"):
+        raise UsageError(f"{where}, scored with its own attention: drop --methods")
+    ignored = [flag for flag, value in (("--tasks", args.tasks not in (None, ["none"])),
+                                        ("--prefill-timing", bool(args.prefill_timing)),
+                                        ("--decode-check", bool(args.decode_check))) if value]
+    if ignored:
+        raise UsageError(f"{where}: only --harness tasks apply to it; drop {', '.join(ignored)}")
+    out = ensure_folder(args.out, "--out")
+    try:
+        model, tokenizer = load_trained(folder)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--model {args.model} cannot be loaded: {err}") from None
+    limit = args.harness_limit
+    records = harness_trained(model, tokenizer, args.harness, include_path=args.harness_include,
+                              num_fewshot=args.harness_fewshot,
+                              limit=int(limit) if limit and limit >= 1 else limit)
+    table = harness_table(records)
+    (out / "harness.json").write_text(json.dumps(records, indent=1))
+    (out / "harness.md").write_text(table + "\n")
+    print("lm-evaluation-harness:\n" + table)
+    print(f"Wrote {out / 'harness.json'}, {out / 'harness.md'}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from ..models import load_pretrained  # noqa: F401 (imports transformers)
     from ..progress import disabled
@@ -196,6 +230,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.model.startswith((".", "/", "~")) and not model_path.exists():
         raise UsageError(f"--model {args.model}: no such folder (give a built-in name, an HF id "
                          "or the folder of a saved model)")
+    if (model_path / "config.json").is_file() and json.loads(
+            (model_path / "config.json").read_text()).get("model_type") == "sa_llama":
+        return _run_trained(args, model_path)
     out = ensure_folder(args.out, "--out")
     started = time.time()
     try:

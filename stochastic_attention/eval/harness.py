@@ -4,6 +4,10 @@ The harness scores an in-memory model (``HFLM(pretrained=<model instance>)``), s
 attention method :func:`stochastic_attention.hf.patch` registered is the one evaluated. Its
 built-in tasks download their data sets; offline, point ``include_path`` at a folder with a
 task YAML whose ``dataset_path: json`` reads a local jsonl.
+
+A model trained by ``sattn train`` (its ``final/`` folder) is scored with its own attention:
+:func:`load_trained` returns it with a Hugging Face tokenizer of the ids it was trained on (a
+byte-level one for ``tokenizer: byte``), ready for :func:`run_harness`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,69 @@ def _lm_eval():
     except ImportError as err:
         raise ImportError(INSTALL_HINT) from err
     return lm_eval, HFLM, TaskManager
+
+
+def _run_tokenizer_spec(folder: Path) -> str | None:
+    """The ``data.tokenizer`` of the ``sattn train`` run whose ``final/`` is ``folder``."""
+    run_config = folder.parent / "config.json"
+    if not run_config.is_file():
+        return None
+    try:
+        data = json.loads(run_config.read_text()).get("data", {})
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return data.get("tokenizer", "byte") if isinstance(data, dict) else None
+
+
+def trained_tokenizer(folder: str | Path, tokenizer: str | None = None):
+    """A ``transformers`` tokenizer for the SA-Llama saved in ``folder``.
+
+    ``tokenizer`` is a ``sattn train`` tokenizer spec ("byte", "smollm2", a HF name or path);
+    by default the tokenizer saved in the folder, else the ``data.tokenizer`` of the run's
+    ``config.json`` one folder up, else "byte" for a 257-token vocabulary.
+    """
+    from ..data.tokenizers import HFTokenizer, byte_level_hf_tokenizer, load_tokenizer
+
+    folder = Path(folder)
+    if tokenizer is None:
+        if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(folder)
+        tokenizer = _run_tokenizer_spec(folder)
+    if tokenizer is None:
+        config = json.loads((folder / "config.json").read_text())
+        if config.get("vocab_size") != 257:
+            raise ValueError(f"{folder} holds no tokenizer and no run config.json one folder up; "
+                             "pass tokenizer= (the data.tokenizer the model was trained with)")
+        tokenizer = "byte"
+    if tokenizer == "byte":
+        return byte_level_hf_tokenizer()
+    loaded = load_tokenizer(tokenizer)
+    return loaded.tokenizer if isinstance(loaded, HFTokenizer) else loaded
+
+
+def load_trained(folder: str | Path, tokenizer: str | None = None, **kwargs: Any):
+    """(model, tokenizer) of an SA-Llama saved by ``sattn train`` (``runs/NAME/final``) or
+    ``save_pretrained``, in eval mode, for :func:`run_harness`. ``tokenizer``: see
+    :func:`trained_tokenizer`; other keyword arguments go to ``from_pretrained``
+    (e.g. ``perm_seed=`` for the seeded evaluation permutations)."""
+    from ..models import SALlamaForCausalLM
+
+    folder = Path(folder).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is not a saved model folder (no config.json); give the "
+                         "final/ folder of a sattn train run")
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type != "sa_llama":
+        raise ValueError(f"{folder} holds a {model_type!r} model, not SA-Llama; load released "
+                         "models with stochastic_attention.models.load_pretrained")
+    model = SALlamaForCausalLM.from_pretrained(folder, **kwargs).eval()
+    tok = trained_tokenizer(folder, tokenizer)
+    if len(tok) > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tok)} tokens but the model only "
+                         f"{model.config.vocab_size}; pass the tokenizer it was trained with")
+    return model, tok
 
 
 def _task_list(tasks: str | list[str]) -> list[str]:
@@ -112,15 +179,31 @@ def harness_sweep(model, tokenizer, specs: list[MethodSpec], windows: list[int],
             out = run_harness(model, tokenizer, tasks, **harness_kwargs)
         finally:
             unpatch(model)
-        for task, metrics in out["results"].items():
-            for key, value in metrics.items():
-                metric, sep, filt = key.partition(",")  # metrics are "name,filter"
-                if not sep or metric.endswith("_stderr") or not isinstance(value, (int, float)):
-                    continue  # alias, sample_len, standard errors
-                records.append(dict(label=spec.label, window=window, seed=seed, task=task,
-                                    metric=metric, filter=filt, value=float(value),
-                                    subtask=task not in names))
+        records += _records(out, names, label=spec.label, window=window, seed=seed)
     return records
+
+
+def _records(out: dict, names: list[str], **row: Any) -> list[dict]:
+    """One record per (task, metric) of an lm-eval result, with the fields in ``row``."""
+    records = []
+    for task, metrics in out["results"].items():
+        for key, value in metrics.items():
+            metric, sep, filt = key.partition(",")  # metrics are "name,filter"
+            if not sep or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue  # alias, sample_len, standard errors
+            records.append(dict(row, task=task, metric=metric, filter=filt, value=float(value),
+                                subtask=task not in names))
+    return records
+
+
+def harness_trained(model, tokenizer, tasks: str | list[str], **harness_kwargs: Any) -> list[dict]:
+    """Records as :func:`harness_sweep`'s for a trained SA-Llama scored with its own attention
+    (one row, labelled with its layers' attention kinds)."""
+    kinds = model.config.attention_kinds
+    label = "sa_llama:" + (kinds[0] if len(set(kinds)) == 1 else "/".join(kinds))
+    out = run_harness(model, tokenizer, tasks, **harness_kwargs)
+    return _records(out, _task_list(tasks), label=label, window=None,
+                    seed=model.config.perm_seed)
 
 
 def harness_table(records: list[dict]) -> str:

@@ -7,9 +7,12 @@ Hugging Face causal LM.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -18,6 +21,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.cache_utils import DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..nn import BranchGate, MultiHeadAttention
@@ -35,7 +39,10 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class SALlamaDecoderLayer(nn.Module):
+class SALlamaDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm attention + SwiGLU block; ``x`` stays positional so that activation
+    checkpointing (transformers' ``GradientCheckpointingLayer``) can recompute it."""
+
     def __init__(self, config: SALlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -53,8 +60,19 @@ class SALlamaDecoderLayer(nn.Module):
 class SALlamaPreTrainedModel(PreTrainedModel):
     config_class = SALlamaConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["SALlamaDecoderLayer"]
+
+    def _set_gradient_checkpointing(self, enable: bool = True,
+                                    gradient_checkpointing_func=checkpoint,
+                                    every_n_layers: int = 1) -> None:
+        """As transformers does, but the recomputation always restores the RNG state: SA,
+        gated, sa_local and BigBird layers draw their permutation / random keys from the
+        global RNG in training, and a recompute that drew others would give wrong gradients."""
+        super()._set_gradient_checkpointing(
+            enable=enable, every_n_layers=every_n_layers,
+            gradient_checkpointing_func=partial(gradient_checkpointing_func,
+                                                preserve_rng_state=True))
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
