@@ -137,15 +137,25 @@ def ranks_to_slots(ranks: torch.Tensor, valid: torch.Tensor | None, cache_len: i
 def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
                        keep: torch.Tensor, scale: float) -> torch.Tensor:
     """Softmax attention of q [B, Hq, L, D] over the keys at ``slots`` [B, Hq, L, K] only."""
-    B, hq, L, _ = q.shape
-    kv_head = torch.arange(hq, device=q.device) // (hq // k.shape[1])
+    B, hq, L, D = q.shape
+    kv_head = (torch.arange(hq, device=q.device) // (hq // k.shape[1]))[None, :, None, None]
     b_idx = torch.arange(B, device=q.device)[:, None, None, None]
-    index = (b_idx, kv_head[None, :, None, None], slots)
-    kg, vg = k[index], v[index]  # [B, Hq, L, K, D]
+    kg, vg = (_gather_rows(x, b_idx, kv_head, slots) for x in (k, v))  # [B, Hq, L, K, D]
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = torch.einsum("bhld,bhlkd->bhlk", q.to(dt), kg.to(dt)) * scale
+    scores = (q.to(dt).unsqueeze(-2) @ kg.to(dt).transpose(-1, -2)).squeeze(-2) * scale
     p = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhlk,bhlkd->bhld", p, vg.to(dt)).to(q.dtype)
+    return (p.unsqueeze(-2) @ vg.to(dt)).squeeze(-2).to(q.dtype)
+
+
+def _gather_rows(x: torch.Tensor, b_idx, head, slots) -> torch.Tensor:
+    """x[b, head, slot] for every entry of slots: [*slots.shape, D]."""
+    if x.is_contiguous():
+        # index_select on the flattened cache copies whole rows: much faster than the
+        # equivalent advanced indexing on CPU
+        _, H, S, D = x.shape
+        flat = ((b_idx * H + head) * S + slots).reshape(-1)
+        return x.view(-1, D).index_select(0, flat).view(*slots.shape, D)
+    return x[b_idx, head, slots]  # a strided view: gather in place rather than copy the cache
 
 
 def sparse_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
