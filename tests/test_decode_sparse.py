@@ -255,3 +255,13 @@ def test_bench_decode_writes_a_table_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "decode.png").stat().st_size > 0
     assert main([*argv[:-3], "--kv-heads", "3", "--out", str(tmp_path)]) == 2
     assert "--kv-heads 3 must divide --heads 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("window,sinks,lengths", [(5, 2, (40, 17)), (1, 0, (40, 40)),
+                                                  (64, 3, (40, 2))])
+def test_no_random_keys_is_the_cached_sliding_window(window, sinks, lengths):
+    # the gated layer's SWA branch decodes this way with decode="stochastic"
+    q, k, v = _qkv(2, 4, 2, 2, 40, seed=5)
+    valid = _left_padded(lengths, 40)
+    out = sparse_decode(q, k, v, valid, window=0, sinks=sinks, local=window)
+    torch.testing.assert_close(out, cached_attention(q, k, v, window, sinks, valid))

@@ -283,7 +283,9 @@ class MultiHeadAttention(nn.Module):
         cache, the protocol of the paper; SWA keeps its window. MoBA and FNA run their own
         operator for the new rows, so cached decoding computes what a forward pass over the
         whole sequence computes at those positions (FNA inside SA windows drops the windows at
-        decode, as SA does).
+        decode, as SA does). With ``decode="stochastic"`` SA (and the SA-like kinds) attend to
+        gathered sinks, recent and sampled keys instead, and the gated layer's SWA branch to its
+        gathered band and sinks: O(window) per generated token.
         """
         if self.kind == "swa":
             return cached_attention(q, k, v, self.swa_window, self.sinks, key_padding_mask)
@@ -295,7 +297,14 @@ class MultiHeadAttention(nn.Module):
             full = cached_attention(q, k, v, k.shape[2], 0, key_padding_mask)
         if self.kind != "gated":
             return full
-        swa = cached_attention(q, k, v, self.swa_window, self.sinks, key_padding_mask)
+        if self.decode == "stochastic":
+            # the same keys as cached_attention's band + sinks, gathered: the whole layer then
+            # decodes in O(window) per token
+            decode = importlib.import_module("stochastic_attention.ops.decode")
+            swa = decode.sparse_decode(q, k, v, key_padding_mask, window=0, sinks=self.sinks,
+                                       local=self.swa_window)
+        else:
+            swa = cached_attention(q, k, v, self.swa_window, self.sinks, key_padding_mask)
         return self.gate(x, full, swa)
 
     def _sparse_decode(self, q, k, v, key_padding_mask):
