@@ -13,7 +13,7 @@ from stochastic_attention import cli_args
 from stochastic_attention.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-PROGRESS_COMMANDS = ("bench", "coverage", "graph", "fna", "train", "pretrain-compare", "eval",
+PROGRESS_COMMANDS = ("bench", "bench-decode", "coverage", "graph", "fna", "train", "pretrain-compare", "eval",
                      "longrange run")
 
 

@@ -1,1 +1,1 @@
-"""Benchmarks: ``sattn bench``."""
+"""Benchmarks: ``sattn bench`` (attention operators) and ``sattn bench-decode`` (decoding)."""

@@ -7,7 +7,8 @@ receive is the one :func:`padding_mask` below built: bool [B, S], True for real 
 
 Prefill (L == S) runs the configured method. With a KV cache (L < S) queries sit at the last L
 positions: ``decode="full"`` attends to the whole cache, ``decode="stochastic"`` to the sinks, a
-local window and a fresh random sample of ``window`` cached keys.
+local window and a fresh random sample of ``window`` cached keys, gathered so that a generated
+token costs O(sinks + local + window) whatever the cache length.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..functional import sliding_window_attention, stochastic_attention
+from ..ops.decode import sparse_decode
 from ..ops.moba import moba_attention
 from ..ops.patterns import inverse_permutation
 from ..ops.permute import gather_mask, gather_seq, routing_permutation
@@ -77,69 +79,36 @@ def _stochastic(cfg: PatchConfig, layer_idx: int, q, k, v, kpm, scale):
 
 
 def _with_cache(cfg: PatchConfig, layer_idx: int, q, k, v, valid, scale, own_window):
-    """Queries at the last L of S cached positions; valid [B, S] bool."""
+    """Queries at the last L of S cached positions; valid [B, S] bool or None (no padding)."""
+    if cfg.decode == "stochastic" and cfg.applies_to(layer_idx):
+        return _sampled_decode(cfg, layer_idx, q, k, v, valid, scale)
     B, hq, L, D = q.shape
     S = k.shape[2]
+    if valid is None:
+        valid = torch.ones(B, S, dtype=torch.bool, device=q.device)
     q_pos = torch.arange(S - L, S, device=q.device)[:, None]
     k_pos = torch.arange(S, device=q.device)[None, :]
     causal = (k_pos <= q_pos) & valid[:, None, None, :]  # [B, 1, L, S]
-    sparse = cfg.decode == "stochastic" and cfg.applies_to(layer_idx)
-    if not sparse:
-        if own_window and not (cfg.applies_to(layer_idx) and cfg.method != "full"):
-            rank = valid.long().cumsum(-1)
-            causal = causal & (rank[:, None, None, :] > rank[:, None, S - L:, None] - own_window)
-        groups = hq // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        has = causal.any(-1, keepdim=True)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal | ~has, scale=scale)
-        return out * has
-    return _sampled_decode(cfg, layer_idx, q, k, v, valid, causal, scale)
+    if own_window and not (cfg.applies_to(layer_idx) and cfg.method != "full"):
+        rank = valid.long().cumsum(-1)
+        causal = causal & (rank[:, None, None, :] > rank[:, None, S - L:, None] - own_window)
+    groups = hq // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    has = causal.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal | ~has, scale=scale)
+    return out * has
 
 
-def _row_noise(seed: int, layer_idx: int, valid: torch.Tensor, heads: int, L: int) -> torch.Tensor:
-    """Sampling priorities [B, heads, L, S] in [0, 1), drawn per row over its real keys only.
-
-    Each row's generator is seeded by (seed, layer, its number of real tokens) and its draws go
-    to its real keys in order: a sequence samples the same keys alone or padded in a batch.
-    """
-    B, S = valid.shape
-    noise = torch.zeros(B, heads, L, S)
-    for b, r in enumerate(valid.sum(-1).tolist()):
-        if r:
-            g = _generator(seed, layer_idx, r, torch.device("cpu"))
-            noise[b][..., valid[b].cpu()] = torch.rand(heads, L, r, generator=g)
-    return noise
-
-
-def _sampled_decode(cfg: PatchConfig, layer_idx: int, q, k, v, valid, causal, scale):
+def _sampled_decode(cfg: PatchConfig, layer_idx: int, q, k, v, valid, scale):
     """Each query: sinks + last ``max(local, 1)`` tokens + ``window`` random earlier keys.
 
-    Keys are gathered, so the attention itself costs O(sinks + local + window) per query.
+    Only those keys are gathered (:func:`~stochastic_attention.ops.decode.sparse_decode`), so a
+    generated token costs O(sinks + local + window) whatever the cache length. Each row draws
+    from a generator seeded by (seed, layer, its real tokens): a sequence samples the same keys
+    alone or padded in a batch.
     """
-    B, hq, L, D = q.shape
-    S = k.shape[2]
-    rank = valid.long().cumsum(-1) - 1  # index among real tokens (left padding shifts positions)
-    q_rank = rank[:, S - L:]
-    local = max(cfg.local, 1)
-    fixed = (rank[:, None, None, :] < cfg.sinks) | (
-        rank[:, None, None, :] > q_rank[:, None, :, None] - local)
-    fixed = fixed & causal
-    noise = _row_noise(cfg.seed, layer_idx, valid, hq, L).to(q.device)
-    # Priority: always-kept keys first, then a uniform sample of the other visible keys.
-    prio = torch.where(fixed, 2.0, torch.where(causal, noise, -1.0))
-    budget = min(S, cfg.sinks + local + cfg.window)
-    top = prio.topk(budget, dim=-1)
-    keep = top.values >= 0  # [B, hq, L, K]
-    groups = hq // k.shape[1]
-    kv_head = torch.arange(hq, device=q.device) // groups
-    idx = top.indices
-    kg = k[torch.arange(B)[:, None, None, None], kv_head[None, :, None, None], idx]  # [B,hq,L,K,D]
-    vg = v[torch.arange(B)[:, None, None, None], kv_head[None, :, None, None], idx]
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = torch.einsum("bhld,bhlkd->bhlk", q.to(dt), kg.to(dt)) * scale
-    scores = scores.masked_fill(~keep, float("-inf"))
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhlk,bhlkd->bhld", p, vg.to(dt)).to(q.dtype)
+    return sparse_decode(q, k, v, valid, window=cfg.window, sinks=cfg.sinks,
+                         local=max(cfg.local, 1), seed=cfg.seed, layer_idx=layer_idx, scale=scale)
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -160,8 +129,6 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
                         "from their own AttentionMaskInterface entry; register both with "
                         "stochastic_attention.hf.register()")
     if L < S:
-        if valid is None:
-            valid = torch.ones(B, S, dtype=torch.bool, device=query.device)
         out = _with_cache(cfg, layer_idx, query, key, value, valid, scale, own_window)
     elif valid is None or bool(valid.all()):
         out = _prefill(cfg, layer_idx, query, key, value, None, scale, own_window)

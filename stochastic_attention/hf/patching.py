@@ -96,7 +96,7 @@ def patch(
         seed: permutations are drawn per layer from (seed, layer); reruns are identical.
         decode: with a KV cache, "full" attends to the whole cache (the default protocol);
             "stochastic" (SA only) to the sinks, ``max(local, 1)`` recent tokens and a fresh
-            random sample of ``window`` cached keys.
+            random sample of ``window`` cached keys, gathered: O(window) per generated token.
         moba_topk: blocks per query for MoBA (own block included).
         head_split: SA only: the first ``head_split`` query heads use SA, the others SWA
             (0 to the model's number of query heads).

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from ..nn.attention import KINDS
+from ..nn.attention import DECODES, KINDS, SPARSE_DECODE_KINDS
 
 # Attention options forwarded verbatim to every layer's MultiHeadAttention.
 ATTENTION_OPTIONS = (
     "window", "sa_window", "swa_window", "sinks", "layout", "qk_norm", "perm_per_head",
     "eval_perm", "perm_seed", "gate", "gate_granularity", "gate_bias", "moba_block_size",
     "moba_topk", "fna_alpha", "fna_eps", "fna_window", "fna_stochastic", "local", "random_keys",
+    "decode",
 )
 # Options that only one kind reads: the other layers of a mixed model get the neutral 0.
 KIND_OPTIONS = {"local": "sa_local", "random_keys": "bigbird"}
@@ -22,7 +23,9 @@ class SALlamaConfig(PretrainedConfig):
     ``attention_kinds`` is one kind for every layer ("full", "swa", "sa", "gated", "moba",
     "fna", "sa_local", "bigbird") or a list with one kind per layer. ``local`` is read by the
     "sa_local" layers and ``random_keys`` by the "bigbird" layers only (setting either with no
-    such layer is an error). ``attention_backend`` picks the operators'
+    such layer is an error). ``decode="stochastic"`` makes the SA-like layers ("sa", "gated",
+    "sa_local", "bigbird") decode from sampled cached keys in O(window) per token; the other
+    layers keep their own decoding. ``attention_backend`` picks the operators'
     backend ("auto", "blocked", "reference", "flex"). The other attention options are those
     of :class:`stochastic_attention.nn.MultiHeadAttention`. (The names avoid Hugging Face's
     ``sliding_window`` / ``layer_types``, which would make its caches drop old keys.)
@@ -61,6 +64,7 @@ class SALlamaConfig(PretrainedConfig):
         fna_stochastic: bool = False,
         local: int = 0,
         random_keys: int = 0,
+        decode: str = "full",
         attention_backend: str = "auto",
         rope_theta: float = 10000.0,
         rms_norm_eps: float = 1e-6,
@@ -86,6 +90,11 @@ class SALlamaConfig(PretrainedConfig):
             if value and kind not in attention_kinds:
                 raise ValueError(f"{name}={value} is only used by {kind!r} layers, and "
                                  f"attention_kinds has none; set {name}=0 or add such layers")
+        if decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+        if decode == "stochastic" and not set(attention_kinds) & set(SPARSE_DECODE_KINDS):
+            raise ValueError(f"decode='stochastic' needs a layer of a kind in "
+                             f"{SPARSE_DECODE_KINDS}; attention_kinds has none, use 'full'")
         if head_dim is None:
             if hidden_size % num_attention_heads:
                 raise ValueError(f"hidden_size ({hidden_size}) must be divisible by "
@@ -106,7 +115,7 @@ class SALlamaConfig(PretrainedConfig):
         self.moba_block_size, self.moba_topk = moba_block_size, moba_topk
         self.fna_alpha, self.fna_eps, self.fna_window = fna_alpha, fna_eps, fna_window
         self.fna_stochastic = fna_stochastic
-        self.local, self.random_keys = local, random_keys
+        self.local, self.random_keys, self.decode = local, random_keys, decode
         self.attention_backend, self.rope_theta = attention_backend, rope_theta
         self.rms_norm_eps, self.max_position_embeddings = rms_norm_eps, max_position_embeddings
         self.initializer_range = initializer_range
@@ -119,6 +128,8 @@ class SALlamaConfig(PretrainedConfig):
         for name, kind in KIND_OPTIONS.items():
             if self.attention_kinds[layer_idx] != kind:
                 options[name] = 0
+        if self.attention_kinds[layer_idx] not in SPARSE_DECODE_KINDS:
+            options["decode"] = "full"
         if isinstance(options["gate_bias"], list):
             options["gate_bias"] = tuple(options["gate_bias"])
         return dict(options, kind=self.attention_kinds[layer_idx], layer_idx=layer_idx,

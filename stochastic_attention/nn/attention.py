@@ -10,7 +10,9 @@ Decoding with a cache (any call whose queries follow cached keys) uses full caus
 over the cache for SA and the SA branch of the gated layer (the paper decodes SA with full
 attention); SWA and the gated layer's SWA branch keep their window, and MoBA and FNA run their
 own operator for the new positions (see ``MultiHeadAttention._attend_cached``); SA + local and
-BigBird decode like SA.
+BigBird decode like SA. With ``decode="stochastic"`` those layers attend instead to the sinks,
+a local window and a random sample of cached keys, gathered so that a generated token costs
+O(sinks + local + window) whatever the cache length (see :mod:`stochastic_attention.ops.decode`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from .rotary import RotaryEmbedding
 
 KINDS = ("full", "swa", "sa", "gated", "moba", "fna", "sa_local", "bigbird")
 EVAL_PERMS = ("seeded", "random")
+DECODES = ("full", "stochastic")
+# kinds whose cached decoding uses full attention by default, and may sample keys instead
+SPARSE_DECODE_KINDS = ("sa", "gated", "sa_local", "bigbird")
 
 
 class MultiHeadAttention(nn.Module):
@@ -57,6 +62,12 @@ class MultiHeadAttention(nn.Module):
         random_keys: random earlier keys per query (kind "bigbird" only). They are drawn per
             sample and shared by the heads (per head with ``perm_per_head``), afresh on every
             training forward pass and, in eval mode, as ``eval_perm`` says (like permutations).
+        decode: how cached decoding attends in the SA kinds ("sa", "gated", "sa_local",
+            "bigbird"): "full" (the whole cache, the paper's protocol) or "stochastic" (the sinks,
+            the last ``max(local, 1)`` tokens and ``sa_window`` random earlier tokens; for
+            BigBird its window of ``swa_window`` and ``random_keys`` random earlier tokens). The
+            random keys are drawn per row and query head, in eval mode as ``eval_perm`` says
+            (seeded by perm_seed, layer and the row's real tokens), else from the global RNG.
     """
 
     def __init__(
@@ -92,6 +103,7 @@ class MultiHeadAttention(nn.Module):
         fna_stochastic: bool = False,
         local: int = 0,
         random_keys: int = 0,
+        decode: str = "full",
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -129,6 +141,7 @@ class MultiHeadAttention(nn.Module):
         self.fna = (fna_alpha, fna_eps, fna_window)
         self.fna_stochastic = fna_stochastic
         self.local, self.random_keys = _check_kind_options(kind, local, random_keys)
+        self.decode = _check_decode(kind, decode)
 
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
@@ -270,17 +283,41 @@ class MultiHeadAttention(nn.Module):
         cache, the protocol of the paper; SWA keeps its window. MoBA and FNA run their own
         operator for the new rows, so cached decoding computes what a forward pass over the
         whole sequence computes at those positions (FNA inside SA windows drops the windows at
-        decode, as SA does).
+        decode, as SA does). With ``decode="stochastic"`` SA (and the SA-like kinds) attend to
+        gathered sinks, recent and sampled keys instead, and the gated layer's SWA branch to its
+        gathered band and sinks: O(window) per generated token.
         """
         if self.kind == "swa":
             return cached_attention(q, k, v, self.swa_window, self.sinks, key_padding_mask)
         if self.kind in ("moba", "fna"):
             return self._operator_rows(q, k, v, key_padding_mask)
-        full = cached_attention(q, k, v, k.shape[2], 0, key_padding_mask)
+        if self.decode == "stochastic":
+            full = self._sparse_decode(q, k, v, key_padding_mask)
+        else:
+            full = cached_attention(q, k, v, k.shape[2], 0, key_padding_mask)
         if self.kind != "gated":
             return full
-        swa = cached_attention(q, k, v, self.swa_window, self.sinks, key_padding_mask)
+        if self.decode == "stochastic":
+            # the same keys as cached_attention's band + sinks, gathered: the whole layer then
+            # decodes in O(window) per token
+            decode = importlib.import_module("stochastic_attention.ops.decode")
+            swa = decode.sparse_decode(q, k, v, key_padding_mask, window=0, sinks=self.sinks,
+                                       local=self.swa_window)
+        else:
+            swa = cached_attention(q, k, v, self.swa_window, self.sinks, key_padding_mask)
         return self.gate(x, full, swa)
+
+    def _sparse_decode(self, q, k, v, key_padding_mask):
+        """decode="stochastic": sinks, recent and random cached keys, gathered (O(window))."""
+        decode = importlib.import_module("stochastic_attention.ops.decode")
+        if self.kind == "bigbird":
+            window, local = self.random_keys, self.swa_window
+        else:
+            window, local = self.sa_window, max(self.local, 1)
+        seeded = not self.training and self.eval_perm == "seeded"
+        return decode.sparse_decode(q, k, v, key_padding_mask, window=window, sinks=self.sinks,
+                                    local=local, seed=self.perm_seed if seeded else None,
+                                    layer_idx=self.layer_idx)
 
     def _operator_rows(self, q, k, v, key_padding_mask):
         """MoBA / FNA outputs of the last L positions of the cached sequence.
@@ -327,6 +364,15 @@ def cached_attention(q, k, v, window: int, sinks: int, key_padding_mask) -> torc
     has_key = mask.any(dim=-1, keepdim=True)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~has_key)
     return out * has_key
+
+
+def _check_decode(kind: str, decode: str) -> str:
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+    if decode == "stochastic" and kind not in SPARSE_DECODE_KINDS:
+        raise ValueError(f"decode='stochastic' samples keys for the kinds {SPARSE_DECODE_KINDS}, "
+                         f"not {kind!r}; use decode='full'")
+    return decode
 
 
 def _check_kind_options(kind: str, local: int, random_keys: int) -> tuple[int, int]:
