@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Loss by position in small models trained here: full, SWA and the SA + local union (same mean
-# keys per query), 300 steps of 8 x 1,024 bytes each, then scored on held-out documents.
+# keys per query), 150 steps of 8 x 1,024 bytes each, then scored on held-out documents.
 # Usage: bash scripts/longrange_position.sh [extra sattn train options, e.g. --overwrite]
 set -euo pipefail
 cd "$(dirname "$0")/.."
