@@ -133,7 +133,7 @@ def report_main(args: argparse.Namespace) -> int:
     (out / "longrange.json").write_text(json.dumps({"rows": rows, "cells": len(records)}, indent=1))
     text = markdown(rows, budget=budget)
     (out / "longrange.md").write_text(text + "\n")
-    plot(rows, out / "longrange.png")
+    plot(rows, out / "longrange.png", budget=budget)
     print(text)
     print(f"\n{len(records)} cells; wrote {out}/longrange.md, .json, .png")
     return 0

@@ -119,8 +119,9 @@ def _fmt(row: dict | None, name: str) -> str:
     return f"{row[name]:.3f} ± {row.get(name + '_std', 0.0):.3f}"
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Accuracy against depth (one panel per task) and against width."""
+def plot(rows: list[dict], path: Path, *, budget: int | None = None) -> None:
+    """Accuracy against depth (one panel per task, with SWA's reach ceiling on majority when the
+    budget is given) and against width."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,6 +141,15 @@ def plot(rows: list[dict], path: Path) -> None:
             if pts:
                 xs, ys, es = zip(*pts)
                 ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=kind)
+        depths = sorted({r["depth"] for r in trs if r["width"] == main_width})
+        margins = sorted({k[len("accuracy@"):] for r in trs for k in r
+                          if k.startswith("accuracy@") and not k.endswith("_std")}, key=float)
+        if task == "majority" and budget and margins:
+            n = trs[0]["seq_len"]
+            ceiling = [statistics.fmean(sample_ceiling(n - 1, float(m), swa_reach(d, budget) - 1)
+                                        for m in margins) for d in depths]
+            ax.plot(depths, ceiling, "k--", lw=1, label="SWA ceiling (reach)")
+        ax.set_xticks(depths)
         ax.set_title(f"{task} ({trs[0]['seq_len']} tokens, width {main_width})")
         ax.set_xlabel("layers")
         ax.set_ylabel("test accuracy")
