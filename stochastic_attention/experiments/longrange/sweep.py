@@ -49,8 +49,10 @@ PROFILES: dict[str, Profile] = {
     # The grid behind docs/results-long-range.md.
     "full": Profile(
         "full", tasks=(MAJORITY,), depths=(2, 4), widths=(64,), budget=8, lr_sweep_depths=(2,),
-        description="majority at 256 tokens, budget 8 keys/query; 8 kinds x depth 2, 4 (width 64); "
-                    "lr {1e-3, 3e-3} at seed 0 (depth 2; depth 4 reuses it), seeds 0-2 at the best"),
+        extra=(("majority", ("swa", "sa", "sa_local", "gated"), (6,), (64,)),),
+        description="majority at 256 tokens, budget 8 keys/query; 8 kinds x depth 2, 4 and 4 kinds "
+                    "at depth 6 (width 64); lr {1e-3, 3e-3} at seed 0 (depth 2; deeper models "
+                    "reuse it), seeds 0-2 at the best"),
     # Accuracy against width, where SWA and the SA + local union differ most.
     "width": Profile(
         "width", tasks=(MAJORITY,), kinds=("swa", "sa_local"), depths=(2,), widths=(32, 64, 128),
