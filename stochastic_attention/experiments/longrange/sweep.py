@@ -65,13 +65,12 @@ PROFILES: dict[str, Profile] = {
         seeds=(0,), budget=8, steps=600, batch_size=32, eval_examples=256,
         description="MQAR at 128 tokens, 8 pairs, vocabulary 64, zero filler; depth 2, width 64; "
                     "600 steps; 1 seed"),
-    # About 10 minutes on 2 cores: the majority task's decisive cells, one seed.
+    # About 10 minutes on one core: the full grid's main finding (every kind at depth 2 and 4,
+    # one seed, one learning rate).
     "quick": Profile(
-        "quick", tasks=(TaskSpec("majority", seq_len=256, margins=(0.0625, 0.125, 0.25),
-                                 eval_margins=(0.0625, 0.125)),),
-        kinds=("full", "swa", "sa_local"), depths=(2,), lrs=(3e-3,), seeds=(0,), budget=8,
-        steps=100, batch_size=32, eval_examples=256,
-        description="majority at 256 tokens, budget 8; full, swa, sa_local; depth 2; 1 seed"),
+        "quick", tasks=(MAJORITY,), depths=(2, 4), lrs=(3e-3,), seeds=(0,), budget=8,
+        steps=150, batch_size=32, eval_examples=256,
+        description="majority at 256 tokens, budget 8; 8 kinds x depth 2, 4; lr 3e-3; 1 seed"),
     # Seconds: for the tests.
     "tiny": Profile(
         "tiny", tasks=(TaskSpec("majority", seq_len=32, margins=(0.25,), eval_margins=(0.25,)),
