@@ -9,4 +9,4 @@ for kind in full swa sa_local; do
   "$SATTN" train "configs/longrange/position-$kind.yaml" --no-progress "$@"
 done
 "$SATTN" position-loss --checkpoints runs/longrange-position/full/final,runs/longrange-position/swa/final,runs/longrange-position/sa_local/final \
-  --seq-len 1024 --docs 16 --seed 0 --threads 1 --out runs/longrange-position/report --no-progress
+  --seq-len 1024 --docs 10 --seed 0 --threads 1 --out runs/longrange-position/report --no-progress

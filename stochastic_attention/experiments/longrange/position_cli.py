@@ -12,6 +12,7 @@ import datetime
 import platform
 import time
 
+from ...cli_args import UsageError
 from .position import DEFAULT_SOURCES
 
 DEFAULT_METHODS = "full,sliding_window+sinks=4,stochastic+sinks=4+local=0.75,moba+sinks=4"
@@ -104,9 +105,12 @@ def run(args: argparse.Namespace) -> int:
         data["tokenizer"] = name
         model, hf_tokenizer = load_pretrained(name)
         tokenizer = HFTokenizer(hf_tokenizer, name)
-    picked = heldout_documents(tokenizer, args.seq_len, args.docs, sources=data["sources"],
-                               val_fraction=data["val_fraction"], split_seed=data["split_seed"],
-                               seed=args.seed)
+    try:
+        picked = heldout_documents(tokenizer, args.seq_len, args.docs, sources=data["sources"],
+                                   val_fraction=data["val_fraction"],
+                                   split_seed=data["split_seed"], seed=args.seed)
+    except ValueError as err:  # too few long documents: the user's choice of --docs / --seq-len
+        raise UsageError(str(err)) from None
     result = compare_positions([d["ids"] for d in picked], model=model, methods=methods,
                                checkpoints=checkpoints, seed=args.seed,
                                progress=not args.no_progress)
