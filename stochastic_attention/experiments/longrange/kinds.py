@@ -14,7 +14,7 @@ import torch
 from ...functional import attended_keys
 from ...ops.moba import moba_attended_keys
 
-KINDS = ("full", "swa", "sa", "sa_block", "sa_local", "gated", "moba", "bigbird")
+KINDS = ("full", "swa", "sa", "sa_block", "sa_local", "gated", "moba", "bigbird", "random")
 SEEDS_FOR_COUNT = 4
 
 
@@ -81,6 +81,13 @@ def kind_options(kind: str, budget: int, seq_len: int) -> tuple[str, tuple[tuple
         local = max(1, budget // 2)
         rand = max(0, round(budget - local - sinks))
         return "bigbird", (("random_keys", rand), ("sinks", sinks), ("window", local))
+    if kind == "random":
+        # An ablation of SA's permutation: each query draws its own random earlier keys (a
+        # BigBird layer with no global tokens and the smallest window: itself and its
+        # predecessor), where SA's window-mates are shared groups of one permutation.
+        window = min(2, budget)
+        rand = _closest_window(n, budget, lambda r: _bigbird_keys(n, window, r, 0))
+        return "bigbird", (("random_keys", rand), ("sinks", 0), ("window", window))
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 

@@ -106,7 +106,7 @@ def markdown(rows: list[dict], *, budget: int) -> str:
     return "\n".join(out)
 
 
-KIND_ORDER = ("full", "swa", "sa", "sa_block", "sa_local", "gated", "moba", "bigbird")
+KIND_ORDER = ("full", "swa", "sa", "sa_block", "sa_local", "gated", "moba", "bigbird", "random")
 
 
 def _kind_order(kinds: set[str]) -> list[str]:

@@ -49,9 +49,9 @@ PROFILES: dict[str, Profile] = {
     # The grid behind docs/results-long-range.md.
     "full": Profile(
         "full", tasks=(MAJORITY,), depths=(2, 4), widths=(64,), budget=8, lr_sweep_depths=(2,),
-        extra=(("majority", ("swa", "sa", "sa_local", "gated"), (6,), (64,)),),
-        description="majority at 256 tokens, budget 8 keys/query; 8 kinds x depth 2, 4 and 4 kinds "
-                    "at depth 6 (width 64); lr {1e-3, 3e-3} at seed 0 (depth 2; deeper models "
+        extra=(("majority", KINDS[1:], (6,), (64,)),),
+        description="majority at 256 tokens, budget 8 keys/query; 9 kinds x depth 2, 4, and all but "
+                    "full at depth 6 (width 64); lr {1e-3, 3e-3} at seed 0 (depth 2; deeper models "
                     "reuse it), seeds 0-2 at the best"),
     # Accuracy against width, where SWA and the SA + local union differ most.
     "width": Profile(
