@@ -36,7 +36,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     run = lsub.add_parser("run", help="run (or resume) one shard of a profile's grid")
     run.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                     help="grid to run: quick (~10 min), full (the documented grid), width, mqar, "
+                     help="grid to run: quick (~15 min), full (the documented grid), width, mqar, "
                           "tiny (seconds)")
     run.add_argument("--quick", dest="profile", action="store_const", const="quick",
                      help="the same as --profile quick")
