@@ -14,7 +14,7 @@ from .ops import flex as flex_backend
 from .ops.patterns import in_window, inverse_permutation, sink_keys, visible, window_candidates
 from .ops.permute import gather_mask, permute_seq, random_permutation, routing_permutation
 from .ops.validate import (
-    check_key_padding_mask,
+    check_key_mask,
     check_layout,
     check_local,
     check_qkv,
@@ -22,6 +22,7 @@ from .ops.validate import (
     check_sinks,
     check_window,
     normalize_perm,
+    reject_renamed,
 )
 
 BACKENDS = ("auto", "reference", "blocked", "flex")
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 
+@reject_renamed
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -44,7 +46,7 @@ def sliding_window_attention(
     *,
     causal: bool = True,
     sinks: int = 0,
-    key_padding_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -58,9 +60,9 @@ def sliding_window_attention(
             heads_q a multiple of heads_kv (grouped-query attention).
         window: keys a query may see, itself included (>= 1).
         causal: mask keys after the query.
-        sinks: the first ``sinks`` real tokens of each row (per ``key_padding_mask``; without
+        sinks: the first ``sinks`` real tokens of each row (per ``key_mask``; without
             one, positions 0..sinks-1) are visible to every query (subject to causality).
-        key_padding_mask: bool [batch, seq], True for real tokens; padded keys and values never
+        key_mask: bool [batch, seq], True for real tokens; padded keys and values never
             influence any output (not even when they hold NaN or inf). A query with no visible
             key returns zeros.
         scale: softmax scale, default ``head_dim ** -0.5``.
@@ -70,9 +72,10 @@ def sliding_window_attention(
         [batch, heads_q, seq, head_dim], in q's dtype.
     """
     return _windowed(q, k, v, window, perm=None, layout="band", causal=causal, sinks=sinks,
-                     key_padding_mask=key_padding_mask, scale=scale, backend=backend, local=0)
+                     key_mask=key_mask, scale=scale, backend=backend, local=0)
 
 
+@reject_renamed
 def stochastic_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -85,7 +88,7 @@ def stochastic_attention(
     layout: str = "band",
     sinks: int = 0,
     local: int = 0,
-    key_padding_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -125,16 +128,16 @@ def stochastic_attention(
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         # One permutation per sample, shared by the heads (the paper draws one per layer): the
         # per-head mask work disappears and GQA keys/values are moved before being expanded.
-        check_key_padding_mask(key_padding_mask, B, n, q.device)
-        perm = routing_permutation(B, 1, n, key_padding_mask=key_padding_mask,
+        check_key_mask(key_mask, B, n, q.device)
+        perm = routing_permutation(B, 1, n, key_mask=key_mask,
                                    generator=generator, device=q.device)
     else:
         perm = normalize_perm(perm, B, H, n, q.device)
     return _windowed(q, k, v, window, perm=perm, layout=layout, causal=causal, sinks=sinks,
-                     key_padding_mask=key_padding_mask, scale=scale, backend=backend, local=local)
+                     key_mask=key_mask, scale=scale, backend=backend, local=local)
 
 
-def _windowed(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask, scale, backend,
+def _windowed(q, k, v, window, *, perm, layout, causal, sinks, key_mask, scale, backend,
               local):
     """Validated dispatch; ``perm`` is None (SWA) or already a checked [B|1, H|1, n] permutation."""
     check_qkv(q, k, v)
@@ -143,27 +146,27 @@ def _windowed(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask,
     layout = check_layout(layout)
     local = check_local(local, causal)
     B, H, n, D = q.shape
-    check_key_padding_mask(key_padding_mask, B, n, q.device)
+    check_key_mask(key_mask, B, n, q.device)
     scale = check_scale(scale, D)
     backend = _resolve_backend(backend, q, k, v, local)
     if n == 0:
         return q.new_zeros(q.shape)
-    if key_padding_mask is not None:
+    if key_mask is not None:
         # Selection, not multiplication: padded keys and values (even NaN or inf) are replaced
         # before any product, so they cannot reach an output.
-        k, v = zero_padding(k, key_padding_mask), zero_padding(v, key_padding_mask)
+        k, v = zero_padding(k, key_mask), zero_padding(v, key_mask)
     if backend == "reference":
         return reference.attention(q, k, v, window, perm=perm, layout=layout, causal=causal,
-                                   sinks=sinks, key_padding_mask=key_padding_mask, scale=scale,
+                                   sinks=sinks, key_mask=key_mask, scale=scale,
                                    local=local)
     if window >= n or local >= n:  # the window covers the sequence: plain full attention
-        return full_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+        return full_attention(q, k, v, causal=causal, key_mask=key_mask, scale=scale)
     if backend == "flex":
         return flex_backend.attention(q, k, v, window, perm=perm, layout=layout, causal=causal,
-                                      sinks=min(sinks, n), key_padding_mask=key_padding_mask,
+                                      sinks=min(sinks, n), key_mask=key_mask,
                                       scale=scale)
     return _blocked(q, k, v, window, perm=perm, layout=layout, causal=causal, sinks=min(sinks, n),
-                    key_padding_mask=key_padding_mask, scale=scale, local=local)
+                    key_mask=key_mask, scale=scale, local=local)
 
 
 def _resolve_backend(backend: str, q, k, v, local: int = 0) -> str:
@@ -184,12 +187,12 @@ def _resolve_backend(backend: str, q, k, v, local: int = 0) -> str:
     return backend
 
 
-def zero_padding(x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+def zero_padding(x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
     """x [B, H, n, D] with the padded positions (mask False) set to 0, by selection."""
-    return x.masked_fill(~key_padding_mask[:, None, :, None], 0)
+    return x.masked_fill(~key_mask[:, None, :, None], 0)
 
 
-def full_attention(q, k, v, *, causal: bool, key_padding_mask, scale: float) -> torch.Tensor:
+def full_attention(q, k, v, *, causal: bool, key_mask, scale: float) -> torch.Tensor:
     """Full (causal) attention through SDPA, with the zero-row rule for padding.
 
     SDPA adds its mask to the scores, so a non-finite key would reach hidden queries too
@@ -199,17 +202,17 @@ def full_attention(q, k, v, *, causal: bool, key_padding_mask, scale: float) -> 
     if not blocked.all_finite(k):
         mask = torch.ones(n, n, dtype=torch.bool, device=q.device)
         mask = mask.tril() if causal else mask
-        if key_padding_mask is not None:
-            mask = mask & key_padding_mask[:, None, None, :]
+        if key_mask is not None:
+            mask = mask & key_mask[:, None, None, :]
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return reference.masked_attention(q, k, v, mask, scale)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    if key_padding_mask is None:
+    if key_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    mask = key_padding_mask[:, None, None, :]
+    mask = key_mask[:, None, None, :]
     if causal:
         mask = mask & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     has_key = mask.any(dim=-1, keepdim=True)
@@ -217,17 +220,17 @@ def full_attention(q, k, v, *, causal: bool, key_padding_mask, scale: float) -> 
     return out * has_key
 
 
-def _blocked(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask, scale, local=0):
+def _blocked(q, k, v, window, *, perm, layout, causal, sinks, key_mask, scale, local=0):
     groups = q.shape[1] // k.shape[1]
     if local:
         return _blocked_union(q, k, v, window, perm=perm, layout=layout, sinks=sinks,
-                              key_padding_mask=key_padding_mask, scale=scale, local=local)
-    sink = _SinkParts(k, v, sinks, key_padding_mask, groups)
+                              key_mask=key_mask, scale=scale, local=local)
+    sink = _SinkParts(k, v, sinks, key_mask, groups)
 
     if perm is None:  # SWA: slot == position, nothing to move
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        key_valid = key_padding_mask[:, None, :] if key_padding_mask is not None else None
+        key_valid = key_mask[:, None, :] if key_mask is not None else None
         return blocked.windowed_attention(
             q, k, v, window, pos=None, key_valid=key_valid, layout=layout, causal=causal,
             scale=scale, **sink.slot_order(None))
@@ -246,11 +249,11 @@ def _blocked(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask, 
     qs = permute_seq(q, perm, inv)
 
     n = q.shape[2]
-    if (layout == "block" and sinks == 0 and key_padding_mask is None
+    if (layout == "block" and sinks == 0 and key_mask is None
             and (causal or n % window == 0) and blocked.all_finite(ks)):
         out = blocked.dense_tiles(qs, ks, vs, window, scale, causal)
     else:
-        key_valid = gather_mask(key_padding_mask, perm) if key_padding_mask is not None else None
+        key_valid = gather_mask(key_mask, perm) if key_mask is not None else None
         out = blocked.windowed_attention(
             qs, ks, vs, window, pos=perm, key_valid=key_valid, layout=layout, causal=causal,
             scale=scale, **sink.slot_order(perm))
@@ -260,12 +263,12 @@ def _blocked(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask, 
 class _SinkParts:
     """The sink keys of each row (its first real tokens) and which keys are sinks."""
 
-    def __init__(self, k, v, sinks, key_padding_mask, groups):
+    def __init__(self, k, v, sinks, key_mask, groups):
         self.sinks = sinks
         if sinks == 0:
             return
         B, Hkv, n, D = k.shape
-        pos, valid, self.is_sink = sink_keys(key_padding_mask, sinks, n, k.device)
+        pos, valid, self.is_sink = sink_keys(key_mask, sinks, n, k.device)
         index = pos[:, None, :, None].expand(B, Hkv, pos.shape[-1], D)
         self.k, self.v = torch.gather(k, 2, index), torch.gather(v, 2, index)
         if groups > 1:
@@ -285,7 +288,7 @@ class _SinkParts:
 
 
 
-def _blocked_union(q, k, v, window, *, perm, layout, sinks, key_padding_mask, scale, local):
+def _blocked_union(q, k, v, window, *, perm, layout, sinks, key_mask, scale, local):
     """Causal SA + local union as two disjoint parts merged by log-sum-exp, each O(n * window).
 
     Part A (slot space): the SA window minus each query's last ``local`` positions, plus the
@@ -295,13 +298,13 @@ def _blocked_union(q, k, v, window, *, perm, layout, sinks, key_padding_mask, sc
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    sink = _SinkParts(k, v, sinks, key_padding_mask, 1)
+    sink = _SinkParts(k, v, sinks, key_mask, 1)
     if layout == "block":
         perm = blocked.sort_groups(perm, window)
     inv = inverse_permutation(perm)
     qs, ks, vs = (permute_seq(x, perm, inv) for x in (q, k, v))
-    key_valid = gather_mask(key_padding_mask, perm) if key_padding_mask is not None else None
-    if key_padding_mask is None and blocked.all_finite(k):
+    key_valid = gather_mask(key_mask, perm) if key_mask is not None else None
+    if key_mask is None and blocked.all_finite(k):
         return _union_parts(q, k, v, qs, ks, vs, window, perm=perm, inv=inv, layout=layout,
                             sinks=sinks, sink=sink, scale=scale, local=local)
     out_a, lse_a = blocked.windowed_attention(
@@ -314,7 +317,7 @@ def _blocked_union(q, k, v, window, *, perm, layout, sinks, key_padding_mask, sc
     sinks_b.update(sink_k=None, sink_v=None, sink_valid=None, sink_pos=None)
     out_b, lse_b = blocked.windowed_attention(
         q, k, v, local, pos=None, layout="band", causal=True, scale=scale, return_lse=True,
-        key_valid=key_padding_mask[:, None, :] if key_padding_mask is not None else None,
+        key_valid=key_mask[:, None, :] if key_mask is not None else None,
         **sinks_b)
     return blocked.merge_parts(out_a, lse_a, out_b, lse_b).to(q.dtype)
 
@@ -335,7 +338,7 @@ def _union_parts(q, k, v, qs, ks, vs, window, *, perm, inv, layout, sinks, sink,
             qs, ks, vs, window, pos=perm, key_valid=None, layout=layout, causal=True, scale=scale,
             exclude_recent=local, return_tiles=True, **sink.slot_order(perm)), unpermute)]
     if local <= merge.BAND_PART_MAX_WIDTH:  # a few keys per query: cheaper than kernel tiles
-        part_b = parts.recent_band_part(q, k, v, local, skip_first=sinks, key_padding_mask=None)
+        part_b = parts.recent_band_part(q, k, v, local, skip_first=sinks, key_mask=None)
     else:
         sinks_b = sink.slot_order(None)
         sinks_b.update(sink_k=None, sink_v=None, sink_valid=None, sink_pos=None)
@@ -357,7 +360,7 @@ def attended_keys(
     causal: bool = True,
     layout: str = "band",
     sinks: int = 0,
-    key_padding_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     local: int = 0,
 ) -> torch.Tensor:
     """How many keys each query sees: a LongTensor [batch, heads, seq_len] in original order.
@@ -375,20 +378,20 @@ def attended_keys(
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
         raise ValueError(f"seq_len must be a non-negative int, got {seq_len!r}")
     n = seq_len
-    device = key_padding_mask.device if key_padding_mask is not None else None
-    if key_padding_mask is not None:
-        batch = key_padding_mask.shape[0]
-        check_key_padding_mask(key_padding_mask, batch, n, device)
+    device = key_mask.device if key_mask is not None else None
+    if key_mask is not None:
+        batch = key_mask.shape[0]
+        check_key_mask(key_mask, batch, n, device)
     if method == "full":
         window = max(window, n)
     if method == "stochastic":
         if perm is None:
-            perm = routing_permutation(batch, 1, n, key_padding_mask=key_padding_mask,
+            perm = routing_permutation(batch, 1, n, key_mask=key_mask,
                                        generator=generator, device=device)
         elif perm.dim() == 3:  # a given perm fixes the heads (and batch, unless a mask does)
             heads = perm.shape[1]
-            batch = batch if key_padding_mask is not None else perm.shape[0]
-        elif perm.dim() == 2 and key_padding_mask is None:
+            batch = batch if key_mask is not None else perm.shape[0]
+        elif perm.dim() == 2 and key_mask is None:
             batch = perm.shape[0]
         perm = normalize_perm(perm, batch, heads, n, perm.device)
         device = perm.device
@@ -396,7 +399,7 @@ def attended_keys(
         perm = torch.arange(n, device=device).view(1, 1, n)
         layout = "band"
     Bp, Hp = perm.shape[:2]
-    key_valid = (key_padding_mask[:, None, :] if key_padding_mask is not None
+    key_valid = (key_mask[:, None, :] if key_mask is not None
                  else torch.ones(1, 1, n, dtype=torch.bool, device=device))
 
     cand = window_candidates(n, window, layout, causal, device)  # [n, w] key slots
@@ -409,7 +412,7 @@ def attended_keys(
     kv = kv.view(batch, Hp, n, -1)
     vis = ok & visible(q_slot, k_slot, q_pos, k_pos, window=window, layout=layout, causal=causal,
                        sinks=0, seq_len=n, key_valid=kv)
-    s_pos, _, is_sink = sink_keys(key_padding_mask, sinks, n, device)
+    s_pos, _, is_sink = sink_keys(key_mask, sinks, n, device)
     if local:  # recent non-sink keys are counted once, below, with the local window
         k_sink = torch.gather(is_sink[:, None].expand(batch, Hp, n), -1,
                               k_pos.expand(batch, Hp, n, k_pos.shape[-1]).reshape(batch, Hp, -1))

@@ -59,8 +59,8 @@ def test_rows_sum_to_one_and_masked_keys_get_zero_weight(alpha):
     B, H, n = 3, 2, 13
     q, k, _ = _qkv(B, H, H, n, 6)
     pad = _padding(B, n)
-    P = sa.fractional_weights(q, k, alpha, causal=True, key_padding_mask=pad)
-    visible = dense_mask(n, n, causal=True, key_padding_mask=pad)
+    P = sa.fractional_weights(q, k, alpha, causal=True, key_mask=pad)
+    visible = dense_mask(n, n, causal=True, key_mask=pad)
     assert torch.all(P[~visible.expand_as(P)] == 0)
     row_sums = P.sum(-1)
     has_key = visible.expand_as(P).any(-1)
@@ -75,7 +75,7 @@ def test_chunked_equals_reference_outputs_and_gradients(small_tiles, alpha, caus
     B, Hq, Hkv, n, D = 2, 4, 2, 19, 5  # GQA, odd length, ragged last chunk
     q, k, v = (t.requires_grad_() for t in _qkv(B, Hq, Hkv, n, D))
     pad = _padding(B, n)
-    kw = dict(causal=causal, key_padding_mask=pad, scale=1.3)
+    kw = dict(causal=causal, key_mask=pad, scale=1.3)
     ref = sa.fractional_attention(q, k, v, alpha, backend="reference", **kw)
     fast = sa.fractional_attention(q, k, v, alpha, backend="chunked", **kw)
     torch.testing.assert_close(fast, ref)
@@ -96,7 +96,7 @@ def test_windowed_equals_reference_with_the_same_mask(small_tiles, alpha, layout
     q, k, v = (t.requires_grad_() for t in _qkv(B, Hq, Hkv, n, D, seed=3))
     pad = _padding(B, n)
     perm = sa.random_permutation(B, Hq, n, generator=torch.Generator().manual_seed(5))
-    kw = dict(causal=causal, key_padding_mask=pad, window=w, perm=perm, layout=layout)
+    kw = dict(causal=causal, key_mask=pad, window=w, perm=perm, layout=layout)
     ref = sa.fractional_attention(q, k, v, alpha, backend="reference", **kw)
     fast = sa.fractional_attention(q, k, v, alpha, backend="blocked", **kw)
     torch.testing.assert_close(fast, ref)
@@ -106,7 +106,7 @@ def test_windowed_equals_reference_with_the_same_mask(small_tiles, alpha, layout
     for a, b in zip(g_fast, g_ref, strict=True):
         torch.testing.assert_close(a, b)
     # The window really restricts attention: the result differs from full FNA.
-    full = sa.fractional_attention(q, k, v, alpha, causal=causal, key_padding_mask=pad)
+    full = sa.fractional_attention(q, k, v, alpha, causal=causal, key_mask=pad)
     assert not torch.allclose(fast, full)
 
 
@@ -139,8 +139,8 @@ def test_identity_permutation_is_sliding_window(small_tiles):
     B, H, n, D, w = 2, 3, 21, 4, 5
     q, k, v = _qkv(B, H, H, n, D, seed=6)
     pad = _padding(B, n)
-    swa = sa.fractional_attention(q, k, v, 1.2, window=w, key_padding_mask=pad)
-    ident = sa.fractional_attention(q, k, v, 1.2, window=w, key_padding_mask=pad,
+    swa = sa.fractional_attention(q, k, v, 1.2, window=w, key_mask=pad)
+    ident = sa.fractional_attention(q, k, v, 1.2, window=w, key_mask=pad,
                                     perm=torch.arange(n))
     torch.testing.assert_close(ident, swa)
 

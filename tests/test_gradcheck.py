@@ -49,7 +49,7 @@ def test_gradcheck_stochastic_attention(backend, opts):
     kpm = padding() if opts.pop("pad", False) else None
     heads = 2 if opts.pop("per_head", False) else 1
     perm = sa.random_permutation(2, heads, N, generator=torch.Generator().manual_seed(1))
-    check(lambda q, k, v: sa.stochastic_attention(q, k, v, 3, perm=perm, key_padding_mask=kpm,
+    check(lambda q, k, v: sa.stochastic_attention(q, k, v, 3, perm=perm, key_mask=kpm,
                                                   backend=backend, **opts), inputs())
 
 
@@ -59,13 +59,13 @@ def test_gradcheck_stochastic_attention(backend, opts):
 def test_gradcheck_sliding_window(backend, sinks, pad, causal):
     kpm = padding() if pad else None
     check(lambda q, k, v: sa.sliding_window_attention(q, k, v, 3, sinks=sinks, causal=causal,
-                                                      key_padding_mask=kpm, backend=backend),
+                                                      key_mask=kpm, backend=backend),
           inputs())
 
 
 @pytest.mark.parametrize("backend", ["reference", "blocked"])
 def test_gradcheck_full_attention_path(backend):
-    check(lambda q, k, v: sa.sliding_window_attention(q, k, v, N, key_padding_mask=padding(),
+    check(lambda q, k, v: sa.sliding_window_attention(q, k, v, N, key_mask=padding(),
                                                       backend=backend), inputs())
 
 
@@ -73,7 +73,7 @@ def test_gradcheck_full_attention_path(backend):
 @pytest.mark.parametrize("sinks,pad", [(0, False), (1, True)])
 def test_gradcheck_moba(fn, sinks, pad):
     kpm = padding() if pad else None
-    check(lambda q, k, v: fn(q, k, v, 2, 2, sinks=sinks, key_padding_mask=kpm), inputs())
+    check(lambda q, k, v: fn(q, k, v, 2, 2, sinks=sinks, key_mask=kpm), inputs())
 
 
 @pytest.mark.parametrize("backend", ["reference", "blocked", "chunked"])
@@ -81,10 +81,10 @@ def test_gradcheck_moba(fn, sinks, pad):
 def test_gradcheck_fractional(backend, alpha):
     kpm = padding()
     if backend == "chunked":
-        kw = dict(causal=True, key_padding_mask=kpm)
+        kw = dict(causal=True, key_mask=kpm)
     else:
         perm = sa.random_permutation(2, 2, N, generator=torch.Generator().manual_seed(2))
-        kw = dict(causal=True, key_padding_mask=kpm, window=3, perm=perm)
+        kw = dict(causal=True, key_mask=kpm, window=3, perm=perm)
     check(lambda q, k, v: fractional.fractional_attention(q, k, v, alpha, backend=backend, **kw),
           inputs())
 

@@ -35,10 +35,10 @@ def test_moba_matches_reference(block, topk, sinks, pad):
     if pad:
         kpm = torch.ones(2, 13, dtype=torch.bool)
         kpm[1, :4] = False
-    slow = moba_reference(q, k, v, block, topk, sinks=sinks, key_padding_mask=kpm)
+    slow = moba_reference(q, k, v, block, topk, sinks=sinks, key_mask=kpm)
     slow_grads = _grads(slow, (q, k, v))
     for fn in (moba_attention, moba_masked):
-        fast = fn(q, k, v, block, topk, sinks=sinks, key_padding_mask=kpm)
+        fast = fn(q, k, v, block, topk, sinks=sinks, key_mask=kpm)
         torch.testing.assert_close(fast, slow)
         for a, b in zip(_grads(fast, (q, k, v)), slow_grads, strict=True):
             torch.testing.assert_close(a, b)
@@ -55,8 +55,8 @@ def test_block_sparse_moba_matches_masked_moba(n, block, topk, sinks, monkeypatc
     kpm[0, : n // 3] = False
     kpm[1, n // 2:] = False
     for mask in (None, kpm):
-        fast = moba_attention(q, k, v, block, topk, sinks=sinks, key_padding_mask=mask)
-        slow = moba_masked(q, k, v, block, topk, sinks=sinks, key_padding_mask=mask)
+        fast = moba_attention(q, k, v, block, topk, sinks=sinks, key_mask=mask)
+        slow = moba_masked(q, k, v, block, topk, sinks=sinks, key_mask=mask)
         torch.testing.assert_close(fast, slow)
         for a, b in zip(_grads(fast, (q, k, v)), _grads(slow, (q, k, v)), strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -96,9 +96,9 @@ def test_stochastic_local_matches_dense_union(layout, sinks, local):
     kpm = torch.ones(2, 13, dtype=torch.bool)
     kpm[0, 10:] = False
     out = stochastic_attention(q, k, v, 4, perm=perm, layout=layout, sinks=sinks, local=local,
-                               key_padding_mask=kpm)
-    mask = dense_mask(13, 4, perm=perm, layout=layout, sinks=sinks, key_padding_mask=kpm) | \
-        dense_mask(13, local, key_padding_mask=kpm)
+                               key_mask=kpm)
+    mask = dense_mask(13, 4, perm=perm, layout=layout, sinks=sinks, key_mask=kpm) | \
+        dense_mask(13, local, key_mask=kpm)
     ref = masked_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), mask,
                            8**-0.5)
     torch.testing.assert_close(out, ref)

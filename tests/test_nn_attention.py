@@ -17,7 +17,7 @@ def make(kind: str, **kw) -> MultiHeadAttention:
     return MultiHeadAttention(HIDDEN, HEADS, num_kv_heads=KV_HEADS, kind=kind, **kw).double()
 
 
-def slow_attention(layer, x, window, perm, sinks=0, key_padding_mask=None, layout="band"):
+def slow_attention(layer, x, window, perm, sinks=0, key_mask=None, layout="band"):
     """Projections, RoPE and dense masked softmax attention, written out in full."""
     B, n, _ = x.shape
     H, Hk, D = layer.num_heads, layer.num_kv_heads, layer.head_dim
@@ -29,26 +29,26 @@ def slow_attention(layer, x, window, perm, sinks=0, key_padding_mask=None, layou
     q, k = layer.rotary(q, k, torch.arange(n)[None])
     k, v = k.repeat_interleave(H // Hk, 1), v.repeat_interleave(H // Hk, 1)
     mask = dense_mask(n, window, perm=perm, layout=layout, sinks=sinks,
-                      key_padding_mask=key_padding_mask)
+                      key_mask=key_mask)
     scores = (q @ k.transpose(-1, -2)) * D**-0.5
     scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.nan_to_num(scores.softmax(-1))  # rows with no key give zeros
     return weights @ v
 
 
-def module_vs_reference(layer, x, perm, key_padding_mask=None):
-    out = layer(x, perm=perm, attention_mask=key_padding_mask)
+def module_vs_reference(layer, x, perm, key_mask=None):
+    out = layer(x, perm=perm, attention_mask=key_mask)
     ref_perm = None if perm is None else perm.expand(x.shape[0], 1, -1)
     n = x.shape[1]
     if layer.kind == "full":
-        mixed = slow_attention(layer, x, n, None, key_padding_mask=key_padding_mask)
+        mixed = slow_attention(layer, x, n, None, key_mask=key_mask)
     elif layer.kind == "swa":
-        mixed = slow_attention(layer, x, layer.swa_window, None, layer.sinks, key_padding_mask)
+        mixed = slow_attention(layer, x, layer.swa_window, None, layer.sinks, key_mask)
     else:
-        mixed = slow_attention(layer, x, layer.sa_window, ref_perm, layer.sinks, key_padding_mask,
+        mixed = slow_attention(layer, x, layer.sa_window, ref_perm, layer.sinks, key_mask,
                                layer.layout)
         if layer.kind == "gated":
-            swa = slow_attention(layer, x, layer.swa_window, None, layer.sinks, key_padding_mask)
+            swa = slow_attention(layer, x, layer.swa_window, None, layer.sinks, key_mask)
             mixed = layer.gate(x, mixed, swa)
     ref = layer.o_proj(mixed.transpose(1, 2).reshape(x.shape[0], n, -1))
     return out, ref

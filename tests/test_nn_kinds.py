@@ -45,7 +45,7 @@ def test_sa_local_layer_matches_dense_union(layout, sinks):
     perm = layer.draw_permutation(2, 21)
     out = layer(x, perm=perm, attention_mask=padding)
     mask = dense_mask(21, layer.sa_window, perm=perm, layout=layout, sinks=sinks,
-                      key_padding_mask=padding, local=3)
+                      key_mask=padding, local=3)
     ref = mixed(layer, x, mask)
     torch.testing.assert_close(out, ref, **TOL)
     g = torch.randn_like(out)
@@ -60,14 +60,14 @@ def test_bigbird_layer_matches_dense_reference(per_head):
     x = torch.randn(2, 25, HIDDEN, dtype=torch.double, requires_grad=True)
     padding = left_padding(2, 25)
     out = layer(x, attention_mask=padding)  # eval: the seeded draw below
-    idx = layer.draw_random_keys(2, 25, key_padding_mask=padding)
+    idx = layer.draw_random_keys(2, 25, key_mask=padding)
     assert idx.shape == (2, HEADS if per_head else 1, 25, 4)
     q, k, v = _projected(layer, x)
-    mixed_ref = bigbird_reference(q, k, v, 3, 4, sinks=2, key_padding_mask=padding, indices=idx)
+    mixed_ref = bigbird_reference(q, k, v, 3, 4, sinks=2, key_mask=padding, indices=idx)
     ref = layer.o_proj(mixed_ref.transpose(1, 2).reshape(2, 25, -1))
     torch.testing.assert_close(out, ref, **TOL)
     # Independent of the operator: the dense mask of the same draw.
-    mask = bigbird_mask(25, 3, idx, sinks=2, key_padding_mask=padding)
+    mask = bigbird_mask(25, 3, idx, sinks=2, key_mask=padding)
     torch.testing.assert_close(out, mixed(layer, x, mask), **TOL)
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, [x, *layer.parameters()], g),

@@ -51,7 +51,7 @@ def test_blocked_matches_reference_sa(n, causal, layout, sinks, pad):
     q, k, v = make_qkv(n)
     kpm = padding_mask(2, n) if pad else None
     perm = sa.random_permutation(2, 4, n, generator=torch.Generator().manual_seed(n))
-    kw = dict(window=8, perm=perm, causal=causal, layout=layout, sinks=sinks, key_padding_mask=kpm)
+    kw = dict(window=8, perm=perm, causal=causal, layout=layout, sinks=sinks, key_mask=kpm)
     ref, ref_g = run(sa.stochastic_attention, q, k, v, backend="reference", **kw)
     out, out_g = run(sa.stochastic_attention, q, k, v, backend="blocked", **kw)
     assert_close(out, ref, 1e-5)
@@ -63,7 +63,7 @@ def test_blocked_matches_reference_sa(n, causal, layout, sinks, pad):
 def test_blocked_matches_reference_swa(n, causal, sinks, pad):
     q, k, v = make_qkv(n)
     kpm = padding_mask(2, n) if pad else None
-    kw = dict(window=8, causal=causal, sinks=sinks, key_padding_mask=kpm)
+    kw = dict(window=8, causal=causal, sinks=sinks, key_mask=kpm)
     ref, ref_g = run(sa.sliding_window_attention, q, k, v, backend="reference", **kw)
     out, out_g = run(sa.sliding_window_attention, q, k, v, backend="blocked", **kw)
     assert_close(out, ref, 1e-5)
@@ -95,11 +95,11 @@ def test_bf16_matches_fp32_reference(fn):
     kpm = padding_mask(2, n)
     perm = sa.random_permutation(2, 4, n, generator=torch.Generator().manual_seed(1))
     if fn == "swa":
-        call = lambda *a, **kw: sa.sliding_window_attention(*a, 16, sinks=2, key_padding_mask=kpm, **kw)
+        call = lambda *a, **kw: sa.sliding_window_attention(*a, 16, sinks=2, key_mask=kpm, **kw)
     else:
         layout = fn.split("_")[1]
         call = lambda *a, **kw: sa.stochastic_attention(*a, 16, perm=perm, layout=layout, sinks=2,
-                                                        key_padding_mask=kpm, **kw)
+                                                        key_mask=kpm, **kw)
     out, out_g = run(call, q, k, v, backend="blocked")
     assert out.dtype == torch.bfloat16
     ref, ref_g = run(call, *[t.detach().float().requires_grad_() for t in (q, k, v)], backend="reference")
@@ -115,7 +115,7 @@ def test_flex_cpu_inference_matches_reference(layout, sinks, pad):
     q, k, v = make_qkv(n, grad=False)
     kpm = padding_mask(2, n) if pad else None
     perm = sa.random_permutation(2, 4, n, generator=torch.Generator().manual_seed(3))
-    kw = dict(window=40, perm=perm, layout=layout, sinks=sinks, key_padding_mask=kpm)
+    kw = dict(window=40, perm=perm, layout=layout, sinks=sinks, key_mask=kpm)
     with torch.no_grad():
         ref = sa.stochastic_attention(q, k, v, backend="reference", **kw)
         out = sa.stochastic_attention(q, k, v, backend="flex", **kw)
@@ -137,8 +137,8 @@ def test_identity_perm_is_swa(causal):
     q, k, v = make_qkv(n, grad=False)
     kpm = padding_mask(2, n)
     ident = torch.arange(n)
-    got = sa.stochastic_attention(q, k, v, 16, perm=ident, causal=causal, sinks=2, key_padding_mask=kpm)
-    want = sa.sliding_window_attention(q, k, v, 16, causal=causal, sinks=2, key_padding_mask=kpm)
+    got = sa.stochastic_attention(q, k, v, 16, perm=ident, causal=causal, sinks=2, key_mask=kpm)
+    want = sa.sliding_window_attention(q, k, v, 16, causal=causal, sinks=2, key_mask=kpm)
     assert_close(got, want, 1e-6)
 
 
@@ -211,7 +211,7 @@ def test_sparse_pattern_equals_dense_mask(layout, causal):
     sparse[qi, ki] = True
     assert len(qi) == int(sparse.sum())  # each edge once
     dense = dense_mask(n, 16, perm=perm.view(1, 1, n), layout=layout, causal=causal, sinks=3,
-                       key_padding_mask=key_valid[None])[0, 0]
+                       key_mask=key_valid[None])[0, 0]
     assert torch.equal(sparse, dense)
 
 
@@ -224,8 +224,8 @@ def test_attended_keys():
     perm = sa.random_permutation(2, 3, n, generator=torch.Generator().manual_seed(0))
     kpm = padding_mask(2, n)
     for layout in ("band", "block"):
-        got = sa.attended_keys(n, w, perm=perm, layout=layout, sinks=4, key_padding_mask=kpm)
-        want = dense_mask(n, w, perm=perm, layout=layout, sinks=4, key_padding_mask=kpm).sum(-1)
+        got = sa.attended_keys(n, w, perm=perm, layout=layout, sinks=4, key_mask=kpm)
+        want = dense_mask(n, w, perm=perm, layout=layout, sinks=4, key_mask=kpm).sum(-1)
         assert torch.equal(got, want)
     # causal SA sees about (w - 1) * i / n + 1 keys at position i on average
     many = sa.attended_keys(n, w, generator=torch.Generator().manual_seed(1), batch=8, heads=8)
@@ -270,10 +270,10 @@ def test_bad_inputs_raise_clear_errors():
         sa.sliding_window_attention(q, k[:, :, :5], v[:, :, :5], 4)
     with pytest.raises(ValueError, match="k and v must have the same shape"):
         sa.sliding_window_attention(q, k, v[..., :8], 4)
-    with pytest.raises(TypeError, match="key_padding_mask must be a bool"):
-        sa.sliding_window_attention(q, k, v, 4, key_padding_mask=torch.ones(2, 10))
-    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
-        sa.sliding_window_attention(q, k, v, 4, key_padding_mask=torch.ones(2, 9, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_mask must be a bool"):
+        sa.sliding_window_attention(q, k, v, 4, key_mask=torch.ones(2, 10))
+    with pytest.raises(ValueError, match="key_mask must have shape"):
+        sa.sliding_window_attention(q, k, v, 4, key_mask=torch.ones(2, 9, dtype=torch.bool))
     with pytest.raises(TypeError, match="share one dtype"):
         sa.sliding_window_attention(q, k.double(), v.double(), 4)
     with pytest.raises(ValueError, match="method must be one of"):
@@ -285,7 +285,7 @@ def test_empty_and_fully_padded_rows_are_zero_not_nan():
     kpm = torch.zeros(2, 7, dtype=torch.bool)
     kpm[1, 3] = True
     for backend in ("reference", "blocked"):
-        out, grads = run(sa.stochastic_attention, q, k, v, window=2, key_padding_mask=kpm, backend=backend,
+        out, grads = run(sa.stochastic_attention, q, k, v, window=2, key_mask=kpm, backend=backend,
                          generator=torch.Generator().manual_seed(0))
         assert torch.all(out[0] == 0)
         assert all(torch.isfinite(g).all() for g in grads)
@@ -302,7 +302,7 @@ def test_tiny_ragged_tiles_match_reference(monkeypatch, tile):
     kpm = padding_mask(2, n)
     perm = sa.random_permutation(2, 4, n, generator=torch.Generator().manual_seed(tile))
     for causal in (True, False):
-        kw = dict(window=6, perm=perm, causal=causal, sinks=2, key_padding_mask=kpm)
+        kw = dict(window=6, perm=perm, causal=causal, sinks=2, key_mask=kpm)
         ref, ref_g = run(sa.stochastic_attention, q, k, v, backend="reference", **kw)
         out, out_g = run(sa.stochastic_attention, q, k, v, backend="blocked", **kw)
         assert_close(out, ref, 1e-5)

@@ -50,7 +50,7 @@ def test_fast_path_matches_dense_reference(n, window, random_keys, sinks, per_he
     kpm = left_padding(n) if pad else None
     idx = bigbird_indices(B, HQ if per_head else 1, n, window, random_keys, sinks=sinks,
                           generator=torch.Generator().manual_seed(n + window))
-    kw = dict(sinks=sinks, key_padding_mask=kpm, indices=idx)
+    kw = dict(sinks=sinks, key_mask=kpm, indices=idx)
     out, grads = outputs_and_grads(bigbird_attention, q, k, v, window, random_keys, **kw)
     ref, ref_grads = outputs_and_grads(bigbird_reference, q, k, v, window, random_keys, **kw)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -142,11 +142,11 @@ def test_padded_keys_are_never_seen_and_empty_queries_give_zero():
     q, k, v = make_qkv(n)
     kpm = left_padding(n)
     idx = bigbird_indices(B, 1, n, window, r, generator=torch.Generator().manual_seed(0))
-    base = bigbird_attention(q, k, v, window, r, key_padding_mask=kpm, indices=idx)
+    base = bigbird_attention(q, k, v, window, r, key_mask=kpm, indices=idx)
     k2, v2 = k.detach().clone(), v.detach().clone()
     k2[1, :, :10] = 100.0
     v2[1, :, :10] = -100.0
-    out = bigbird_attention(q, k2, v2, window, r, key_padding_mask=kpm, indices=idx)
+    out = bigbird_attention(q, k2, v2, window, r, key_mask=kpm, indices=idx)
     torch.testing.assert_close(out, base, rtol=0, atol=0)
     assert torch.equal(out[1, :, :10], torch.zeros_like(out[1, :, :10]))
 
@@ -160,8 +160,8 @@ def test_attended_keys_are_the_dense_row_sums(n, window, r, sinks):
                               generator=torch.Generator().manual_seed(n))
         for mask in (None, kpm):
             counts = bigbird_attended_keys(n, window, r, sinks, indices=idx,
-                                           key_padding_mask=mask)
-            dense = bigbird_mask(n, window, idx, sinks=sinks, key_padding_mask=mask).sum(-1)
+                                           key_mask=mask)
+            dense = bigbird_mask(n, window, idx, sinks=sinks, key_mask=mask).sum(-1)
             assert torch.equal(counts, dense)
     # Without indices: the draw the operator makes from the same generator.
     counts = bigbird_attended_keys(n, window, r, sinks, generator=torch.Generator().manual_seed(4))
@@ -175,8 +175,8 @@ def test_no_random_keys_is_a_sliding_window_with_sinks():
     n = 50
     q, k, v = make_qkv(n)
     kpm = left_padding(n)
-    out = bigbird_attention(q, k, v, 7, 0, sinks=2, key_padding_mask=kpm)
-    ref = sa.sliding_window_attention(q, k, v, 7, sinks=2, key_padding_mask=kpm,
+    out = bigbird_attention(q, k, v, 7, 0, sinks=2, key_mask=kpm)
+    ref = sa.sliding_window_attention(q, k, v, 7, sinks=2, key_mask=kpm,
                                       backend="reference")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -209,8 +209,8 @@ def test_bad_arguments_raise_clear_errors():
         bigbird_attention(q, k, v, 3, 2, sinks=-1)
     with pytest.raises(ValueError, match="multiple"):
         bigbird_attention(q, k[:, :1].expand(B, 3, 10, D), v[:, :1].expand(B, 3, 10, D), 3, 2)
-    with pytest.raises(TypeError, match="key_padding_mask"):
-        bigbird_attention(q, k, v, 3, 2, key_padding_mask=torch.ones(B, 10))
+    with pytest.raises(TypeError, match="key_mask"):
+        bigbird_attention(q, k, v, 3, 2, key_mask=torch.ones(B, 10))
     with pytest.raises(ValueError, match="indices must have shape"):
         bigbird_attention(q, k, v, 3, 2, indices=torch.full((B, 1, 10, 5), -1))
     bad = torch.full((1, 1, 10, 2), -1)

@@ -23,7 +23,7 @@ def test_blocked_union_matches_reference(n, layout, sinks, pad, local):
     q, k, v = make_qkv(n)
     kpm = padding_mask(2, n) if pad else None
     perm = sa.random_permutation(2, 4, n, generator=torch.Generator().manual_seed(n))
-    kw = dict(window=8, perm=perm, layout=layout, sinks=sinks, key_padding_mask=kpm, local=local)
+    kw = dict(window=8, perm=perm, layout=layout, sinks=sinks, key_mask=kpm, local=local)
     ref, ref_g = run(sa.stochastic_attention, q, k, v, backend="reference", **kw)
     out, out_g = run(sa.stochastic_attention, q, k, v, backend="blocked", **kw)
     assert_close(out, ref, 1e-5)
@@ -38,11 +38,11 @@ def test_union_is_the_or_of_two_dense_masks(per_head):
     q, k, v = make_qkv(n, kv_heads=4)
     kpm = padding_mask(2, n)
     perm = sa.random_permutation(2, 4 if per_head else 1, n, generator=torch.Generator().manual_seed(3))
-    mask = dense_mask(n, window, perm=perm, sinks=sinks, key_padding_mask=kpm) | dense_mask(
-        n, local, key_padding_mask=kpm)
+    mask = dense_mask(n, window, perm=perm, sinks=sinks, key_mask=kpm) | dense_mask(
+        n, local, key_mask=kpm)
     ref, ref_g = run(lambda q, k, v: masked_attention(q, k, v, mask, 16 ** -0.5), q, k, v)
     out, out_g = run(sa.stochastic_attention, q, k, v, window=window, perm=perm, sinks=sinks,
-                     local=local, key_padding_mask=kpm)
+                     local=local, key_mask=kpm)
     assert_close(out, ref, 1e-5)
     for a, b in zip(out_g, ref_g, strict=True):
         assert_close(a, b, 1e-4)
@@ -118,9 +118,9 @@ def test_attended_keys_counts_the_union(layout, sinks, pad):
     perm = sa.random_permutation(2, 3, n, generator=torch.Generator().manual_seed(4))
     for local in (1, 6, 20):
         counts = sa.attended_keys(n, 5, perm=perm, layout=layout, sinks=sinks, local=local,
-                                  key_padding_mask=kpm)
+                                  key_mask=kpm)
         dense = dense_mask(n, 5, perm=perm, layout=layout, sinks=sinks, local=local,
-                           key_padding_mask=kpm).sum(-1)
+                           key_mask=kpm).sum(-1)
         assert torch.equal(counts, dense.expand_as(counts))
 
 

@@ -156,7 +156,7 @@ def test_recent_band_part_equals_dense_window(width, dtype):
     ref, ref_grads = grads(lambda: dense(q, [k], [v], [mask]), q, [k], [v])
     for fn in (attend_parts, attend_parts_reference):
         out, got = grads(lambda fn=fn: fn([parts.recent_band_part(
-            q, k, v, width, skip_first=sinks, key_padding_mask=kpm)], SCALE), q, [k], [v])
+            q, k, v, width, skip_first=sinks, key_mask=kpm)], SCALE), q, [k], [v])
         tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else {}
         torch.testing.assert_close(out, ref, **tol)
         for a, b in zip(got, ref_grads):
@@ -189,7 +189,7 @@ def test_union_on_both_sides_of_the_band_part_threshold(window, local):
     kpm = torch.ones(B, n, dtype=torch.bool)
     kpm[1, :9] = False
     perm = sa.random_permutation(B, 1, n, generator=g)
-    kw = dict(window=window, perm=perm, sinks=2, key_padding_mask=kpm, local=local)
+    kw = dict(window=window, perm=perm, sinks=2, key_mask=kpm, local=local)
     ref, ref_grads = grads(lambda: sa.stochastic_attention(q, k, v, backend="reference", **kw),
                            q, [k], [v])
     out, got = grads(lambda: sa.stochastic_attention(q, k, v, backend="blocked", **kw),

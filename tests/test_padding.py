@@ -55,9 +55,9 @@ def op_cases():
 
 def run_op(method, q, k, v, kpm, backend, kw):
     if method == "swa":
-        return sa.sliding_window_attention(q, k, v, 4, key_padding_mask=kpm, backend=backend, **kw)
+        return sa.sliding_window_attention(q, k, v, 4, key_mask=kpm, backend=backend, **kw)
     g = torch.Generator().manual_seed(7)
-    return sa.stochastic_attention(q, k, v, 4, generator=g, key_padding_mask=kpm,
+    return sa.stochastic_attention(q, k, v, 4, generator=g, key_mask=kpm,
                                    backend=backend, **kw)
 
 
@@ -89,7 +89,7 @@ def test_moba_output_does_not_depend_on_padding(fn, sinks, left):
     seqs = sequences()
     alone = [fn(*s, 3, 2, sinks=sinks) for s in seqs]
     q, k, v, kpm, spans = _pad_inputs(seqs, left)
-    out = fn(q, k, v, 3, 2, sinks=sinks, key_padding_mask=kpm)
+    out = fn(q, k, v, 3, 2, sinks=sinks, key_mask=kpm)
     for i, span in enumerate(spans):
         torch.testing.assert_close(out[i, :, span], alone[i][0], atol=1e-5, rtol=1e-5)
 
@@ -103,7 +103,7 @@ def test_fractional_output_does_not_depend_on_padding(stochastic, layout, backen
     def perm(B, n, kpm):
         if not stochastic:
             return None
-        return routing_permutation(B, 4, n, key_padding_mask=kpm,
+        return routing_permutation(B, 4, n, key_mask=kpm,
                                    generator=torch.Generator().manual_seed(3))
 
     kw = dict(window=4, causal=True, layout=layout, backend=backend)
@@ -111,24 +111,24 @@ def test_fractional_output_does_not_depend_on_padding(stochastic, layout, backen
              for s in seqs]
     q, k, v, kpm, spans = _pad_inputs(seqs, left)
     out = fractional.fractional_attention(q, k, v, 1.2, perm=perm(2, N, kpm),
-                                          key_padding_mask=kpm, **kw)
+                                          key_mask=kpm, **kw)
     for i, span in enumerate(spans):
         torch.testing.assert_close(out[i, :, span], alone[i][0], atol=1e-5, rtol=1e-5)
 
 
 def test_sinks_are_the_first_real_tokens():
     kpm = torch.tensor([[False, False, True, True, True, True, True]])
-    mask = dense_mask(7, 1, sinks=2, key_padding_mask=kpm)[0, 0]
+    mask = dense_mask(7, 1, sinks=2, key_mask=kpm)[0, 0]
     # Every real query sees itself and the sinks, which are positions 2 and 3 (not padding).
     for i in range(2, 7):
         assert mask[i].nonzero().flatten().tolist() == sorted({2, 3, i} & set(range(i + 1)))
-    counts = sa.attended_keys(7, 1, method="sliding_window", sinks=2, key_padding_mask=kpm)
+    counts = sa.attended_keys(7, 1, method="sliding_window", sinks=2, key_mask=kpm)
     assert counts[0, 0].tolist() == [0, 0, 1, 2, 3, 3, 3]
 
 
 def test_routing_is_drawn_over_real_tokens_and_reproducible():
     kpm = torch.tensor([[False, False, True, True, True], [True, True, True, False, False]])
-    perm = routing_permutation(2, 3, 5, key_padding_mask=kpm,
+    perm = routing_permutation(2, 3, 5, key_mask=kpm,
                                generator=torch.Generator().manual_seed(0))
     alone = routing_permutation(1, 3, 3, generator=torch.Generator().manual_seed(0))
     assert torch.equal(perm[0, :, :3], alone[0] + 2) and torch.equal(perm[0, :, 3:],
@@ -140,7 +140,7 @@ def test_routing_is_drawn_over_real_tokens_and_reproducible():
     assert not torch.equal(routing_permutation(1, 1, 64, generator=g), first)  # advanced
     # The generator's next state does not depend on the batch it served.
     g2 = torch.Generator().manual_seed(0)
-    routing_permutation(2, 1, 5, key_padding_mask=kpm, generator=g2)
+    routing_permutation(2, 1, 5, key_mask=kpm, generator=g2)
     g3 = torch.Generator().manual_seed(0)
     routing_permutation(1, 1, 64, generator=g3)
     assert torch.equal(g2.get_state(), g3.get_state())
@@ -202,9 +202,9 @@ def _nan_run(method, q, k, v, kpm, backend, kw, perm):
     kw = dict(kw)
     window = kw.pop("window", 4)
     if method == "swa":
-        return sa.sliding_window_attention(q, k, v, window, key_padding_mask=kpm,
+        return sa.sliding_window_attention(q, k, v, window, key_mask=kpm,
                                            backend=backend, **kw)
-    return sa.stochastic_attention(q, k, v, window, perm=perm, key_padding_mask=kpm,
+    return sa.stochastic_attention(q, k, v, window, perm=perm, key_mask=kpm,
                                    backend=backend, **kw)
 
 
@@ -227,7 +227,7 @@ def _poison(x, where, value):
 @pytest.mark.parametrize("method,kw", nan_cases())
 def test_nan_and_inf_in_padded_keys_and_values_change_nothing(method, kw, backend):
     q, k, v, kpm = _padded_batch()
-    perm = routing_permutation(2, 1, N, key_padding_mask=kpm,
+    perm = routing_permutation(2, 1, N, key_mask=kpm,
                                generator=torch.Generator().manual_seed(1))
     clean = _nan_run(method, q, k, v, kpm, backend, kw, perm)
     pad = ~kpm[:, None, :, None].expand_as(k)
@@ -243,13 +243,13 @@ def test_nan_and_inf_in_padded_keys_and_values_change_nothing(method, kw, backen
 def test_nan_in_a_real_key_reaches_exactly_the_queries_that_see_it(method, kw, backend, padded):
     q, k, v, kpm = _padded_batch()
     kpm = kpm if padded else None
-    perm = routing_permutation(2, 1, N, key_padding_mask=kpm,
+    perm = routing_permutation(2, 1, N, key_mask=kpm,
                                generator=torch.Generator().manual_seed(1))
     kw2 = dict(kw)
     window = kw2.pop("window", 4)
     mask = dense_mask(N, window, perm=None if method == "swa" else perm,
                       layout=kw2.get("layout", "band"), causal=kw2.get("causal", True),
-                      sinks=kw2.get("sinks", 0), key_padding_mask=kpm, local=kw2.get("local", 0))
+                      sinks=kw2.get("sinks", 0), key_mask=kpm, local=kw2.get("local", 0))
     for b, j in ((0, 8), (1, 2), (0, 4)):  # (sample, key position): a real key in every case
         bad = _nan_run(method, q, _poison(k, (b, 1, j, 0), float("nan")), v, kpm, backend, kw,
                        perm)
@@ -262,10 +262,10 @@ def test_nan_in_a_real_key_reaches_exactly_the_queries_that_see_it(method, kw, b
 @pytest.mark.parametrize("fn", [moba.moba_attention, moba.moba_masked])
 def test_moba_nan_padding_changes_nothing_and_real_nan_reaches_its_readers(fn):
     q, k, v, kpm = _padded_batch()
-    clean = fn(q, k, v, 3, 2, sinks=1, key_padding_mask=kpm)
+    clean = fn(q, k, v, 3, 2, sinks=1, key_mask=kpm)
     pad = ~kpm[:, None, :, None].expand_as(k)
     out = fn(q, k.masked_fill(pad, float("nan")), v.masked_fill(pad, float("inf")), 3, 2,
-             sinks=1, key_padding_mask=kpm)
+             sinks=1, key_mask=kpm)
     torch.testing.assert_close(out, clean, atol=1e-6, rtol=1e-6)
     # A NaN real key: the queries that read it (by MoBA's own routing on those inputs) get NaN.
     bad_k = _poison(k, (0, 1, 5, 0), float("nan"))
@@ -281,9 +281,9 @@ def test_moba_nan_padding_changes_nothing_and_real_nan_reaches_its_readers(fn):
 @pytest.mark.parametrize("backend", ["reference", "blocked"])
 def test_fractional_nan_padding_changes_nothing(backend):
     q, k, v, kpm = _padded_batch()
-    perm = routing_permutation(2, 4, N, key_padding_mask=kpm,
+    perm = routing_permutation(2, 4, N, key_mask=kpm,
                                generator=torch.Generator().manual_seed(1))
-    kw = dict(window=4, perm=perm, causal=True, key_padding_mask=kpm, backend=backend)
+    kw = dict(window=4, perm=perm, causal=True, key_mask=kpm, backend=backend)
     clean = fractional.fractional_attention(q, k, v, 1.2, **kw)
     pad = ~kpm[:, None, :, None].expand_as(k)
     out = fractional.fractional_attention(q, k.masked_fill(pad, float("nan")),
@@ -312,9 +312,9 @@ def test_bigbird_sinks_are_the_first_real_tokens():
     kpm = torch.tensor([[False, False, False, True, True, True, True, True, True, True]])
     idx = torch.full((1, 1, 10, 1), -1)
     idx[0, 0, 9, 0] = 4  # one random key for the last query: position 4 (window 2 ends at 8)
-    mask = bigbird.bigbird_mask(10, 2, idx, sinks=2, key_padding_mask=kpm)[0, 0]
+    mask = bigbird.bigbird_mask(10, 2, idx, sinks=2, key_mask=kpm)[0, 0]
     assert mask[9].nonzero().flatten().tolist() == [3, 4, 8, 9]
-    counts = bigbird.bigbird_attended_keys(10, 2, 1, 2, idx, key_padding_mask=kpm)
+    counts = bigbird.bigbird_attended_keys(10, 2, 1, 2, idx, key_mask=kpm)
     assert torch.equal(counts[0, 0], mask.sum(-1))
 
 
@@ -328,7 +328,7 @@ def test_bigbird_output_does_not_depend_on_padding(random_keys, sinks, left):
 
     def run(q, k, v, kpm=None):
         return bigbird.bigbird_attention(q, k, v, 3, random_keys, sinks=sinks,
-                                         key_padding_mask=kpm,
+                                         key_mask=kpm,
                                          generator=torch.Generator().manual_seed(5))
 
     alone = [run(*s) for s in seqs]

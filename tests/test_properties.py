@@ -63,7 +63,7 @@ def close(a, b):
        causal=st.booleans())
 def test_sliding_window_blocked_matches_reference(problem, window, sinks, causal):
     q, k, v, kpm, _ = problem
-    kw = dict(causal=causal, sinks=sinks, key_padding_mask=kpm)
+    kw = dict(causal=causal, sinks=sinks, key_mask=kpm)
     close(sa.sliding_window_attention(q, k, v, window, backend="blocked", **kw),
           sa.sliding_window_attention(q, k, v, window, backend="reference", **kw))
 
@@ -78,7 +78,7 @@ def test_stochastic_blocked_matches_reference(data, problem, window, sinks, layo
     local = local if causal else 0
     perm, g = perms(data.draw, q.shape[0], q.shape[1], q.shape[2], seed)
     kw = dict(perm=perm, causal=causal, sinks=sinks, layout=layout, local=local,
-              key_padding_mask=kpm)
+              key_mask=kpm)
     fast = sa.stochastic_attention(q, k, v, window, backend="blocked",
                                    generator=g, **kw)
     if g is not None:

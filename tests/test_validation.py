@@ -50,3 +50,17 @@ def test_patch_and_eval_specs_refuse_the_same_bad_local(local):
         parse_method(f"stochastic+local={local}").settings(16, 2)
     with pytest.raises(TypeError, match="local"):
         patch(tiny_model("llama"), "stochastic", 16, local="half")
+
+
+@pytest.mark.parametrize("name", ["sliding_window_attention", "stochastic_attention", "moba_attention",
+                                  "fractional_attention", "bigbird_attention"])
+def test_old_key_padding_mask_name_explains_the_rename(name):
+    import stochastic_attention as sa
+    from stochastic_attention.ops import bigbird, fractional, moba
+
+    fn = getattr(sa, name, None) or getattr(moba, name, None) or getattr(fractional, name, None) \
+        or getattr(bigbird, name)
+    q = torch.randn(1, 2, 8, 4)
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    with pytest.raises(TypeError, match="renamed 'key_mask'.*opposite polarity"):
+        fn(q, q, q, key_padding_mask=mask)

@@ -36,14 +36,14 @@ def _prefill(cfg: PatchConfig, layer_idx: int, q, k, v, kpm, scale, own_window):
     n = q.shape[2]
     if not cfg.applies_to(layer_idx) or cfg.method == "full":
         # The layer keeps the model's own attention: full, or its configured sliding window.
-        return sliding_window_attention(q, k, v, own_window or max(n, 1), key_padding_mask=kpm,
+        return sliding_window_attention(q, k, v, own_window or max(n, 1), key_mask=kpm,
                                         scale=scale)
     if cfg.method == "sliding_window":
         return sliding_window_attention(q, k, v, cfg.window, sinks=cfg.sinks,
-                                        key_padding_mask=kpm, scale=scale)
+                                        key_mask=kpm, scale=scale)
     if cfg.method == "moba":
         return moba_attention(q, k, v, cfg.moba_block, cfg.moba_topk, sinks=cfg.sinks,
-                              key_padding_mask=kpm, scale=scale)
+                              key_mask=kpm, scale=scale)
     hq = q.shape[1]
     sa_heads = hq if cfg.head_split is None else min(cfg.head_split, hq)
     if sa_heads < hq:
@@ -51,7 +51,7 @@ def _prefill(cfg: PatchConfig, layer_idx: int, q, k, v, kpm, scale, own_window):
         groups = hq // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         swa = sliding_window_attention(q[:, sa_heads:], k[:, sa_heads:], v[:, sa_heads:],
-                                       cfg.window, sinks=cfg.sinks, key_padding_mask=kpm,
+                                       cfg.window, sinks=cfg.sinks, key_mask=kpm,
                                        scale=scale)
         if sa_heads == 0:
             return swa
@@ -70,9 +70,9 @@ def _stochastic(cfg: PatchConfig, layer_idx: int, q, k, v, kpm, scale):
     for _ in range(cfg.ensemble):
         # Drawn over each row's real tokens from its own copy of g: a sequence gets the same
         # routing alone or padded in any batch.
-        perm = routing_permutation(B, H, n, key_padding_mask=kpm, generator=g, device=q.device)
+        perm = routing_permutation(B, H, n, key_mask=kpm, generator=g, device=q.device)
         one = stochastic_attention(q, k, v, cfg.window, perm=perm, layout=cfg.layout,
-                                   sinks=cfg.sinks, local=cfg.local, key_padding_mask=kpm,
+                                   sinks=cfg.sinks, local=cfg.local, key_mask=kpm,
                                    scale=scale)
         out = one if out is None else out + one
     return out / cfg.ensemble if cfg.ensemble > 1 else out

@@ -85,7 +85,7 @@ class EncoderSelfAttention(nn.Module):
                      for p in (self.q_proj, self.k_proj, self.v_proj))
 
     def forward(self, x: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
         q, k, v = self._heads(x)
         B, H, n, _ = q.shape
@@ -94,22 +94,22 @@ class EncoderSelfAttention(nn.Module):
             perm = random_permutation(B, H, n, device=x.device)
         if cfg.attention == "fna":
             out = fractional_attention(q, k, v, cfg.alpha, eps=cfg.eps, scale=cfg.scale,
-                                       key_padding_mask=key_padding_mask, window=cfg.window,
+                                       key_mask=key_mask, window=cfg.window,
                                        perm=perm)
         elif cfg.window is None:
             out = sliding_window_attention(q, k, v, n, causal=False,
-                                           key_padding_mask=key_padding_mask)
+                                           key_mask=key_mask)
         elif perm is None:
             out = sliding_window_attention(q, k, v, cfg.window, causal=False,
-                                           key_padding_mask=key_padding_mask)
+                                           key_mask=key_mask)
         else:
             out = stochastic_attention(q, k, v, cfg.window, perm=perm, causal=False,
-                                       key_padding_mask=key_padding_mask)
+                                       key_mask=key_mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, n, -1))
 
     @torch.no_grad()
     def weights(self, x: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The full attention matrix [B, H, n, n] (rows sum to 1), for analysis. O(n^2).
 
         Windows are ignored: this is the graph of the kernel over the whole sequence.
@@ -117,9 +117,9 @@ class EncoderSelfAttention(nn.Module):
         q, k, _ = self._heads(x)
         if self.cfg.attention == "fna":
             return fractional_weights(q, k, self.cfg.alpha, eps=self.cfg.eps,
-                                      scale=self.cfg.scale, key_padding_mask=key_padding_mask)
+                                      scale=self.cfg.scale, key_mask=key_mask)
         n = q.shape[2]
-        mask = dense_mask(n, n, causal=False, key_padding_mask=key_padding_mask, device=x.device)
+        mask = dense_mask(n, n, causal=False, key_mask=key_mask, device=x.device)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
         return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
 
@@ -136,8 +136,8 @@ class EncoderBlock(nn.Module):
             self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), key_padding_mask))
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), key_mask))
         if self.mlp is not None:
             x = x + self.drop(self.mlp(self.norm2(x)))
         return x
@@ -162,24 +162,24 @@ class EncoderClassifier(nn.Module):
         return self.embed(tokens) + sinusoidal_positions(n, self.cfg.d_model, tokens.device)
 
     def forward(self, tokens: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed_tokens(tokens)
         for block in self.blocks:
-            x = block(x, key_padding_mask)
+            x = block(x, key_mask)
         x = self.norm(x)
-        if key_padding_mask is None:
+        if key_mask is None:
             pooled = x.mean(dim=1)
         else:  # mean over real tokens only
-            m = key_padding_mask.unsqueeze(-1).to(x.dtype)
+            m = key_mask.unsqueeze(-1).to(x.dtype)
             pooled = (x * m).sum(1) / m.sum(1).clamp(min=1)
         return self.head(F.dropout(pooled, self.cfg.dropout, self.training))
 
     @torch.no_grad()
     def attention_weights(self, tokens: torch.Tensor, layer: int = 0,
-                          key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                          key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The dense attention matrix [B, H, n, n] of block ``layer`` on ``tokens``."""
         x = self.embed_tokens(tokens)
         for block in self.blocks[:layer]:
-            x = block(x, key_padding_mask)
+            x = block(x, key_mask)
         block = self.blocks[layer]
-        return block.attn.weights(block.norm1(x), key_padding_mask)
+        return block.attn.weights(block.norm1(x), key_mask)

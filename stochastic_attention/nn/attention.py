@@ -159,16 +159,16 @@ class MultiHeadAttention(nn.Module):
         return self.kind in ("sa", "gated", "sa_local") or (self.kind == "fna" and self.fna_stochastic)
 
     def draw_permutation(self, batch: int, seq_len: int, device=None,
-                         key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                         key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The permutation a forward pass would use: [batch or 1, heads or 1, seq_len].
 
-        Drawn over each row's real tokens (``key_padding_mask`` True), which fill the first
+        Drawn over each row's real tokens (``key_mask`` True), which fill the first
         slots (see :func:`~stochastic_attention.ops.permute.routing_permutation`). In seeded
         eval mode every row draws from the same per-layer seed, so a sequence gets the same
         routing, and output, alone or padded in any batch.
         """
         heads = self.num_heads if self.perm_per_head else 1
-        return routing_permutation(batch, heads, seq_len, key_padding_mask=key_padding_mask,
+        return routing_permutation(batch, heads, seq_len, key_mask=key_mask,
                                    generator=self._generator(), device=device)
 
     def _generator(self) -> torch.Generator | None:
@@ -179,7 +179,7 @@ class MultiHeadAttention(nn.Module):
         return None
 
     def draw_random_keys(self, batch: int, seq_len: int, device=None,
-                         key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                         key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """BigBird's random earlier keys a forward pass would use: [batch, heads or 1, n, r],
         drawn over each row's real tokens (see :func:`~stochastic_attention.ops.bigbird.
         bigbird_indices`)."""
@@ -187,7 +187,7 @@ class MultiHeadAttention(nn.Module):
         heads = self.num_heads if self.perm_per_head else 1
         return bigbird.bigbird_indices(batch, heads, seq_len, self.swa_window, self.random_keys,
                                        sinks=self.sinks, generator=self._generator(),
-                                       device=device, key_padding_mask=key_padding_mask)
+                                       device=device, key_mask=key_mask)
 
     def forward(
         self,
@@ -221,30 +221,30 @@ class MultiHeadAttention(nn.Module):
         q, k = self.rotary(q, k, position_ids)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        key_padding_mask = None
+        key_mask = None
         if attention_mask is not None:
             if attention_mask.shape != (B, k.shape[2]):
                 raise ValueError(f"attention_mask must be [batch, cached + new] = "
                                  f"{[B, k.shape[2]]}, got {list(attention_mask.shape)}")
-            key_padding_mask = attention_mask.bool()
-            if bool(key_padding_mask.all()):
-                key_padding_mask = None  # the operators' fast paths need no mask
+            key_mask = attention_mask.bool()
+            if bool(key_mask.all()):
+                key_mask = None  # the operators' fast paths need no mask
         if k.shape[2] > L:
-            out = self._attend_cached(x, q, k, v, key_padding_mask)
+            out = self._attend_cached(x, q, k, v, key_mask)
         else:
-            out = self._attend(x, q, k, v, key_padding_mask, perm)
+            out = self._attend(x, q, k, v, key_mask, perm)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
-    def _attend(self, x, q, k, v, key_padding_mask, perm):
+    def _attend(self, x, q, k, v, key_mask, perm):
         """Attention over a whole sequence (training, scoring, prefill)."""
         n = q.shape[2]
-        common = dict(key_padding_mask=key_padding_mask, backend=self.backend)
+        common = dict(key_mask=key_mask, backend=self.backend)
         if self.kind == "full":
             return sliding_window_attention(q, k, v, max(n, 1), **common)
         if self.kind == "swa":
             return sliding_window_attention(q, k, v, self.swa_window, sinks=self.sinks, **common)
         if self.uses_permutation and perm is None:
-            perm = self.draw_permutation(q.shape[0], n, q.device, key_padding_mask)
+            perm = self.draw_permutation(q.shape[0], n, q.device, key_mask)
         if self.kind in ("sa", "gated"):
             sa = stochastic_attention(q, k, v, self.sa_window, perm=perm, layout=self.layout,
                                       sinks=self.sinks, **common)
@@ -258,25 +258,25 @@ class MultiHeadAttention(nn.Module):
             backend = "blocked" if self.backend == "flex" else self.backend
             return stochastic_attention(q, k, v, self.sa_window, perm=perm, layout=self.layout,
                                         sinks=self.sinks, local=self.local,
-                                        key_padding_mask=key_padding_mask, backend=backend)
+                                        key_mask=key_mask, backend=backend)
         if self.kind == "bigbird":
             bigbird = importlib.import_module("stochastic_attention.ops.bigbird")
-            indices = self.draw_random_keys(q.shape[0], n, q.device, key_padding_mask)
+            indices = self.draw_random_keys(q.shape[0], n, q.device, key_mask)
             return bigbird.bigbird_attention(q, k, v, self.swa_window, self.random_keys,
-                                             sinks=self.sinks, key_padding_mask=key_padding_mask,
+                                             sinks=self.sinks, key_mask=key_mask,
                                              indices=indices)
         if self.kind == "moba":
             moba = importlib.import_module("stochastic_attention.ops.moba")
             block_size, topk = self.moba
             return moba.moba_attention(q, k, v, block_size, topk, sinks=self.sinks,
-                                       key_padding_mask=key_padding_mask)
+                                       key_mask=key_mask)
         fractional = importlib.import_module("stochastic_attention.ops.fractional")
         alpha, eps, window = self.fna
         return fractional.fractional_attention(
-            q, k, v, alpha, eps=eps, causal=True, key_padding_mask=key_padding_mask,
+            q, k, v, alpha, eps=eps, causal=True, key_mask=key_mask,
             window=window, perm=perm if self.fna_stochastic else None, layout=self.layout)
 
-    def _attend_cached(self, x, q, k, v, key_padding_mask):
+    def _attend_cached(self, x, q, k, v, key_mask):
         """New queries at the last L of S cached positions.
 
         SA (and the SA branch of the gated layer) decodes with full causal attention over the
@@ -288,26 +288,26 @@ class MultiHeadAttention(nn.Module):
         gathered band and sinks: O(window) per generated token.
         """
         if self.kind == "swa":
-            return cached_attention(q, k, v, self.swa_window, self.sinks, key_padding_mask)
+            return cached_attention(q, k, v, self.swa_window, self.sinks, key_mask)
         if self.kind in ("moba", "fna"):
-            return self._operator_rows(q, k, v, key_padding_mask)
+            return self._operator_rows(q, k, v, key_mask)
         if self.decode == "stochastic":
-            full = self._sparse_decode(q, k, v, key_padding_mask)
+            full = self._sparse_decode(q, k, v, key_mask)
         else:
-            full = cached_attention(q, k, v, k.shape[2], 0, key_padding_mask)
+            full = cached_attention(q, k, v, k.shape[2], 0, key_mask)
         if self.kind != "gated":
             return full
         if self.decode == "stochastic":
             # the same keys as cached_attention's band + sinks, gathered: the whole layer then
             # decodes in O(window) per token
             decode = importlib.import_module("stochastic_attention.ops.decode")
-            swa = decode.sparse_decode(q, k, v, key_padding_mask, window=0, sinks=self.sinks,
+            swa = decode.sparse_decode(q, k, v, key_mask, window=0, sinks=self.sinks,
                                        local=self.swa_window)
         else:
-            swa = cached_attention(q, k, v, self.swa_window, self.sinks, key_padding_mask)
+            swa = cached_attention(q, k, v, self.swa_window, self.sinks, key_mask)
         return self.gate(x, full, swa)
 
-    def _sparse_decode(self, q, k, v, key_padding_mask):
+    def _sparse_decode(self, q, k, v, key_mask):
         """decode="stochastic": sinks, recent and random cached keys, gathered (O(window))."""
         decode = importlib.import_module("stochastic_attention.ops.decode")
         if self.kind == "bigbird":
@@ -315,11 +315,11 @@ class MultiHeadAttention(nn.Module):
         else:
             window, local = self.sa_window, max(self.local, 1)
         seeded = not self.training and self.eval_perm == "seeded"
-        return decode.sparse_decode(q, k, v, key_padding_mask, window=window, sinks=self.sinks,
+        return decode.sparse_decode(q, k, v, key_mask, window=window, sinks=self.sinks,
                                     local=local, seed=self.perm_seed if seeded else None,
                                     layer_idx=self.layer_idx)
 
-    def _operator_rows(self, q, k, v, key_padding_mask):
+    def _operator_rows(self, q, k, v, key_mask):
         """MoBA / FNA outputs of the last L positions of the cached sequence.
 
         Both operators are causal and row-wise (a row depends on its own query and on the keys
@@ -333,25 +333,25 @@ class MultiHeadAttention(nn.Module):
             moba = importlib.import_module("stochastic_attention.ops.moba")
             block_size, topk = self.moba
             out = moba.moba_attention(q_all, k, v, block_size, topk, sinks=self.sinks,
-                                      key_padding_mask=key_padding_mask)
+                                      key_mask=key_mask)
         else:
             fractional = importlib.import_module("stochastic_attention.ops.fractional")
             alpha, eps, window = self.fna
             out = fractional.fractional_attention(
-                q_all, k, v, alpha, eps=eps, causal=True, key_padding_mask=key_padding_mask,
+                q_all, k, v, alpha, eps=eps, causal=True, key_mask=key_mask,
                 window=None if self.fna_stochastic else window, layout=self.layout)
         return out[:, :, S - L:]
 
 
-def cached_attention(q, k, v, window: int, sinks: int, key_padding_mask) -> torch.Tensor:
+def cached_attention(q, k, v, window: int, sinks: int, key_mask) -> torch.Tensor:
     """Queries at the last L positions of k/v: a causal band of ``window`` keys plus sinks.
 
-    Windows and sinks count real tokens (``key_padding_mask`` True), so a left-padded row sees
+    Windows and sinks count real tokens (``key_mask`` True), so a left-padded row sees
     the keys it would see alone. Dense over the cache: with L = 1 (decoding) that is
     O(cache) per token anyway.
     """
     B, L, S = q.shape[0], q.shape[2], k.shape[2]
-    valid = (key_padding_mask if key_padding_mask is not None
+    valid = (key_mask if key_mask is not None
              else torch.ones(B, S, dtype=torch.bool, device=q.device))
     rank = valid.long().cumsum(-1) - 1  # index of each key among its row's real tokens
     k_rank, q_rank = rank[:, None, None, :], rank[:, None, S - L:, None]

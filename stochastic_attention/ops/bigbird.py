@@ -30,11 +30,12 @@ from . import blocked, merge, parts
 from .patterns import sink_keys
 from .reference import masked_attention
 from .validate import (
-    check_key_padding_mask,
+    check_key_mask,
     check_qkv,
     check_scale,
     check_sinks,
     check_window,
+    reject_renamed,
 )
 
 __all__ = [
@@ -66,7 +67,7 @@ def bigbird_indices(
     sinks: int = 0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
-    key_padding_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Random earlier keys of every query: a LongTensor [batch, heads, seq_len, random_keys].
 
@@ -76,7 +77,7 @@ def bigbird_indices(
     :func:`stochastic_attention.random_permutation` (a CPU generator gives the same draw
     whatever ``device`` is), then moved to ``device``.
 
-    With a ``key_padding_mask`` (or a ``generator``) each row draws over its REAL tokens only,
+    With a ``key_mask`` (or a ``generator``) each row draws over its REAL tokens only,
     as SA's routing does (:func:`~stochastic_attention.ops.permute.routing_permutation`): the
     real token of rank i draws among the real tokens of rank ``sinks .. i - window``, padded
     queries draw nothing, and with a generator every row draws from its own copy of its state
@@ -91,13 +92,13 @@ def bigbird_indices(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     draw_on = generator.device if generator is not None else device
-    if key_padding_mask is None and generator is None:
+    if key_mask is None and generator is None:
         u = torch.rand(batch, heads, seq_len, r, device=draw_on, dtype=torch.float64)
         return _draws_to_indices(u, window, sinks).to(device if device is not None else u.device)
-    if key_padding_mask is not None:
-        batch = key_padding_mask.shape[0]
-        device = key_padding_mask.device if device is None else device
-    lengths = (key_padding_mask.sum(-1).tolist() if key_padding_mask is not None
+    if key_mask is not None:
+        batch = key_mask.shape[0]
+        device = key_mask.device if device is None else device
+    lengths = (key_mask.sum(-1).tolist() if key_mask is not None
                else [seq_len] * batch)
     draws = {}
     if generator is not None:
@@ -114,10 +115,10 @@ def bigbird_indices(
         u = draws[length] if generator is not None else torch.rand(
             heads, length, r, device=device, dtype=torch.float64)
         idx = _draws_to_indices(u, window, sinks).to(device)  # in ranks among real tokens
-        if key_padding_mask is None:
+        if key_mask is None:
             out[b] = idx
             continue
-        real = key_padding_mask[b].nonzero().flatten()  # rank -> position
+        real = key_mask[b].nonzero().flatten()  # rank -> position
         out[b][:, real] = torch.where(idx >= 0, real[idx.clamp(min=0)], -1)
     return out
 
@@ -165,22 +166,23 @@ def check_indices(indices: torch.Tensor, batch: int, heads: int, seq_len: int, w
     return dedupe(indices)
 
 
-def _prepare(q, k, v, window, random_keys, sinks, key_padding_mask, scale, generator, indices):
+def _prepare(q, k, v, window, random_keys, sinks, key_mask, scale, generator, indices):
     check_qkv(q, k, v)
     window, sinks = check_window(window), check_sinks(sinks)
     random_keys = check_random_keys(random_keys)
     B, H, n, D = q.shape
-    check_key_padding_mask(key_padding_mask, B, n, q.device)
+    check_key_mask(key_mask, B, n, q.device)
     scale = check_scale(scale, D)
     if indices is None:
         # One draw per sample, shared by the heads (as SA's default permutation).
         indices = bigbird_indices(B, 1, n, window, random_keys, sinks=sinks, generator=generator,
-                                  device=q.device, key_padding_mask=key_padding_mask)
+                                  device=q.device, key_mask=key_mask)
     else:
         indices = check_indices(indices, B, H, n, window, random_keys, sinks, q.device)
     return window, sinks, scale, indices
 
 
+@reject_renamed
 def bigbird_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -189,7 +191,7 @@ def bigbird_attention(
     random_keys: int,
     *,
     sinks: int = 0,
-    key_padding_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     generator: torch.Generator | None = None,
     indices: torch.Tensor | None = None,
@@ -204,7 +206,7 @@ def bigbird_attention(
             row's real tokens (shared by the heads; see :func:`bigbird_indices`) unless
             ``indices`` is given.
         sinks: the first ``sinks`` real tokens of each row are visible to every later query.
-        key_padding_mask: bool [batch, seq], True for real tokens; padded keys are never seen.
+        key_mask: bool [batch, seq], True for real tokens; padded keys are never seen.
             A query with no visible key returns zeros.
         scale: softmax scale, default ``head_dim ** -0.5``.
         indices: [batch|1, heads_q|1, seq, random_keys] random positions, -1 for none (see
@@ -214,15 +216,15 @@ def bigbird_attention(
         [batch, heads_q, seq, head_dim] in q's dtype.
     """
     window, sinks, scale, indices = _prepare(q, k, v, window, random_keys, sinks,
-                                             key_padding_mask, scale, generator, indices)
+                                             key_mask, scale, generator, indices)
     B, Hq, n, D = q.shape
     if n == 0:
         return q.new_zeros(q.shape)
     groups = Hq // k.shape[1]
-    kpm = key_padding_mask
+    kpm = key_mask
     if window >= n:  # no random candidates exist: plain causal attention
         from ..functional import full_attention  # late import: functional imports ops
-        return full_attention(q, k, v, causal=True, key_padding_mask=kpm, scale=scale)
+        return full_attention(q, k, v, causal=True, key_mask=kpm, scale=scale)
     sinks = min(sinks, n)
     if kpm is not None:  # padded keys and values never reach an output, even NaN
         pad = ~kpm[:, None, :, None]
@@ -255,7 +257,7 @@ def _window_parts(q, ke, ve, window, sinks, kpm, local):
     if window > merge.BAND_PART_MAX_WIDTH:
         return [parts.window_part(blocked.windowed_attention(q, ke, ve, window, return_tiles=True,
                                                              **local))]
-    found = [parts.recent_band_part(q, ke, ve, window, skip_first=sinks, key_padding_mask=kpm)]
+    found = [parts.recent_band_part(q, ke, ve, window, skip_first=sinks, key_mask=kpm)]
     if sinks:
         found.append(parts.sink_rows_part(q, ke, ve, sinks, kpm))
     return found
@@ -330,21 +332,21 @@ def bigbird_mask(
     indices: torch.Tensor,
     *,
     sinks: int = 0,
-    key_padding_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense visibility [B|1, H|1, n, n] (bool) of the rule in the module doc. O(n^2)."""
     n = seq_len
     device = indices.device
     i = torch.arange(n, device=device).view(n, 1)
     j = torch.arange(n, device=device).view(1, n)
-    is_sink = sink_keys(key_padding_mask, sinks, n, device)[2][:, None, None, :]  # first real
+    is_sink = sink_keys(key_mask, sinks, n, device)[2][:, None, None, :]  # first real
     base = (j <= i) & ((j > i - window) | is_sink)
     rand = torch.zeros(*indices.shape[:2], n, n + 1, dtype=torch.bool, device=device)
     # Column n collects the -1 entries, then is dropped.
     rand.scatter_(-1, torch.where(indices >= 0, indices, n), True)
     mask = base | rand[..., :n]
-    if key_padding_mask is not None:
-        mask = mask & key_padding_mask[:, None, None, :]
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, None, :]
     return mask
 
 
@@ -356,18 +358,18 @@ def bigbird_reference(
     random_keys: int,
     *,
     sinks: int = 0,
-    key_padding_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     generator: torch.Generator | None = None,
     indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The same attention through the dense mask and an explicit softmax: O(n^2), for tests."""
     window, sinks, scale, indices = _prepare(q, k, v, window, random_keys, sinks,
-                                             key_padding_mask, scale, generator, indices)
+                                             key_mask, scale, generator, indices)
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     mask = bigbird_mask(q.shape[2], window, indices, sinks=sinks,
-                        key_padding_mask=key_padding_mask)
+                        key_mask=key_mask)
     return masked_attention(q, k, v, mask, scale)
 
 
@@ -379,7 +381,7 @@ def bigbird_attended_keys(
     indices: torch.Tensor | None = None,
     *,
     generator: torch.Generator | None = None,
-    key_padding_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """How many keys each query sees: LongTensor [B|1, H|1, seq_len], in O(n * random_keys).
 
@@ -393,19 +395,19 @@ def bigbird_attended_keys(
     random_keys = check_random_keys(random_keys)
     n = seq_len
     device = (indices.device if indices is not None else
-              key_padding_mask.device if key_padding_mask is not None else None)
-    batch = key_padding_mask.shape[0] if key_padding_mask is not None else 1
-    check_key_padding_mask(key_padding_mask, batch, n, device)
+              key_mask.device if key_mask is not None else None)
+    batch = key_mask.shape[0] if key_mask is not None else 1
+    check_key_mask(key_mask, batch, n, device)
     if indices is None:
         indices = bigbird_indices(batch, 1, n, window, random_keys, sinks=sinks,
                                   generator=generator, device=device,
-                                  key_padding_mask=key_padding_mask)
+                                  key_mask=key_mask)
     else:
         indices = check_indices(indices, indices.shape[0], indices.shape[1], n, window,
                                 random_keys, sinks, indices.device)
-    valid = (key_padding_mask if key_padding_mask is not None
+    valid = (key_mask if key_mask is not None
              else torch.ones(1, n, dtype=torch.bool, device=indices.device))
-    is_sink = sink_keys(key_padding_mask, sinks, n, indices.device)[2].expand_as(valid)
+    is_sink = sink_keys(key_mask, sinks, n, indices.device)[2].expand_as(valid)
     other = valid & ~is_sink  # real keys that are not sinks
     # cumulative counts: c[:, j] = how many among positions 0..j-1
     c_sink = F.pad(torch.cumsum(is_sink.long(), -1), (1, 0))

@@ -82,7 +82,7 @@ def build_block_mask(n, window, layout, causal, sinks, mask_mod, batch, heads, d
     )
 
 
-def attention(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask, scale):
+def attention(q, k, v, window, *, perm, layout, causal, sinks, key_mask, scale):
     """Same contract as the blocked path of the dispatcher (window < n, validated inputs)."""
     B, H, n, D = q.shape
     groups = H // k.shape[1]
@@ -98,7 +98,7 @@ def attention(q, k, v, window, *, perm, layout, causal, sinks, key_padding_mask,
         else:
             ks = permute_seq(k.repeat_interleave(groups, dim=1), perm, inv)
             vs = permute_seq(v.repeat_interleave(groups, dim=1), perm, inv)
-    valid = key_padding_mask
+    valid = key_mask
     if sinks > 0:
         # The sinks are each row's first real tokens: gather them in front of the slot keys.
         s_pos, s_valid, is_sink = sink_keys(valid, sinks, n, q.device)

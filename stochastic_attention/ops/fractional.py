@@ -32,11 +32,12 @@ from .blocked import TilePlan, static_tiles
 from .patterns import dense_mask, inverse_permutation, visible
 from .permute import gather_mask, gather_seq
 from .validate import (
-    check_key_padding_mask,
+    check_key_mask,
     check_layout,
     check_qkv,
     check_window,
     normalize_perm,
+    reject_renamed,
 )
 
 BACKENDS = ("auto", "reference", "chunked", "blocked")
@@ -101,13 +102,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _zero_padding(x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+def _zero_padding(x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
     """x [B, H, n, D] with padded positions set to 0 by selection (NaN padding cannot leak)."""
-    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+    if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
         return x  # None, or a bad mask the argument checks report
-    if key_padding_mask.shape != (x.shape[0], x.shape[2]):
+    if key_mask.shape != (x.shape[0], x.shape[2]):
         return x  # the argument checks report the mismatch
-    return x.masked_fill(~key_padding_mask[:, None, :, None], 0)
+    return x.masked_fill(~key_mask[:, None, :, None], 0)
 
 
 def log_kernel(d2: torch.Tensor, alpha: float, eps: float, head_dim: int) -> torch.Tensor:
@@ -158,7 +159,7 @@ def fractional_weights(
     eps: float = 1.0,
     scale: float | str | None = None,
     causal: bool = False,
-    key_padding_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     window: int | None = None,
     perm: torch.Tensor | None = None,
     layout: str = "band",
@@ -173,8 +174,8 @@ def fractional_weights(
     check_qkv(q, k, k)
     B, H, n, D = q.shape
     s = _resolve_scale(scale, D, alpha)
-    mask = _dense_visibility(B, H, n, q.device, causal, key_padding_mask, window, perm, layout)
-    k = _zero_padding(k, key_padding_mask)
+    mask = _dense_visibility(B, H, n, q.device, causal, key_mask, window, perm, layout)
+    k = _zero_padding(k, key_mask)
     dt = _compute_dtype(q)
     k = k.repeat_interleave(H // k.shape[1], dim=1)
     diff = q.to(dt).unsqueeze(-2) - k.to(dt).unsqueeze(-3)  # [B, H, n, n, D]
@@ -189,8 +190,8 @@ def fractional_weights(
     return kern / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
-def _dense_visibility(B, H, n, device, causal, key_padding_mask, window, perm, layout):
-    check_key_padding_mask(key_padding_mask, B, n, device)
+def _dense_visibility(B, H, n, device, causal, key_mask, window, perm, layout):
+    check_key_mask(key_mask, B, n, device)
     layout = check_layout(layout)
     if window is None:
         if perm is not None:
@@ -200,7 +201,7 @@ def _dense_visibility(B, H, n, device, causal, key_padding_mask, window, perm, l
     if perm is not None:
         perm = normalize_perm(perm, B, H, n, device)
     return dense_mask(n, window, perm=perm, layout=layout, causal=causal,
-                      key_padding_mask=key_padding_mask, device=device)
+                      key_mask=key_mask, device=device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,6 +209,7 @@ def _dense_visibility(B, H, n, device, causal, key_padding_mask, window, perm, l
 # ----------------------------------------------------------------------------------------------
 
 
+@reject_renamed
 def fractional_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -217,7 +219,7 @@ def fractional_attention(
     eps: float = 1.0,
     scale: float | str | None = None,
     causal: bool = False,
-    key_padding_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     window: int | None = None,
     perm: torch.Tensor | None = None,
     layout: str = "band",
@@ -235,7 +237,7 @@ def fractional_attention(
             :func:`fractional_scale`; None means ``"auto"``: sqrt(head_dim) for alpha = 2 and
             sqrt(head_dim) / (2 ** (1 / head_dim) - 1) for alpha < 2.
         causal: hide keys after the query (FNA is usually bidirectional: default False).
-        key_padding_mask: bool [batch, seq], True for real tokens; padded keys get weight 0 and a
+        key_mask: bool [batch, seq], True for real tokens; padded keys get weight 0 and a
             query with no visible key returns zeros.
         window: if given, each query only sees the keys of its window (the rule of
             :mod:`stochastic_attention.ops.patterns`; ``window`` counts the query itself):
@@ -256,16 +258,16 @@ def fractional_attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     B, H, n, D = q.shape
-    v = _zero_padding(v, key_padding_mask)  # padded values never reach an output, even NaN
+    v = _zero_padding(v, key_mask)  # padded values never reach an output, even NaN
     if backend == "reference":
         P = fractional_weights(q, k, alpha, eps=eps, scale=scale, causal=causal,
-                               key_padding_mask=key_padding_mask, window=window, perm=perm,
+                               key_mask=key_mask, window=window, perm=perm,
                                layout=layout)
         v = v.repeat_interleave(H // v.shape[1], dim=1)
         return (P @ v.to(P.dtype)).to(q.dtype)
 
     s = _resolve_scale(scale, D, alpha)
-    check_key_padding_mask(key_padding_mask, B, n, q.device)
+    check_key_mask(key_mask, B, n, q.device)
     layout = check_layout(layout)
     if window is not None:
         window = check_window(window)
@@ -281,7 +283,7 @@ def fractional_attention(
             f"backend='chunked' computes full attention but window={window} < seq={n};"
             " use backend='blocked' (or 'auto') for windowed FNA"
         )
-    k = _zero_padding(k, key_padding_mask)
+    k = _zero_padding(k, key_mask)
     groups = H // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -289,10 +291,10 @@ def fractional_attention(
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
     kern = dict(alpha=alpha, eps=eps, scale=s)
     if full:
-        out = _chunked(q, k, v, kern, causal=causal, key_padding_mask=key_padding_mask)
+        out = _chunked(q, k, v, kern, causal=causal, key_mask=key_mask)
     else:
         out = _windowed(q, k, v, window, kern, perm=perm, layout=layout, causal=causal,
-                        key_padding_mask=key_padding_mask)
+                        key_mask=key_mask)
     return out.to(out_dtype)
 
 
@@ -308,17 +310,17 @@ def _attend(q, k, v, mask, kern):
     return p @ v
 
 
-def _chunked(q, k, v, kern, *, causal, key_padding_mask):
+def _chunked(q, k, v, kern, *, causal, key_mask):
     n = q.shape[2]
     pos = torch.arange(n, device=q.device)
 
     def chunk(qc, kc, vc, start):
         """Queries start.. against the first kc.shape[2] keys (all of them unless causal)."""
         m = kc.shape[2]
-        if not causal and key_padding_mask is None:  # every key visible: no mask at all
+        if not causal and key_mask is None:  # every key visible: no mask at all
             return _attend(qc, kc, vc, None, kern)
         qpos, kpos = pos[start:start + qc.shape[2], None], pos[None, :m]
-        key_valid = key_padding_mask[:, None, None, :m] if key_padding_mask is not None else None
+        key_valid = key_mask[:, None, None, :m] if key_mask is not None else None
         # window = n: the shared rule reduces to causality and padding.
         mask = visible(qpos, kpos, qpos, kpos, window=n, layout="band", causal=causal, sinks=0,
                        seq_len=n, key_valid=key_valid)
@@ -345,14 +347,14 @@ def _chunked(q, k, v, kern, *, causal, key_padding_mask):
 # ----------------------------------------------------------------------------------------------
 
 
-def _windowed(q, k, v, window, kern, *, perm, layout, causal, key_padding_mask):
+def _windowed(q, k, v, window, kern, *, perm, layout, causal, key_mask):
     """Windowed FNA: gather into slot order, attend tile by tile, scatter back."""
     if perm is not None:
         q, k, v = gather_seq(q, perm), gather_seq(k, perm), gather_seq(v, perm)
     key_valid = None
-    if key_padding_mask is not None:
-        key_valid = (gather_mask(key_padding_mask, perm) if perm is not None
-                     else key_padding_mask[:, None, :])
+    if key_mask is not None:
+        key_valid = (gather_mask(key_mask, perm) if perm is not None
+                     else key_mask[:, None, :])
     out = _windowed_slots(q, k, v, window, kern, pos=perm, key_valid=key_valid, layout=layout,
                           causal=causal)
     return gather_seq(out, inverse_permutation(perm)) if perm is not None else out

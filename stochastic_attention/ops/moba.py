@@ -27,6 +27,7 @@ from .masked import chunked_masked_attention
 from .patterns import inverse_permutation
 from .permute import gather_mask, permute_seq
 from .reference import masked_attention
+from .validate import reject_renamed
 
 # Queries packed against one key block per matmul in the block-sparse path.
 PAIR_TILE = 64
@@ -40,21 +41,21 @@ def _check(block_size: int, topk: int, sinks: int) -> None:
             raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
-def _real_tokens_first(fn, q, k, v, block_size, topk, *, sinks, key_padding_mask, scale):
+def _real_tokens_first(fn, q, k, v, block_size, topk, *, sinks, key_mask, scale):
     """Run ``fn`` with each row's real tokens moved (stably) in front of its padding.
 
     Padded keys and values are zeroed by selection first, so even NaN padding cannot reach an
     output. Returns None when there is no mask (the caller runs directly).
     """
-    if key_padding_mask is None:
+    if key_mask is None:
         return None
-    pad = ~key_padding_mask[:, None, :, None]
+    pad = ~key_mask[:, None, :, None]
     k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
-    order = torch.argsort((~key_padding_mask).to(torch.int8), dim=-1, stable=True)[:, None, :]
+    order = torch.argsort((~key_mask).to(torch.int8), dim=-1, stable=True)[:, None, :]
     inv = inverse_permutation(order)
     q, k, v = (permute_seq(x, order, inv) for x in (q, k, v))
-    kpm = gather_mask(key_padding_mask, order)[:, 0]
-    out = fn(q, k, v, block_size, topk, sinks=sinks, key_padding_mask=kpm, scale=scale,
+    kpm = gather_mask(key_mask, order)[:, 0]
+    out = fn(q, k, v, block_size, topk, sinks=sinks, key_mask=kpm, scale=scale,
              _compact=True)
     return permute_seq(out, inv, order)
 
@@ -115,6 +116,7 @@ def _visible(chosen_rows, rows, n, block_size, sinks, key_valid):
     return vis
 
 
+@reject_renamed
 def moba_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -123,16 +125,16 @@ def moba_attention(
     topk: int,
     *,
     sinks: int = 0,
-    key_padding_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     _compact: bool = False,
 ) -> torch.Tensor:
     """Causal MoBA, block-sparse (see the module doc). q [B, Hq, n, D], k/v [B, Hkv, n, D];
     returns [B, Hq, n, D]. Differentiable."""
     _check(block_size, topk, sinks)
-    if not _compact and key_padding_mask is not None:
+    if not _compact and key_mask is not None:
         return _real_tokens_first(moba_attention, q, k, v, block_size, topk, sinks=sinks,
-                                  key_padding_mask=key_padding_mask, scale=scale)
+                                  key_mask=key_mask, scale=scale)
     B, Hq, n, D = q.shape
     if n == 0:
         return q.new_zeros(q.shape)
@@ -141,7 +143,7 @@ def moba_attention(
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     sinks = min(sinks, n)
-    kpm = key_padding_mask
+    kpm = key_mask
     # Own block: the block layout with slot == position (a causal tile), plus the sinks; sink
     # positions are dropped from every block so they count once.
     ident = torch.arange(n, device=q.device).view(1, 1, n)
@@ -224,23 +226,23 @@ def moba_masked(
     topk: int,
     *,
     sinks: int = 0,
-    key_padding_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     _compact: bool = False,
 ) -> torch.Tensor:
     """Causal MoBA through a chunked dense mask: O(n^2) time. Same result as
     :func:`moba_attention`."""
     _check(block_size, topk, sinks)
-    if not _compact and key_padding_mask is not None:
+    if not _compact and key_mask is not None:
         return _real_tokens_first(moba_masked, q, k, v, block_size, topk, sinks=sinks,
-                                  key_padding_mask=key_padding_mask, scale=scale)
+                                  key_mask=key_mask, scale=scale)
     n = q.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    chosen = chosen_blocks(q, k, block_size, topk, key_padding_mask)
+    chosen = chosen_blocks(q, k, block_size, topk, key_mask)
 
     def mask_rows(start: int, stop: int) -> torch.Tensor:
         rows = torch.arange(start, stop, device=q.device)
-        return _visible(chosen[:, :, start:stop], rows, n, block_size, sinks, key_padding_mask)
+        return _visible(chosen[:, :, start:stop], rows, n, block_size, sinks, key_mask)
 
     return chunked_masked_attention(q, k, v, mask_rows, scale)
 
@@ -253,19 +255,19 @@ def moba_reference(
     topk: int,
     *,
     sinks: int = 0,
-    key_padding_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     _compact: bool = False,
 ) -> torch.Tensor:
     """The same rule, one (batch, head, query) at a time in plain Python. Tests only."""
     _check(block_size, topk, sinks)
-    if not _compact and key_padding_mask is not None:
+    if not _compact and key_mask is not None:
         return _real_tokens_first(moba_reference, q, k, v, block_size, topk, sinks=sinks,
-                                  key_padding_mask=key_padding_mask, scale=scale)
+                                  key_mask=key_mask, scale=scale)
     B, Hq, n, D = q.shape
     groups = Hq // k.shape[1]
     scale = D**-0.5 if scale is None else scale
-    valid = key_padding_mask if key_padding_mask is not None else torch.ones(B, n, dtype=torch.bool)
+    valid = key_mask if key_mask is not None else torch.ones(B, n, dtype=torch.bool)
     out = torch.zeros_like(q)
     for b in range(B):
         for h in range(Hq):

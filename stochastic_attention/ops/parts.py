@@ -55,19 +55,19 @@ def window_part(tiles: tuple, outer: tuple[Callable, Callable] | None = None) ->
 
 def recent_band_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, width: int, *,
                      skip_first: int = 0,
-                     key_padding_mask: torch.Tensor | None = None) -> BandPart:
+                     key_mask: torch.Tensor | None = None) -> BandPart:
     """Query i against positions ``(i - width, i]``, without positions ``< skip_first`` (sinks
     served elsewhere) and padded keys. q, k, v [B, H, n, D] in original order."""
     n = q.shape[-2]
     key = torch.arange(n, device=q.device).view(n, 1) - torch.arange(width, device=q.device)
     mask = (key >= max(skip_first, 0)).view(1, 1, n, width)
-    if key_padding_mask is not None:
-        mask = mask & key_padding_mask[:, key.clamp(min=0)].view(-1, 1, n, width)
+    if key_mask is not None:
+        mask = mask & key_mask[:, key.clamp(min=0)].view(-1, 1, n, width)
     return BandPart(q, k, v, width, mask)
 
 
 def sink_rows_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: int,
-                   key_padding_mask: torch.Tensor | None = None) -> RowsPart:
+                   key_mask: torch.Tensor | None = None) -> RowsPart:
     """Query i against the sink positions ``0 .. sinks - 1`` it may see (causal, not padded).
 
     q, k, v [B, H, n, D] in original order; the sink keys are an expanded view, not a copy.
@@ -75,8 +75,8 @@ def sink_rows_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: int
     B, H, n, D = q.shape
     i = torch.arange(n, device=q.device).view(n, 1)
     seen = (torch.arange(sinks, device=q.device) <= i).view(1, 1, n, sinks)
-    if key_padding_mask is not None:
-        seen = seen & key_padding_mask[:, None, None, :sinks]
+    if key_mask is not None:
+        seen = seen & key_mask[:, None, None, :sinks]
     return RowsPart(q, k[:, :, None, :sinks].expand(B, H, n, sinks, D),
                     v[:, :, None, :sinks].expand(B, H, n, sinks, D), seen)
 

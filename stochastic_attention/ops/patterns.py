@@ -92,17 +92,17 @@ def visible(
     return vis
 
 
-def real_rank(key_padding_mask: torch.Tensor) -> torch.Tensor:
+def real_rank(key_mask: torch.Tensor) -> torch.Tensor:
     """[B, n] long: each real token's index among its row's real tokens; padding gets n.
 
     Padding never counts as a sink: its rank is past any ``sinks`` that can matter.
     """
-    n = key_padding_mask.shape[-1]
-    rank = key_padding_mask.long().cumsum(-1) - 1
-    return torch.where(key_padding_mask, rank, torch.full_like(rank, n))
+    n = key_mask.shape[-1]
+    rank = key_mask.long().cumsum(-1) - 1
+    return torch.where(key_mask, rank, torch.full_like(rank, n))
 
 
-def sink_keys(key_padding_mask: torch.Tensor | None, sinks: int, seq_len: int, device=None):
+def sink_keys(key_mask: torch.Tensor | None, sinks: int, seq_len: int, device=None):
     """Where each row's sinks are: (positions [B|1, S], valid [B, S] or None, is_sink [B|1, n]).
 
     S = min(sinks, seq_len). Position s of a row is its s-th real token; a row with fewer than S
@@ -110,13 +110,13 @@ def sink_keys(key_padding_mask: torch.Tensor | None, sinks: int, seq_len: int, d
     order, the keys that are sinks.
     """
     S = min(sinks, seq_len)
-    if key_padding_mask is None:
+    if key_mask is None:
         pos = torch.arange(seq_len, device=device)
         return pos[None, :S], None, (pos < S)[None]
     # Stable sort puts a row's real positions first, in order.
-    order = torch.argsort((~key_padding_mask).to(torch.int8), dim=-1, stable=True)[:, :S]
-    valid = torch.gather(key_padding_mask, -1, order)
-    return order, valid, real_rank(key_padding_mask) < S
+    order = torch.argsort((~key_mask).to(torch.int8), dim=-1, stable=True)[:, :S]
+    valid = torch.gather(key_mask, -1, order)
+    return order, valid, real_rank(key_mask) < S
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -135,13 +135,13 @@ def dense_mask(
     layout: str = "band",
     causal: bool = True,
     sinks: int = 0,
-    key_padding_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     device=None,
     local: int = 0,
 ) -> torch.Tensor:
     """Full boolean mask [B|1, H|1, n, n] indexed by (query position, key position). O(n^2).
 
-    ``perm`` is [B|1, H|1, n] (None means the identity, i.e. SWA); ``key_padding_mask`` is [B, n];
+    ``perm`` is [B|1, H|1, n] (None means the identity, i.e. SWA); ``key_mask`` is [B, n];
     ``local`` adds each query's last ``local`` positions (causal only).
     """
     if perm is None:
@@ -150,9 +150,9 @@ def dense_mask(
     slot_of = inverse_permutation(perm)  # [B, H, n]
     pos = torch.arange(seq_len, device=device)
     key_valid = key_rank = None
-    if key_padding_mask is not None:
-        key_valid = key_padding_mask[:, None, None, :]
-        key_rank = real_rank(key_padding_mask)[:, None, None, :]
+    if key_mask is not None:
+        key_valid = key_mask[:, None, None, :]
+        key_rank = real_rank(key_mask)[:, None, None, :]
     return visible(
         slot_of[..., :, None],
         slot_of[..., None, :],

@@ -31,13 +31,13 @@ def routing_permutation(
     heads: int,
     seq_len: int,
     *,
-    key_padding_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """The SA routing drawn when none is given: [B|1, heads, seq_len], padding-independent.
 
-    Each row's permutation is drawn over its REAL tokens only (``key_padding_mask`` True): they
+    Each row's permutation is drawn over its REAL tokens only (``key_mask`` True): they
     are permuted among themselves and fill the first slots, in drawn order; padded positions
     follow, in position order. So the band and block windows give a real token the same
     window-mates as when its sequence is alone.
@@ -50,15 +50,15 @@ def routing_permutation(
     independently from torch's global RNG. Without a mask and without a generator this is
     :func:`random_permutation`.
     """
-    if key_padding_mask is None and generator is None:
+    if key_mask is None and generator is None:
         return random_permutation(batch, heads, seq_len, device=device)
-    if key_padding_mask is not None:
-        device = key_padding_mask.device if device is None else device
-        batch = key_padding_mask.shape[0]
+    if key_mask is not None:
+        device = key_mask.device if device is None else device
+        batch = key_mask.shape[0]
     if generator is None:  # independent rows; padding keys sort after every real one
         keys = torch.rand(batch, heads, seq_len, device=device)
     else:
-        lengths = (key_padding_mask.sum(-1).tolist() if key_padding_mask is not None
+        lengths = (key_mask.sum(-1).tolist() if key_mask is not None
                    else [seq_len])
         state = generator.get_state()
         draws = {}
@@ -68,18 +68,18 @@ def routing_permutation(
         generator.set_state(state)
         generator.manual_seed(int(torch.randint(0, 2**62, (), generator=generator,
                                                 device=generator.device)))
-        if key_padding_mask is None:
+        if key_mask is None:
             return draws[seq_len].argsort(dim=-1, stable=True)[None]
-        rank = (key_padding_mask.long().cumsum(-1) - 1).clamp(min=0)
+        rank = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
         keys = torch.empty(batch, heads, seq_len, device=device)
         for b, r in enumerate(lengths):
             if r:
                 keys[b] = draws[r][:, rank[b].clamp(max=r - 1)]
-    if key_padding_mask is None:
+    if key_mask is None:
         return keys.argsort(dim=-1, stable=True)
     # Draws lie in [0, 1): padding gets 1 + position / n, after every real token, in order.
     pad_key = 1 + torch.arange(seq_len, device=device) / max(seq_len, 1)
-    keys = torch.where(key_padding_mask[:, None, :], keys, pad_key)
+    keys = torch.where(key_mask[:, None, :], keys, pad_key)
     return keys.argsort(dim=-1, stable=True)
 
 

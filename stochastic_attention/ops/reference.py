@@ -41,7 +41,7 @@ def attention(
     layout: str,
     causal: bool,
     sinks: int,
-    key_padding_mask: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
     scale: float,
     local: int = 0,
 ) -> torch.Tensor:
@@ -51,6 +51,6 @@ def attention(
     v = v.repeat_interleave(groups, dim=1)
     mask = dense_mask(
         q.shape[2], window, perm=perm, layout=layout, causal=causal, sinks=sinks,
-        key_padding_mask=key_padding_mask, device=q.device, local=local,
+        key_mask=key_mask, device=q.device, local=local,
     )
     return masked_attention(q, k, v, mask, scale)

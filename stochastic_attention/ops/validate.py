@@ -2,14 +2,43 @@
 
 Every public op calls these before dispatching, so each backend can assume clean inputs:
 q [B, Hq, n, D], k/v [B, Hkv, n, D] with Hq % Hkv == 0, perm [B|1, Hq|1, n] (a permutation),
-key_padding_mask [B, n] bool.
+key_mask [B, n] bool.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+F = TypeVar("F", bound=Callable)
+
+# Arguments that were renamed, with why: a caller using the old name gets the reason, not a
+# bare "unexpected keyword argument".
+RENAMED = {
+    "key_padding_mask": (
+        "key_mask",
+        "it is True for REAL tokens, the opposite polarity of torch.nn.MultiheadAttention's "
+        "key_padding_mask (True for padding); pass key_mask=<bool [batch, seq], True = real>, "
+        "i.e. key_mask=~key_padding_mask for a torch-style mask",
+    ),
+}
+
+
+def reject_renamed(fn: F) -> F:
+    """Wrap a public operator so that an argument's old name raises a TypeError naming the new."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for old, (new, why) in RENAMED.items():
+            if old in kwargs:
+                raise TypeError(f"{fn.__name__}() argument {old!r} was renamed {new!r}: {why}")
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 LAYOUTS = ("band", "block")
 
@@ -80,18 +109,18 @@ def check_layout(layout: str) -> str:
     return layout
 
 
-def check_key_padding_mask(mask: torch.Tensor | None, batch: int, seq: int, device) -> None:
+def check_key_mask(mask: torch.Tensor | None, batch: int, seq: int, device) -> None:
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(
-            "key_padding_mask must be a bool tensor [batch, seq] with True for real tokens;"
-            " convert an int mask with mask.bool()"
+            "key_mask must be a bool tensor [batch, seq] with True for real tokens (the opposite"
+            " of torch.nn.MultiheadAttention's key_padding_mask); convert an int mask with mask.bool()"
         )
     if tuple(mask.shape) != (batch, seq):
-        raise ValueError(f"key_padding_mask must have shape [batch, seq] = {(batch, seq)}, got {tuple(mask.shape)}")
+        raise ValueError(f"key_mask must have shape [batch, seq] = {(batch, seq)}, got {tuple(mask.shape)}")
     if mask.device != device:
-        raise ValueError(f"key_padding_mask is on {mask.device} but q is on {device}")
+        raise ValueError(f"key_mask is on {mask.device} but q is on {device}")
 
 
 def normalize_perm(perm: torch.Tensor, batch: int, heads: int, seq: int, device) -> torch.Tensor:
