@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .ops import blocked, merge, parts, reference
+from .ops import blocked, documents, merge, parts, reference
 from .ops import flex as flex_backend
 from .ops.patterns import in_window, inverse_permutation, sink_keys, visible, window_candidates
 from .ops.permute import gather_mask, permute_seq, random_permutation, routing_permutation
@@ -49,6 +49,8 @@ def sliding_window_attention(
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
+    document_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sliding-window attention (SWA).
 
@@ -67,10 +69,18 @@ def sliding_window_attention(
             key returns zeros.
         scale: softmax scale, default ``head_dim ** -0.5``.
         backend: "auto", "reference", "blocked" or "flex".
+        document_ids, cu_seqlens: packed documents (int [batch, seq], equal ids = one
+            document; or FlashAttention-style cumulative lengths over a batch of one row):
+            each document is attended exactly as alone (:mod:`.ops.documents`).
 
     Returns:
         [batch, heads_q, seq, head_dim], in q's dtype.
     """
+    if document_ids is not None or cu_seqlens is not None:
+        return documents.packed_operator(
+            sliding_window_attention, q, k, v, window, document_ids=document_ids,
+            cu_seqlens=cu_seqlens, causal=causal, sinks=sinks, key_mask=key_mask, scale=scale,
+            backend=backend, windows=(window,))
     return _windowed(q, k, v, window, perm=None, layout="band", causal=causal, sinks=sinks,
                      key_mask=key_mask, scale=scale, backend=backend, local=0)
 
@@ -91,6 +101,8 @@ def stochastic_attention(
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
+    document_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stochastic attention (SA): permute tokens, attend within windows, restore the order.
 
@@ -119,8 +131,16 @@ def stochastic_attention(
     SA + local union that keeps a pretrained model's neighbourhood intact. It runs as two
     O(n * window) passes, the SA window without the recent keys and a sliding window of
     ``local``, merged exactly through their log-sum-exp (backends "blocked" and "reference").
+    With ``document_ids`` / ``cu_seqlens`` (packed documents) the routing is drawn per
+    document, and a given ``perm`` must permute every document within itself.
     Other arguments as in :func:`sliding_window_attention`.
     """
+    if document_ids is not None or cu_seqlens is not None:
+        return documents.packed_operator(
+            stochastic_attention, q, k, v, window, document_ids=document_ids,
+            cu_seqlens=cu_seqlens, perm=perm, generator=generator, causal=causal, layout=layout,
+            sinks=sinks, local=local, key_mask=key_mask, scale=scale, backend=backend,
+            windows=(window, local))
     check_qkv(q, k, v)
     B, H, n, _ = q.shape
     if perm is None:

@@ -25,6 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..nn import BranchGate, MultiHeadAttention
+from ..ops import documents
 from .sa_llama_config import SALlamaConfig
 
 
@@ -51,9 +52,10 @@ class SALlamaDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, *, position_ids, attention_mask, cache):
+    def forward(self, x, *, position_ids, attention_mask, cache, document_ids=None):
         x = x + self.self_attn(self.input_layernorm(x), position_ids=position_ids,
-                               attention_mask=attention_mask, cache=cache)
+                               attention_mask=attention_mask, cache=cache,
+                               document_ids=document_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -151,7 +153,9 @@ class SALlamaModel(SALlamaPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """``attention_mask`` [batch, cached + new] (1 = real token) covers the cache too;
-        without ``position_ids`` positions follow the mask (or the cache length)."""
+        without ``position_ids`` positions follow the mask (or the cache length). Position ids
+        that restart without an attention mask are packed documents, as transformers'
+        ``DataCollatorWithFlattening`` makes them: each document is attended alone."""
         _check_extra_kwargs(kwargs)
         cache = _resolve_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
@@ -165,8 +169,14 @@ class SALlamaModel(SALlamaPreTrainedModel):
                 position_ids = positions_from_mask(attention_mask, x.shape[1])
             else:
                 position_ids = torch.arange(past, past + x.shape[1], device=x.device)[None]
+        plan = None
+        if attention_mask is None and position_ids is not None and x.shape[1] > 1:
+            plan = documents.packed_plan_from_positions(
+                position_ids, x.shape[0],
+                max(layer.self_attn.exact_documents_up_to for layer in self.layers))
         for layer in self.layers:
-            x = layer(x, position_ids=position_ids, attention_mask=attention_mask, cache=cache)
+            x = layer(x, position_ids=position_ids, attention_mask=attention_mask, cache=cache,
+                      document_ids=plan)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x),
                                        **{OUTPUT_CACHE_FIELD: cache})
 
@@ -207,6 +217,10 @@ class SALlamaForCausalLM(SALlamaPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
+            if attention_mask is None and position_ids is not None:  # packed: no target
+                # crosses a document boundary (as DataCollatorWithFlattening's labels)
+                labels = labels.masked_fill(documents.cross_document_targets(
+                    position_ids.expand_as(labels)), -100)
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                    labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits,

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..functional import BACKENDS, sliding_window_attention, stochastic_attention
+from ..ops import documents
 from ..ops.permute import routing_permutation
 from ..ops.validate import check_layout, check_sinks
 from .gate import BranchGate
@@ -158,6 +159,12 @@ class MultiHeadAttention(nn.Module):
     def uses_permutation(self) -> bool:
         return self.kind in ("sa", "gated", "sa_local") or (self.kind == "fna" and self.fna_stochastic)
 
+    @property
+    def exact_documents_up_to(self) -> int:
+        """Packed documents this short run unpadded (a window covering a document makes its
+        method full attention; see :mod:`stochastic_attention.ops.documents`)."""
+        return max(self.sa_window, self.swa_window, self.local, self.fna[2] or 0)
+
     def draw_permutation(self, batch: int, seq_len: int, device=None,
                          key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The permutation a forward pass would use: [batch or 1, heads or 1, seq_len].
@@ -197,6 +204,7 @@ class MultiHeadAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache=None,
         perm: torch.Tensor | None = None,
+        document_ids: torch.Tensor | documents.DocumentPlan | None = None,
     ) -> torch.Tensor:
         """x [B, L, hidden] -> [B, L, hidden].
 
@@ -204,6 +212,11 @@ class MultiHeadAttention(nn.Module):
         attention_mask: [B, cached + L], 1/True for real tokens (padding is never attended).
         cache: a :class:`KVCache` or Hugging Face ``Cache``; updated in place.
         perm: the SA permutation to use instead of drawing one ([L], [B, L] or [B, H, L]).
+        document_ids: packed documents, int [B, L] (equal ids = one contiguous document) or a
+            :class:`~stochastic_attention.ops.documents.DocumentPlan` built from them: each
+            document gives what it gives alone (RoPE restarts per document unless
+            ``position_ids`` are given; permutations and random keys are drawn per document;
+            a ``perm`` must permute each document within itself). No KV cache.
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -216,6 +229,13 @@ class MultiHeadAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        plan = None
+        if document_ids is not None:
+            plan = documents.layer_plan(document_ids, B, L, x.device, cache,
+                                        self.exact_documents_up_to)
+            if position_ids is None:
+                position_ids = plan.positions(None if attention_mask is None
+                                              else attention_mask.bool())
         if position_ids is None:
             position_ids = torch.arange(past, past + L, device=x.device)[None]
         q, k = self.rotary(q, k, position_ids)
@@ -229,7 +249,12 @@ class MultiHeadAttention(nn.Module):
             key_mask = attention_mask.bool()
             if bool(key_mask.all()):
                 key_mask = None  # the operators' fast paths need no mask
-        if k.shape[2] > L:
+        if plan is not None:  # each document in a padded row of its own, then packed back
+            out = documents.run_documents(
+                plan, lambda *t, key_mask, perm: self._attend(*t, key_mask, perm),
+                [(x, 1), (q, 2), (k, 2), (v, 2)], key_mask=key_mask, perm=perm,
+                heads=self.num_heads)
+        elif k.shape[2] > L:
             out = self._attend_cached(x, q, k, v, key_mask)
         else:
             out = self._attend(x, q, k, v, key_mask, perm)

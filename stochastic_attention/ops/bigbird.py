@@ -26,7 +26,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from . import blocked, merge, parts
+from . import blocked, documents, merge, parts
 from .patterns import sink_keys
 from .reference import masked_attention
 from .validate import (
@@ -195,6 +195,8 @@ def bigbird_attention(
     scale: float | None = None,
     generator: torch.Generator | None = None,
     indices: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal BigBird attention (see the module doc), O(n * (window + random_keys + sinks)).
 
@@ -211,10 +213,17 @@ def bigbird_attention(
         scale: softmax scale, default ``head_dim ** -0.5``.
         indices: [batch|1, heads_q|1, seq, random_keys] random positions, -1 for none (see
             :func:`bigbird_indices`); repeats are counted once.
+        document_ids, cu_seqlens: packed documents, each attended as alone (random keys drawn
+            per document; given ``indices`` must stay in their query's document).
 
     Returns:
         [batch, heads_q, seq, head_dim] in q's dtype.
     """
+    if document_ids is not None or cu_seqlens is not None:
+        return documents.packed_operator(
+            bigbird_attention, q, k, v, window, random_keys, document_ids=document_ids,
+            cu_seqlens=cu_seqlens, sinks=sinks, key_mask=key_mask, scale=scale,
+            generator=generator, indices=indices)
     window, sinks, scale, indices = _prepare(q, k, v, window, random_keys, sinks,
                                              key_mask, scale, generator, indices)
     B, Hq, n, D = q.shape

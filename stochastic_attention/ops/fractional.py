@@ -28,6 +28,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from . import documents
 from .blocked import TilePlan, static_tiles
 from .patterns import dense_mask, inverse_permutation, visible
 from .permute import gather_mask, gather_seq
@@ -224,6 +225,8 @@ def fractional_attention(
     perm: torch.Tensor | None = None,
     layout: str = "band",
     backend: str = "auto",
+    document_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fractional Neural Attention, optionally inside sliding or stochastic-attention windows.
 
@@ -249,10 +252,17 @@ def fractional_attention(
         layout: "band" or "block" window layout in permuted order (as in stochastic attention).
         backend: "auto", "reference" (dense), "chunked" (full attention, O(chunk * n) memory) or
             "blocked" (windowed, O(n * window)). "auto" picks chunked or blocked.
+        document_ids, cu_seqlens: packed documents, each attended as alone; a ``perm`` must
+            then permute every document within itself (:mod:`.documents`).
 
     Returns:
         [batch, heads_q, seq, head_dim] in q's dtype.
     """
+    if document_ids is not None or cu_seqlens is not None:
+        return documents.packed_operator(
+            fractional_attention, q, k, v, alpha, document_ids=document_ids,
+            cu_seqlens=cu_seqlens, eps=eps, scale=scale, causal=causal, key_mask=key_mask,
+            window=window, perm=perm, layout=layout, backend=backend, windows=(window,))
     check_qkv(q, k, v)
     alpha, eps = _check_alpha(alpha), _check_eps(eps)
     if backend not in BACKENDS:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from . import blocked
+from . import blocked, documents
 from .masked import chunked_masked_attention
 from .patterns import inverse_permutation
 from .permute import gather_mask, permute_seq
@@ -128,10 +128,17 @@ def moba_attention(
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     _compact: bool = False,
+    document_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal MoBA, block-sparse (see the module doc). q [B, Hq, n, D], k/v [B, Hkv, n, D];
-    returns [B, Hq, n, D]. Differentiable."""
+    returns [B, Hq, n, D]. Differentiable. With ``document_ids`` / ``cu_seqlens`` every packed
+    document is attended as alone, its blocks counted from its first token (:mod:`.documents`)."""
     _check(block_size, topk, sinks)
+    if document_ids is not None or cu_seqlens is not None:
+        return documents.packed_operator(moba_attention, q, k, v, block_size, topk, sinks=sinks,
+                                         key_mask=key_mask, scale=scale,
+                                         document_ids=document_ids, cu_seqlens=cu_seqlens)
     if not _compact and key_mask is not None:
         return _real_tokens_first(moba_attention, q, k, v, block_size, topk, sinks=sinks,
                                   key_mask=key_mask, scale=scale)

@@ -41,6 +41,7 @@ class DataConfig:
     val_fraction: float = 0.05
     split_seed: int = 0
     cache_dir: str = "~/.cache/stochastic-attention/tokens"
+    pack: bool = False            # documents in a row attended apart (data/packing.py)
 
 
 @dataclass

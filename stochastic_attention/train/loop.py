@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..cli_args import UsageError
 from ..data import ChunkSampler, load_tokenizer, parse_source, prepare_source
+from ..data.packing import IGNORE_INDEX, packed_batch
 from ..models import SALlamaConfig, SALlamaForCausalLM
 from ..progress import tqdm
 from . import checkpoint
@@ -127,17 +128,25 @@ def _autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def _loss(model, batch: torch.Tensor, precision: str) -> torch.Tensor:
-    inputs, targets = batch[:, :-1], batch[:, 1:]
+def _loss(model, batch: torch.Tensor, precision: str, eos_id: int | None = None) -> torch.Tensor:
+    """Mean next-token loss of a chunk batch; with ``eos_id`` (data.pack) its documents are
+    packed: attended apart, no target across a boundary (:mod:`..data.packing`)."""
+    if eos_id is None:
+        inputs, targets, positions = batch[:, :-1], batch[:, 1:], None
+    else:
+        inputs, targets, positions = packed_batch(batch, eos_id)
     with _autocast(batch.device, precision):
-        logits = model(input_ids=inputs, use_cache=False).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        logits = model(input_ids=inputs, position_ids=positions, use_cache=False).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                           ignore_index=IGNORE_INDEX)
 
 
 @torch.no_grad()
 def evaluate(model, samplers: dict[str, ChunkSampler], *, micro_batch_size: int, batches: int,
-             precision: str, info: dist_utils.DistInfo) -> dict[str, float]:
-    """Mean validation loss per source (nats/token) over its first chunks, split over ranks."""
+             precision: str, info: dist_utils.DistInfo,
+             eos_id: int | None = None) -> dict[str, float]:
+    """Mean validation loss per source (nats/token) over its first chunks, split over ranks
+    (chunks packed by document with ``eos_id``, as in training with data.pack)."""
     was_training = model.training
     model.eval()
     results = {}
@@ -147,7 +156,7 @@ def evaluate(model, samplers: dict[str, ChunkSampler], *, micro_batch_size: int,
         for i in range(0, len(chunks), micro_batch_size):
             rows = [sampler.chunk(c) for c in chunks[i:i + micro_batch_size]]
             batch = torch.from_numpy(np.stack(rows).astype(np.int64))
-            loss = _loss(model, batch.to(info.device), precision)
+            loss = _loss(model, batch.to(info.device), precision, eos_id)
             total += torch.stack([loss * len(rows), torch.tensor(float(len(rows)))
                                   .to(info.device)])
         if info.enabled:
@@ -250,6 +259,7 @@ def _train(cfg, t, info, resume, stop_after, progress) -> dict:
                                      split_seed=cfg.data.split_seed) for s in cfg.data.sources]
         if info.enabled:
             torch.distributed.barrier()
+    pack_eos = tokenizer.eos_id if cfg.data.pack else None  # documents attended apart
     train_sampler = ChunkSampler([s.train for s in splits], t.seq_len, seed=t.seed)
     val_samplers = {s.name: ChunkSampler([s.val], t.seq_len) for s in splits}
 
@@ -312,7 +322,7 @@ def _train(cfg, t, info, resume, stop_after, progress) -> dict:
                 if is_ddp and micro < accum - 1:
                     sync = model.no_sync()  # gradients are all-reduced once per step
                 with sync:
-                    loss = _loss(model, batch, t.precision)
+                    loss = _loss(model, batch, t.precision, pack_eos)
                     (loss / accum).backward()
                 total += loss.detach() / accum
             grad_norm = float("nan")
@@ -338,7 +348,8 @@ def _train(cfg, t, info, resume, stop_after, progress) -> dict:
                              "tokens_per_s": tok_s})
             if step % t.eval_every == 0 or step == t.steps:
                 last_val = evaluate(model, val_samplers, micro_batch_size=t.micro_batch_size,
-                                    batches=t.eval_batches, precision=t.precision, info=info)
+                                    batches=t.eval_batches, precision=t.precision, info=info,
+                                    eos_id=pack_eos)
                 val_step = step
                 metrics.log({"step": step, "val_loss": last_val,
                              "val_loss_mean": sum(last_val.values()) / len(last_val)})
@@ -353,7 +364,8 @@ def _train(cfg, t, info, resume, stop_after, progress) -> dict:
     metrics.close()
     if val_step != step:  # interrupted between evaluations, or resumed a finished run
         last_val = evaluate(model, val_samplers, micro_batch_size=t.micro_batch_size,
-                            batches=t.eval_batches, precision=t.precision, info=info)
+                            batches=t.eval_batches, precision=t.precision, info=info,
+                            eos_id=pack_eos)
     if not interrupted:
         _save_final(model, cfg, tokenizer, info, out_dir / "final")
     return {"step": step, "samples": samples, "loss": last_loss, "val_loss": last_val,
