@@ -411,6 +411,28 @@ def test_model_packed_batch_equals_documents_one_by_one(kind, kw):
     torch.testing.assert_close(plain.loss, loss, atol=1e-6, rtol=1e-6)
 
 
+def test_model_reads_flash_attention_document_boundaries():
+    """DataCollatorWithFlattening(return_flash_attn_kwargs=True) adds cu_seq_lens_q/_k: they
+    mark the same documents as the positions, and alone they are enough."""
+    from transformers import DataCollatorWithFlattening
+
+    model = tiny_model("sa", local=0)
+    g = torch.Generator().manual_seed(2)
+    docs = [torch.randint(1, 40, (n,), generator=g) for n in (6, 3, 9)]
+    feats = [{"input_ids": d.tolist()} for d in docs]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(feats)
+    assert "cu_seq_lens_q" in batch
+    want = model(**DataCollatorWithFlattening()(feats)).logits
+    torch.testing.assert_close(model(**batch).logits, want)
+    no_positions = {k: v for k, v in batch.items() if k != "position_ids"}
+    torch.testing.assert_close(model(**no_positions).logits, want)
+    wrong = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1])[None])
+    with pytest.raises(ValueError, match="disagree"):
+        model(**wrong)
+    with pytest.raises(ValueError, match="both be given"):
+        model(**{k: v for k, v in batch.items() if k != "cu_seq_lens_k"})
+
+
 def test_model_packed_input_has_no_cache_and_ordinary_positions_are_not_packed():
     model = tiny_model("swa")
     ids = torch.randint(1, 40, (1, 9))

@@ -230,3 +230,13 @@ def test_bf16_autocast_trains_on_cpu(corpus, tmp_path):
     summary = train(config_from_dict(raw_config(corpus, tmp_path, kind="sa", steps=2,
                                                 precision="bf16")), progress=False)
     assert 0 < summary["loss"] < 10 and summary["step"] == 2
+
+
+def test_a_config_key_added_after_the_checkpoint_takes_its_default():
+    from stochastic_attention.train.checkpoint import CheckpointError, check_compatible
+
+    train = {"seq_len": 8, "batch_size": 2, "seed": 0}
+    old = {"config": {"model": {}, "data": {"source": "x"}, "train": train}}  # written before data.pack
+    check_compatible(old, {"model": {}, "data": {"source": "x", "pack": False}, "train": train}, "ckpt")
+    with pytest.raises(CheckpointError, match="data.pack"):
+        check_compatible(old, {"model": {}, "data": {"source": "x", "pack": True}, "train": train}, "ckpt")

@@ -100,6 +100,9 @@ CACHE_KEYWORDS = ("cache", "past_key_values")
 # segment embeddings, as Llama, which ignores token_type_ids from tokenizers that emit them).
 IGNORED_KEYWORDS = ("return_dict", "cache_position", "num_items_in_batch", "token_type_ids")
 UNSUPPORTED_IF_TRUE = ("output_attentions", "output_hidden_states")
+# FlashAttention-style document boundaries, as DataCollatorWithFlattening(return_flash_attn_kwargs
+# =True) adds them next to restarting position ids: read and checked against the positions.
+FLASH_PACKED_KEYWORDS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 # The field of transformers' outputs that holds the cache (renamed with the keyword).
 OUTPUT_CACHE_FIELD = ("cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__
                       else "past_key_values")
@@ -115,7 +118,7 @@ def _check_extra_kwargs(kwargs: dict) -> None:
     """Refuse keywords this model would otherwise drop silently (a cache under another name
     would make every decoding step attend only to itself)."""
     unknown = [name for name in kwargs
-               if name not in IGNORED_KEYWORDS + UNSUPPORTED_IF_TRUE]
+               if name not in IGNORED_KEYWORDS + UNSUPPORTED_IF_TRUE + FLASH_PACKED_KEYWORDS]
     if unknown:
         raise TypeError(f"SA-Llama forward got unexpected keyword arguments {sorted(unknown)}; "
                         f"the KV cache goes in {' or '.join(CACHE_KEYWORDS)}. If a newer "
@@ -123,6 +126,27 @@ def _check_extra_kwargs(kwargs: dict) -> None:
     wanted = [name for name in UNSUPPORTED_IF_TRUE if kwargs.get(name)]
     if wanted:
         raise ValueError(f"SA-Llama does not return {wanted}; pass them as False")
+
+
+def _packed_positions(kwargs: dict, position_ids: torch.Tensor | None, attention_mask,
+                      batch: int, seq: int) -> torch.Tensor | None:
+    """Position ids for a batch packed with ``cu_seq_lens_q``/``_k`` (None when not given)."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is None:
+        return position_ids
+    if cu_q is None or cu_k is None or not torch.equal(cu_q.long(), cu_k.long()):
+        raise ValueError("cu_seq_lens_q and cu_seq_lens_k must both be given and equal "
+                         "(self-attention over packed documents)")
+    if attention_mask is not None or batch != 1:
+        raise ValueError("cu_seq_lens_q describes one flattened row: pass a batch of 1 and no "
+                         "attention_mask")
+    from_cu = documents.positions_from_cu_seqlens(cu_q, seq)
+    if position_ids is None:
+        return from_cu.to(cu_q.device)
+    if not torch.equal(documents.cross_document_targets(position_ids.expand(1, seq).cpu()),
+                       documents.cross_document_targets(from_cu.cpu())):
+        raise ValueError("cu_seq_lens_q and position_ids disagree on where documents start")
+    return position_ids
 
 
 def positions_from_mask(attention_mask: torch.Tensor, length: int) -> torch.LongTensor:
@@ -161,6 +185,7 @@ class SALlamaModel(SALlamaPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        position_ids = _packed_positions(kwargs, position_ids, attention_mask, *x.shape[:2])
         if use_cache and cache is None:
             cache = DynamicCache()
         past = cache.get_seq_length() if cache is not None else 0
@@ -208,6 +233,10 @@ class SALlamaForCausalLM(SALlamaPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """Hugging Face convention: ``labels`` are the inputs; the shift happens here."""
         _check_extra_kwargs(kwargs)
+        packed = {name: kwargs[name] for name in FLASH_PACKED_KEYWORDS if name in kwargs}
+        if packed:
+            rows = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+            position_ids = _packed_positions(packed, position_ids, attention_mask, *rows)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, cache=_resolve_cache(cache, past_key_values),
                          inputs_embeds=inputs_embeds, use_cache=use_cache)

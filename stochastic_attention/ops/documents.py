@@ -345,6 +345,15 @@ def layer_plan(document_ids: torch.Tensor | DocumentPlan, batch: int, seq: int,
                               device=device, exact_up_to=exact_up_to)
 
 
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, seq: int) -> torch.LongTensor:
+    """Position ids [1, seq] that restart at each document of FlashAttention-style ``cu_seqlens``
+    (what transformers' packed path derives them from, and back)."""
+    cu = _check_cu_seqlens(cu_seqlens, seq).to(torch.long)
+    lengths = cu[1:] - cu[:-1]
+    starts = torch.repeat_interleave(cu[:-1], lengths)
+    return (torch.arange(seq, device=starts.device) - starts)[None]
+
+
 def document_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
     """Document ids [B, n] of a packed batch given by position ids that restart per document.
 

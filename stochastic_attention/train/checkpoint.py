@@ -148,13 +148,27 @@ def read(path: Path) -> dict:
     return payload
 
 
+def _default(section: str, key: str):
+    """The default of config key ``section.key`` (None for keys without a declared default)."""
+    from dataclasses import MISSING, fields
+
+    from .config import DataConfig
+
+    if section == "data":
+        for f in fields(DataConfig):
+            if f.name == key and f.default is not MISSING:
+                return f.default
+    return None
+
+
 def check_compatible(payload: dict, config: dict, path: Path) -> None:
     """The model and data must match the run being resumed (training length may change)."""
     diffs = []
     for section in ("model", "data"):
         old, new = payload["config"].get(section, {}), config.get(section, {})
         for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
+            # a key added to the config after the checkpoint was written takes its default there
+            if old.get(key, _default(section, key)) != new.get(key, _default(section, key)):
                 diffs.append(f"{section}.{key}: checkpoint {old.get(key)!r}, config "
                              f"{new.get(key)!r}")
     for key in ("seq_len", "batch_size", "seed"):
