@@ -7,7 +7,16 @@ from pathlib import Path
 
 import torch
 
-from .cli_args import UsageError, check_memory, ensure_folder, int_at_least, nonneg_int, positive_int
+from .cli_args import (
+    UsageError,
+    add_out,
+    add_seed,
+    add_window,
+    check_memory,
+    ensure_folder,
+    int_at_least,
+    nonneg_int,
+)
 from .ops.blocked import sort_groups
 from .ops.patterns import dense_mask
 from .ops.permute import random_permutation
@@ -58,11 +67,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "and permuted order, into OUT/patterns.png.")
     p.add_argument("--seq-len", type=int_at_least(2), default=64,
                    help=f"sequence length (2 to {MAX_SEQ_LEN})")
-    p.add_argument("--window", type=positive_int, default=8, help="attention window")
+    add_window(p, 8)
     p.add_argument("--sinks", type=nonneg_int, default=0,
                    help="leading tokens every query also sees")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random permutation")
-    p.add_argument("--out", default=".", help="folder for patterns.png (default: the current one)")
+    add_seed(p, "seed of the random permutation")
+    add_out(p, ".", "folder for patterns.png (default: the current one)")
     p.set_defaults(func=run)
     return p
 

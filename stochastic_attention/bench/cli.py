@@ -8,12 +8,24 @@ from pathlib import Path
 
 import torch
 
-from ..cli_args import UsageError, check_memory, choice_list, int_at_least, positive_int, positive_int_list
+from ..cli_args import (
+    UsageError,
+    add_device,
+    add_no_progress,
+    add_out,
+    add_window,
+    check_device,
+    check_memory,
+    choice_list,
+    int_at_least,
+    positive_int,
+    positive_int_list,
+    resolve_dtype,
+)
 from .run import METHODS, Cell, as_records, benchmark, machine_info
 
 DEFAULT_SEQ_LENS = "1024,2048,4096,8192,16384,32768,65536"
 MODES = ("fwd", "fwd+bwd")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -21,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        description=__doc__)
     p.add_argument("--seq-lens", type=positive_int_list, default=DEFAULT_SEQ_LENS,
                    help="comma-separated sequence lengths")
-    p.add_argument("--window", type=positive_int, default=256, help="attention window (keys per query)")
+    add_window(p, 256, "attention window (keys per query)")
     p.add_argument("--batch", type=positive_int, default=1, help="batch size")
     p.add_argument("--heads", type=positive_int, default=8, help="attention heads")
     p.add_argument("--head-dim", type=positive_int, default=64, help="features per head")
@@ -30,39 +42,25 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "sa_block,sa_band_per_head,sa_local; on GPU the flex variants too)")
     p.add_argument("--modes", type=choice_list(MODES), default="fwd,fwd+bwd",
                    help="comma-separated, from fwd,fwd+bwd")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="float32 / bfloat16 / float16 (default fp32 on CPU, bf16 on GPU)")
+    add_device(p)
     p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per cell (median kept)")
     p.add_argument("--dense-max-len", type=int_at_least(0), default=16384,
                    help="skip dense attention above this length")
-    p.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and bench.png")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_out(p, "bench-results", "folder for bench.json, bench.md and bench.png")
+    add_no_progress(p, "no progress bar")
     p.set_defaults(func=main)
     return p
-
-
-def _check_device(device: str) -> None:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device {device!r} is not a device; use cpu or cuda[:N]") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA GPU is available; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {device}: only cpu and cuda are supported")
 
 
 def main(args: argparse.Namespace) -> int:
     from ..progress import tqdm
 
     seq_lens = tuple(args.seq_lens)
-    _check_device(args.device)
+    check_device(args.device)
     methods = tuple(args.methods) if args.methods else (
         ("dense", "swa", "sa_band", "sa_block", "sa_band_per_head", "sa_local")
         + (("swa_flex", "sa_band_flex", "sa_block_flex") if args.device.startswith("cuda") else ()))
-    dtype_name = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    dtype_name = resolve_dtype(args.device, args.dtype)
     dtype = getattr(torch, dtype_name)
     modes = tuple(args.modes)
     # q, k, v, the output and (fwd+bwd) their gradients, at the longest length, before any work
