@@ -5,24 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from ..viz import pyplot, save_figure
+from . import theory
 
-from . import theory  # noqa: E402
+plt = pyplot()
 
 COLORS = {"swa": "tab:blue", "sa_band": "tab:red", "sa_block": "tab:orange",
           "sa_swa": "tab:green", "moba": "tab:purple", "dilated": "tab:brown", "full": "black"}
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def coverage_curves(rows: Sequence[dict], path: Path) -> Path:
@@ -54,7 +45,7 @@ def coverage_curves(rows: Sequence[dict], path: Path) -> Path:
         ax.set_title(f"{'causal' if causal else 'non-causal'}, n={n}, w={w}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def layers_vs_length(rows: Sequence[dict], path: Path) -> Path:
@@ -91,7 +82,7 @@ def layers_vs_length(rows: Sequence[dict], path: Path) -> Path:
         ax.set_title(f"{'causal' if causal else 'non-causal'}, w={w} (open: not full at cap)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def per_position(rows: Sequence[dict], path: Path) -> Path:
@@ -126,7 +117,7 @@ def per_position(rows: Sequence[dict], path: Path) -> Path:
     ax.set_xlabel("position")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _smooth(values: Sequence[float]) -> np.ndarray:
@@ -150,4 +141,4 @@ def spectral_gaps(rows: Sequence[dict], path: Path) -> Path:
     ax.set_title(f"mixing, non-causal, n={n}, w={w}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -142,10 +142,9 @@ def markdown_tables(cells: list[Cell], methods, seq_lens, modes) -> str:
 
 
 def plot(cells, methods, modes, path: Path, title: str) -> None:
-    import matplotlib
+    from ..viz import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(modes) + 1, figsize=(5 * (len(modes) + 1), 4))
     for ax, mode in zip(axes, modes, strict=False):
@@ -167,6 +166,4 @@ def plot(cells, methods, modes, path: Path, title: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
