@@ -101,6 +101,28 @@ def _get(cells, method, n, mode) -> Cell | None:
     return next((c for c in cells if c.method == method and c.seq_len == n and c.mode == mode), None)
 
 
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def _ms(c: Cell | None) -> str:
+    return f"{c.median_s * 1e3:.1f}" if c and c.median_s else "-"
+
+
+def _ratio(a: Cell | None, b: Cell | None) -> str:
+    return f"{a.median_s / b.median_s:.2f}" if a and b and a.median_s and b.median_s else "-"
+
+
+def _gflops(c: Cell | None) -> str:
+    return f"{c.gflops_per_s:.1f}" if c and c.gflops_per_s else "-"
+
+
+def _megabytes(c: Cell | None) -> str:
+    return f"{c.peak_mem_mb:.0f}" if c and c.peak_mem_mb is not None and c.median_s else "-"
+
+
 def markdown_tables(cells: list[Cell], methods, seq_lens, modes) -> str:
     """Median times (ms), ratios against SWA, achieved GFLOP/s and peak memory."""
     ratio_pairs = [(a, b) for a, b in (("sa_band", "swa"), ("sa_block", "swa"), ("sa_band_per_head", "swa"),
@@ -109,31 +131,16 @@ def markdown_tables(cells: list[Cell], methods, seq_lens, modes) -> str:
                    if a in methods and b in methods]
     lines = []
     for mode in modes:
+        by = {(m, n): _get(cells, m, n, mode) for m in methods for n in seq_lens}
         lines.append(f"### {mode}: median time (ms) and ratios\n")
-        head = ["seq_len", *methods, *[f"{a}/{b}" for a, b in ratio_pairs]]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for n in seq_lens:
-            row = [str(n)]
-            for m in methods:
-                c = _get(cells, m, n, mode)
-                row.append(f"{c.median_s * 1e3:.1f}" if c and c.median_s else "-")
-            for a, b in ratio_pairs:
-                ca, cb = _get(cells, a, n, mode), _get(cells, b, n, mode)
-                row.append(f"{ca.median_s / cb.median_s:.2f}" if ca and cb and ca.median_s and cb.median_s else "-")
-            lines.append("| " + " | ".join(row) + " |")
+        lines += _table(["seq_len", *methods, *[f"{a}/{b}" for a, b in ratio_pairs]],
+                        [[str(n), *(_ms(by[m, n]) for m in methods),
+                          *(_ratio(by[a, n], by[b, n]) for a, b in ratio_pairs)] for n in seq_lens])
         lines.append("")
         lines.append(f"### {mode}: achieved GFLOP/s (useful FLOPs / time) and peak memory (MB)\n")
-        head = ["seq_len", *[f"{m} GFLOP/s" for m in methods], *[f"{m} MB" for m in methods]]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for n in seq_lens:
-            row = [str(n)]
-            for m in methods:
-                c = _get(cells, m, n, mode)
-                row.append(f"{c.gflops_per_s:.1f}" if c and c.gflops_per_s else "-")
-            for m in methods:
-                c = _get(cells, m, n, mode)
-                row.append(f"{c.peak_mem_mb:.0f}" if c and c.peak_mem_mb is not None and c.median_s else "-")
-            lines.append("| " + " | ".join(row) + " |")
+        lines += _table(["seq_len", *[f"{m} GFLOP/s" for m in methods], *[f"{m} MB" for m in methods]],
+                        [[str(n), *(_gflops(by[m, n]) for m in methods),
+                          *(_megabytes(by[m, n]) for m in methods)] for n in seq_lens])
         lines.append("")
     skipped = sorted({(c.method, c.skipped) for c in cells if c.skipped})
     if skipped:
@@ -145,7 +152,6 @@ def plot(cells, methods, modes, path: Path, title: str) -> None:
     from ..viz import pyplot, save_figure
 
     plt = pyplot()
-
     fig, axes = plt.subplots(1, len(modes) + 1, figsize=(5 * (len(modes) + 1), 4))
     for ax, mode in zip(axes, modes, strict=False):
         for m in methods:
