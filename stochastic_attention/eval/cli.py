@@ -125,26 +125,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    """--merge: one table, JSON and plot from the results of shards of a grid run in
+    parallel (or of separate runs), evaluating nothing."""
     from . import report
     from .sweep import aggregate
 
     folders = [Path(p) for p in args.merge]
-    for folder in folders:
-        if not (folder / "results.json" if folder.is_dir() else folder).is_file():
-            raise UsageError(f"--merge: {folder} holds no results.json")
-    try:
-        records, metas = report.load_records(folders)
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise UsageError(f"--merge: a results.json is corrupt ({type(err).__name__}: {err})") from None
-    except ValueError as err:
-        raise UsageError(f"--merge: {err}") from None
+    records, metas = _load_shards(folders)
     if args.only:
-        keep = args.only
-        missing = set(keep) - {r["label"] for r in records}
-        if missing:
-            raise UsageError(f"--only: no results for {sorted(missing)} in {','.join(args.merge)}")
-        records = sorted((r for r in records if r["label"] in keep),
-                         key=lambda r: keep.index(r["label"]))
+        records = _only(records, args.only, args.merge)
     summary = aggregate(records)
     meta = dict(merged=[str(f) for f in folders], parts=metas,
                 seconds=round(sum(m.get("seconds", 0) for m in metas), 1))
@@ -156,6 +145,30 @@ def _merge(args: argparse.Namespace) -> int:
         print("\nAt equal budget:\n" + table)
     print(f"Wrote {paths['json']}, {paths['markdown']}; plot: {paths['plot']}")
     return 0
+
+
+def _load_shards(folders: list[Path]) -> tuple[list[dict], list[dict]]:
+    """The records and meta of every folder's results.json; a missing or corrupt one is a
+    user error."""
+    from . import report
+
+    for folder in folders:
+        if not (folder / "results.json" if folder.is_dir() else folder).is_file():
+            raise UsageError(f"--merge: {folder} holds no results.json")
+    try:
+        return report.load_records(folders)
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UsageError(f"--merge: a results.json is corrupt ({type(err).__name__}: {err})") from None
+    except ValueError as err:
+        raise UsageError(f"--merge: {err}") from None
+
+
+def _only(records: list[dict], keep: list[str], merged: list[str]) -> list[dict]:
+    """--only: the records of these method labels, in this order (each must have results)."""
+    missing = set(keep) - {r["label"] for r in records}
+    if missing:
+        raise UsageError(f"--only: no results for {sorted(missing)} in {','.join(merged)}")
+    return sorted((r for r in records if r["label"] in keep), key=lambda r: keep.index(r["label"]))
 
 
 def _harness_options(args: argparse.Namespace) -> dict:
@@ -204,6 +217,7 @@ def _run_trained(args: argparse.Namespace, folder: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``sattn eval``: transformers is imported first, so --no-progress silences its bars too."""
     from ..models import load_pretrained  # noqa: F401 (imports transformers)
     from ..progress import disabled
 

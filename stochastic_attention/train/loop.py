@@ -29,7 +29,7 @@ from ..models import SALlamaConfig, SALlamaForCausalLM
 from ..progress import tqdm
 from . import checkpoint
 from . import distributed as dist_utils
-from .config import ConfigError, ExperimentConfig
+from .config import ConfigError, ExperimentConfig, TrainConfig
 from .schedule import cosine_lambda_lr
 
 # What a run writes into its folder (``overwrite=True`` removes exactly these).
@@ -278,7 +278,7 @@ def _train(cfg: ExperimentConfig, info: dist_utils.DistInfo, resume: bool,
             "out_dir": str(run.out_dir)}
 
 
-def _accumulation(t, info: dist_utils.DistInfo) -> int:
+def _accumulation(t: TrainConfig, info: dist_utils.DistInfo) -> int:
     """Micro-batches each rank runs per optimizer step, so that the global batch is
     ``train.batch_size`` whatever the number of processes."""
     micro_per_step = t.batch_size // t.micro_batch_size
@@ -306,7 +306,7 @@ def _load_data(cfg: ExperimentConfig, info: dist_utils.DistInfo):
     return tokenizer, train_sampler, val_samplers
 
 
-def _seed_rank_stream(t, info: dist_utils.DistInfo, offset: int = 0) -> None:
+def _seed_rank_stream(t: TrainConfig, info: dist_utils.DistInfo, offset: int = 0) -> None:
     """Permutations (and any other randomness) come from a per-rank stream."""
     torch.manual_seed(t.seed * 1_000_003 + 7919 * info.rank + 1 + offset)
 
