@@ -1,4 +1,6 @@
-"""What every ``sattn`` subcommand shares: option types, the user-error type, memory checks.
+"""What every ``sattn`` subcommand shares: option types, the options several subcommands
+have (``--out``, ``--no-progress``, ``--threads``, ``--device``, ...), the user-error type,
+memory checks and the record of a run.
 
 One syntax for list options: comma-separated (``--seeds 0,1,2``). Types raise
 ``argparse.ArgumentTypeError``, so argparse prints ``sattn CMD: error: ...`` and exits with 2.
@@ -99,6 +101,102 @@ def choice_list(choices) -> Callable[[str], list[str]]:
 
     parse.__name__ = "list of names"
     return parse
+
+
+# Options several subcommands have: one definition each, so they keep meaning the same.
+# The help texts are parameters where a subcommand says more about its own use.
+
+SHARED_CPU_THREADS_HELP = "torch threads (1 is fastest on a CPU shared with other jobs; 0: default)"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_out(parser: argparse.ArgumentParser, default, help: str = "output folder",
+            **kwargs) -> None:
+    """``--out``: the folder a subcommand writes into (``kwargs``: e.g. ``type=Path``)."""
+    parser.add_argument("--out", default=default, help=help, **kwargs)
+
+
+def add_no_progress(parser: argparse.ArgumentParser, help: str = "no progress bars") -> None:
+    """``--no-progress``: ``sattn`` silences every progress bar of the run."""
+    parser.add_argument("--no-progress", action="store_true", help=help)
+
+
+def add_threads(parser: argparse.ArgumentParser, *, default: int | None = 1,
+                type: Callable[[str], int] = nonneg_int,
+                help: str = SHARED_CPU_THREADS_HELP) -> None:
+    """``--threads``: torch's CPU threads, applied with :func:`set_threads`."""
+    parser.add_argument("--threads", type=type, default=default, help=help)
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply ``--threads``: a positive count sets torch's CPU threads; 0 or None keeps its own."""
+    if threads and threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def add_seed(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--seed`` (an integer, default 0)."""
+    parser.add_argument("--seed", type=int, default=0, help=help)
+
+
+def add_window(parser: argparse.ArgumentParser, default: int, help: str = "attention window",
+               type: Callable[[str], int] = positive_int) -> None:
+    """``--window``: keys per query (``type`` sets the smallest allowed)."""
+    parser.add_argument("--window", type=type, default=default, help=help)
+
+
+def add_overrides(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--set SECTION.KEY=VALUE`` (repeatable): config overrides, collected in ``overrides``."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help=help)
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    """``--device`` (a GPU when there is one) and ``--dtype`` of the timing subcommands."""
+    import torch
+
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="float32 / bfloat16 / float16 (default fp32 on CPU, bf16 on GPU)")
+
+
+def check_device(device: str) -> None:
+    """UsageError unless ``device`` is cpu or an available cuda device."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a device; use cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA GPU is available; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: only cpu and cuda are supported")
+
+
+def resolve_dtype(device: str, dtype: str | None) -> str:
+    """``--dtype``, or its default on ``device``: float32 on the CPU, bfloat16 on a GPU."""
+    return dtype or ("float32" if device == "cpu" else "bfloat16")
+
+
+def run_meta(args: argparse.Namespace, started: float, *, model: str | None) -> dict:
+    """What a results file records about its run: the model, every option, the date, the
+    machine and the seconds since ``started`` (a ``time.time()``)."""
+    import datetime
+    import platform
+    import time
+
+    import torch
+
+    return dict(
+        model=model, command=vars(args) | {"func": None},
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        machine=f"{platform.machine()} {torch.get_num_threads()} threads, no GPU"
+        if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        seconds=round(time.time() - started, 1))
 
 
 def ensure_folder(path: str | os.PathLike, option: str = "--out"):

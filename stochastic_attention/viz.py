@@ -1,4 +1,5 @@
-"""Pictures of attention patterns, drawn from the operators' own visibility rule."""
+"""Figures: the PNG setup every report shares, and pictures of attention patterns drawn
+from the operators' own visibility rule."""
 
 from __future__ import annotations
 
@@ -7,19 +8,50 @@ from pathlib import Path
 
 import torch
 
-from .cli_args import UsageError, check_memory, ensure_folder, int_at_least, nonneg_int, positive_int
+from .cli_args import (
+    UsageError,
+    add_out,
+    add_seed,
+    add_window,
+    check_memory,
+    ensure_folder,
+    int_at_least,
+    nonneg_int,
+)
 from .ops.blocked import sort_groups
 from .ops.patterns import dense_mask
 from .ops.permute import random_permutation
 
 
-def plot_patterns(path: str | Path, seq_len: int = 64, window: int = 8, sinks: int = 0, seed: int = 0) -> Path:
-    """Masks of SWA, SA band and SA block (causal), in original and in permuted order."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: figures go to files, so no display is needed
+    (and none is opened on a machine that has one)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: str | Path, *, dpi: int = 120, tight: bool = True,
+                **savefig) -> Path:
+    """Write ``fig`` to ``path`` (folders created; ``tight``: lay it out first) and close it:
+    pyplot keeps every open figure alive, so a sweep of plots would otherwise hold them all."""
+    path = Path(path)
+    try:
+        if tight:
+            fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi, **savefig)
+    finally:
+        pyplot().close(fig)
+    return path
+
+
+def plot_patterns(path: str | Path, seq_len: int = 64, window: int = 8, sinks: int = 0, seed: int = 0) -> Path:
+    """Masks of SWA, SA band and SA block (causal), in original and in permuted order."""
+    plt = pyplot()
     perm = random_permutation(1, 1, seq_len, generator=torch.Generator().manual_seed(seed))
     block_perm = sort_groups(perm, window)
     panels = [
@@ -41,12 +73,7 @@ def plot_patterns(path: str | Path, seq_len: int = 64, window: int = 8, sinks: i
             ax.set_ylabel("query")
     fig.suptitle(f"Causal attention patterns, n={seq_len}, window={window}, sinks={sinks}: "
                  "SA is a window in a random order, so each token reaches far-away tokens")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 MAX_SEQ_LEN = 4096  # a picture has a few thousand pixels a side; the masks are n x n
@@ -58,11 +85,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "and permuted order, into OUT/patterns.png.")
     p.add_argument("--seq-len", type=int_at_least(2), default=64,
                    help=f"sequence length (2 to {MAX_SEQ_LEN})")
-    p.add_argument("--window", type=positive_int, default=8, help="attention window")
+    add_window(p, 8)
     p.add_argument("--sinks", type=nonneg_int, default=0,
                    help="leading tokens every query also sees")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random permutation")
-    p.add_argument("--out", default=".", help="folder for patterns.png (default: the current one)")
+    add_seed(p, "seed of the random permutation")
+    add_out(p, ".", "folder for patterns.png (default: the current one)")
     p.set_defaults(func=run)
     return p
 

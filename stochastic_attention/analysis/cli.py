@@ -11,10 +11,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..cli_args import (
     UsageError,
+    add_no_progress,
+    add_out,
+    add_seed,
+    add_threads,
+    add_window,
     check_memory,
     choice_list,
     ensure_folder,
@@ -25,6 +29,7 @@ from ..cli_args import (
     optional_list,
     positive_int,
     positive_int_list,
+    set_threads,
     zero_or_length,
 )
 from . import experiments, plots
@@ -35,8 +40,12 @@ THREADS_HELP = ("torch threads (default 1: the pattern ops are small, and on a b
                 "threads mostly wait on each other)")
 
 
-def _set_threads(threads: int) -> None:
-    torch.set_num_threads(threads)
+def _add_run_options(parser: argparse.ArgumentParser, name: str) -> None:
+    """--out runs/NAME (NAME.md and NAME.json beside the plots), --threads, --no-progress."""
+    add_out(parser, Path(f"runs/{name}"), f"folder for the plots, {name}.md and {name}.json",
+            type=Path)
+    add_threads(parser, type=positive_int, help=THREADS_HELP)
+    add_no_progress(parser)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -48,7 +57,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "comma-separated.")
     cov.add_argument("--seq-len", type=int_at_least(2), default=16384,
                      help="length for the depth curves")
-    cov.add_argument("--window", type=int_at_least(2), default=64, help="attention window (>= 2)")
+    add_window(cov, 64, "attention window (>= 2)", type=int_at_least(2))
     cov.add_argument("--sinks", type=nonneg_int, default=0,
                      help="leading tokens every query also sees (all patterns but MoBA/dilated)")
     cov.add_argument("--patterns", type=choice_list(PATTERNS), default=list(DEFAULT_PATTERNS),
@@ -72,10 +81,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="length for per-position coverage of all tokens (0: skip)")
     cov.add_argument("--position-depths", type=positive_int_list, default=[1, 2, 3, 4, 8, 16, 32],
                      help="comma-separated depths of the per-position coverage")
-    cov.add_argument("--out", type=Path, default=Path("runs/coverage"),
-                     help="folder for the plots, coverage.md and coverage.json")
-    cov.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
-    cov.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_run_options(cov, "coverage")
     cov.set_defaults(func=run_coverage)
 
     graph = subparsers.add_parser(
@@ -83,7 +89,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Small-world statistics of non-causal attention graphs and a comparison at "
                     "the fly connectome's scale. List options are comma-separated.")
     graph.add_argument("--seq-len", type=int_at_least(2), default=512, help="sequence length")
-    graph.add_argument("--window", type=int_at_least(2), default=16, help="attention window (>= 2)")
+    add_window(graph, 16, "attention window (>= 2)", type=int_at_least(2))
     graph.add_argument("--patterns", type=choice_list(PATTERNS),
                        default=["swa", "sa_band", "sa_swa", "moba", "dilated"],
                        help=f"comma-separated, from {','.join(PATTERNS)}")
@@ -103,11 +109,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="window of each SA+SWA branch (single branches get twice this)")
     graph.add_argument("--connectome-sources", type=positive_int, default=64,
                        help="breadth-first-search sources for the hop counts")
-    graph.add_argument("--seed", type=int, default=0, help="permutation seed")
-    graph.add_argument("--out", type=Path, default=Path("runs/graph"),
-                       help="folder for the plots, graph.md and graph.json")
-    graph.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
-    graph.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_seed(graph, "permutation seed")
+    _add_run_options(graph, "graph")
     graph.set_defaults(func=run_graph)
     return cov
 
@@ -179,7 +182,7 @@ def run_coverage(args: argparse.Namespace) -> int:
         n = args.position_seq_len
         check_memory(2 * n * (-(-n // 64) * 8), f"--position-seq-len {n}",
                      "use a shorter --position-seq-len (or 0 to skip)")
-    _set_threads(args.threads)
+    set_threads(args.threads)
     out: Path = ensure_folder(args.out, "--out")
     modes = _modes(args.causal)
     specs = [PatternSpec(p, args.window, causal=c, sinks=args.sinks) for c in modes
@@ -280,7 +283,7 @@ def run_graph(args: argparse.Namespace) -> int:
     if args.connectome_nodes and not 0 < args.connectome_degree < args.connectome_nodes - 1:
         raise UsageError(f"--connectome-degree must lie between 0 and --connectome-nodes - 1 = "
                          f"{args.connectome_nodes - 1}, got {args.connectome_degree}")
-    _set_threads(args.threads)
+    set_threads(args.threads)
     out: Path = ensure_folder(args.out, "--out")
     specs = [PatternSpec(p, args.window, causal=False) for p in args.patterns]
     result: dict = {"args": {k: str(v) if isinstance(v, Path) else v

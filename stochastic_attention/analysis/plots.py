@@ -5,24 +5,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from ..viz import pyplot, save_figure
+from . import theory
 
-from . import theory  # noqa: E402
+plt = pyplot()
 
 COLORS = {"swa": "tab:blue", "sa_band": "tab:red", "sa_block": "tab:orange",
           "sa_swa": "tab:green", "moba": "tab:purple", "dilated": "tab:brown", "full": "black"}
 
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def _finish(ax, xlabel: str, ylabel: str, title: str, which: str = "major") -> None:
+    """Axis labels, title, a light grid and the legend: the frame the panels share."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which=which)
+    ax.legend(fontsize=8)
 
 
 def coverage_curves(rows: Sequence[dict], path: Path) -> Path:
@@ -49,12 +49,9 @@ def coverage_curves(rows: Sequence[dict], path: Path) -> Path:
         ideal = theory.idealised_sa_fraction(w, n, int(min(depth_max, 60)))
         ax.plot(np.arange(1, len(ideal)), ideal[1:], "k--", lw=1, label="idealised SA")
         ax.set_xscale("log")
-        ax.set_xlabel("layers")
-        ax.set_ylabel("fraction of the sequence reaching the last token")
-        ax.set_title(f"{'causal' if causal else 'non-causal'}, n={n}, w={w}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return _save(fig, path)
+        _finish(ax, "layers", "fraction of the sequence reaching the last token",
+                f"{'causal' if causal else 'non-causal'}, n={n}, w={w}")
+    return save_figure(fig, path)
 
 
 def layers_vs_length(rows: Sequence[dict], path: Path) -> Path:
@@ -86,12 +83,9 @@ def layers_vs_length(rows: Sequence[dict], path: Path) -> Path:
                 label="idealised SA")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("sequence length n")
-        ax.set_ylabel("layers until the last token sees all n")
-        ax.set_title(f"{'causal' if causal else 'non-causal'}, w={w} (open: not full at cap)")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    return _save(fig, path)
+        _finish(ax, "sequence length n", "layers until the last token sees all n",
+                f"{'causal' if causal else 'non-causal'}, w={w} (open: not full at cap)", "both")
+    return save_figure(fig, path)
 
 
 def per_position(rows: Sequence[dict], path: Path) -> Path:
@@ -126,7 +120,7 @@ def per_position(rows: Sequence[dict], path: Path) -> Path:
     ax.set_xlabel("position")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _smooth(values: Sequence[float]) -> np.ndarray:
@@ -145,9 +139,6 @@ def spectral_gaps(rows: Sequence[dict], path: Path) -> Path:
                 label=r["pattern"])
     n, w = rows[0]["seq_len"], rows[0]["window"]
     ax.set_yscale("log")
-    ax.set_xlabel("layers L")
-    ax.set_ylabel("1 - |lambda_2| of P_L ... P_1")
-    ax.set_title(f"mixing, non-causal, n={n}, w={w}")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    _finish(ax, "layers L", "1 - |lambda_2| of P_L ... P_1", f"mixing, non-causal, n={n}, w={w}",
+            "both")
+    return save_figure(fig, path)

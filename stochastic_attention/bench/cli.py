@@ -8,12 +8,24 @@ from pathlib import Path
 
 import torch
 
-from ..cli_args import UsageError, check_memory, choice_list, int_at_least, positive_int, positive_int_list
+from ..cli_args import (
+    UsageError,
+    add_device,
+    add_no_progress,
+    add_out,
+    add_window,
+    check_device,
+    check_memory,
+    choice_list,
+    int_at_least,
+    positive_int,
+    positive_int_list,
+    resolve_dtype,
+)
 from .run import METHODS, Cell, as_records, benchmark, machine_info
 
 DEFAULT_SEQ_LENS = "1024,2048,4096,8192,16384,32768,65536"
 MODES = ("fwd", "fwd+bwd")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -21,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        description=__doc__)
     p.add_argument("--seq-lens", type=positive_int_list, default=DEFAULT_SEQ_LENS,
                    help="comma-separated sequence lengths")
-    p.add_argument("--window", type=positive_int, default=256, help="attention window (keys per query)")
+    add_window(p, 256, "attention window (keys per query)")
     p.add_argument("--batch", type=positive_int, default=1, help="batch size")
     p.add_argument("--heads", type=positive_int, default=8, help="attention heads")
     p.add_argument("--head-dim", type=positive_int, default=64, help="features per head")
@@ -30,39 +42,25 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "sa_block,sa_band_per_head,sa_local; on GPU the flex variants too)")
     p.add_argument("--modes", type=choice_list(MODES), default="fwd,fwd+bwd",
                    help="comma-separated, from fwd,fwd+bwd")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="float32 / bfloat16 / float16 (default fp32 on CPU, bf16 on GPU)")
+    add_device(p)
     p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per cell (median kept)")
     p.add_argument("--dense-max-len", type=int_at_least(0), default=16384,
                    help="skip dense attention above this length")
-    p.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and bench.png")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_out(p, "bench-results", "folder for bench.json, bench.md and bench.png")
+    add_no_progress(p, "no progress bar")
     p.set_defaults(func=main)
     return p
-
-
-def _check_device(device: str) -> None:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device {device!r} is not a device; use cpu or cuda[:N]") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA GPU is available; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {device}: only cpu and cuda are supported")
 
 
 def main(args: argparse.Namespace) -> int:
     from ..progress import tqdm
 
     seq_lens = tuple(args.seq_lens)
-    _check_device(args.device)
+    check_device(args.device)
     methods = tuple(args.methods) if args.methods else (
         ("dense", "swa", "sa_band", "sa_block", "sa_band_per_head", "sa_local")
         + (("swa_flex", "sa_band_flex", "sa_block_flex") if args.device.startswith("cuda") else ()))
-    dtype_name = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    dtype_name = resolve_dtype(args.device, args.dtype)
     dtype = getattr(torch, dtype_name)
     modes = tuple(args.modes)
     # q, k, v, the output and (fwd+bwd) their gradients, at the longest length, before any work
@@ -103,6 +101,28 @@ def _get(cells, method, n, mode) -> Cell | None:
     return next((c for c in cells if c.method == method and c.seq_len == n and c.mode == mode), None)
 
 
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def _ms(c: Cell | None) -> str:
+    return f"{c.median_s * 1e3:.1f}" if c and c.median_s else "-"
+
+
+def _ratio(a: Cell | None, b: Cell | None) -> str:
+    return f"{a.median_s / b.median_s:.2f}" if a and b and a.median_s and b.median_s else "-"
+
+
+def _gflops(c: Cell | None) -> str:
+    return f"{c.gflops_per_s:.1f}" if c and c.gflops_per_s else "-"
+
+
+def _megabytes(c: Cell | None) -> str:
+    return f"{c.peak_mem_mb:.0f}" if c and c.peak_mem_mb is not None and c.median_s else "-"
+
+
 def markdown_tables(cells: list[Cell], methods, seq_lens, modes) -> str:
     """Median times (ms), ratios against SWA, achieved GFLOP/s and peak memory."""
     ratio_pairs = [(a, b) for a, b in (("sa_band", "swa"), ("sa_block", "swa"), ("sa_band_per_head", "swa"),
@@ -111,31 +131,16 @@ def markdown_tables(cells: list[Cell], methods, seq_lens, modes) -> str:
                    if a in methods and b in methods]
     lines = []
     for mode in modes:
+        by = {(m, n): _get(cells, m, n, mode) for m in methods for n in seq_lens}
         lines.append(f"### {mode}: median time (ms) and ratios\n")
-        head = ["seq_len", *methods, *[f"{a}/{b}" for a, b in ratio_pairs]]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for n in seq_lens:
-            row = [str(n)]
-            for m in methods:
-                c = _get(cells, m, n, mode)
-                row.append(f"{c.median_s * 1e3:.1f}" if c and c.median_s else "-")
-            for a, b in ratio_pairs:
-                ca, cb = _get(cells, a, n, mode), _get(cells, b, n, mode)
-                row.append(f"{ca.median_s / cb.median_s:.2f}" if ca and cb and ca.median_s and cb.median_s else "-")
-            lines.append("| " + " | ".join(row) + " |")
+        lines += _table(["seq_len", *methods, *[f"{a}/{b}" for a, b in ratio_pairs]],
+                        [[str(n), *(_ms(by[m, n]) for m in methods),
+                          *(_ratio(by[a, n], by[b, n]) for a, b in ratio_pairs)] for n in seq_lens])
         lines.append("")
         lines.append(f"### {mode}: achieved GFLOP/s (useful FLOPs / time) and peak memory (MB)\n")
-        head = ["seq_len", *[f"{m} GFLOP/s" for m in methods], *[f"{m} MB" for m in methods]]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for n in seq_lens:
-            row = [str(n)]
-            for m in methods:
-                c = _get(cells, m, n, mode)
-                row.append(f"{c.gflops_per_s:.1f}" if c and c.gflops_per_s else "-")
-            for m in methods:
-                c = _get(cells, m, n, mode)
-                row.append(f"{c.peak_mem_mb:.0f}" if c and c.peak_mem_mb is not None and c.median_s else "-")
-            lines.append("| " + " | ".join(row) + " |")
+        lines += _table(["seq_len", *[f"{m} GFLOP/s" for m in methods], *[f"{m} MB" for m in methods]],
+                        [[str(n), *(_gflops(by[m, n]) for m in methods),
+                          *(_megabytes(by[m, n]) for m in methods)] for n in seq_lens])
         lines.append("")
     skipped = sorted({(c.method, c.skipped) for c in cells if c.skipped})
     if skipped:
@@ -144,11 +149,9 @@ def markdown_tables(cells: list[Cell], methods, seq_lens, modes) -> str:
 
 
 def plot(cells, methods, modes, path: Path, title: str) -> None:
-    import matplotlib
+    from ..viz import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(modes) + 1, figsize=(5 * (len(modes) + 1), 4))
     for ax, mode in zip(axes, modes, strict=False):
         for m in methods:
@@ -169,6 +172,4 @@ def plot(cells, methods, modes, path: Path, title: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

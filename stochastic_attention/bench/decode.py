@@ -84,10 +84,9 @@ def decode_table(cells: list[DecodeCell]) -> str:
 
 
 def plot_decode(cells: list[DecodeCell], path, title: str) -> None:
-    import matplotlib
+    from ..viz import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     labels = {"full": "full decode (whole cache)", "sparse": "sparse decode (sinks+local+window)"}
@@ -98,9 +97,7 @@ def plot_decode(cells: list[DecodeCell], path, title: str) -> None:
            ylabel="median time per token (ms)", title=title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def as_records(cells: list[DecodeCell]) -> list[dict]:

@@ -7,8 +7,20 @@ import json
 
 import torch
 
-from ..cli_args import UsageError, check_memory, ensure_folder, int_at_least, positive_int, positive_int_list
-from .cli import DTYPES, _check_device
+from ..cli_args import (
+    UsageError,
+    add_device,
+    add_no_progress,
+    add_out,
+    add_window,
+    check_device,
+    check_memory,
+    ensure_folder,
+    int_at_least,
+    positive_int,
+    positive_int_list,
+    resolve_dtype,
+)
 from .decode import as_records, benchmark_decode, decode_table, plot_decode
 from .run import machine_info
 
@@ -18,8 +30,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        description=__doc__)
     p.add_argument("--contexts", type=positive_int_list, default="1024,2048,4096,8192,16384",
                    help="comma-separated context lengths (cached tokens)")
-    p.add_argument("--window", type=positive_int, default=256,
-                   help="random earlier keys per generated token (sparse decode)")
+    add_window(p, 256, "random earlier keys per generated token (sparse decode)")
     p.add_argument("--sinks", type=int_at_least(0), default=4, help="sink tokens (sparse decode)")
     p.add_argument("--local", type=positive_int, default=64,
                    help="most recent tokens, the new one included (sparse decode)")
@@ -30,13 +41,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=positive_int, default=128, help="features per head")
     p.add_argument("--steps", type=positive_int, default=15,
                    help="timed decode steps per cell (median kept)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="float32 / bfloat16 / float16 (default fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--out", default="bench-decode-results",
-                   help="folder for decode.json, decode.md and decode.png")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device(p)
+    add_out(p, "bench-decode-results", "folder for decode.json, decode.md and decode.png")
+    add_no_progress(p, "no progress bar")
     p.set_defaults(func=main)
     return p
 
@@ -44,11 +51,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from ..progress import tqdm
 
-    _check_device(args.device)
+    check_device(args.device)
     if args.heads % args.kv_heads:
         raise UsageError(f"--kv-heads {args.kv_heads} must divide --heads {args.heads}")
     contexts = tuple(args.contexts)
-    dtype_name = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    dtype_name = resolve_dtype(args.device, args.dtype)
     dtype = getattr(torch, dtype_name)
     itemsize = torch.empty((), dtype=dtype).element_size()
     # the cache (k and v) and full decode's copy of it repeated over the query heads

@@ -7,14 +7,15 @@ Example (the short default comparison, a few minutes on a laptop CPU):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import time
 from pathlib import Path
 
 from ..cli_args import (
     UsageError,
+    add_no_progress,
+    add_out,
+    add_threads,
     ensure_folder,
     float_list,
     int_at_least,
@@ -24,6 +25,8 @@ from ..cli_args import (
     optional_list,
     positive_int,
     positive_int_list,
+    run_meta,
+    set_threads,
     str_list,
 )
 
@@ -104,9 +107,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--harness-include", default=None,
                    help="folder of extra lm-eval task YAMLs (e.g. local jsonl tasks)")
     p.add_argument("--harness-fewshot", type=nonneg_int, default=None, help="few-shot examples")
-    p.add_argument("--threads", type=nonneg_int, default=1,
-                   help="torch threads (1 is fastest on a CPU shared with other jobs; 0: default)")
-    p.add_argument("--out", default="runs/eval", help="output folder")
+    add_threads(p)
+    add_out(p, "runs/eval")
     p.add_argument("--merge", type=str_list, default=[],
                    help="comma-separated result folders (shards of one grid run in parallel): "
                         "evaluate nothing, write their combined table, JSON and plot to --out")
@@ -117,32 +119,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="with --merge: keep only these comma-separated method labels (in this order)")
     p.add_argument("--quick", action="store_true",
                    help="short default comparison: 4 methods, windows 64 and 128, 12 examples per task")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_no_progress(p)
     p.set_defaults(func=run)
     return p
 
 
 def _merge(args: argparse.Namespace) -> int:
+    """--merge: one table, JSON and plot from the results of shards of a grid run in
+    parallel (or of separate runs), evaluating nothing."""
     from . import report
     from .sweep import aggregate
 
     folders = [Path(p) for p in args.merge]
-    for folder in folders:
-        if not (folder / "results.json" if folder.is_dir() else folder).is_file():
-            raise UsageError(f"--merge: {folder} holds no results.json")
-    try:
-        records, metas = report.load_records(folders)
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise UsageError(f"--merge: a results.json is corrupt ({type(err).__name__}: {err})") from None
-    except ValueError as err:
-        raise UsageError(f"--merge: {err}") from None
+    records, metas = _load_shards(folders)
     if args.only:
-        keep = args.only
-        missing = set(keep) - {r["label"] for r in records}
-        if missing:
-            raise UsageError(f"--only: no results for {sorted(missing)} in {','.join(args.merge)}")
-        records = sorted((r for r in records if r["label"] in keep),
-                         key=lambda r: keep.index(r["label"]))
+        records = _only(records, args.only, args.merge)
     summary = aggregate(records)
     meta = dict(merged=[str(f) for f in folders], parts=metas,
                 seconds=round(sum(m.get("seconds", 0) for m in metas), 1))
@@ -156,10 +147,52 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_shards(folders: list[Path]) -> tuple[list[dict], list[dict]]:
+    """The records and meta of every folder's results.json; a missing or corrupt one is a
+    user error."""
+    from . import report
+
+    for folder in folders:
+        if not (folder / "results.json" if folder.is_dir() else folder).is_file():
+            raise UsageError(f"--merge: {folder} holds no results.json")
+    try:
+        return report.load_records(folders)
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UsageError(f"--merge: a results.json is corrupt ({type(err).__name__}: {err})") from None
+    except ValueError as err:
+        raise UsageError(f"--merge: {err}") from None
+
+
+def _only(records: list[dict], keep: list[str], merged: list[str]) -> list[dict]:
+    """--only: the records of these method labels, in this order (each must have results)."""
+    missing = set(keep) - {r["label"] for r in records}
+    if missing:
+        raise UsageError(f"--only: no results for {sorted(missing)} in {','.join(merged)}")
+    return sorted((r for r in records if r["label"] in keep), key=lambda r: keep.index(r["label"]))
+
+
+def _harness_options(args: argparse.Namespace) -> dict:
+    """The lm-evaluation-harness keywords of the --harness-* options (a limit >= 1 counts
+    documents, a smaller one is a fraction of each task)."""
+    limit = args.harness_limit
+    return dict(include_path=args.harness_include, num_fewshot=args.harness_fewshot,
+                limit=int(limit) if limit and limit >= 1 else limit)
+
+
+def _write_harness(folder: Path, records: list[dict]) -> str:
+    """harness.json and harness.md beside the other results; returns the table."""
+    from .harness import harness_table
+
+    table = harness_table(records)
+    (folder / "harness.json").write_text(json.dumps(records, indent=1))
+    (folder / "harness.md").write_text(table + "\n")
+    return table
+
+
 def _run_trained(args: argparse.Namespace, folder: Path) -> int:
     """An SA-Llama saved by ``sattn train`` (its final/ folder): lm-eval tasks only, scored
     with the attention the model was trained with (the methods patch released models)."""
-    from .harness import harness_table, harness_trained, load_trained
+    from .harness import harness_trained, load_trained
 
     where = f"--model {args.model} is an SA-Llama (e.g. a sattn train final/ folder)"
     if not args.harness:
@@ -176,19 +209,15 @@ def _run_trained(args: argparse.Namespace, folder: Path) -> int:
         model, tokenizer = load_trained(folder)
     except (OSError, ValueError) as err:
         raise UsageError(f"--model {args.model} cannot be loaded: {err}") from None
-    limit = args.harness_limit
-    records = harness_trained(model, tokenizer, args.harness, include_path=args.harness_include,
-                              num_fewshot=args.harness_fewshot,
-                              limit=int(limit) if limit and limit >= 1 else limit)
-    table = harness_table(records)
-    (out / "harness.json").write_text(json.dumps(records, indent=1))
-    (out / "harness.md").write_text(table + "\n")
+    records = harness_trained(model, tokenizer, args.harness, **_harness_options(args))
+    table = _write_harness(out, records)
     print("lm-evaluation-harness:\n" + table)
     print(f"Wrote {out / 'harness.json'}, {out / 'harness.md'}")
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    """``sattn eval``: transformers is imported first, so --no-progress silences its bars too."""
     from ..models import load_pretrained  # noqa: F401 (imports transformers)
     from ..progress import disabled
 
@@ -197,22 +226,40 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..data.corpora import load_corpus
-    from ..models import load_pretrained
-    from . import report
-    from . import tasks as T
-    from .methods import parse_methods
-    from .sweep import aggregate, decode_cost, run_sweep, time_prefill
-
+    """Check every option, load the model, score the grid, then report. A trained SA-Llama
+    and --merge take their own paths."""
     if args.merge:
         return _merge(args)
+    _apply_settings(args)
+    specs, names = _checked_methods_and_tasks(args)
+    trained = _trained_model_folder(args)
+    if trained is not None:
+        return _run_trained(args, trained)
+    out = ensure_folder(args.out, "--out")
+    started = time.time()
+    model, tokenizer = _load_model(args)
+    docs = _documents(args, names)
+    task_list = _build_tasks(args, tokenizer, docs, names)
+    results = _measure(args, model, tokenizer, specs, task_list, docs)
+    meta = run_meta(args, started, model=args.model) | dict(
+        examples={t.name: len(t.examples) for t in task_list})
+    _report(out, meta, **results)
+    return 0
+
+
+def _apply_settings(args: argparse.Namespace) -> None:
+    """--quick replaces the grid's sizes; --threads applies before any torch work."""
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
+
+
+def _checked_methods_and_tasks(args: argparse.Namespace) -> tuple[list, list[str]]:
+    """The method specs and task names, checked before the (slow) model load."""
+    from . import tasks as T
+    from .methods import parse_methods
+
     try:
         specs = parse_methods(args.methods)
     except ValueError as err:
@@ -226,22 +273,45 @@ def _run(args: argparse.Namespace) -> int:
     bad_depths = [d for d in args.passkey_depths if not 0 <= d <= 1]
     if bad_depths:
         raise UsageError(f"--passkey-depths must lie in [0, 1], got {bad_depths}")
+    return specs, names
+
+
+def _trained_model_folder(args: argparse.Namespace) -> Path | None:
+    """The folder of --model if it holds an SA-Llama (scored as trained, not patched);
+    a path that does not exist is a user error, not an HF id."""
     model_path = Path(args.model).expanduser()
     if args.model.startswith((".", "/", "~")) and not model_path.exists():
         raise UsageError(f"--model {args.model}: no such folder (give a built-in name, an HF id "
                          "or the folder of a saved model)")
     if (model_path / "config.json").is_file() and json.loads(
             (model_path / "config.json").read_text()).get("model_type") == "sa_llama":
-        return _run_trained(args, model_path)
-    out = ensure_folder(args.out, "--out")
-    started = time.time()
+        return model_path
+    return None
+
+
+def _load_model(args: argparse.Namespace):
+    """The released model and its tokenizer; a load failure is reported in one line."""
+    from ..models import load_pretrained
+
     try:
-        model, tokenizer = load_pretrained(args.model)
+        return load_pretrained(args.model)
     except OSError as err:  # a missing or broken folder, or an id not in the local cache
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"--model {args.model} cannot be loaded: {first}") from None
-    docs = [d for c in args.corpora for d in load_corpus(c)] \
+
+
+def _documents(args: argparse.Namespace, names: list[str]) -> list:
+    """The corpora's documents, read only when a task or the decode check needs text."""
+    from ..data.corpora import load_corpus
+
+    return [d for c in args.corpora for d in load_corpus(c)] \
         if names or args.decode_check else []
+
+
+def _build_tasks(args: argparse.Namespace, tokenizer, docs: list, names: list[str]) -> list:
+    """The tasks named, built from the documents with --data-seed (the same for every method)."""
+    from . import tasks as T
+
     s = args.data_seed
     builders = {
         "perplexity": lambda: T.perplexity_task(tokenizer, docs, count=args.ppl_docs,
@@ -254,43 +324,45 @@ def _run(args: argparse.Namespace) -> int:
         "nextline": lambda: T.nextline_task(tokenizer, docs, count=args.examples,
                                             context=args.context, seed=s),
     }
-    task_list = [builders[n]() for n in names]
+    return [builders[n]() for n in names]
+
+
+def _measure(args: argparse.Namespace, model, tokenizer, specs: list, task_list: list,
+             docs: list) -> dict:
+    """Score every method/window/seed on the tasks (and the harness), then the optional
+    prefill timing and decode check; what was not asked for is None."""
+    from . import tasks as T
+    from .sweep import aggregate, decode_cost, run_sweep, time_prefill
+
     records = run_sweep(model, tokenizer, specs, args.windows, args.seeds, task_list)
-    summary = aggregate(records)
-    harness = None
+    results = dict(records=records, summary=aggregate(records), harness=None, timings=None,
+                   decoding=None)
     if args.harness:
         from .harness import harness_sweep
 
-        limit = args.harness_limit
-        harness = harness_sweep(model, tokenizer, specs, args.windows, args.seeds,
-                                args.harness, include_path=args.harness_include,
-                                num_fewshot=args.harness_fewshot,
-                                limit=int(limit) if limit and limit >= 1 else limit)
-    timings = None
+        results["harness"] = harness_sweep(model, tokenizer, specs, args.windows, args.seeds,
+                                           args.harness, **_harness_options(args))
     if args.prefill_timing:
-        timings = time_prefill(model, specs, args.timing_window, args.prefill_timing,
-                               args.timing_repeats)
-    decoding = None
+        results["timings"] = time_prefill(model, specs, args.timing_window, args.prefill_timing,
+                                          args.timing_repeats)
     if args.decode_check:
         prompt, steps = args.decode_check
         ids = T.perplexity_task(tokenizer, docs, count=1, length=prompt + steps,
-                                seed=s).examples[0]
-        decoding = decode_cost(model, ids, prompt, args.timing_window)
-    meta = dict(model=args.model, command=vars(args) | {"func": None},
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                machine=f"{platform.machine()} {torch.get_num_threads()} threads, no GPU"
-                if not torch.cuda.is_available() else torch.cuda.get_device_name(),
-                seconds=round(time.time() - started, 1),
-                examples={t.name: len(t.examples) for t in task_list})
+                                seed=args.data_seed).examples[0]
+        results["decoding"] = decode_cost(model, ids, prompt, args.timing_window)
+    return results
+
+
+def _report(out: Path, meta: dict, *, records: list, summary: list, harness: list | None,
+            timings: list | None, decoding: list | None) -> None:
+    """Write JSON, markdown and plot to ``out`` and print the tables."""
+    from . import report
+
     paths = report.save(out, meta, records, summary, timings, decoding)
     if summary:
         print(report.markdown_table(summary))
     if harness:
-        from .harness import harness_table
-
-        table = harness_table(harness)
-        (paths["json"].parent / "harness.json").write_text(json.dumps(harness, indent=1))
-        (paths["json"].parent / "harness.md").write_text(table + "\n")
+        table = _write_harness(paths["json"].parent, harness)
         print("\nlm-evaluation-harness (mean over seeds):\n" + table)
     if timings:
         print("\nPrefill time, ratio to full attention:\n" + report.timing_table(timings))
@@ -299,4 +371,3 @@ def _run(args: argparse.Namespace) -> int:
     print("\nkeys/q = mean attended keys per query and head over all layers.")
     plot = f"; plot: {paths['plot']}" if "plot" in paths else ""
     print(f"Wrote {paths['json']}, {paths['markdown']}{plot}")
-    return 0

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..hf import patch, unpatch
+from ..hf import patched
 from ..progress import tqdm
 from .methods import MethodSpec
 from .sweep import grid
@@ -174,11 +174,8 @@ def harness_sweep(model, tokenizer, specs: list[MethodSpec], windows: list[int],
     names = _task_list(tasks)
     records = []
     for spec, window, seed in tqdm(grid(specs, windows, seeds), desc="harness", unit="row"):
-        patch(model, **spec.settings(window or 1 << 30, layers, seed))
-        try:
+        with patched(model, **spec.settings(window or 1 << 30, layers, seed)):
             out = run_harness(model, tokenizer, tasks, **harness_kwargs)
-        finally:
-            unpatch(model)
         records += _records(out, names, label=spec.label, window=window, seed=seed)
     return records
 

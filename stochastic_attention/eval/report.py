@@ -103,10 +103,9 @@ def decode_table(rows: list[dict]) -> str:
 
 
 def plot(summary: list[dict], path: Path) -> None:
-    import matplotlib
+    from ..viz import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tasks = list(dict.fromkeys(s["task"] for s in summary))
     # Top row: metric vs nominal window (the paper's Figure 4); bottom row: vs the measured
@@ -133,9 +132,7 @@ def plot(summary: list[dict], path: Path) -> None:
             ax.set_ylabel(rows[0]["metric"])
             ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=6, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def load_records(paths: list[Path]) -> tuple[list[dict], list[dict]]:

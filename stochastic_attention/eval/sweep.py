@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import torch
 
-from ..hf import patch, unpatch
+from ..hf import patched
 from ..progress import tqdm
 from .methods import MethodSpec, mean_keys
 from .tasks import SCORERS, Task
@@ -36,17 +36,16 @@ def run_sweep(model, tokenizer, specs, windows, seeds, tasks: list[Task]) -> lis
     with tqdm(total=len(rows) * len(tasks), desc="eval grid", unit="cell") as bar:
         for spec, window, seed in rows:
             w = window or 1 << 30
-            patch(model, **spec.settings(w, layers, seed))
-            for task in tasks:
-                bar.set_postfix_str(f"{spec.label} w={window} s={seed} {task.name}")
-                value = SCORERS[task.name](model, task, tokenizer)
-                keys = mean_keys(spec, w, task.length, model.config, seed)
-                records.append(dict(label=spec.label, method=spec.method, window=window,
-                                    seed=seed, task=task.name, metric=task.metric,
-                                    higher_is_better=task.higher_is_better, length=task.length,
-                                    value=value, keys_per_query=keys))
-                bar.update()
-            unpatch(model)
+            with patched(model, **spec.settings(w, layers, seed)):
+                for task in tasks:
+                    bar.set_postfix_str(f"{spec.label} w={window} s={seed} {task.name}")
+                    value = SCORERS[task.name](model, task, tokenizer)
+                    keys = mean_keys(spec, w, task.length, model.config, seed)
+                    records.append(dict(label=spec.label, method=spec.method, window=window,
+                                        seed=seed, task=task.name, metric=task.metric,
+                                        higher_is_better=task.higher_is_better,
+                                        length=task.length, value=value, keys_per_query=keys))
+                    bar.update()
     return records
 
 
@@ -76,12 +75,11 @@ def time_prefill(model, specs, window: int, lengths: list[int], repeats: int = 1
     for _, n, spec in tqdm(jobs, desc="prefill timing", unit="run"):
         ids = torch.randint(0, model.config.vocab_size, (1, n),
                             generator=torch.Generator().manual_seed(n))
-        patch(model, **spec.settings(window if spec.method != "full" else 1 << 30, layers))
-        with torch.no_grad():
+        settings = spec.settings(window if spec.method != "full" else 1 << 30, layers)
+        with patched(model, **settings), torch.no_grad():
             start = time.perf_counter()
             model(ids, logits_to_keep=1)
             elapsed = time.perf_counter() - start
-        unpatch(model)
         key = (spec.label, n)
         best[key] = min(best.get(key, float("inf")), elapsed)
     out = [dict(label=label, length=n, window=window, seconds=sec, repeats=repeats)
@@ -108,9 +106,9 @@ def decode_cost(model, ids: torch.Tensor, prompt_len: int, window: int, *, sinks
                 ("SA prefill + stochastic decode", dict(method="stochastic", decode="stochastic"))]
     for label, kw in tqdm(settings, desc="decode cost", unit="setting"):
         sa = kw["method"] == "stochastic"
-        patch(model, **({"window": window, "sinks": sinks, "local": local} if sa else {}), **kw)
+        options = {"window": window, "sinks": sinks, "local": local} if sa else {}
         nll, seconds = 0.0, 0.0
-        with torch.no_grad():
+        with patched(model, **options, **kw), torch.no_grad():
             out = model(ids[None, :prompt_len], use_cache=True, logits_to_keep=1)
             cache, logits = out.past_key_values, out.logits[0, -1]
             for t in range(len(cont)):
@@ -119,7 +117,6 @@ def decode_cost(model, ids: torch.Tensor, prompt_len: int, window: int, *, sinks
                 out = model(cont[None, t:t + 1], past_key_values=cache, use_cache=True)
                 seconds += time.perf_counter() - start
                 cache, logits = out.past_key_values, out.logits[0, -1]
-        unpatch(model)
         rows.append(dict(label=label, prompt=prompt_len, steps=len(cont), window=window,
                          perplexity=float(torch.exp(torch.tensor(nll / len(cont)))),
                          seconds_per_step=seconds / len(cont)))

@@ -6,13 +6,14 @@ from .patching import (
     SUPPORTED_MODEL_TYPES,
     check_supported,
     patch,
+    patched,
     patched_config,
     register,
     unpatch,
 )
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "PatchConfig", "check_supported", "patch", "patched_config",
-           "register", "unpatch"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "PatchConfig", "check_supported", "patch", "patched",
+           "patched_config", "register", "unpatch"]
 
 # Importing the package makes the names usable in from_pretrained(attn_implementation=...).
 register()

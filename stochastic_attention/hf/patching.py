@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial, wraps
 
 from .attention import attention_forward, padding_mask
@@ -107,7 +109,7 @@ def patch(
     The settings are stored in ``model.config.stochastic_attention``; ``save_pretrained`` also
     writes the implementation name, so ``AutoModelForCausalLM.from_pretrained(dir)`` (with
     this package imported) loads the model patched. :func:`unpatch` restores the previous
-    attention.
+    attention; :func:`patched` patches for a ``with`` block only.
     """
     check_supported(model)
     if method not in METHODS:
@@ -143,6 +145,30 @@ def unpatch(model):
     model.set_attn_implementation(previous["restore_attn_implementation"] or "sdpa")
     delattr(model.config, CONFIG_KEY)
     return model
+
+
+@contextmanager
+def patched(model, method: str, window: int, **options) -> Iterator:
+    """:func:`patch` for the length of a ``with`` block (same arguments), undone on exit.
+
+    The model gets its previous attention back however the block ends, an exception
+    included, so an error in the middle of a sweep never leaves it patched. A model that was
+    patched already returns to those settings::
+
+        with patched(model, "stochastic", 64, sinks=4):
+            loss = score(model)
+    """
+    before = getattr(model.config, CONFIG_KEY, None)
+    implementation = model.config._attn_implementation
+    patch(model, method, window, **options)  # (bad arguments raise before any change)
+    try:
+        yield model
+    finally:
+        if before is None:
+            unpatch(model)
+        else:
+            setattr(model.config, CONFIG_KEY, before)
+            model.set_attn_implementation(implementation)
 
 
 def patched_config(model) -> PatchConfig | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..cli_args import add_no_progress, add_overrides
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -19,10 +21,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     start.add_argument("--overwrite", action="store_true",
                        help="delete the run already in train.out_dir (checkpoints, metrics, "
                             "final model) and start a new one")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE", help="override a config value, e.g. "
-                        "--set train.steps=200 (repeatable)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_overrides(parser, "override a config value, e.g. --set train.steps=200 (repeatable)")
+    add_no_progress(parser, "no progress bar")
     parser.set_defaults(func=run)
     return parser
 

@@ -95,10 +95,9 @@ def _curve(out_dir: Path, key: str) -> tuple[list[int], list[float]]:
 
 
 def plot_curves(runs: list[dict], path: Path) -> None:
-    import matplotlib
+    from ..viz import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colours = {}
@@ -120,10 +119,7 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _mean_spread(values: list[float], digits: int = 2) -> str:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli_args import ensure_folder, int_list, nonneg_int, positive_int
+from ..cli_args import (
+    add_no_progress,
+    add_out,
+    add_overrides,
+    ensure_folder,
+    int_list,
+    nonneg_int,
+    positive_int,
+)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -18,15 +26,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int_list, default=[0, 1],
                         help="comma-separated training seeds, each run for every config "
                              "(default 0,1)")
-    parser.add_argument("--out", type=Path, default=Path("runs/pretrain-comparison"),
-                        help="folder for the runs (one sub-folder per config and seed) and "
-                             "results.json")
+    add_out(parser, Path("runs/pretrain-comparison"), type=Path,
+            help="folder for the runs (one sub-folder per config and seed) and results.json")
     parser.add_argument("--report", type=Path, default=None,
                         help="the Markdown report to write, results JSON and plot beside it "
                              "(default: OUT/results-pretraining.md)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE", help="override every config, e.g. "
-                        "--set train.steps=100")
+    add_overrides(parser, "override every config, e.g. --set train.steps=100")
     parser.add_argument("--eval-chunks", type=positive_int, default=32,
                         help="validation sequences per corpus for the final perplexity")
     parser.add_argument("--passkey-trials", type=positive_int, default=64,
@@ -42,7 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--report-only", action="store_true",
                         help="report the finished runs, train nothing (scores missing from a run, "
                              "e.g. cloze accuracy, are computed from its final model)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_no_progress(parser)
     parser.set_defaults(func=run)
     return parser
 

@@ -1,4 +1,4 @@
-"""The pre-training loop: one function, every knob visible in the config.
+"""The pre-training loop: short steps, every knob visible in the config.
 
 Data position, learning-rate schedule and permutation RNG are all functions of the step
 count and the saved state, so a run interrupted (SIGINT / SIGTERM, or ``stop_after``) and
@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import shutil
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +29,12 @@ from ..models import SALlamaConfig, SALlamaForCausalLM
 from ..progress import tqdm
 from . import checkpoint
 from . import distributed as dist_utils
-from .config import ConfigError, ExperimentConfig
+from .config import ConfigError, ExperimentConfig, TrainConfig
+from .schedule import cosine_lambda_lr
 
 # What a run writes into its folder (``overwrite=True`` removes exactly these).
 RUN_FILES = ("run.json", "config.json", "metrics.jsonl", "eval.json")
 RUN_DIRS = ("checkpoints", "final", "tensorboard")
-
-
-def cosine_schedule(step: int, *, warmup: int, total: int, lr: float, min_lr: float) -> float:
-    """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at ``total`` steps."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def build_model(cfg: ExperimentConfig, vocab_size: int, eos_id: int) -> SALlamaForCausalLM:
@@ -198,7 +191,7 @@ def train(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = Fals
                          "pass --resume to continue it or --overwrite to replace it")
     info = dist_utils.setup()
     try:
-        return _train(cfg, t, info, resume, stop_after, progress)
+        return _train(cfg, info, resume, stop_after, progress)
     finally:
         dist_utils.teardown(info)
 
@@ -236,137 +229,218 @@ def _resume_point(out_dir: Path) -> tuple[Path, str | None]:
     return path, run_id
 
 
-def _train(cfg, t, info, resume, stop_after, progress) -> dict:
+@dataclass
+class _Run:
+    """What the steps of one run share: its pieces, and where it stands (``step``, losses)."""
+
+    cfg: ExperimentConfig
+    info: dist_utils.DistInfo
+    config: dict  # cfg as saved in config.json and in every checkpoint
+    accum: int  # micro-batches per rank and optimizer step
+    tokenizer: object
+    train_sampler: ChunkSampler
+    val_samplers: dict[str, ChunkSampler]
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    run_id: str | None  # (rank 0 writes the checkpoints, so only it needs the id)
+    pack_eos: int | None  # with data.pack: the EOS that separates documents attended apart
+    step: int = 0
+    samples: int = 0
+    loss: float = float("nan")
+    val_loss: dict[str, float] | None = None
+    val_step: int | None = None
+    interrupted: bool = False
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.train.out_dir)
+
+
+def _train(cfg: ExperimentConfig, info: dist_utils.DistInfo, resume: bool,
+           stop_after: int | None, progress: bool) -> dict:
+    """Build (or resume) the run, step it to the end or an interruption, then finish it."""
+    t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    out_dir = Path(t.out_dir)
-    config_dict = cfg.to_dict()
-    run_id = None  # (rank 0 writes the checkpoints, so only it needs the id)
-    if resume:
-        resume_path, run_id = _resume_point(out_dir)
+    # Before any work: resuming a folder without a checkpoint fails at once.
+    resume_from = _resume_point(Path(t.out_dir)) if resume else None
+    run = _build(cfg, info, resume_from)
+    if resume_from is not None:
+        _resume(run, resume_from[0])
+    _train_steps(run, stop_after, progress)
+    if run.val_step != run.step:  # interrupted between evaluations, or resumed a finished run
+        _validate(run)
+    if not run.interrupted:
+        _save_final(run.model, cfg, run.tokenizer, info, run.out_dir / "final")
+    return {"step": run.step, "samples": run.samples, "loss": run.loss,
+            "val_loss": run.val_loss, "interrupted": run.interrupted,
+            "out_dir": str(run.out_dir)}
+
+
+def _accumulation(t: TrainConfig, info: dist_utils.DistInfo) -> int:
+    """Micro-batches each rank runs per optimizer step, so that the global batch is
+    ``train.batch_size`` whatever the number of processes."""
     micro_per_step = t.batch_size // t.micro_batch_size
     if micro_per_step % info.world_size:
         raise ConfigError(f"train.batch_size / train.micro_batch_size = {micro_per_step} "
                          f"micro-batches must divide among {info.world_size} processes")
-    accum = micro_per_step // info.world_size
+    return micro_per_step // info.world_size
 
+
+def _load_data(cfg: ExperimentConfig, info: dist_utils.DistInfo):
+    """The tokenizer and the samplers of training and validation chunks. Rank 0 tokenises
+    first; the others then read its cache instead of all writing it at once."""
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     splits = []
-    for rank_turn in (True, False):  # rank 0 tokenises first; the others then read its cache
+    for rank_turn in (True, False):
         if rank_turn == info.is_main:
             splits = [prepare_source(parse_source(s), tokenizer, cfg.data.cache_dir,
                                      val_fraction=cfg.data.val_fraction,
                                      split_seed=cfg.data.split_seed) for s in cfg.data.sources]
         if info.enabled:
             torch.distributed.barrier()
-    pack_eos = tokenizer.eos_id if cfg.data.pack else None  # documents attended apart
+    t = cfg.train
     train_sampler = ChunkSampler([s.train for s in splits], t.seq_len, seed=t.seed)
     val_samplers = {s.name: ChunkSampler([s.val], t.seq_len) for s in splits}
+    return tokenizer, train_sampler, val_samplers
 
+
+def _seed_rank_stream(t: TrainConfig, info: dist_utils.DistInfo, offset: int = 0) -> None:
+    """Permutations (and any other randomness) come from a per-rank stream."""
+    torch.manual_seed(t.seed * 1_000_003 + 7919 * info.rank + 1 + offset)
+
+
+def _build(cfg: ExperimentConfig, info: dist_utils.DistInfo,
+           resume_from: tuple[Path, str | None] | None) -> _Run:
+    """Data, model, optimizer and schedule. A new run clears its folder only once data and
+    model are known to work, so a config error never costs an old run."""
+    t = cfg.train
+    accum = _accumulation(t, info)
+    tokenizer, train_sampler, val_samplers = _load_data(cfg, info)
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     try:
         model = build_model(cfg, tokenizer.vocab_size, tokenizer.eos_id).to(info.device)
     except ValueError as err:  # the attention layers' own checks (window, sinks, ...)
         raise ConfigError(f"model: {err}") from None
-    if not resume and info.is_main:  # data and model are usable: only now replace an old run
-        clear_run(out_dir)  # (only reached with overwrite=True, or when there is nothing)
-        run_id = checkpoint.new_run_id(out_dir)
+    run_id = None if resume_from is None else resume_from[1]
+    if resume_from is None and info.is_main:
+        clear_run(Path(t.out_dir))  # (only reached with overwrite=True, or when there is nothing)
+        run_id = checkpoint.new_run_id(Path(t.out_dir))
     model = dist_utils.wrap(model, info, t.distributed)
     optimizer = _optimizer(model, t)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_schedule(s, warmup=t.warmup_steps, total=t.steps, lr=t.lr,
-                                             min_lr=t.min_lr) / t.lr)
-    # Permutations (and any other randomness) come from a per-rank stream.
-    torch.manual_seed(t.seed * 1_000_003 + 7919 * info.rank + 1)
+    scheduler = cosine_lambda_lr(optimizer, warmup=t.warmup_steps, total=t.steps, lr=t.lr,
+                                 min_lr=t.min_lr)
+    _seed_rank_stream(t, info)
+    return _Run(cfg=cfg, info=info, config=cfg.to_dict(), accum=accum, tokenizer=tokenizer,
+                train_sampler=train_sampler, val_samplers=val_samplers, model=model,
+                optimizer=optimizer, scheduler=scheduler, run_id=run_id,
+                pack_eos=tokenizer.eos_id if cfg.data.pack else None)
 
-    step, samples = 0, 0
-    if resume:
-        path = resume_path
-        payload = checkpoint.read(path)
-        checkpoint.check_compatible(payload, config_dict, path)
-        if run_id is None:  # a run from before run ids: adopt the checkpoint's (or none)
-            run_id = payload.get("run_id")
-        checkpoint.restore(payload, model=model, optimizer=optimizer, scheduler=scheduler,
-                           info=info)
-        step, samples = payload["step"], payload["samples"]
-        if len(payload["rng"]) != info.world_size:  # cannot be exact; stay reproducible
-            torch.manual_seed(t.seed * 1_000_003 + 7919 * info.rank + 1 + step)
-        if info.is_main:
-            print(f"resumed from step {step} ({path})", file=sys.stderr, flush=True)
 
-    metrics = _Metrics(out_dir, step, t.tensorboard, info.is_main)
+def _resume(run: _Run, path: Path) -> None:
+    """Restore weights, optimizer, schedule, RNG and position from the checkpoint ``path``,
+    after checking that it belongs to this config."""
+    payload = checkpoint.read(path)
+    checkpoint.check_compatible(payload, run.config, path)
+    if run.run_id is None:  # a run from before run ids: adopt the checkpoint's (or none)
+        run.run_id = payload.get("run_id")
+    checkpoint.restore(payload, model=run.model, optimizer=run.optimizer,
+                       scheduler=run.scheduler, info=run.info)
+    run.step, run.samples = payload["step"], payload["samples"]
+    if len(payload["rng"]) != run.info.world_size:  # cannot be exact; stay reproducible
+        _seed_rank_stream(run.cfg.train, run.info, offset=run.step)
+    if run.info.is_main:
+        print(f"resumed from step {run.step} ({path})", file=sys.stderr, flush=True)
+
+
+def _train_steps(run: _Run, stop_after: int | None, progress: bool) -> None:
+    """Step until ``train.steps``, logging, validating and checkpointing on their schedules.
+    A stop request (a signal on any rank, or ``stop_after``) ends it after a checkpoint."""
+    t, info = run.cfg.train, run.info
+    metrics = _Metrics(run.out_dir, run.step, t.tensorboard, info.is_main)
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(config_dict, indent=1))
-    bar = tqdm(total=t.steps, initial=step, disable=not (progress and info.is_main),
-               desc=f"train {out_dir.name}", unit="step")
-    tokens_per_step = t.batch_size * t.seq_len
-    model.train()
-    interrupted, last_loss, last_val, val_step = False, float("nan"), None, None
-    is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-
-    def save():
-        checkpoint.save(checkpoint.checkpoint_dir(out_dir) / f"step-{step:07d}.pt",
-                        model=model, optimizer=optimizer, scheduler=scheduler, step=step,
-                        samples=samples, config=config_dict, info=info,
-                        keep=t.keep_checkpoints, run_id=run_id)
-
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        (run.out_dir / "config.json").write_text(json.dumps(run.config, indent=1))
+    bar = tqdm(total=t.steps, initial=run.step, disable=not (progress and info.is_main),
+               desc=f"train {run.out_dir.name}", unit="step")
+    run.model.train()
     with _StopFlag() as stop:
         tic = time.perf_counter()
-        while step < t.steps:
-            total = torch.zeros((), device=info.device)
-            for micro in range(accum):
-                start = samples + (micro * info.world_size + info.rank) * t.micro_batch_size
-                batch = train_sampler.batch(start, t.micro_batch_size).to(info.device)
-                sync = contextlib.nullcontext()
-                if is_ddp and micro < accum - 1:
-                    sync = model.no_sync()  # gradients are all-reduced once per step
-                with sync:
-                    loss = _loss(model, batch, t.precision, pack_eos)
-                    (loss / accum).backward()
-                total += loss.detach() / accum
-            grad_norm = float("nan")
-            if t.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                                 t.grad_clip))
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            samples += t.batch_size
-            last_loss = dist_utils.all_reduce_mean(total, info).item()
-
+        while run.step < t.steps:
+            lr, grad_norm = _one_step(run)
             toc = time.perf_counter()
-            tok_s = tokens_per_step / max(toc - tic, 1e-9)
+            tok_s = t.batch_size * t.seq_len / max(toc - tic, 1e-9)
             tic = toc
             bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:,.0f}")
-            if step % t.log_every == 0 or step == t.steps:
-                metrics.log({"step": step, "loss": last_loss, "lr": lr,
-                             "grad_norm": grad_norm, "tokens": step * tokens_per_step,
-                             "tokens_per_s": tok_s})
-            if step % t.eval_every == 0 or step == t.steps:
-                last_val = evaluate(model, val_samplers, micro_batch_size=t.micro_batch_size,
-                                    batches=t.eval_batches, precision=t.precision, info=info,
-                                    eos_id=pack_eos)
-                val_step = step
-                metrics.log({"step": step, "val_loss": last_val,
-                             "val_loss_mean": sum(last_val.values()) / len(last_val)})
-            if stop_after is not None and step >= stop_after:
+            bar.set_postfix(loss=f"{run.loss:.4f}", tok_s=f"{tok_s:,.0f}")
+            _log_and_validate(run, metrics, lr=lr, grad_norm=grad_norm, tok_s=tok_s)
+            if stop_after is not None and run.step >= stop_after:
                 stop.raised = True
-            interrupted = dist_utils.any_rank(stop.raised, info) and step < t.steps
-            if step % t.checkpoint_every == 0 or step == t.steps or interrupted:
-                save()
-            if interrupted:
+            run.interrupted = dist_utils.any_rank(stop.raised, info) and run.step < t.steps
+            if run.step % t.checkpoint_every == 0 or run.step == t.steps or run.interrupted:
+                _save_checkpoint(run)
+            if run.interrupted:
                 break
     bar.close()
     metrics.close()
-    if val_step != step:  # interrupted between evaluations, or resumed a finished run
-        last_val = evaluate(model, val_samplers, micro_batch_size=t.micro_batch_size,
-                            batches=t.eval_batches, precision=t.precision, info=info,
-                            eos_id=pack_eos)
-    if not interrupted:
-        _save_final(model, cfg, tokenizer, info, out_dir / "final")
-    return {"step": step, "samples": samples, "loss": last_loss, "val_loss": last_val,
-            "interrupted": interrupted, "out_dir": str(out_dir)}
+
+
+def _one_step(run: _Run) -> tuple[float, float]:
+    """One optimizer step over the global batch; returns the rate it used and the gradient
+    norm before clipping (NaN without clipping). Each rank reads its own micro-batches."""
+    t, info, model = run.cfg.train, run.info, run.model
+    is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    total = torch.zeros((), device=info.device)
+    for micro in range(run.accum):
+        start = run.samples + (micro * info.world_size + info.rank) * t.micro_batch_size
+        batch = run.train_sampler.batch(start, t.micro_batch_size).to(info.device)
+        sync = contextlib.nullcontext()
+        if is_ddp and micro < run.accum - 1:
+            sync = model.no_sync()  # gradients are all-reduced once per step
+        with sync:
+            loss = _loss(model, batch, t.precision, run.pack_eos)
+            (loss / run.accum).backward()
+        total += loss.detach() / run.accum
+    grad_norm = float("nan")
+    if t.grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step used
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.samples += t.batch_size
+    run.loss = dist_utils.all_reduce_mean(total, info).item()
+    return lr, grad_norm
+
+
+def _log_and_validate(run: _Run, metrics: _Metrics, *, lr: float, grad_norm: float, tok_s: float) -> None:
+    """Training metrics every ``train.log_every`` steps, validation losses every
+    ``train.eval_every``; both at the last step."""
+    t, step = run.cfg.train, run.step
+    if step % t.log_every == 0 or step == t.steps:
+        metrics.log({"step": step, "loss": run.loss, "lr": lr, "grad_norm": grad_norm,
+                     "tokens": step * t.batch_size * t.seq_len, "tokens_per_s": tok_s})
+    if step % t.eval_every == 0 or step == t.steps:
+        val = _validate(run)
+        metrics.log({"step": step, "val_loss": val, "val_loss_mean": sum(val.values()) / len(val)})
+
+
+def _validate(run: _Run) -> dict[str, float]:
+    """Validation loss per source at the current step (collective: every rank calls it)."""
+    t = run.cfg.train
+    run.val_loss = evaluate(run.model, run.val_samplers, micro_batch_size=t.micro_batch_size,
+                            batches=t.eval_batches, precision=t.precision, info=run.info,
+                            eos_id=run.pack_eos)
+    run.val_step = run.step
+    return run.val_loss
+
+
+def _save_checkpoint(run: _Run) -> None:
+    """The resumable state at the current step (older checkpoints pruned to ``keep``)."""
+    t = run.cfg.train
+    checkpoint.save(checkpoint.checkpoint_dir(run.out_dir) / f"step-{run.step:07d}.pt",
+                    model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                    step=run.step, samples=run.samples, config=run.config, info=run.info,
+                    keep=t.keep_checkpoints, run_id=run.run_id)

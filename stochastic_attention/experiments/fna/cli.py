@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ...cli_args import ensure_folder, length_list, positive_int
+from ...cli_args import (
+    add_no_progress,
+    add_out,
+    add_threads,
+    add_window,
+    ensure_folder,
+    length_list,
+    positive_int,
+    set_threads,
+)
 
 DEFAULT_SPEED_LENGTHS = [512, 1024, 2048, 4096]
 
@@ -16,26 +25,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Train one-layer one-head encoders (FNA alpha=1.2, alpha=2, softmax) on a"
                     " passage-source task; report accuracy, spectral gap, shortest paths, plots.")
     p.add_argument("--config", default="configs/fna/passages.yaml", help="YAML experiment config")
-    p.add_argument("--out", default="runs/fna", help="folder for results.json and table.md")
+    add_out(p, "runs/fna", "folder for results.json and table.md")
     p.add_argument("--figures", default=None, help="folder for the PNG figures (default: --out)")
-    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
+    add_threads(p, type=positive_int, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="smoke run: 10 steps, one size, one seed")
     p.add_argument("--speed", type=length_list, nargs="?", const=DEFAULT_SPEED_LENGTHS,
                    metavar="N,N,...",
                    help="instead: time dense FNA vs FNA in SA windows (fwd+bwd) at these "
                         "comma-separated lengths (default 512,1024,2048,4096)")
-    p.add_argument("--window", type=positive_int, default=128, help="window for --speed")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_window(p, 128, "window for --speed")
+    add_no_progress(p)
     p.set_defaults(func=main)
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
     from .run import load_config, run
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     ensure_folder(args.out, "--out")
     if args.speed is not None:
         return _speed(args)

@@ -152,10 +152,9 @@ CHAR_CLASSES = {"space": " ", "vowel": "aeiou", "punctuation": ".,;:!?'-",
 
 
 def plot_diffusion_maps(models: dict, tokens: torch.Tensor, path: Path) -> None:
-    import matplotlib
+    from ...viz import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     chars = [ALPHABET[i] for i in tokens.tolist()]
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4.0), squeeze=False)
@@ -171,16 +170,13 @@ def plot_diffusion_maps(models: dict, tokens: torch.Tensor, path: Path) -> None:
     axes[0][-1].legend(title="token", fontsize=8)
     fig.suptitle("Diffusion maps of the trained attention graph (one test passage,"
                  " one point per character)", y=1.02)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, bbox_inches="tight")
 
 
 def plot_accuracy(summary: list[dict], path: Path) -> None:
-    import matplotlib
+    from ...viz import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for variant in dict.fromkeys(r["variant"] for r in summary):
@@ -192,8 +188,7 @@ def plot_accuracy(summary: list[dict], path: Path) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("One layer, one head: passage source classification")
     ax.legend()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, tight=False, bbox_inches="tight")
 
 
 def markdown_tables(result: dict) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 
 from ...models.fna_classifier import ClassifierConfig, EncoderClassifier
 from ...progress import tqdm
+from ...train.schedule import cosine_lambda_lr
 from .data import PassageTask
 
 
@@ -41,7 +41,7 @@ def train_classifier(task: PassageTask, model_cfg: ClassifierConfig, train_cfg: 
     model = EncoderClassifier(model_cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr,
                             weight_decay=train_cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(train_cfg))
+    sched = _scheduler(opt, train_cfg)
     gen = torch.Generator().manual_seed(10_000 + seed)
     start = time.perf_counter()
     bar = tqdm(range(train_cfg.steps), desc=desc, leave=False, mininterval=2.0)
@@ -63,11 +63,6 @@ def train_classifier(task: PassageTask, model_cfg: ClassifierConfig, train_cfg: 
                    "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def _schedule(cfg: TrainConfig):
-    def factor(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
+def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``cfg.warmup`` steps, then cosine decay to a tenth of ``cfg.lr``."""
+    return cosine_lambda_lr(opt, warmup=cfg.warmup, total=cfg.steps, min_lr=0.1)

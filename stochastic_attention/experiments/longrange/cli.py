@@ -13,7 +13,18 @@ import platform
 import time
 from pathlib import Path
 
-from ...cli_args import UsageError, float_list, int_list, positive_int, positive_int_list, str_list
+from ...cli_args import (
+    UsageError,
+    add_no_progress,
+    add_out,
+    add_threads,
+    float_list,
+    int_list,
+    positive_int,
+    positive_int_list,
+    set_threads,
+    str_list,
+)
 
 
 def _csv(parse):
@@ -41,7 +52,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     run.add_argument("--quick", dest="profile", action="store_const", const="quick",
                      help="the same as --profile quick")
     run.add_argument("--shard", default="0/1", help="i/k: run shard i of k (groups split by estimated cost)")
-    run.add_argument("--out", default="runs/longrange", help="folder for the shard files (resumed if present)")
+    add_out(run, "runs/longrange", "folder for the shard files (resumed if present)")
     run.add_argument("--tasks", type=_csv(str_list), default=None, help="comma-separated task names (default: all)")
     run.add_argument("--kinds", type=_csv(str_list), default=None, help=f"comma-separated subset of {','.join(KINDS)}")
     run.add_argument("--depths", type=_csv(positive_int_list), default=None, help="comma-separated layer counts")
@@ -49,13 +60,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=_csv(int_list), default=None, help="comma-separated seeds")
     run.add_argument("--lrs", type=_csv(float_list), default=None, help="comma-separated learning rates")
     run.add_argument("--steps", type=positive_int, default=None, help="training steps per cell")
-    run.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_threads(run, default=None, type=positive_int, help="torch CPU threads (default: torch's)")
+    add_no_progress(run)
     run.set_defaults(func=run_main)
 
     rep = lsub.add_parser("report", help="merge shard folders into one table, JSON and plot")
     rep.add_argument("dirs", nargs="+", help="shard folders (or shard files) to merge")
-    rep.add_argument("--out", default="runs/longrange-report", help="folder for longrange.md/.json/.png")
+    add_out(rep, "runs/longrange-report", "folder for longrange.md/.json/.png")
     rep.add_argument("--budget", type=positive_int, default=None,
                      help="SWA window of the grid (default: from the profile)")
     rep.set_defaults(func=report_main)
@@ -67,7 +78,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     sight.add_argument("--layers", type=_csv(positive_int_list), default=(1, 2, 4), help="comma-separated depths")
     sight.add_argument("--examples", type=positive_int, default=256, help="MQAR examples per cell")
     sight.add_argument("--draws", type=positive_int, default=64, help="pattern draws per cell")
-    sight.add_argument("--out", default="runs/longrange-sight", help="folder for sight.md and sight.json")
+    add_out(sight, "runs/longrange-sight", "folder for sight.md and sight.json")
     sight.set_defaults(func=sight_main)
 
     cost = lsub.add_parser("cost", help="training step time of every kind, side by side, medians")
@@ -75,8 +86,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     cost.add_argument("--depth", type=positive_int, default=4, help="layers")
     cost.add_argument("--kinds", type=_csv(str_list), default=None, help="comma-separated kinds")
     cost.add_argument("--repeats", type=positive_int, default=7, help="timed steps per kind (median kept)")
-    cost.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    cost.add_argument("--out", default="runs/longrange-cost", help="folder for cost.json and cost.md")
+    add_threads(cost, default=None, type=positive_int, help="torch CPU threads")
+    add_out(cost, "runs/longrange-cost", "folder for cost.json and cost.md")
     cost.set_defaults(func=cost_main)
     return p
 
@@ -93,13 +104,10 @@ def _profile(args):
 
 
 def run_main(args: argparse.Namespace) -> int:
-    import torch
-
     from .kinds import KINDS
     from .sweep import parse_shard, run_shard
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     profile = _profile(args)
     bad = set(profile.kinds) - set(KINDS)
     if bad:
@@ -144,8 +152,7 @@ def cost_main(args: argparse.Namespace) -> int:
 
     from .cost import step_times
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     profile = _profile(argparse.Namespace(profile=args.profile, kinds=args.kinds, depths=None,
                                           widths=None, seeds=None, lrs=None, steps=None))
     table = step_times(profile, depth=args.depth, repeats=args.repeats)

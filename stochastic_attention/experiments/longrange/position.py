@@ -212,18 +212,15 @@ def compare_positions(docs: Sequence[torch.Tensor], *, model=None, methods: Sequ
                disable=not progress)
     if methods:
         from ...eval.methods import mean_keys
-        from ...hf import patch, unpatch
+        from ...hf import patched
 
         layers = model.config.num_hidden_layers
         for spec, window in methods:
             bar.set_postfix_str(spec.label)
             w = window or 1 << 30
-            patch(model, **spec.settings(w, layers, seed))
-            try:
+            with patched(model, **spec.settings(w, layers, seed)):
                 stats = loss_by_position(model, docs, buckets=edges, progress=progress,
                                          desc=spec.label)
-            finally:
-                unpatch(model)
             results.append(dict(label=spec.label, method=spec.method, window=window,
                                 options={k: list(v) if isinstance(v, tuple) else v
                                          for k, v in spec.options.items()},

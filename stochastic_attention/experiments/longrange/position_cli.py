@@ -8,11 +8,18 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import time
 
-from ...cli_args import UsageError
+from ...cli_args import (
+    UsageError,
+    add_no_progress,
+    add_out,
+    add_seed,
+    add_threads,
+    add_window,
+    run_meta,
+    set_threads,
+)
 from .position import DEFAULT_SOURCES
 
 DEFAULT_METHODS = "full,sliding_window+sinks=4,stochastic+sinks=4+local=0.75,moba+sinks=4"
@@ -33,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="with --model: comma-separated specs name[:window][+opt=val...] as in "
                         "`sattn eval`, e.g. full,sliding_window:64+sinks=4,stochastic+sinks=4+local=0.75")
-    p.add_argument("--window", type=int, default=64, help="window of methods without ':window'")
+    add_window(p, 64, "window of methods without ':window'", type=int)
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per document")
     p.add_argument("--docs", type=int, default=8, help="number of held-out documents")
     p.add_argument("--sources", default=None,
@@ -46,11 +53,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="held-out share of each source (default: the training run's, else 0.05)")
     p.add_argument("--split-seed", type=int, default=None,
                    help="seed of the document split (default: the training run's, else 0)")
-    p.add_argument("--seed", type=int, default=0, help="document choice and SA permutations")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1 is fastest on a CPU shared with other jobs; 0: default)")
-    p.add_argument("--out", default="runs/position", help="output folder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_seed(p, "document choice and SA permutations")
+    add_threads(p, type=int)
+    add_out(p, "runs/position")
+    add_no_progress(p)
     p.set_defaults(func=run)
     return p
 
@@ -79,13 +85,10 @@ def _data_settings(args: argparse.Namespace, checkpoints: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from . import position_report
     from .position import compare_positions, heldout_documents, parse_position_method
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     started = time.time()
     checkpoints = [c.strip() for c in (args.checkpoints or "").split(",") if c.strip()]
     model, methods = None, []
@@ -116,13 +119,8 @@ def run(args: argparse.Namespace) -> int:
                                progress=not args.no_progress)
     result["documents"] = [dict(source=d["source"], index=d["index"]) for d in picked]
     result["data"] = data
-    result["meta"] = dict(
-        model=args.model or ("smollm2-135m" if not checkpoints else None),
-        command=vars(args) | {"func": None},
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        machine=f"{platform.machine()} {torch.get_num_threads()} threads, no GPU"
-        if not torch.cuda.is_available() else torch.cuda.get_device_name(),
-        seconds=round(time.time() - started, 1))
+    result["meta"] = run_meta(args, started,
+                              model=args.model or ("smollm2-135m" if not checkpoints else None))
     paths = position_report.save(result, args.out)
     print(position_report.markdown_table(result))
     print(f"\nMean next-token loss (nats) per position bucket; {result['docs']} documents of "

@@ -77,10 +77,9 @@ def plot(result: dict, path: str | Path, *, title: str | None = None,
     A dotted vertical line marks the window of each sliding-window method. With a
     ``reference`` method (with per-document means) a lower panel shows every other method's
     loss minus the reference's on the same documents, with a paired standard-error band."""
-    import matplotlib
+    from ...viz import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if error not in ("doc_sem", "sem"):
         raise ValueError(f"error must be 'doc_sem' or 'sem', got {error!r}")
@@ -124,12 +123,7 @@ def plot(result: dict, path: str | Path, *, title: str | None = None,
                           f"tokens (band: ±1 {band} s.e.)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _clip_outliers(ax, result: dict) -> None:

@@ -122,10 +122,9 @@ def _fmt(row: dict | None, name: str) -> str:
 def plot(rows: list[dict], path: Path, *, budget: int | None = None) -> None:
     """Accuracy against depth (one panel per task, with SWA's reach ceiling on majority when the
     budget is given) and against width."""
-    import matplotlib
+    from ...viz import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tasks = sorted({r["task"] for r in rows})
     has_width = any(len({r["width"] for r in rows if r["task"] == t}) > 1 for t in tasks)
@@ -173,7 +172,4 @@ def plot(rows: list[dict], path: Path, *, budget: int | None = None) -> None:
         ax.set_xlabel("width d")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from ...train.schedule import cosine_schedule
 from . import tasks
 
 
@@ -82,10 +82,7 @@ def scored_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     """Linear warmup then cosine decay to 0 (Zoology's schedule)."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cosine_schedule(step, warmup=warmup, total=steps, lr=lr, min_lr=0.0)
 
 
 @torch.no_grad()
