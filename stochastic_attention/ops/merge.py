@@ -209,7 +209,7 @@ class _FlashParts(torch.autograd.Function):
     def forward(ctx, scale, specs, *qkv):
         outs, lses = [], []
         kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        work = torch.float64 if qkv[0].dtype == torch.float64 else torch.float32
+        work = compute_dtype(qkv[0])
         for i, spec in enumerate(specs):
             q, k, v = qkv[3 * i: 3 * i + 3]
             if spec[0] == "band":
