@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from test_ops import LENGTHS, assert_close, make_qkv, padding_mask, run
 
 import stochastic_attention as sa
-from stochastic_attention.ops import blocked
+from stochastic_attention.ops.dense import merge_attention
 from stochastic_attention.ops.patterns import dense_mask
 from stochastic_attention.ops.reference import masked_attention
 
@@ -103,12 +103,16 @@ def test_merge_parts_of_disjoint_sets_is_one_softmax():
     def part(s):
         return torch.softmax(scores[:, s], -1) @ v[:, s], torch.logsumexp(scores[:, s], -1)
 
-    merged = blocked.merge_parts(*part(a), *part(b))
+    def merge_parts(out_a, lse_a, out_b, lse_b):
+        return merge_attention([out_a, out_b], [lse_a, lse_b])
+
+    merged, lse = merge_parts(*part(a), *part(b))
     torch.testing.assert_close(merged, torch.softmax(scores, -1) @ v)
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1))
     empty = torch.full((3,), float("-inf"))
-    torch.testing.assert_close(blocked.merge_parts(*part(a), torch.zeros(3, 4), empty), part(a)[0])
-    both_empty = blocked.merge_parts(torch.zeros(3, 4), empty, torch.zeros(3, 4), empty)
-    assert torch.equal(both_empty, torch.zeros(3, 4))
+    torch.testing.assert_close(merge_parts(*part(a), torch.zeros(3, 4), empty)[0], part(a)[0])
+    both_empty, lse = merge_parts(torch.zeros(3, 4), empty, torch.zeros(3, 4), empty)
+    assert torch.equal(both_empty, torch.zeros(3, 4)) and torch.equal(lse, empty)
 
 
 @pytest.mark.parametrize("layout,sinks,pad", [("band", 0, False), ("block", 3, True), ("band", 2, True)])

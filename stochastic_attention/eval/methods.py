@@ -16,8 +16,8 @@ import torch
 
 from ..functional import attended_keys
 from ..hf.config import METHODS, PatchConfig, resolve_local
+from ..ops.budget import ensemble_attended_keys
 from ..ops.moba import moba_attended_keys
-from ..ops.patterns import dense_mask
 from ..ops.permute import random_permutation
 
 INT_OPTIONS = ("sinks", "moba_topk", "head_split", "ensemble")
@@ -88,12 +88,9 @@ def _layer_keys(cfg: PatchConfig, n: int, heads: int, seed: int) -> float:
     sa_heads = heads if cfg.head_split is None else min(cfg.head_split, heads)
     gen = torch.Generator().manual_seed(seed)
     if cfg.ensemble > 1:  # a query reads the union of its windows under the K permutations
-        seen = torch.zeros(max(sa_heads, 1), n, n, dtype=torch.bool)
-        for _ in range(cfg.ensemble):
-            perm = random_permutation(1, max(sa_heads, 1), n, generator=gen)
-            seen |= dense_mask(n, cfg.window, perm=perm, layout=cfg.layout, sinks=cfg.sinks,
-                               local=cfg.local)[0]
-        sa = seen.sum(-1).float().mean().item()
+        perms = [random_permutation(1, max(sa_heads, 1), n, generator=gen) for _ in range(cfg.ensemble)]
+        sa = ensemble_attended_keys(n, cfg.window, perms, layout=cfg.layout, sinks=cfg.sinks,
+                                    local=cfg.local).float().mean().item()
     else:
         perm = random_permutation(1, max(sa_heads, 1), n, generator=gen)
         sa = attended_keys(n, cfg.window, perm=perm, layout=cfg.layout, sinks=cfg.sinks,

@@ -5,10 +5,12 @@ scaling=None, dropout=0.0, **kwargs) -> (out [B, L, Hq, D], None)`` with query [
 key/value [B, Hkv, S, D] (grouped-query heads not repeated, RoPE already applied). The mask we
 receive is the one :func:`padding_mask` below built: bool [B, S], True for real tokens, or None.
 
-Prefill (L == S) runs the configured method. With a KV cache (L < S) queries sit at the last L
-positions: ``decode="full"`` attends to the whole cache, ``decode="stochastic"`` to the sinks, a
-local window and a fresh random sample of ``window`` cached keys, gathered so that a generated
-token costs O(sinks + local + window) whatever the cache length.
+A thin translation layer: the patch settings pick an operator of :mod:`stochastic_attention.ops`
+(the algorithms, with their references and tests, live there). Prefill (L == S) runs the
+configured method. With a KV cache (L < S) queries sit at the last L positions:
+``decode="full"`` attends to the whole cache, ``decode="stochastic"`` to the sinks, a local
+window and a fresh random sample of ``window`` cached keys, gathered so that a generated token
+costs O(sinks + local + window) whatever the cache length.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..functional import sliding_window_attention, stochastic_attention
-from ..ops.decode import sparse_decode
+from ..functional import sliding_window_attention
+from ..ops.compose import ensemble_attention, head_split_attention
+from ..ops.decode import cached_attention, sparse_decode
 from ..ops.moba import moba_attention
-from ..ops.patterns import inverse_permutation
-from ..ops.permute import gather_mask, gather_seq, routing_permutation
+from ..ops.permute import gather_seq, real_tokens_first
 from .config import PatchConfig
 
 
@@ -44,71 +46,38 @@ def _prefill(cfg: PatchConfig, layer_idx: int, q, k, v, kpm, scale, own_window):
     if cfg.method == "moba":
         return moba_attention(q, k, v, cfg.moba_block, cfg.moba_topk, sinks=cfg.sinks,
                               key_mask=kpm, scale=scale)
-    hq = q.shape[1]
-    sa_heads = hq if cfg.head_split is None else min(cfg.head_split, hq)
-    if sa_heads < hq:
-        # Head split: the first sa_heads query heads use SA, the others SWA at the same window.
-        groups = hq // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        swa = sliding_window_attention(q[:, sa_heads:], k[:, sa_heads:], v[:, sa_heads:],
-                                       cfg.window, sinks=cfg.sinks, key_mask=kpm,
-                                       scale=scale)
-        if sa_heads == 0:
-            return swa
-        sa = _stochastic(cfg, layer_idx, q[:, :sa_heads], k[:, :sa_heads], v[:, :sa_heads],
-                         kpm, scale)
-        return torch.cat([sa, swa], dim=1)
-    return _stochastic(cfg, layer_idx, q, k, v, kpm, scale)
+    # Head split: the first head_split query heads use SA, the others SWA at the same window.
+    split = q.shape[1] if cfg.head_split is None else cfg.head_split
+    return head_split_attention(
+        q, k, v, split,
+        first=lambda q, k, v: _stochastic(cfg, layer_idx, q, k, v, kpm, scale),
+        rest=lambda q, k, v: sliding_window_attention(q, k, v, cfg.window, sinks=cfg.sinks,
+                                                      key_mask=kpm, scale=scale))
 
 
 def _stochastic(cfg: PatchConfig, layer_idx: int, q, k, v, kpm, scale):
     """SA (with the local union when ``cfg.local``); with ``cfg.ensemble = K`` the mean of K
     outputs under K independent permutations (K times the attention work)."""
-    B, H, n, _ = q.shape
-    g = _generator(cfg.seed, layer_idx, 0, torch.device("cpu"))
-    out = None
-    for _ in range(cfg.ensemble):
-        # Drawn over each row's real tokens from its own copy of g: a sequence gets the same
-        # routing alone or padded in any batch.
-        perm = routing_permutation(B, H, n, key_mask=kpm, generator=g, device=q.device)
-        one = stochastic_attention(q, k, v, cfg.window, perm=perm, layout=cfg.layout,
-                                   sinks=cfg.sinks, local=cfg.local, key_mask=kpm,
-                                   scale=scale)
-        out = one if out is None else out + one
-    return out / cfg.ensemble if cfg.ensemble > 1 else out
+    return ensemble_attention(q, k, v, cfg.window, members=cfg.ensemble,
+                              generator=_generator(cfg.seed, layer_idx, 0, torch.device("cpu")),
+                              layout=cfg.layout, sinks=cfg.sinks, local=cfg.local, key_mask=kpm,
+                              scale=scale)
 
 
 def _with_cache(cfg: PatchConfig, layer_idx: int, q, k, v, valid, scale, own_window):
-    """Queries at the last L of S cached positions; valid [B, S] bool or None (no padding)."""
-    if cfg.decode == "stochastic" and cfg.applies_to(layer_idx):
-        return _sampled_decode(cfg, layer_idx, q, k, v, valid, scale)
-    B, hq, L, D = q.shape
-    S = k.shape[2]
-    if valid is None:
-        valid = torch.ones(B, S, dtype=torch.bool, device=q.device)
-    q_pos = torch.arange(S - L, S, device=q.device)[:, None]
-    k_pos = torch.arange(S, device=q.device)[None, :]
-    causal = (k_pos <= q_pos) & valid[:, None, None, :]  # [B, 1, L, S]
-    if own_window and not (cfg.applies_to(layer_idx) and cfg.method != "full"):
-        rank = valid.long().cumsum(-1)
-        causal = causal & (rank[:, None, None, :] > rank[:, None, S - L:, None] - own_window)
-    groups = hq // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    has = causal.any(-1, keepdim=True)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal | ~has, scale=scale)
-    return out * has
+    """Queries at the last L of S cached positions; valid [B, S] bool or None (no padding).
 
-
-def _sampled_decode(cfg: PatchConfig, layer_idx: int, q, k, v, valid, scale):
-    """Each query: sinks + last ``max(local, 1)`` tokens + ``window`` random earlier keys.
-
-    Only those keys are gathered (:func:`~stochastic_attention.ops.decode.sparse_decode`), so a
-    generated token costs O(sinks + local + window) whatever the cache length. Each row draws
-    from a generator seeded by (seed, layer, its real tokens): a sequence samples the same keys
-    alone or padded in a batch.
+    ``decode="stochastic"``: sinks + last ``max(local, 1)`` tokens + ``window`` random earlier
+    keys, gathered (:func:`~stochastic_attention.ops.decode.sparse_decode`); each row draws
+    from a generator seeded by (seed, layer, its real tokens). Otherwise the whole cache, or the
+    model's own sliding window where the layer keeps its attention.
     """
-    return sparse_decode(q, k, v, valid, window=cfg.window, sinks=cfg.sinks,
-                         local=max(cfg.local, 1), seed=cfg.seed, layer_idx=layer_idx, scale=scale)
+    if cfg.decode == "stochastic" and cfg.applies_to(layer_idx):
+        return sparse_decode(q, k, v, valid, window=cfg.window, sinks=cfg.sinks,
+                             local=max(cfg.local, 1), seed=cfg.seed, layer_idx=layer_idx,
+                             scale=scale)
+    keeps_own = own_window and not (cfg.applies_to(layer_idx) and cfg.method != "full")
+    return cached_attention(q, k, v, own_window if keeps_own else k.shape[2], 0, valid, scale)
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -121,8 +90,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     layer_idx = getattr(module, "layer_idx", 0) or 0
     own_window = kwargs.get("sliding_window")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    B, _, L, _ = query.shape
-    S = key.shape[2]
+    L, S = query.shape[2], key.shape[2]
     valid = attention_mask
     if valid is not None and (valid.dim() != 2 or valid.dtype != torch.bool):
         raise TypeError("the stochastic attention functions expect the [batch, kv_len] bool mask "
@@ -135,11 +103,10 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     else:
         # Move real tokens to the front (stable), so sinks, blocks and windows see each sequence
         # as if it were alone; padding then trails every real query and is masked as a key.
-        order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)[:, None, :]
-        kpm = gather_mask(valid, order)[:, 0]
+        order, inverse, kpm = real_tokens_first(valid)
         q, k, v = (gather_seq(x, order) for x in (query, key, value))
         out = _prefill(cfg, layer_idx, q, k, v, kpm, scale, own_window)
-        out = gather_seq(out, inverse_permutation(order))
+        out = gather_seq(out, inverse)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -9,18 +9,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from ..ops.validate import check_int
+
 METHODS = ("full", "stochastic", "sliding_window", "moba")
 LAYOUTS = ("band", "block")
 DECODES = ("full", "stochastic")
 CONFIG_KEY = "stochastic_attention"
-
-
-def _int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
 
 
 def resolve_local(window: int, local) -> tuple[int, int]:
@@ -38,8 +32,7 @@ def resolve_local(window: int, local) -> tuple[int, int]:
         if not 0 < local < 1:
             raise ValueError(f"local as a float is a share of the window and must lie in (0, 1), "
                              f"got {local}; pass an int for a number of tokens")
-        if isinstance(window, bool) or not isinstance(window, int):
-            raise TypeError(f"window must be an int, got {window!r}")
+        check_int("window", window)
         keys = int(round(window * local))
         return max(1, window - keys), keys
     if local < 0:
@@ -74,17 +67,14 @@ class PatchConfig:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
         if self.decode == "stochastic" and self.method != "stochastic":
             raise ValueError("decode='stochastic' needs method='stochastic'; use decode='full'")
-        _int("window", self.window, 1)
-        _int("sinks", self.sinks, 0)
-        _int("local", self.local, 0)
-        _int("seed", self.seed, 0)
-        _int("moba_topk", self.moba_topk, 1)
-        _int("ensemble", self.ensemble, 1)
+        for name, low in (("window", 1), ("sinks", 0), ("local", 0), ("seed", 0), ("moba_topk", 1),
+                          ("ensemble", 1)):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), low))
         if self.ensemble > 1 and self.method != "stochastic":
             raise ValueError("ensemble applies to method='stochastic' only (the others are "
                              "deterministic); use ensemble=1")
         if self.head_split is not None:
-            _int("head_split", self.head_split, 0)
+            object.__setattr__(self, "head_split", check_int("head_split", self.head_split, 0))
         if self.layers is not None:
             layers = tuple(self.layers)
             for i in layers:

@@ -17,14 +17,12 @@ O(sinks + local + window) whatever the cache length (see :mod:`stochastic_attent
 
 from __future__ import annotations
 
-import importlib
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..functional import BACKENDS, sliding_window_attention, stochastic_attention
-from ..ops import documents
+from ..ops import bigbird, decode, documents, fractional, moba
+from ..ops.decode import cached_attention
 from ..ops.permute import routing_permutation
 from ..ops.validate import check_layout, check_sinks
 from .gate import BranchGate
@@ -190,7 +188,6 @@ class MultiHeadAttention(nn.Module):
         """BigBird's random earlier keys a forward pass would use: [batch, heads or 1, n, r],
         drawn over each row's real tokens (see :func:`~stochastic_attention.ops.bigbird.
         bigbird_indices`)."""
-        bigbird = importlib.import_module("stochastic_attention.ops.bigbird")
         heads = self.num_heads if self.perm_per_head else 1
         return bigbird.bigbird_indices(batch, heads, seq_len, self.swa_window, self.random_keys,
                                        sinks=self.sinks, generator=self._generator(),
@@ -285,17 +282,14 @@ class MultiHeadAttention(nn.Module):
                                         sinks=self.sinks, local=self.local,
                                         key_mask=key_mask, backend=backend)
         if self.kind == "bigbird":
-            bigbird = importlib.import_module("stochastic_attention.ops.bigbird")
             indices = self.draw_random_keys(q.shape[0], n, q.device, key_mask)
             return bigbird.bigbird_attention(q, k, v, self.swa_window, self.random_keys,
                                              sinks=self.sinks, key_mask=key_mask,
                                              indices=indices)
         if self.kind == "moba":
-            moba = importlib.import_module("stochastic_attention.ops.moba")
             block_size, topk = self.moba
             return moba.moba_attention(q, k, v, block_size, topk, sinks=self.sinks,
                                        key_mask=key_mask)
-        fractional = importlib.import_module("stochastic_attention.ops.fractional")
         alpha, eps, window = self.fna
         return fractional.fractional_attention(
             q, k, v, alpha, eps=eps, causal=True, key_mask=key_mask,
@@ -325,7 +319,6 @@ class MultiHeadAttention(nn.Module):
         if self.decode == "stochastic":
             # the same keys as cached_attention's band + sinks, gathered: the whole layer then
             # decodes in O(window) per token
-            decode = importlib.import_module("stochastic_attention.ops.decode")
             swa = decode.sparse_decode(q, k, v, key_mask, window=0, sinks=self.sinks,
                                        local=self.swa_window)
         else:
@@ -334,7 +327,6 @@ class MultiHeadAttention(nn.Module):
 
     def _sparse_decode(self, q, k, v, key_mask):
         """decode="stochastic": sinks, recent and random cached keys, gathered (O(window))."""
-        decode = importlib.import_module("stochastic_attention.ops.decode")
         if self.kind == "bigbird":
             window, local = self.random_keys, self.swa_window
         else:
@@ -355,40 +347,15 @@ class MultiHeadAttention(nn.Module):
         S = k.shape[2]
         q_all = torch.cat([q.new_zeros(B, H, S - L, D), q], dim=2)
         if self.kind == "moba":
-            moba = importlib.import_module("stochastic_attention.ops.moba")
             block_size, topk = self.moba
             out = moba.moba_attention(q_all, k, v, block_size, topk, sinks=self.sinks,
                                       key_mask=key_mask)
         else:
-            fractional = importlib.import_module("stochastic_attention.ops.fractional")
             alpha, eps, window = self.fna
             out = fractional.fractional_attention(
                 q_all, k, v, alpha, eps=eps, causal=True, key_mask=key_mask,
                 window=None if self.fna_stochastic else window, layout=self.layout)
         return out[:, :, S - L:]
-
-
-def cached_attention(q, k, v, window: int, sinks: int, key_mask) -> torch.Tensor:
-    """Queries at the last L positions of k/v: a causal band of ``window`` keys plus sinks.
-
-    Windows and sinks count real tokens (``key_mask`` True), so a left-padded row sees
-    the keys it would see alone. Dense over the cache: with L = 1 (decoding) that is
-    O(cache) per token anyway.
-    """
-    B, L, S = q.shape[0], q.shape[2], k.shape[2]
-    valid = (key_mask if key_mask is not None
-             else torch.ones(B, S, dtype=torch.bool, device=q.device))
-    rank = valid.long().cumsum(-1) - 1  # index of each key among its row's real tokens
-    k_rank, q_rank = rank[:, None, None, :], rank[:, None, S - L:, None]
-    slot = torch.arange(S, device=q.device)
-    causal = (slot[None, :] <= slot[S - L:, None]) & valid[:, None, None, :]  # [B, 1, L, S]
-    mask = causal & ((k_rank > q_rank - window) | (k_rank < sinks))
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    has_key = mask.any(dim=-1, keepdim=True)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~has_key)
-    return out * has_key
 
 
 def _check_decode(kind: str, decode: str) -> str:

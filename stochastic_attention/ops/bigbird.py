@@ -21,15 +21,17 @@ in one pass, and the two disjoint parts are merged exactly by their log-sum-exps
 
 from __future__ import annotations
 
-import numbers
-
 import torch
-import torch.nn.functional as F
 
 from . import blocked, documents, merge, parts
+from .budget import attended_keys
+from .dense import all_finite, compute_dtype, full_attention, masked_attention, merge_attention, repeat_kv, zero_padding
 from .patterns import sink_keys
-from .reference import masked_attention
 from .validate import (
+    check_bool,
+    check_causal_only,
+    check_index_tensor,
+    check_int,
     check_key_mask,
     check_qkv,
     check_scale,
@@ -48,13 +50,8 @@ __all__ = [
 
 
 def check_random_keys(random_keys: int) -> int:
-    if isinstance(random_keys, bool) or not isinstance(random_keys, numbers.Integral):
-        raise TypeError(f"random_keys must be an int (random earlier keys per query), "
-                        f"got {random_keys!r}")
-    if random_keys < 0:
-        raise ValueError(f"random_keys must be >= 0 (0 leaves only the window and the sinks), "
-                         f"got {random_keys}")
-    return int(random_keys)
+    return check_int("random_keys", random_keys, 0,
+                     hint=" (random earlier keys per query; 0 leaves the window and the sinks)")
 
 
 def bigbird_indices(
@@ -85,8 +82,7 @@ def bigbird_indices(
     generator is advanced once.
     """
     for name, value in (("batch", batch), ("heads", heads), ("seq_len", seq_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        check_int(name, value, 0)
     window, sinks = check_window(window), check_sinks(sinks)
     r = check_random_keys(random_keys)
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -142,12 +138,7 @@ def dedupe(indices: torch.Tensor) -> torch.Tensor:
 def check_indices(indices: torch.Tensor, batch: int, heads: int, seq_len: int, window: int,
                   random_keys: int, sinks: int, device) -> torch.Tensor:
     """Validate user indices [B|1, H|1, n, r]; returns them as long with repeats masked."""
-    if not isinstance(indices, torch.Tensor):
-        raise TypeError(f"indices must be a LongTensor, got {type(indices).__name__}")
-    if indices.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"indices must be an integer tensor (torch.long), got {indices.dtype}")
-    if indices.device != device:
-        raise ValueError(f"indices is on {indices.device} but q is on {device}")
+    check_index_tensor("indices", indices, device)
     if (indices.dim() != 4 or indices.shape[0] not in (1, batch)
             or indices.shape[1] not in (1, heads) or indices.shape[2] != seq_len
             or indices.shape[3] != random_keys):
@@ -166,8 +157,10 @@ def check_indices(indices: torch.Tensor, batch: int, heads: int, seq_len: int, w
     return dedupe(indices)
 
 
-def _prepare(q, k, v, window, random_keys, sinks, key_mask, scale, generator, indices):
+def _prepare(q, k, v, window, random_keys, causal, sinks, key_mask, scale, generator, indices):
+    """Every argument checked once; the random keys drawn unless given."""
     check_qkv(q, k, v)
+    check_causal_only("bigbird_attention", check_bool("causal", causal))
     window, sinks = check_window(window), check_sinks(sinks)
     random_keys = check_random_keys(random_keys)
     B, H, n, D = q.shape
@@ -190,6 +183,7 @@ def bigbird_attention(
     window: int,
     random_keys: int,
     *,
+    causal: bool = True,
     sinks: int = 0,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
@@ -204,6 +198,7 @@ def bigbird_attention(
         q: [batch, heads_q, seq, head_dim]; k, v: [batch, heads_kv, seq, head_dim], heads_q a
             multiple of heads_kv (grouped-query attention).
         window: local causal window, itself included (>= 1).
+        causal: BigBird here is causal only (True).
         random_keys: random earlier keys per query (>= 0), drawn from ``generator`` over each
             row's real tokens (shared by the heads; see :func:`bigbird_indices`) unless
             ``indices`` is given.
@@ -222,43 +217,33 @@ def bigbird_attention(
     if document_ids is not None or cu_seqlens is not None:
         return documents.packed_operator(
             bigbird_attention, q, k, v, window, random_keys, document_ids=document_ids,
-            cu_seqlens=cu_seqlens, sinks=sinks, key_mask=key_mask, scale=scale,
+            cu_seqlens=cu_seqlens, causal=causal, sinks=sinks, key_mask=key_mask, scale=scale,
             generator=generator, indices=indices)
-    window, sinks, scale, indices = _prepare(q, k, v, window, random_keys, sinks,
+    window, sinks, scale, indices = _prepare(q, k, v, window, random_keys, causal, sinks,
                                              key_mask, scale, generator, indices)
     B, Hq, n, D = q.shape
     if n == 0:
         return q.new_zeros(q.shape)
     groups = Hq // k.shape[1]
     kpm = key_mask
+    # padded keys and values never reach an output, even NaN
+    k, v = zero_padding(k, kpm), zero_padding(v, kpm)
     if window >= n:  # no random candidates exist: plain causal attention
-        from ..functional import full_attention  # late import: functional imports ops
         return full_attention(q, k, v, causal=True, key_mask=kpm, scale=scale)
     sinks = min(sinks, n)
-    if kpm is not None:  # padded keys and values never reach an output, even NaN
-        pad = ~kpm[:, None, :, None]
-        k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
-    ke, ve = k, v
-    if groups > 1:
-        ke, ve = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    ke, ve = repeat_kv(k, groups), repeat_kv(v, groups)
+    sink = blocked.SinkParts(ke, ve, sinks, kpm, 1)  # each row's first real tokens
+    is_sink = sink.is_sink if sinks else None
     local = dict(pos=None, key_valid=None if kpm is None else kpm[:, None, :], layout="band",
-                 causal=True, sinks=sinks, sink_k=None, sink_v=None, sink_valid=None,
-                 scale=scale)
-    is_sink = None
-    if sinks:  # each row's first real tokens
-        s_pos, s_valid, is_sink = sink_keys(kpm, sinks, n, q.device)
-        index = s_pos[:, None, :, None].expand(B, ke.shape[1], sinks, D)
-        local.update(sink_k=torch.gather(ke, 2, index), sink_v=torch.gather(ve, 2, index),
-                     sink_valid=None if s_valid is None else s_valid[:, None, :],
-                     sink_pos=s_pos[:, None, :], key_is_sink=is_sink[:, None, :])
+                 causal=True, scale=scale, **sink.slot_order(None))
     if not bool((indices >= 0).any()):
         return blocked.windowed_attention(q, ke, ve, window, **local).to(q.dtype)
-    if kpm is None and blocked.all_finite(k):  # no padding: sinks are the first positions
+    if kpm is None and all_finite(k):  # no padding: sinks are the first positions
         return merge.attend_parts([*_window_parts(q, ke, ve, window, sinks, kpm, local),
                                    _random_rows_part(q, k, v, indices, kpm)], scale)
     out_a, lse_a = blocked.windowed_attention(q, ke, ve, window, return_lse=True, **local)
     out_b, lse_b = _random_part(q, k, v, indices, kpm, scale, is_sink)
-    return blocked.merge_parts(out_a, lse_a, out_b, lse_b).to(q.dtype)
+    return merge_attention([out_a, out_b], [lse_a, lse_b])[0].to(q.dtype)
 
 
 def _window_parts(q, ke, ve, window, sinks, kpm, local):
@@ -308,7 +293,7 @@ def _random_part(q, k, v, indices, kpm, scale, is_sink=None):
     Hkv, G = k.shape[1], Hq // k.shape[1]
     Hi, r = indices.shape[1], indices.shape[-1]
     kg, vg, seen = _gather_random(q, k, v, indices, kpm, is_sink)
-    bias = torch.zeros(seen.shape, dtype=blocked.compute_dtype(q), device=q.device)
+    bias = torch.zeros(seen.shape, dtype=compute_dtype(q), device=q.device)
     bias = bias.masked_fill(~seen, float("-inf"))
     if Hi == 1:  # queries [B, Hkv, n, G, D] against keys [B, Hkv, n, r, D]
         qg = q.view(B, Hkv, G, n, D).transpose(2, 3)
@@ -366,6 +351,7 @@ def bigbird_reference(
     window: int,
     random_keys: int,
     *,
+    causal: bool = True,
     sinks: int = 0,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
@@ -373,10 +359,10 @@ def bigbird_reference(
     indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The same attention through the dense mask and an explicit softmax: O(n^2), for tests."""
-    window, sinks, scale, indices = _prepare(q, k, v, window, random_keys, sinks,
+    window, sinks, scale, indices = _prepare(q, k, v, window, random_keys, causal, sinks,
                                              key_mask, scale, generator, indices)
     groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     mask = bigbird_mask(q.shape[2], window, indices, sinks=sinks,
                         key_mask=key_mask)
     return masked_attention(q, k, v, mask, scale)
@@ -392,14 +378,14 @@ def bigbird_attended_keys(
     generator: torch.Generator | None = None,
     key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """How many keys each query sees: LongTensor [B|1, H|1, seq_len], in O(n * random_keys).
+    """How many keys each query sees: LongTensor [B|1, H|1, seq_len], in O(n * (window +
+    random_keys)).
 
     Equal to the row sums of :func:`bigbird_mask` for the same ``indices``; without
     ``indices`` one draw (batch 1, shared heads) is taken from ``generator`` exactly as
     :func:`bigbird_attention` draws it.
     """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
-        raise ValueError(f"seq_len must be a non-negative int, got {seq_len!r}")
+    check_int("seq_len", seq_len, 0)
     window, sinks = check_window(window), check_sinks(sinks)
     random_keys = check_random_keys(random_keys)
     n = seq_len
@@ -417,15 +403,12 @@ def bigbird_attended_keys(
     valid = (key_mask if key_mask is not None
              else torch.ones(1, n, dtype=torch.bool, device=indices.device))
     is_sink = sink_keys(key_mask, sinks, n, indices.device)[2].expand_as(valid)
-    other = valid & ~is_sink  # real keys that are not sinks
-    # cumulative counts: c[:, j] = how many among positions 0..j-1
-    c_sink = F.pad(torch.cumsum(is_sink.long(), -1), (1, 0))
-    c_other = F.pad(torch.cumsum(other.long(), -1), (1, 0))
-    i = torch.arange(n, device=indices.device)
-    low = (i - window + 1).clamp(min=0)  # window part, without the sinks
-    counts = c_sink[:, i + 1] + c_other[:, i + 1] - c_other[:, low]
+    other = valid & ~is_sink  # real keys that are not sinks: the random keys count among these
+    # The window and the sinks are a sliding window with sinks: [B|1, 1, n].
+    counts = attended_keys(n, window, method="sliding_window", sinks=sinks,
+                           key_mask=key_mask).to(indices.device)
     Bt, Hi, r = max(valid.shape[0], indices.shape[0]), indices.shape[1], indices.shape[-1]
     indices = indices.expand(Bt, Hi, n, r)
     real = torch.gather(other.expand(Bt, n)[:, None, :].expand(Bt, Hi, n), 2,
                         indices.clamp(min=0).reshape(Bt, Hi, n * r)).view(Bt, Hi, n, r)
-    return counts[:, None, :] + ((indices >= 0) & real).sum(-1)
+    return counts + ((indices >= 0) & real).sum(-1)

@@ -1,6 +1,7 @@
 """The blocked backend: windowed attention in O(n * window) time and memory, pure PyTorch.
 
-Works in SLOT space (tokens already gathered into permuted order; for SWA slot == position).
+:func:`attention` is the backend's entry (original order in and out, the signature every backend
+shares). The kernels below work in SLOT space (tokens already gathered into permuted order; for SWA slot == position).
 Queries are cut into tiles; each tile attends to the contiguous run of key slots its windows
 can reach (``band``) or to its own group (``block``), plus the sink keys, with one batched
 ``scaled_dot_product_attention`` call. Masks are built from :mod:`.patterns`, the same rule the
@@ -15,7 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .patterns import band_extent, in_window
+from .dense import all_finite, compute_dtype, full_attention, masked_sdpa, repeat_kv, zero_padding
+from .patterns import band_extent, in_window, inverse_permutation, sink_keys
+from .permute import gather_mask, permute_seq
 
 # Query tile for the band layout: each tile of T queries reads T + window - 1 keys, so a small T
 # wastes less work but makes smaller matmuls. 128 was the best on a 2-core CPU at window 256.
@@ -94,18 +97,6 @@ class TilePlan:
         return out.reshape(B, H, self.nt * self.T, out.shape[-1])[:, :, : self.n]
 
 
-def all_finite(x: torch.Tensor) -> bool:
-    """Are all entries finite? SDPA adds its mask to the scores, and NaN + -inf is NaN, so a
-    non-finite key would reach the queries that do not see it: callers then take an explicit
-    path that selects (:func:`attend_with_lse`)."""
-    return bool(torch.isfinite(x).all())
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 inputs are computed in float64 (gradcheck), everything else in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _attend(q, k, v, bias, scale, guard_empty_rows: bool):
     """One batched SDPA over tiles. q [B,H,nt,T,D]; k,v [B,H,nt,L,D]; bias [Bm,Hm,nt,T,L] (0 / -inf)."""
     B, H, nt, T, D = q.shape
@@ -115,24 +106,19 @@ def _attend(q, k, v, bias, scale, guard_empty_rows: bool):
         bias4 = bias.reshape(1, nt, T, L)
     else:
         bias4 = bias.expand(B, H, nt, T, L).reshape(B * H, nt, T, L)
-    has_key = None
-    if guard_empty_rows:
-        # Rows with no visible key must give 0 without NaN in either pass: let them see every key,
-        # then zero them (their gradient is then zero too).
-        has_key = (bias4 > float("-inf")).any(dim=-1, keepdim=True)
-        bias4 = bias4.masked_fill(~has_key, 0.0)
-    out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=bias4, scale=scale)
-    if has_key is not None:
-        out = out * has_key
+    if guard_empty_rows:  # rows with no visible key give 0, without NaN in either pass
+        out = masked_sdpa(q4, k4, v4, bias4, scale)
+    else:
+        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=bias4, scale=scale)
     return out.view(B, H, nt, T, D)
 
 
-def attend_with_lse(q, k, v, bias, scale, select: bool = True):
+def attend_with_lse(q, k, v, bias, scale, select: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`_attend`, computed explicitly so it also returns the log-sum-exp of each row.
 
     Any leading dims: q [..., T, D], k/v [..., L, D], bias broadcastable to [..., T, L].
     Returns out [..., T, D] and lse [..., T] in fp32, fp64 for fp64 inputs (lse = -inf and out = 0
-    for a row with no visible key, with zero gradients there), for :func:`merge_parts`. Hidden
+    for a row with no visible key, with zero gradients there), for :func:`.dense.merge_attention`. Hidden
     keys are selected away (not added to -inf), so a NaN key reaches only the rows that see it;
     ``select=False`` skips that pass when the caller knows every key is finite. One exp pass, in
     place (safe for autograd: only the exp's own result is saved).
@@ -152,23 +138,9 @@ def attend_with_lse(q, k, v, bias, scale, select: bool = True):
     return out, lse.squeeze(-1)
 
 
-def merge_parts(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-                lse_b: torch.Tensor) -> torch.Tensor:
-    """One softmax over two DISJOINT key sets from the two partial results (log-sum-exp merge).
-
-    out_* [..., n, D] are each part's normalised output, lse_* [..., n] its log-sum-exp (-inf when
-    the part has no key). A row with no key in either part gives 0. Differentiable.
-    """
-    m = torch.maximum(lse_a, lse_b).detach()  # any shift gives the same result; this one is safe
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w_a, w_b = torch.exp(lse_a - m), torch.exp(lse_b - m)
-    total = w_a + w_b
-    total = torch.where(total > 0, total, torch.ones_like(total))
-    return (out_a * (w_a / total).unsqueeze(-1) + out_b * (w_b / total).unsqueeze(-1))
-
-
 @functools.lru_cache(maxsize=32)
-def static_tiles(plan: TilePlan, window: int, causal: bool, device: torch.device):
+def static_tiles(plan: TilePlan, window: int, causal: bool,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Slot indices of query and key tiles, and the head-independent part of the mask.
 
     Cached: a training run calls this with the same shape every step. Returns query_slot
@@ -202,7 +174,7 @@ def windowed_attention(
     sink_pos: torch.Tensor | None = None,
     key_is_sink: torch.Tensor | None = None,
     return_tiles: bool = False,
-):
+) -> torch.Tensor | tuple:
     """Attention of each slot to the keys of its window (and the sinks), in slot space.
 
     q, k, v: [B, H, n, D] in slot order (k, v already expanded to H heads).
@@ -216,7 +188,7 @@ def windowed_attention(
     window < n is assumed (the dispatcher sends window >= n to full attention).
     exclude_recent (causal, with ``pos``): window keys among the query's last ``exclude_recent``
     positions are left out; the SA + local union serves them in a second, local pass.
-    return_lse: also return the log-sum-exp of each row, [B, H, n] fp32 (see :func:`merge_parts`).
+    return_lse: also return the log-sum-exp of each row, [B, H, n] fp32 (see :func:`.dense.merge_attention`).
     return_tiles: attend nothing; return (plan, q tiles, k tiles, v tiles, bias) for
     :func:`.parts.window_part`, which attends them as one part of a merged softmax.
     """
@@ -328,3 +300,111 @@ def dense_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, 
     q4, k4, v4 = (x.reshape(B * H, nt, window, D) for x in (q, k, v))
     out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=causal, scale=scale)
     return out.reshape(B, H, n_pad, D)[:, :, :n]
+
+
+# ----------------------------------------------------------------------------------------------
+# The backend's entry point: original order in and out, GQA, padding, sinks, SA + local.
+# ----------------------------------------------------------------------------------------------
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    *,
+    perm: torch.Tensor | None,
+    layout: str,
+    causal: bool,
+    sinks: int,
+    key_mask: torch.Tensor | None,
+    scale: float,
+    local: int,
+) -> torch.Tensor:
+    """Windowed attention in original order, O(n * window); inputs validated by the caller.
+
+    q [B, Hq, n, D], k/v [B, Hkv, n, D]; ``perm`` [B|1, H|1, n] (slot -> original position) or
+    None (SWA); ``local`` > 0 (causal, with ``perm``) is the SA + local union of
+    :mod:`.union`. The rule of :mod:`.patterns`, as in :func:`.reference.attention`.
+    """
+    n = q.shape[2]
+    if n == 0:
+        return q.new_zeros(q.shape)
+    k, v = zero_padding(k, key_mask), zero_padding(v, key_mask)
+    if window >= n or local >= n:  # the window covers the sequence: plain full attention
+        return full_attention(q, k, v, causal=causal, key_mask=key_mask, scale=scale)
+    sinks = min(sinks, n)
+    if local:
+        from .union import union_attention  # late import: the union is built on this module
+
+        return union_attention(q, k, v, window, perm=perm, layout=layout, sinks=sinks,
+                               key_mask=key_mask, scale=scale, local=local)
+    return _windowed(q, k, v, window, perm=perm, layout=layout, causal=causal, sinks=sinks,
+                     key_mask=key_mask, scale=scale)
+
+
+def _windowed(q, k, v, window, *, perm, layout, causal, sinks, key_mask, scale):
+    """SA (``perm``) or SWA (None) with window < n: move to slot order, attend tiles, move back."""
+    groups = q.shape[1] // k.shape[1]
+    sink = SinkParts(k, v, sinks, key_mask, groups)
+
+    if perm is None:  # SWA: slot == position, nothing to move
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        key_valid = key_mask[:, None, :] if key_mask is not None else None
+        return windowed_attention(
+            q, k, v, window, pos=None, key_valid=key_valid, layout=layout, causal=causal,
+            scale=scale, **sink.slot_order(None))
+
+    if layout == "block":
+        perm = sort_groups(perm, window)
+    inv = inverse_permutation(perm)
+    if perm.shape[1] == 1:  # one permutation for all heads: move k, v before expanding them
+        ks, vs = permute_seq(k, perm, inv), permute_seq(v, perm, inv)
+        ks, vs = repeat_kv(ks, groups), repeat_kv(vs, groups)
+    else:
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        ks, vs = permute_seq(k, perm, inv), permute_seq(v, perm, inv)
+    qs = permute_seq(q, perm, inv)
+
+    n = q.shape[2]
+    if (layout == "block" and sinks == 0 and key_mask is None
+            and (causal or n % window == 0) and all_finite(ks)):
+        out = dense_tiles(qs, ks, vs, window, scale, causal)
+    else:
+        key_valid = gather_mask(key_mask, perm) if key_mask is not None else None
+        out = windowed_attention(
+            qs, ks, vs, window, pos=perm, key_valid=key_valid, layout=layout, causal=causal,
+            scale=scale, **sink.slot_order(perm))
+    return permute_seq(out, inv, perm)
+
+
+class SinkParts:
+    """The sink keys of each row (its first real tokens) and which keys are sinks."""
+
+    def __init__(self, k, v, sinks, key_mask, groups):
+        self.sinks = sinks
+        if sinks == 0:
+            return
+        B, Hkv, n, D = k.shape
+        pos, valid, self.is_sink = sink_keys(key_mask, sinks, n, k.device)
+        index = pos[:, None, :, None].expand(B, Hkv, pos.shape[-1], D)
+        self.k, self.v = torch.gather(k, 2, index), torch.gather(v, 2, index)
+        self.k, self.v = repeat_kv(self.k, groups), repeat_kv(self.v, groups)
+        self.pos = pos[:, None, :]  # [B|1, 1, S]
+        self.valid = None if valid is None else valid[:, None, :]
+
+    def slot_order(self, perm) -> dict:
+        """Keyword arguments of :func:`windowed_attention` for keys in slot order."""
+        if self.sinks == 0:
+            return dict(sinks=0, sink_k=None, sink_v=None, sink_valid=None)
+        is_sink = (self.is_sink[:, None, :] if perm is None
+                   else gather_mask(self.is_sink, perm))
+        return dict(sinks=self.sinks, sink_k=self.k, sink_v=self.v, sink_valid=self.valid,
+                    sink_pos=self.pos, key_is_sink=is_sink)
+
+    def flags_only(self) -> dict:
+        """:meth:`slot_order` in original order without the sink keys: the window keys that are
+        sinks are dropped, and no sink key is added (another part of a merge serves them)."""
+        kw = self.slot_order(None)
+        kw.update(sink_k=None, sink_v=None, sink_valid=None, sink_pos=None)
+        return kw

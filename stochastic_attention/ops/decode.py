@@ -1,4 +1,7 @@
-"""Sparse decoding over a KV cache: O(sinks + local + window) work per generated token.
+"""Decoding over a KV cache: sampled sparse keys in O(sinks + local + window) per token, or dense.
+
+:func:`cached_attention` is the dense form (a causal window and sinks counted in real tokens, or
+the whole cache). The rest of this module is :func:`sparse_decode`.
 
 A new query whose row holds ``t + 1`` visible real tokens (its own rank among the row's real
 tokens is ``t``) attends to
@@ -22,6 +25,9 @@ mask (to map ranks to slots), skipped when there is no padding. There is no ``[L
 from __future__ import annotations
 
 import torch
+
+from .dense import compute_dtype, masked_sdpa, repeat_kv
+from .validate import check_int
 
 Draw = tuple[torch.Tensor, torch.Tensor]
 
@@ -141,7 +147,7 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots:
     kv_head = (torch.arange(hq, device=q.device) // (hq // k.shape[1]))[None, :, None, None]
     b_idx = torch.arange(B, device=q.device)[:, None, None, None]
     kg, vg = (_gather_rows(x, b_idx, kv_head, slots) for x in (k, v))  # [B, Hq, L, K, D]
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dt = compute_dtype(q)
     scores = (q.to(dt).unsqueeze(-2) @ kg.to(dt).transpose(-1, -2)).squeeze(-2) * scale
     p = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)
     return (p.unsqueeze(-2) @ vg.to(dt)).squeeze(-2).to(q.dtype)
@@ -201,8 +207,7 @@ def sparse_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         drawn[b, h, i, slot_of[b][ranks[b, h, i, j]]] = True
     mask = (fixed | (drawn[..., :S] & causal)).to(q.device)
     groups = hq // k.shape[1]
-    kk = k.repeat_interleave(groups, dim=1).double()
-    vv = v.repeat_interleave(groups, dim=1).double()
+    kk, vv = repeat_kv(k, groups).double(), repeat_kv(v, groups).double()
     scores = (q.double() @ kk.transpose(-1, -2)) * scale
     p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
     return (p @ vv).to(q.dtype)
@@ -210,8 +215,7 @@ def sparse_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _check(q, k, v, valid, *, window: int, sinks: int, local: int) -> None:
     for name, value, low in (("window", window, 0), ("sinks", sinks, 0), ("local", local, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_int(name, value, low)
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0]:
         raise ValueError(f"q must be [B, Hq, L, D] and k, v [B, Hkv, S, D]; got q "
                          f"{list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
@@ -221,3 +225,24 @@ def _check(q, k, v, valid, *, window: int, sinks: int, local: int) -> None:
     if valid is not None and (valid.dtype != torch.bool or valid.shape != (k.shape[0], k.shape[2])):
         raise ValueError(f"valid must be a bool [batch, cache] = {[k.shape[0], k.shape[2]]} mask,"
                          f" got {valid.dtype} {list(valid.shape)}")
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int,
+                     key_mask: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
+    """Queries at the last L positions of k/v: a causal band of ``window`` keys plus sinks.
+
+    Windows and sinks count real tokens (``key_mask`` True), so a left-padded row sees
+    the keys it would see alone; ``window >= S`` is full attention over the cache. Dense over
+    the cache: with L = 1 (decoding) that is O(cache) per token anyway. ``scale`` None is
+    SDPA's default.
+    """
+    B, L, S = q.shape[0], q.shape[2], k.shape[2]
+    valid = (key_mask if key_mask is not None
+             else torch.ones(B, S, dtype=torch.bool, device=q.device))
+    rank = valid.long().cumsum(-1) - 1  # index of each key among its row's real tokens
+    k_rank, q_rank = rank[:, None, None, :], rank[:, None, S - L:, None]
+    slot = torch.arange(S, device=q.device)
+    causal = (slot[None, :] <= slot[S - L:, None]) & valid[:, None, None, :]  # [B, 1, L, S]
+    mask = causal & ((k_rank > q_rank - window) | (k_rank < sinks))
+    groups = q.shape[1] // k.shape[1]
+    return masked_sdpa(q, repeat_kv(k, groups), repeat_kv(v, groups), mask, scale)

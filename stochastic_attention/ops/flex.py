@@ -10,13 +10,20 @@ CPU: forward only, under ``torch.compile`` (PyTorch has no CPU backward for Flex
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 
+from .dense import full_attention, repeat_kv, zero_padding
 from .patterns import band_extent, inverse_permutation, sink_keys, visible
 from .permute import permute_seq
 
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
 BLOCK = 128
+LOCAL_UNSUPPORTED = ("backend='flex' does not serve local > 0; use backend='blocked' (or 'auto', "
+                     "which picks it)")
 
 
 def available() -> bool:
@@ -61,7 +68,7 @@ def key_block_ranges(n: int, window: int, layout: str, causal: bool, sinks: int,
                         torch.div(hi, BLOCK, rounding_mode="floor")], dim=-1)
 
 
-def build_block_mask(n, window, layout, causal, sinks, mask_mod, batch, heads, device):
+def build_block_mask(n, window, layout, causal, sinks, mask_mod, batch, heads, device) -> BlockMask:
     """BlockMask from per-query-block key ranges: a (n/BLOCK)^2 bool table at most, never n x n."""
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -82,9 +89,32 @@ def build_block_mask(n, window, layout, causal, sinks, mask_mod, batch, heads, d
     )
 
 
-def attention(q, k, v, window, *, perm, layout, causal, sinks, key_mask, scale):
-    """Same contract as the blocked path of the dispatcher (window < n, validated inputs)."""
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    *,
+    perm: torch.Tensor | None,
+    layout: str,
+    causal: bool,
+    sinks: int,
+    key_mask: torch.Tensor | None,
+    scale: float,
+    local: int,
+) -> torch.Tensor:
+    """Windowed attention in original order, as :func:`.blocked.attention` (validated inputs).
+
+    ``local`` must be 0: the SA + local union is served by the blocked and reference backends.
+    """
+    if local:
+        raise ValueError(LOCAL_UNSUPPORTED)
     B, H, n, D = q.shape
+    if n == 0:
+        return q.new_zeros(q.shape)
+    k, v = zero_padding(k, key_mask), zero_padding(v, key_mask)
+    if window >= n:  # the window covers the sequence: plain full attention
+        return full_attention(q, k, v, causal=causal, key_mask=key_mask, scale=scale)
     groups = H // k.shape[1]
     sinks = min(sinks, n)
     if perm is None:
@@ -96,8 +126,8 @@ def attention(q, k, v, window, *, perm, layout, causal, sinks, key_mask, scale):
         if perm.shape[1] == 1 or groups == 1:
             ks, vs = permute_seq(k, perm, inv), permute_seq(v, perm, inv)
         else:
-            ks = permute_seq(k.repeat_interleave(groups, dim=1), perm, inv)
-            vs = permute_seq(v.repeat_interleave(groups, dim=1), perm, inv)
+            ks = permute_seq(repeat_kv(k, groups), perm, inv)
+            vs = permute_seq(repeat_kv(v, groups), perm, inv)
     valid = key_mask
     if sinks > 0:
         # The sinks are each row's first real tokens: gather them in front of the slot keys.
@@ -106,7 +136,7 @@ def attention(q, k, v, window, *, perm, layout, causal, sinks, key_mask, scale):
         index = s_pos[:, None, :, None].expand(B, k.shape[1], sinks, D)
         sk, sv = torch.gather(k, 2, index), torch.gather(v, 2, index)
         if ks.shape[1] != sk.shape[1]:
-            sk, sv = sk.repeat_interleave(groups, dim=1), sv.repeat_interleave(groups, dim=1)
+            sk, sv = repeat_kv(sk, groups), repeat_kv(sv, groups)
         ks, vs = torch.cat([sk, ks], dim=2), torch.cat([sv, vs], dim=2)
         s_valid = torch.ones_like(s_pos, dtype=torch.bool) if s_valid is None else s_valid
         is_sink = is_sink.expand(B, n).contiguous()

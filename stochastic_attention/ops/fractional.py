@@ -30,9 +30,11 @@ from torch.utils.checkpoint import checkpoint
 
 from . import documents
 from .blocked import TilePlan, static_tiles
+from .dense import compute_dtype, guard_empty_rows, repeat_kv, zero_padding
 from .patterns import dense_mask, inverse_permutation, visible
 from .permute import gather_mask, gather_seq
 from .validate import (
+    check_bool,
     check_key_mask,
     check_layout,
     check_qkv,
@@ -99,19 +101,6 @@ def _resolve_scale(scale, head_dim: int, alpha: float) -> float:
     return float(scale)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def _zero_padding(x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-    """x [B, H, n, D] with padded positions set to 0 by selection (NaN padding cannot leak)."""
-    if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
-        return x  # None, or a bad mask the argument checks report
-    if key_mask.shape != (x.shape[0], x.shape[2]):
-        return x  # the argument checks report the mismatch
-    return x.masked_fill(~key_mask[:, None, :, None], 0)
-
-
 def log_kernel(d2: torch.Tensor, alpha: float, eps: float, head_dim: int) -> torch.Tensor:
     """log K from squared scaled distances D^2 (any shape)."""
     if alpha == 2:
@@ -132,10 +121,8 @@ def _normalise(logk: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """
     if mask is None:
         return torch.softmax(logk, dim=-1)
-    # Rows with no visible key would be softmax(-inf, ...) = NaN in both passes: let them see
-    # every key, then zero them (their gradient is then zero too).
-    has_key = mask.any(dim=-1, keepdim=True)
-    p = torch.softmax(logk.masked_fill(~(mask | ~has_key), float("-inf")), dim=-1)
+    mask, has_key = guard_empty_rows(mask)  # rows with no visible key give 0, never NaN
+    p = torch.softmax(logk.masked_fill(~mask, float("-inf")), dim=-1)
     return p * has_key
 
 
@@ -176,9 +163,8 @@ def fractional_weights(
     B, H, n, D = q.shape
     s = _resolve_scale(scale, D, alpha)
     mask = _dense_visibility(B, H, n, q.device, causal, key_mask, window, perm, layout)
-    k = _zero_padding(k, key_mask)
-    dt = _compute_dtype(q)
-    k = k.repeat_interleave(H // k.shape[1], dim=1)
+    dt = compute_dtype(q)
+    k = repeat_kv(zero_padding(k, key_mask), H // k.shape[1])
     diff = q.to(dt).unsqueeze(-2) - k.to(dt).unsqueeze(-3)  # [B, H, n, n, D]
     d2 = (diff * diff).sum(-1) / s**2
     if alpha == 2:
@@ -267,17 +253,18 @@ def fractional_attention(
     alpha, eps = _check_alpha(alpha), _check_eps(eps)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    causal = check_bool("causal", causal)
     B, H, n, D = q.shape
-    v = _zero_padding(v, key_mask)  # padded values never reach an output, even NaN
+    check_key_mask(key_mask, B, n, q.device)
+    v = zero_padding(v, key_mask)  # padded values never reach an output, even NaN
+    groups = H // k.shape[1]
     if backend == "reference":
         P = fractional_weights(q, k, alpha, eps=eps, scale=scale, causal=causal,
                                key_mask=key_mask, window=window, perm=perm,
                                layout=layout)
-        v = v.repeat_interleave(H // v.shape[1], dim=1)
-        return (P @ v.to(P.dtype)).to(q.dtype)
+        return (P @ repeat_kv(v, groups).to(P.dtype)).to(q.dtype)
 
     s = _resolve_scale(scale, D, alpha)
-    check_key_mask(key_mask, B, n, q.device)
     layout = check_layout(layout)
     if window is not None:
         window = check_window(window)
@@ -293,11 +280,8 @@ def fractional_attention(
             f"backend='chunked' computes full attention but window={window} < seq={n};"
             " use backend='blocked' (or 'auto') for windowed FNA"
         )
-    k = _zero_padding(k, key_mask)
-    groups = H // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out_dtype, dt = q.dtype, _compute_dtype(q)
+    k, v = repeat_kv(zero_padding(k, key_mask), groups), repeat_kv(v, groups)
+    out_dtype, dt = q.dtype, compute_dtype(q)
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
     kern = dict(alpha=alpha, eps=eps, scale=s)
     if full:

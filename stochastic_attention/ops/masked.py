@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-from .reference import masked_attention
+from .dense import all_finite, masked_attention, masked_sdpa, repeat_kv
 
 # Query rows per SDPA call: bounds the [B, H, rows, n] score matrix.
 ROW_CHUNK = 512
@@ -33,18 +32,11 @@ def chunked_masked_attention(
     key returns zeros (same rule as the core operators).
     """
     groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    finite = bool(torch.isfinite(k).all())
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    # SDPA adds its mask, so a NaN key would reach hidden queries: then select instead
+    attend = masked_sdpa if all_finite(k) else masked_attention
     outs = []
     for start in range(0, q.shape[2], chunk):
         stop = min(start + chunk, q.shape[2])
-        mask = mask_rows(start, stop)
-        if not finite:  # SDPA adds its mask, so a NaN key would reach hidden queries: select
-            outs.append(masked_attention(q[:, :, start:stop], k, v, mask, scale))
-            continue
-        has_key = mask.any(dim=-1, keepdim=True)
-        out = F.scaled_dot_product_attention(q[:, :, start:stop], k, v, attn_mask=mask | ~has_key,
-                                             scale=scale)
-        outs.append(out * has_key)
+        outs.append(attend(q[:, :, start:stop], k, v, mask_rows(start, stop), scale))
     return torch.cat(outs, dim=2) if outs else q.new_zeros(q.shape)

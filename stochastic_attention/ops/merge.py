@@ -2,10 +2,10 @@
 
 An operator that attends to several key sets at once (the SA + local union, BigBird's window and
 random keys) computes each set as its own small attention and merges them exactly through their
-log-sum-exps. Done explicitly (:func:`.blocked.attend_with_lse`), every part costs an fp32
-score matrix, an exp and their saved copies for autograd. Here each part is one call of the
-fused CPU kernel ``aten._scaled_dot_product_flash_attention_for_cpu``, which returns the
-output and the log-sum-exp, and the backward uses the split-KV identity of ring attention: for
+log-sum-exps (:func:`.dense.merge_attention`). Done explicitly (:func:`.blocked.attend_with_lse`),
+every part costs an fp32 score matrix, an exp and their saved copies for autograd. Here each
+part is one call of the fused CPU kernel ``aten._scaled_dot_product_flash_attention_for_cpu``,
+which returns the output and the log-sum-exp, and the backward uses the split-KV identity of ring attention: for
 the merged output ``O`` with global log-sum-exp ``lse`` and gradient ``dO``, a part's share of
 the exact gradient is ``P = exp(S_part - lse)``, ``dS = P * (dO V^T - rowsum(dO * O))``, which is
 exactly what the kernel's own backward computes when it is given ``O``, ``lse`` and ``dO`` of
@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import blocked
+from .blocked import attend_with_lse
+from .dense import compute_dtype, merge_attention
 
 __all__ = ["BAND_PART_MAX_WIDTH", "BandPart", "Part", "RowsPart", "attend_parts",
            "attend_parts_reference", "identity_layout"]
@@ -132,26 +133,6 @@ def _has_key(mask: torch.Tensor | None) -> torch.Tensor | None:
     return (mask > NEG_INF).any(dim=-1, keepdim=True)
 
 
-def _merge(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]):
-    """Log-sum-exp merge of normalised part outputs [.., n, D] with lses [.., n, 1] (-inf = no key).
-
-    Returns the merged output (0 on rows with no key anywhere) and lse (-inf there).
-    """
-    m = lses[0]
-    for lse in lses[1:]:
-        m = torch.maximum(m, lse)
-    m = torch.where(m > NEG_INF, m, torch.zeros_like(m))  # any finite shift is exact
-    out = total = None
-    for o, lse in zip(outs, lses):
-        w = torch.exp(lse - m)  # 0 where the part has no key
-        term = torch.where(w > 0, o * w, torch.zeros((), dtype=o.dtype, device=o.device))
-        out = term if out is None else out + term
-        total = w if total is None else total + w
-    lse = m + torch.log(total)  # -inf exactly where total == 0
-    out = out / torch.where(total > 0, total, torch.ones_like(total))
-    return out, lse
-
-
 def _shifted(x: torch.Tensor, width: int, o: int) -> torch.Tensor:
     """Rows ``i - o`` of x [.., n + width - 1, D] padded on the left by width - 1: [.., n, D]."""
     n = x.shape[-2] - width + 1
@@ -228,7 +209,7 @@ class _FlashParts(torch.autograd.Function):
     def forward(ctx, scale, specs, *qkv):
         outs, lses = [], []
         kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        work = torch.float64 if qkv[0].dtype == torch.float64 else torch.float32
+        work = compute_dtype(qkv[0])
         for i, spec in enumerate(specs):
             q, k, v = qkv[3 * i: 3 * i + 3]
             if spec[0] == "band":
@@ -252,8 +233,8 @@ class _FlashParts(torch.autograd.Function):
                 out = torch.where(has_key, out, torch.zeros((), dtype=out.dtype))
             outs.append(to_common(out.to(lse.dtype)))
             lses.append(to_common(lse))
-        out, lse = _merge(outs, lses)
-        out = out.to(qkv[0].dtype)
+        out, lse = merge_attention(outs, [x.squeeze(-1) for x in lses])
+        out, lse = out.to(qkv[0].dtype), lse.unsqueeze(-1)
         # The backward reads P = exp(S - lse): +inf on empty rows makes every P there 0.
         lse_b = torch.where(lse > NEG_INF, lse, float("inf"))
         ctx.scale, ctx.specs = scale, specs
@@ -344,22 +325,8 @@ def attend_parts_reference(parts: Sequence[Part | BandPart | RowsPart], scale: f
             mask = torch.zeros((), device=p.q.device)
         elif mask.dtype == torch.bool:
             mask = torch.zeros((), device=p.q.device).masked_fill(~mask, NEG_INF)
-        if p.q.dtype == torch.float64:
-            out, lse = _explicit64(p.q, p.k, p.v, mask.double(), scale)
-        else:
-            out, lse = blocked.attend_with_lse(p.q, p.k, p.v, mask.float(), scale)
+        out, lse = attend_with_lse(p.q, p.k, p.v, mask.to(compute_dtype(p.q)), scale)
         outs.append(p.to_common(out))
         lses.append(p.to_common(lse.unsqueeze(-1)))
-    out, _ = _merge(outs, lses)
+    out, _ = merge_attention(outs, [x.squeeze(-1) for x in lses])
     return out.to(parts[0].q.dtype)
-
-
-def _explicit64(q, k, v, bias, scale):
-    """attend_with_lse in float64 (it computes in fp32), for exact fp64 references."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + bias
-    has_key = (bias > NEG_INF).any(dim=-1, keepdim=True)
-    safe = torch.where(has_key, scores, torch.zeros((), dtype=scores.dtype))
-    lse = torch.logsumexp(safe, dim=-1, keepdim=True)
-    out = torch.matmul(torch.softmax(safe, dim=-1), v)
-    out = torch.where(has_key, out, torch.zeros((), dtype=out.dtype))
-    return out, torch.where(has_key, lse, NEG_INF).squeeze(-1)

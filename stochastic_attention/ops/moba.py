@@ -23,40 +23,47 @@ from __future__ import annotations
 import torch
 
 from . import blocked, documents
+from .dense import all_finite, compute_dtype, masked_attention, merge_attention, repeat_kv, zero_padding
 from .masked import chunked_masked_attention
-from .patterns import inverse_permutation
-from .permute import gather_mask, permute_seq
-from .reference import masked_attention
-from .validate import reject_renamed
+from .permute import permute_seq, real_tokens_first
+from .validate import (
+    check_bool,
+    check_causal_only,
+    check_int,
+    check_key_mask,
+    check_qkv,
+    check_scale,
+    check_sinks,
+    reject_renamed,
+)
 
 # Queries packed against one key block per matmul in the block-sparse path.
 PAIR_TILE = 64
 
 
-def _check(block_size: int, topk: int, sinks: int) -> None:
-    for name, value, low in (("block_size", block_size, 1), ("topk", topk, 1), ("sinks", sinks, 0)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {value!r}")
-        if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
+def _checked(q, k, v, block_size, topk, *, causal, sinks, key_mask, scale, name) -> dict:
+    """The arguments of a MoBA operator, checked once: keywords for the implementations."""
+    check_qkv(q, k, v)
+    check_causal_only(name, check_bool("causal", causal))
+    B, _, n, D = q.shape
+    check_key_mask(key_mask, B, n, q.device)
+    return dict(block_size=check_int("block_size", block_size, 1),
+                topk=check_int("topk", topk, 1, hint=" (blocks per query, its own included)"),
+                sinks=check_sinks(sinks), key_mask=key_mask, scale=check_scale(scale, D))
 
 
-def _real_tokens_first(fn, q, k, v, block_size, topk, *, sinks, key_mask, scale):
-    """Run ``fn`` with each row's real tokens moved (stably) in front of its padding.
+def _real_tokens_first(impl, q, k, v, *, block_size, topk, sinks, key_mask, scale):
+    """Run ``impl`` with each row's real tokens moved (stably) in front of its padding.
 
     Padded keys and values are zeroed by selection first, so even NaN padding cannot reach an
-    output. Returns None when there is no mask (the caller runs directly).
+    output. Blocks and sinks are then counted over real tokens only.
     """
     if key_mask is None:
-        return None
-    pad = ~key_mask[:, None, :, None]
-    k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
-    order = torch.argsort((~key_mask).to(torch.int8), dim=-1, stable=True)[:, None, :]
-    inv = inverse_permutation(order)
+        return impl(q, k, v, block_size, topk, sinks=sinks, key_mask=None, scale=scale)
+    k, v = zero_padding(k, key_mask), zero_padding(v, key_mask)
+    order, inv, kpm = real_tokens_first(key_mask)
     q, k, v = (permute_seq(x, order, inv) for x in (q, k, v))
-    kpm = gather_mask(key_mask, order)[:, 0]
-    out = fn(q, k, v, block_size, topk, sinks=sinks, key_mask=kpm, scale=scale,
-             _compact=True)
+    out = impl(q, k, v, block_size, topk, sinks=sinks, key_mask=kpm, scale=scale)
     return permute_seq(out, inv, order)
 
 
@@ -67,7 +74,7 @@ def block_means(k: torch.Tensor, block_size: int, key_valid: torch.Tensor | None
     valid = (torch.ones(B, n, dtype=torch.bool, device=k.device) if key_valid is None
              else key_valid)
     pad = nb * block_size - n
-    dt = blocked.compute_dtype(k)
+    dt = compute_dtype(k)
     kv = torch.nn.functional.pad(k.to(dt).masked_fill(~valid[:, None, :, None], 0), (0, 0, 0, pad))
     count = torch.nn.functional.pad(valid.to(dt), (0, pad)).view(B, 1, nb, block_size).sum(-1)
     sums = kv.view(B, H, nb, block_size, D).sum(-2)
@@ -91,7 +98,7 @@ def top_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int,
     its own always first-ranked; ``used`` is False where fewer earlier blocks exist."""
     B, Hq, n, _ = q.shape
     means, has_key = block_means(k, block_size, key_valid)
-    means = means.repeat_interleave(Hq // k.shape[1], dim=1)
+    means = repeat_kv(means, Hq // k.shape[1])
     nb = means.shape[2]
     gate = torch.matmul(q.to(means.dtype), means.transpose(-1, -2))  # [B, Hq, n, nb]
     own = torch.div(torch.arange(n, device=q.device), block_size, rounding_mode="floor")[:, None]
@@ -124,31 +131,46 @@ def moba_attention(
     block_size: int,
     topk: int,
     *,
+    causal: bool = True,
     sinks: int = 0,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
-    _compact: bool = False,
     document_ids: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal MoBA, block-sparse (see the module doc). q [B, Hq, n, D], k/v [B, Hkv, n, D];
-    returns [B, Hq, n, D]. Differentiable. With ``document_ids`` / ``cu_seqlens`` every packed
-    document is attended as alone, its blocks counted from its first token (:mod:`.documents`)."""
-    _check(block_size, topk, sinks)
+    """Causal MoBA, block-sparse (see the module doc), O(n * topk * block_size). Differentiable.
+
+    Args:
+        q: [batch, heads_q, seq, head_dim]; k, v: [batch, heads_kv, seq, head_dim] with
+            heads_q a multiple of heads_kv (grouped-query attention).
+        block_size: keys per block (>= 1); topk: blocks per query, its own included (>= 1).
+        causal: MoBA is causal only (True).
+        sinks: the first ``sinks`` real tokens are visible to every later query.
+        key_mask: bool [batch, seq], True for real tokens (blocks count real tokens only).
+        scale: softmax scale, default ``head_dim ** -0.5``.
+        document_ids, cu_seqlens: packed documents, each attended as alone, its blocks counted
+            from its first token (:mod:`.documents`).
+
+    Returns:
+        [batch, heads_q, seq, head_dim], in q's dtype.
+    """
     if document_ids is not None or cu_seqlens is not None:
-        return documents.packed_operator(moba_attention, q, k, v, block_size, topk, sinks=sinks,
-                                         key_mask=key_mask, scale=scale,
-                                         document_ids=document_ids, cu_seqlens=cu_seqlens)
-    if not _compact and key_mask is not None:
-        return _real_tokens_first(moba_attention, q, k, v, block_size, topk, sinks=sinks,
-                                  key_mask=key_mask, scale=scale)
+        return documents.packed_operator(moba_attention, q, k, v, block_size, topk,
+                                         causal=causal, sinks=sinks, key_mask=key_mask,
+                                         scale=scale, document_ids=document_ids,
+                                         cu_seqlens=cu_seqlens)
+    args = _checked(q, k, v, block_size, topk, causal=causal, sinks=sinks, key_mask=key_mask,
+                    scale=scale, name="moba_attention")
+    return _real_tokens_first(_block_sparse, q, k, v, **args)
+
+
+def _block_sparse(q, k, v, block_size, topk, *, sinks, key_mask, scale):
+    """:func:`moba_attention` on real-tokens-first rows (padding, if any, trails each row)."""
     B, Hq, n, D = q.shape
     if n == 0:
         return q.new_zeros(q.shape)
-    scale = D ** -0.5 if scale is None else scale
     groups = Hq // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     sinks = min(sinks, n)
     kpm = key_mask
     # Own block: the block layout with slot == position (a causal tile), plus the sinks; sink
@@ -166,14 +188,9 @@ def moba_attention(
     if not bool(other.any()):
         return own_out.to(q.dtype)
     part_out, part_lse = _earlier_blocks(q, k, v, index, other, block_size, sinks, kpm, scale)
-    outs = torch.cat([own_out.to(part_out.dtype).unsqueeze(-2), part_out], -2)  # [B, Hq, n, t + 1, D]
-    lses = torch.cat([own_lse.unsqueeze(-1), part_lse], -1)  # [B, Hq, n, t + 1]
-    m = lses.amax(-1, keepdim=True).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w = torch.exp(lses - m)
-    total = w.sum(-1, keepdim=True)
-    w = w / torch.where(total > 0, total, torch.ones_like(total))
-    return (outs * w.unsqueeze(-1)).sum(-2).to(q.dtype)
+    out, _ = merge_attention([own_out.to(part_out.dtype), *part_out.unbind(-2)],
+                             [own_lse, *part_lse.unbind(-1)])
+    return out.to(q.dtype)
 
 
 def _earlier_blocks(q, k, v, index, other, block_size, sinks, kpm, scale):
@@ -214,11 +231,11 @@ def _earlier_blocks(q, k, v, index, other, block_size, sinks, kpm, scale):
     if kpm is not None:
         key_ok = key_ok & torch.nn.functional.pad(kpm, (0, pad)).view(B, 1, nb, block_size)
     key_ok = key_ok.expand(B, Hq, nb, block_size).reshape(G * nb, block_size)[tile_group]
-    dt = blocked.compute_dtype(q)
+    dt = compute_dtype(q)
     bias = torch.zeros(key_ok.shape, dtype=dt, device=q.device)
     bias = bias.masked_fill(~key_ok, float("-inf"))[:, None, :]  # [T, 1, bs]
     out, lse = blocked.attend_with_lse(q_rows, kb, vb, bias, scale,  # [T, P, D], [T, P]
-                                       select=not blocked.all_finite(k))
+                                       select=not all_finite(k))
     part_out = q.new_zeros(G, n, t, D, dtype=dt).index_put((g, i, s), out[tile, slot])
     part_lse = torch.full((G, n, t), float("-inf"), dtype=dt, device=q.device).index_put(
         (g, i, s), lse[tile, slot])
@@ -232,19 +249,20 @@ def moba_masked(
     block_size: int,
     topk: int,
     *,
+    causal: bool = True,
     sinks: int = 0,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
-    _compact: bool = False,
 ) -> torch.Tensor:
     """Causal MoBA through a chunked dense mask: O(n^2) time. Same result as
-    :func:`moba_attention`."""
-    _check(block_size, topk, sinks)
-    if not _compact and key_mask is not None:
-        return _real_tokens_first(moba_masked, q, k, v, block_size, topk, sinks=sinks,
-                                  key_mask=key_mask, scale=scale)
+    :func:`moba_attention` (a cross-check), same arguments."""
+    args = _checked(q, k, v, block_size, topk, causal=causal, sinks=sinks, key_mask=key_mask,
+                    scale=scale, name="moba_masked")
+    return _real_tokens_first(_chunked_dense, q, k, v, **args)
+
+
+def _chunked_dense(q, k, v, block_size, topk, *, sinks, key_mask, scale):
     n = q.shape[2]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     chosen = chosen_blocks(q, k, block_size, topk, key_mask)
 
     def mask_rows(start: int, stop: int) -> torch.Tensor:
@@ -261,19 +279,20 @@ def moba_reference(
     block_size: int,
     topk: int,
     *,
+    causal: bool = True,
     sinks: int = 0,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
-    _compact: bool = False,
 ) -> torch.Tensor:
     """The same rule, one (batch, head, query) at a time in plain Python. Tests only."""
-    _check(block_size, topk, sinks)
-    if not _compact and key_mask is not None:
-        return _real_tokens_first(moba_reference, q, k, v, block_size, topk, sinks=sinks,
-                                  key_mask=key_mask, scale=scale)
+    args = _checked(q, k, v, block_size, topk, causal=causal, sinks=sinks, key_mask=key_mask,
+                    scale=scale, name="moba_reference")
+    return _real_tokens_first(_one_query_at_a_time, q, k, v, **args)
+
+
+def _one_query_at_a_time(q, k, v, block_size, topk, *, sinks, key_mask, scale):
     B, Hq, n, D = q.shape
     groups = Hq // k.shape[1]
-    scale = D**-0.5 if scale is None else scale
     valid = key_mask if key_mask is not None else torch.ones(B, n, dtype=torch.bool)
     out = torch.zeros_like(q)
     for b in range(B):
@@ -298,7 +317,8 @@ def moba_reference(
 def moba_attended_keys(seq_len: int, block_size: int, topk: int) -> torch.Tensor:
     """Keys each query sees (no padding, no sinks), [seq_len] long. Data-independent: earlier
     blocks are full, so every choice of ``topk - 1`` of them has the same size."""
-    _check(block_size, topk, 0)
-    i = torch.arange(seq_len)
+    check_int("block_size", block_size, 1)
+    check_int("topk", topk, 1)
+    i = torch.arange(check_int("seq_len", seq_len, 0))
     own = torch.div(i, block_size, rounding_mode="floor")
     return i - own * block_size + 1 + torch.clamp(own, max=topk - 1) * block_size

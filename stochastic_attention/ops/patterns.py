@@ -102,7 +102,8 @@ def real_rank(key_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(key_mask, rank, torch.full_like(rank, n))
 
 
-def sink_keys(key_mask: torch.Tensor | None, sinks: int, seq_len: int, device=None):
+def sink_keys(key_mask: torch.Tensor | None, sinks: int, seq_len: int,
+              device=None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Where each row's sinks are: (positions [B|1, S], valid [B, S] or None, is_sink [B|1, n]).
 
     S = min(sinks, seq_len). Position s of a row is its s-th real token; a row with fewer than S
@@ -186,6 +187,72 @@ def window_candidates(seq_len: int, window: int, layout: str, causal: bool, devi
     return torch.where((cand >= 0) & (cand < seq_len), cand, torch.full_like(cand, -1))
 
 
+def visible_keys(
+    seq_len: int,
+    window: int,
+    *,
+    perm: torch.Tensor | None = None,
+    layout: str = "band",
+    causal: bool = True,
+    sinks: int = 0,
+    key_mask: torch.Tensor | None = None,
+    local: int = 0,
+    device=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every key each query sees, each exactly once: ``(keys, seen)``, [B, H, n, C] in ORIGINAL
+    query order. O(n * C) memory, with C = min(window, n) + min(sinks, n) + local.
+
+    ``perm`` [B|1, H|1, n] (None: the identity, i.e. SWA) and ``key_mask`` [B, n] (or None)
+    broadcast to B, H. ``keys[..., i, c]`` is a key position (any in-range value where not
+    seen) and ``seen`` marks the visible ones, which are exactly the row of :func:`dense_mask`:
+    the query's window-mates (sinks included), its sinks outside the window, and (``local``) its
+    last ``local`` positions that are neither; counts, edges and unions all derive from these.
+    """
+    n = seq_len
+    if perm is None:
+        perm = torch.arange(n, device=device).view(1, 1, n)
+    device = perm.device
+    B = max(perm.shape[0], 1 if key_mask is None else key_mask.shape[0])
+    H = perm.shape[1]
+    perm = perm.expand(B, H, n)
+    valid = (torch.ones(1, n, dtype=torch.bool, device=device) if key_mask is None
+             else key_mask).expand(B, n)
+    s_pos, s_valid, is_sink = sink_keys(key_mask, sinks, n, device)
+    is_sink = is_sink.expand(B, n)
+
+    def at(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """table [B, n] or [B, H, n] read at index [B, H, ...] (last dim: positions or slots)."""
+        table = table if table.dim() == 3 else table[:, None, :]
+        flat = index.reshape(B, H, -1)
+        return torch.gather(table.expand(B, H, n), -1, flat).view(index.shape)
+
+    slot_of = inverse_permutation(perm)  # [B, H, n]: the slot of each query position
+    q_slot = slot_of[..., None]
+    q_pos = torch.arange(n, device=device)[:, None]
+    # Window-mates, from the candidates of each query's slot.
+    k_slot = window_candidates(n, window, layout, causal, device)[slot_of]  # [B, H, n, w]
+    ok = k_slot >= 0
+    k_slot = k_slot.clamp(min=0)
+    k_pos = at(perm, k_slot)
+    win = ok & visible(q_slot, k_slot, q_pos, k_pos, window=window, layout=layout, causal=causal,
+                       sinks=0, seq_len=n, key_valid=at(valid, k_pos))
+    if local:  # recent non-sink keys come once, below, with the local window
+        win = win & ((k_pos <= q_pos - local) | at(is_sink, k_pos))
+    # Sinks outside the query's window.
+    S = s_pos.shape[-1]
+    s_pos = s_pos.expand(B, S)[:, None, None, :].expand(B, H, n, S)
+    sink = ~in_window(q_slot, at(slot_of, s_pos), window, layout, causal, n)
+    if causal:
+        sink = sink & (s_pos <= q_pos)
+    if s_valid is not None:
+        sink = sink & s_valid[:, None, None, :]
+    # The last `local` positions: real keys that are not sinks.
+    recent = (q_pos - torch.arange(local, device=device)).expand(B, H, n, local)
+    rec = (recent >= 0) & at(valid & ~is_sink, recent.clamp(min=0))
+    return (torch.cat([k_pos, s_pos, recent.clamp(min=0)], dim=-1),
+            torch.cat([win, sink, rec], dim=-1))
+
+
 def pattern_edges(
     seq_len: int,
     window: int,
@@ -202,32 +269,13 @@ def pattern_edges(
     Memory and time are O(n * (window + sinks)).
     """
     device = perm.device if perm is not None else None
-    if perm is None:
-        perm = torch.arange(seq_len, device=device)
     if seq_len == 0:
         empty = torch.empty(0, dtype=torch.long, device=device)
         return empty, empty
-    cand = window_candidates(seq_len, window, layout, causal, device)  # key slots [n, w]
-    q_slot = torch.arange(seq_len, device=device)[:, None].expand_as(cand)
-    ok = cand >= 0
-    k_slot = cand.clamp(min=0)
-    q_pos, k_pos = perm[q_slot], perm[k_slot]
-    kv = key_valid[k_pos] if key_valid is not None else None
-    vis = ok & visible(q_slot, k_slot, q_pos, k_pos, window=window, layout=layout, causal=causal,
-                       sinks=0, seq_len=seq_len, key_valid=kv)
-    qs, ks = [q_pos[vis]], [k_pos[vis]]
-    if sinks > 0:
-        # Sink keys (the first real tokens) that are not already window-mates of the query.
-        slot_of = inverse_permutation(perm)
-        s_pos, s_valid, _ = sink_keys(None if key_valid is None else key_valid[None], sinks,
-                                      seq_len, device)
-        q_pos_all = torch.arange(seq_len, device=device)[:, None].expand(-1, s_pos.shape[1])
-        s_pos = s_pos.expand_as(q_pos_all)
-        extra = ~in_window(slot_of[q_pos_all], slot_of[s_pos], window, layout, causal, seq_len)
-        if causal:
-            extra &= s_pos <= q_pos_all
-        if s_valid is not None:
-            extra &= s_valid.expand_as(extra)
-        qs.append(q_pos_all[extra])
-        ks.append(s_pos[extra])
-    return torch.cat(qs), torch.cat(ks)
+    keys, seen = visible_keys(seq_len, window, perm=None if perm is None else perm.view(1, 1, -1),
+                              layout=layout, causal=causal, sinks=sinks,
+                              key_mask=None if key_valid is None else key_valid[None],
+                              device=device)
+    keys, seen = keys[0, 0], seen[0, 0]
+    queries = torch.arange(seq_len, device=keys.device)[:, None].expand_as(keys)
+    return queries[seen], keys[seen]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from .patterns import inverse_permutation
+from .validate import check_int
+
 
 def random_permutation(
     batch: int,
@@ -19,8 +22,7 @@ def random_permutation(
     ``device`` is), then moved to ``device``.
     """
     for name, value in (("batch", batch), ("heads", heads), ("seq_len", seq_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        check_int(name, value, 0)
     draw_on = generator.device if generator is not None else device
     keys = torch.rand(batch, heads, seq_len, generator=generator, device=draw_on)
     return keys.argsort(dim=-1).to(device if device is not None else keys.device)
@@ -122,3 +124,15 @@ def gather_mask(mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     mask = mask.expand(B, mask.shape[-1])
     index = index.expand(B, *index.shape[1:])
     return torch.gather(mask[:, None, :].expand(B, index.shape[1], -1), -1, index)
+
+
+def real_tokens_first(key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Move each row's real tokens (stably) in front of its padding: ``(order, inverse, mask)``.
+
+    ``order`` [B, 1, n] is a permutation for :func:`permute_seq` / :func:`gather_seq`,
+    ``inverse`` moves results back, and ``mask`` [B, n] is ``key_mask`` in the new order (True
+    first). Operators whose blocks, windows or sinks count positions then see each sequence as
+    if it were alone.
+    """
+    order = torch.argsort((~key_mask).to(torch.int8), dim=-1, stable=True)[:, None, :]
+    return order, inverse_permutation(order), gather_mask(key_mask, order)[:, 0]

@@ -76,31 +76,48 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
+def check_int(name: str, value, minimum: int | None = None, *, hint: str = "") -> int:
+    """``value`` as an int, after checking it is one (a bool is not) and at least ``minimum``.
+
+    TypeError for a wrong type, ValueError below ``minimum``; both name the argument and end
+    with ``hint`` (e.g. " (0 turns it off)").
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int{hint}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}{hint}, got {value}")
+    return int(value)
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` after checking it is a bool (True or False; 0 and 1 are not)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_window(window: int) -> int:
-    if isinstance(window, bool) or not isinstance(window, numbers.Integral):
-        raise TypeError(f"window must be an int (number of keys a query may see), got {window!r}")
-    if window < 1:
-        raise ValueError(f"window must be >= 1 (it counts the query itself), got {window}")
-    return int(window)
+    return check_int("window", window, 1, hint=" (keys a query may see, itself included)")
 
 
 def check_sinks(sinks: int) -> int:
-    if isinstance(sinks, bool) or not isinstance(sinks, numbers.Integral):
-        raise TypeError(f"sinks must be an int, got {sinks!r}")
-    if sinks < 0:
-        raise ValueError(f"sinks must be >= 0 (number of leading tokens every query sees), got {sinks}")
-    return int(sinks)
+    return check_int("sinks", sinks, 0, hint=" (number of leading tokens every query sees)")
 
 
 def check_local(local: int, causal: bool) -> int:
-    if isinstance(local, bool) or not isinstance(local, numbers.Integral):
-        raise TypeError(f"local must be an int (recent positions every query also sees), got {local!r}")
-    if local < 0:
-        raise ValueError(f"local must be >= 0 (0 turns the local window off), got {local}")
+    local = check_int("local", local, 0, hint=" (recent positions every query also sees; 0 turns "
+                                              "the local window off)")
     if local and not causal:
         raise ValueError("local > 0 needs causal=True (the local window is the query's last "
                          "`local` positions); for non-causal SA use local=0")
-    return int(local)
+    return local
+
+
+def check_causal_only(fn_name: str, causal: bool) -> None:
+    """Operators defined for causal attention only (MoBA, BigBird) take ``causal=True``."""
+    if causal is not True:
+        raise ValueError(f"{fn_name} is causal only: pass causal=True (the default), got "
+                         f"causal={causal!r}")
 
 
 def check_layout(layout: str) -> str:
@@ -123,14 +140,20 @@ def check_key_mask(mask: torch.Tensor | None, batch: int, seq: int, device) -> N
         raise ValueError(f"key_mask is on {mask.device} but q is on {device}")
 
 
+def check_index_tensor(name: str, index, device) -> None:
+    """An integer tensor of positions (a permutation, random key indices) on q's device."""
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"{name} must be a LongTensor, got {type(index).__name__}")
+    if index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an integer tensor (torch.long), got {index.dtype}")
+    if index.device != device:
+        raise ValueError(f"{name} is on {index.device} but q is on {device}; move it with "
+                         f"{name}.to(q.device)")
+
+
 def normalize_perm(perm: torch.Tensor, batch: int, heads: int, seq: int, device) -> torch.Tensor:
     """Return perm as a [B|1, H|1, n] long tensor after checking it is a permutation of range(n)."""
-    if not isinstance(perm, torch.Tensor):
-        raise TypeError(f"perm must be a LongTensor, got {type(perm).__name__}")
-    if perm.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"perm must be an integer tensor (torch.long), got {perm.dtype}")
-    if perm.device != device:
-        raise ValueError(f"perm is on {perm.device} but q is on {device}; move it with perm.to(q.device)")
+    check_index_tensor("perm", perm, device)
     if perm.dim() == 1:
         perm = perm.view(1, 1, -1)
     elif perm.dim() == 2:
