@@ -42,22 +42,22 @@ def _prefill(cfg: PatchConfig, layer_idx: int, q, k, v, kpm, scale, own_window):
         return sliding_window_attention(q, k, v, cfg.window, sinks=cfg.sinks,
                                         key_mask=kpm, scale=scale)
     if cfg.method == "moba":
-        return moba_attention(q, k, v, cfg.moba_block, cfg.moba_topk, sinks=cfg.sinks,
+        return moba_attention(q, k, v, cfg.block_size, cfg.top_k, sinks=cfg.sinks,
                               key_mask=kpm, scale=scale)
     hq = q.shape[1]
-    sa_heads = hq if cfg.head_split is None else min(cfg.head_split, hq)
-    if sa_heads < hq:
-        # Head split: the first sa_heads query heads use SA, the others SWA at the same window.
+    heads = hq if cfg.head_split is None else min(cfg.head_split, hq)
+    if heads < hq:
+        # Head split: the first `heads` query heads use SA, the others SWA at the same window.
         groups = hq // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        swa = sliding_window_attention(q[:, sa_heads:], k[:, sa_heads:], v[:, sa_heads:],
-                                       cfg.window, sinks=cfg.sinks, key_mask=kpm,
-                                       scale=scale)
-        if sa_heads == 0:
-            return swa
-        sa = _stochastic(cfg, layer_idx, q[:, :sa_heads], k[:, :sa_heads], v[:, :sa_heads],
-                         kpm, scale)
-        return torch.cat([sa, swa], dim=1)
+        sliding = sliding_window_attention(q[:, heads:], k[:, heads:], v[:, heads:],
+                                           cfg.window, sinks=cfg.sinks, key_mask=kpm,
+                                           scale=scale)
+        if heads == 0:
+            return sliding
+        stochastic = _stochastic(cfg, layer_idx, q[:, :heads], k[:, :heads], v[:, :heads],
+                                 kpm, scale)
+        return torch.cat([stochastic, sliding], dim=1)
     return _stochastic(cfg, layer_idx, q, k, v, kpm, scale)
 
 

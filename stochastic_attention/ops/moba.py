@@ -2,13 +2,13 @@
 
 Keys are cut into blocks of ``block_size`` consecutive positions. A query scores every block by
 ``q . mean(block keys)``, always keeps its own block (causally masked) and adds the best earlier
-blocks, ``topk`` blocks in all; future blocks are never chosen. With ``topk`` >= the number of
+blocks, ``top_k`` blocks in all; future blocks are never chosen. With ``top_k`` >= the number of
 blocks this is exactly full causal attention. The first ``sinks`` tokens may be added to every
 query. With a key padding mask, every row's real tokens are first moved, in order, in front of
 its padding (and moved back afterwards): blocks and sinks are then counted over real tokens, so
 a sequence gives the same output alone or padded in a batch, and padded keys and values never
 reach an output. Implementations: :func:`moba_reference` (one query at a time, obviously correct),
-:func:`moba_attention` (block-sparse, O(n * topk * block_size) time and memory, below) and
+:func:`moba_attention` (block-sparse, O(n * top_k * block_size) time and memory, below) and
 :func:`moba_masked` (a chunked dense mask, O(n^2) time; a cross-check).
 
 The block-sparse path splits each query's keys into disjoint parts and merges them exactly by
@@ -33,15 +33,15 @@ from .validate import reject_renamed
 PAIR_TILE = 64
 
 
-def _check(block_size: int, topk: int, sinks: int) -> None:
-    for name, value, low in (("block_size", block_size, 1), ("topk", topk, 1), ("sinks", sinks, 0)):
+def _check(block_size: int, top_k: int, sinks: int) -> None:
+    for name, value, low in (("block_size", block_size, 1), ("top_k", top_k, 1), ("sinks", sinks, 0)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {value!r}")
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
-def _real_tokens_first(fn, q, k, v, block_size, topk, *, sinks, key_mask, scale):
+def _real_tokens_first(fn, q, k, v, block_size, top_k, *, sinks, key_mask, scale):
     """Run ``fn`` with each row's real tokens moved (stably) in front of its padding.
 
     Padded keys and values are zeroed by selection first, so even NaN padding cannot reach an
@@ -55,7 +55,7 @@ def _real_tokens_first(fn, q, k, v, block_size, topk, *, sinks, key_mask, scale)
     inv = inverse_permutation(order)
     q, k, v = (permute_seq(x, order, inv) for x in (q, k, v))
     kpm = gather_mask(key_mask, order)[:, 0]
-    out = fn(q, k, v, block_size, topk, sinks=sinks, key_mask=kpm, scale=scale,
+    out = fn(q, k, v, block_size, top_k, sinks=sinks, key_mask=kpm, scale=scale,
              _compact=True)
     return permute_seq(out, inv, order)
 
@@ -74,10 +74,10 @@ def block_means(k: torch.Tensor, block_size: int, key_valid: torch.Tensor | None
     return sums / count.clamp(min=1)[..., None], count > 0
 
 
-def chosen_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int,
+def chosen_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int,
                   key_valid: torch.Tensor | None) -> torch.Tensor:
     """bool [B, Hq, n, nb]: the blocks each query attends to (own block + best earlier ones)."""
-    index, used = top_blocks(q, k, block_size, topk, key_valid)
+    index, used = top_blocks(q, k, block_size, top_k, key_valid)
     chosen = torch.zeros(*q.shape[:3], -(-k.shape[2] // block_size), dtype=torch.bool,
                          device=q.device)
     chosen.scatter_(-1, index, used)
@@ -85,9 +85,9 @@ def chosen_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int,
     return chosen | (torch.arange(chosen.shape[-1], device=q.device) == own[:, None])
 
 
-def top_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int,
+def top_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int,
                key_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(block [B, Hq, n, t], used [B, Hq, n, t]) with t = min(topk, blocks): each query's blocks,
+    """(block [B, Hq, n, t], used [B, Hq, n, t]) with t = min(top_k, blocks): each query's blocks,
     its own always first-ranked; ``used`` is False where fewer earlier blocks exist."""
     B, Hq, n, _ = q.shape
     means, has_key = block_means(k, block_size, key_valid)
@@ -99,7 +99,7 @@ def top_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int,
     # Own block last: it is always first-ranked, even when it holds no real key (a padded query).
     gate = gate.masked_fill((blk > own) | ~has_key[:, :, None, :], float("-inf"))
     gate = gate.masked_fill(blk == own, float("inf"))
-    top = gate.topk(min(topk, nb), dim=-1)
+    top = gate.topk(min(top_k, nb), dim=-1)
     return top.indices, top.values > float("-inf")
 
 
@@ -122,7 +122,7 @@ def moba_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     block_size: int,
-    topk: int,
+    top_k: int,
     *,
     sinks: int = 0,
     key_mask: torch.Tensor | None = None,
@@ -131,9 +131,9 @@ def moba_attention(
 ) -> torch.Tensor:
     """Causal MoBA, block-sparse (see the module doc). q [B, Hq, n, D], k/v [B, Hkv, n, D];
     returns [B, Hq, n, D]. Differentiable."""
-    _check(block_size, topk, sinks)
+    _check(block_size, top_k, sinks)
     if not _compact and key_mask is not None:
-        return _real_tokens_first(moba_attention, q, k, v, block_size, topk, sinks=sinks,
+        return _real_tokens_first(moba_attention, q, k, v, block_size, top_k, sinks=sinks,
                                   key_mask=key_mask, scale=scale)
     B, Hq, n, D = q.shape
     if n == 0:
@@ -153,7 +153,7 @@ def moba_attention(
         sink_v=v[:, :, :sinks] if sinks else None,
         sink_valid=None if kpm is None or not sinks else kpm[:, None, :sinks], scale=scale,
         return_lse=True)
-    index, used = top_blocks(q, k, block_size, topk, kpm)
+    index, used = top_blocks(q, k, block_size, top_k, kpm)
     own_block = torch.div(torch.arange(n, device=q.device), block_size, rounding_mode="floor")
     other = used & (index != own_block[:, None])  # earlier blocks: full, no causal mask
     if not bool(other.any()):
@@ -223,7 +223,7 @@ def moba_masked(
     k: torch.Tensor,
     v: torch.Tensor,
     block_size: int,
-    topk: int,
+    top_k: int,
     *,
     sinks: int = 0,
     key_mask: torch.Tensor | None = None,
@@ -232,13 +232,13 @@ def moba_masked(
 ) -> torch.Tensor:
     """Causal MoBA through a chunked dense mask: O(n^2) time. Same result as
     :func:`moba_attention`."""
-    _check(block_size, topk, sinks)
+    _check(block_size, top_k, sinks)
     if not _compact and key_mask is not None:
-        return _real_tokens_first(moba_masked, q, k, v, block_size, topk, sinks=sinks,
+        return _real_tokens_first(moba_masked, q, k, v, block_size, top_k, sinks=sinks,
                                   key_mask=key_mask, scale=scale)
     n = q.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    chosen = chosen_blocks(q, k, block_size, topk, key_mask)
+    chosen = chosen_blocks(q, k, block_size, top_k, key_mask)
 
     def mask_rows(start: int, stop: int) -> torch.Tensor:
         rows = torch.arange(start, stop, device=q.device)
@@ -252,7 +252,7 @@ def moba_reference(
     k: torch.Tensor,
     v: torch.Tensor,
     block_size: int,
-    topk: int,
+    top_k: int,
     *,
     sinks: int = 0,
     key_mask: torch.Tensor | None = None,
@@ -260,9 +260,9 @@ def moba_reference(
     _compact: bool = False,
 ) -> torch.Tensor:
     """The same rule, one (batch, head, query) at a time in plain Python. Tests only."""
-    _check(block_size, topk, sinks)
+    _check(block_size, top_k, sinks)
     if not _compact and key_mask is not None:
-        return _real_tokens_first(moba_reference, q, k, v, block_size, topk, sinks=sinks,
+        return _real_tokens_first(moba_reference, q, k, v, block_size, top_k, sinks=sinks,
                                   key_mask=key_mask, scale=scale)
     B, Hq, n, D = q.shape
     groups = Hq // k.shape[1]
@@ -280,7 +280,7 @@ def moba_reference(
                     if real:
                         mean = kk[real].float().mean(0)
                         scores.append((float(q[b, h, i].detach().float() @ mean.detach()), j))
-                best = {j for _, j in sorted(scores, key=lambda s: -s[0])[: topk - 1]}
+                best = {j for _, j in sorted(scores, key=lambda s: -s[0])[: top_k - 1]}
                 keep = torch.tensor([
                     (t // block_size in best or t // block_size == own or t < sinks)
                     and t <= i and bool(valid[b, t]) for t in range(n)])
@@ -288,10 +288,10 @@ def moba_reference(
     return out
 
 
-def moba_attended_keys(seq_len: int, block_size: int, topk: int) -> torch.Tensor:
+def moba_attended_keys(seq_len: int, block_size: int, top_k: int) -> torch.Tensor:
     """Keys each query sees (no padding, no sinks), [seq_len] long. Data-independent: earlier
-    blocks are full, so every choice of ``topk - 1`` of them has the same size."""
-    _check(block_size, topk, 0)
+    blocks are full, so every choice of ``top_k - 1`` of them has the same size."""
+    _check(block_size, top_k, 0)
     i = torch.arange(seq_len)
     own = torch.div(i, block_size, rounding_mode="floor")
-    return i - own * block_size + 1 + torch.clamp(own, max=topk - 1) * block_size
+    return i - own * block_size + 1 + torch.clamp(own, max=top_k - 1) * block_size
