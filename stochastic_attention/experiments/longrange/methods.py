@@ -1,8 +1,10 @@
-"""Attention kinds of the long-range benchmark, each set to the same mean attended keys per query.
+"""Methods of the long-range benchmark, each set to the same mean attended keys per query.
 
-A kind's options are chosen so that its mean number of attended keys per query (counted with
+A method's options are chosen so that its mean number of attended keys per query (counted with
 the operators' own visibility rules) is as close as possible to ``budget``, the window of the
 sliding-window baseline: comparisons are at equal attention cost, not at equal nominal window.
+The benchmark's methods are the layer methods, plus ``stochastic_block`` (stochastic with
+layout="block") and ``random`` (an ablation: random earlier keys per query, see below).
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ import torch
 
 from ...functional import attended_keys
 from ...ops.moba import moba_attended_keys
+from ...vocabulary import RENAMED_METHODS, check_name
 
-KINDS = ("full", "swa", "sa", "sa_block", "sa_local", "gated", "moba", "bigbird", "random")
+METHODS = ("full", "sliding_window", "stochastic", "stochastic_block", "stochastic_local", "gated",
+           "moba", "bigbird", "random")
+# The benchmark's own former names, on top of the package's.
+RENAMED = {**RENAMED_METHODS, "sa_block": "stochastic_block"}
 
 
 def _sa_keys(n: int, window: int, layout: str = "band", local: int = 0) -> float:
@@ -50,63 +56,64 @@ def _closest_window(n: int, budget: float, count) -> int:
 
 
 @functools.cache
-def kind_options(kind: str, budget: int, seq_len: int) -> tuple[str, tuple[tuple[str, object], ...]]:
-    """(layer kind, SALlamaConfig attention options) for a benchmark kind at a key budget."""
+def method_options(method: str, budget: int,
+                   seq_len: int) -> tuple[str, tuple[tuple[str, object], ...]]:
+    """(layer method, SALlamaConfig attention options) for a benchmark method at a key budget."""
+    check_name(method, METHODS, renamed=RENAMED)
     n = seq_len
-    if kind == "full":
+    if method == "full":
         return "full", ()
-    if kind == "swa":
-        return "swa", (("window", budget),)
-    if kind in ("sa", "sa_block"):
-        layout = "block" if kind == "sa_block" else "band"
+    if method == "sliding_window":
+        return "sliding_window", (("window", budget),)
+    if method in ("stochastic", "stochastic_block"):
+        layout = "block" if method == "stochastic_block" else "band"
         w = _closest_window(n, budget, lambda w: _sa_keys(n, w, layout))
-        return "sa", (("layout", layout), ("window", w))
-    if kind == "sa_local":
+        return "stochastic", (("layout", layout), ("window", w))
+    if method == "stochastic_local":
         local = max(1, budget // 2)
         w = _closest_window(n, budget, lambda w: _sa_keys(n, w, local=local))
-        return "sa_local", (("local", local), ("window", w))
-    if kind == "gated":
-        # The gate mixes an SA branch and an SWA branch: their union costs the budget.
-        swa = max(1, budget // 2)
-        w = _closest_window(n, budget, lambda w: _sa_keys(n, w, local=swa))
-        return "gated", (("sa_window", w), ("swa_window", swa), ("window", w))
-    if kind == "moba":
-        # Own block (causal, about (block + 1) / 2 keys) plus topk - 1 earlier full blocks;
+        return "stochastic_local", (("local", local), ("window", w))
+    if method == "gated":
+        # The gate mixes a stochastic branch and a sliding-window branch: their union costs
+        # the budget.
+        sliding = max(1, budget // 2)
+        w = _closest_window(n, budget, lambda w: _sa_keys(n, w, local=sliding))
+        return "gated", (("local_window", sliding), ("window", w))
+    if method == "moba":
+        # Own block (causal, about (block + 1) / 2 keys) plus top_k - 1 earlier full blocks;
         # blocks of at least 4 keys so that the router has something to average.
         pairs = [(b, t) for b in range(min(4, budget), budget + 1) for t in range(2, budget + 2)]
-        block, topk = min(pairs, key=lambda bt: (abs(bt[0] * (bt[1] - 1) + (bt[0] + 1) / 2
-                                                     - budget), -bt[0]))
-        return "moba", (("moba_block_size", block), ("moba_topk", topk))
-    if kind == "bigbird":
+        block, top_k = min(pairs, key=lambda bt: (abs(bt[0] * (bt[1] - 1) + (bt[0] + 1) / 2
+                                                      - budget), -bt[0]))
+        return "moba", (("block_size", block), ("top_k", top_k))
+    if method == "bigbird":
         sinks = 2
         local = max(1, budget // 2)
         rand = max(0, round(budget - local - sinks))
         return "bigbird", (("random_keys", rand), ("sinks", sinks), ("window", local))
-    if kind == "random":
-        # An ablation of SA's permutation: each query draws its own random earlier keys (a
-        # BigBird layer with no global tokens and the smallest window: itself and its
-        # predecessor), where SA's window-mates are shared groups of one permutation.
-        window = min(2, budget)
-        rand = _closest_window(n, budget, lambda r: _bigbird_keys(n, window, r, 0))
-        return "bigbird", (("random_keys", rand), ("sinks", 0), ("window", window))
-    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    # "random": an ablation of SA's permutation: each query draws its own random earlier keys
+    # (a BigBird layer with no global tokens and the smallest window: itself and its
+    # predecessor), where SA's window-mates are shared groups of one permutation.
+    window = min(2, budget)
+    rand = _closest_window(n, budget, lambda r: _bigbird_keys(n, window, r, 0))
+    return "bigbird", (("random_keys", rand), ("sinks", 0), ("window", window))
 
 
-def mean_keys(kind: str, options: tuple[tuple[str, object], ...], seq_len: int) -> float:
-    """Mean attended keys per query of a kind with these options, at length seq_len."""
+def mean_keys(method: str, options: tuple[tuple[str, object], ...], seq_len: int) -> float:
+    """Mean attended keys per query of a layer method with these options, at length seq_len."""
     n, o = seq_len, dict(options)
-    if kind == "full":
+    if method == "full":
         return (n + 1) / 2
-    if kind == "swa":
+    if method == "sliding_window":
         return float(attended_keys(n, o["window"], method="sliding_window").float().mean())
-    if kind == "sa":
+    if method == "stochastic":
         return _sa_keys(n, o["window"], o.get("layout", "band"))
-    if kind == "sa_local":
+    if method == "stochastic_local":
         return _sa_keys(n, o["window"], local=o["local"])
-    if kind == "gated":
-        return _sa_keys(n, o["sa_window"], local=o["swa_window"])
-    if kind == "moba":
-        return float(moba_attended_keys(n, o["moba_block_size"], o["moba_topk"]).float().mean())
-    if kind == "bigbird":
+    if method == "gated":
+        return _sa_keys(n, o["window"], local=o["local_window"])
+    if method == "moba":
+        return float(moba_attended_keys(n, o["block_size"], o["top_k"]).float().mean())
+    if method == "bigbird":
         return _bigbird_keys(n, o["window"], o["random_keys"], o["sinks"])
-    raise ValueError(f"unknown kind {kind!r}")
+    raise ValueError(f"unknown layer method {method!r}")
