@@ -13,8 +13,8 @@ import numpy as np  # noqa: E402
 
 from . import theory  # noqa: E402
 
-COLORS = {"swa": "tab:blue", "sa_band": "tab:red", "sa_block": "tab:orange",
-          "sa_swa": "tab:green", "moba": "tab:purple", "dilated": "tab:brown", "full": "black"}
+COLORS = {"sliding_window": "tab:blue", "stochastic": "tab:red", "stochastic_block": "tab:orange",
+          "gated": "tab:green", "moba": "tab:purple", "dilated": "tab:brown", "full": "black"}
 
 
 def _save(fig, path: Path) -> Path:
