@@ -126,9 +126,9 @@ def test_method_specs_and_budgets():
     assert mean_keys(parse_method("full"), 64, 100, cfg) == pytest.approx(50.5)
     swa = attended_keys(100, 16, method="sliding_window").float().mean().item()
     assert mean_keys(parse_method("sliding_window"), 16, 100, cfg) == pytest.approx(swa)
-    # Dense layers count as full attention in the budget.
-    dense = mean_keys(parse_method("sliding_window+layers=0:1"), 16, 100, cfg)
-    assert dense == pytest.approx((swa + 50.5) / 2)
+    # Unpatched layers count as full attention in the budget.
+    half = mean_keys(parse_method("sliding_window+layers=0:1"), 16, 100, cfg)
+    assert half == pytest.approx((swa + 50.5) / 2)
     # An ensemble reads the union of its windows: more keys than one draw, at most K times more.
     one = mean_keys(parse_method("stochastic+local=4"), 12, 100, cfg)
     three = mean_keys(parse_method("stochastic+local=4+ensemble=3"), 12, 100, cfg)

@@ -138,7 +138,7 @@ def test_head_split_extremes_are_sliding_window_and_stochastic():
     assert not torch.allclose(split_all, _logits(model, ids))  # the seed matters
 
 
-def test_dense_layers_and_two_models_do_not_interfere():
+def test_unpatched_layers_and_two_models_do_not_interfere():
     a, b = tiny_model("llama"), tiny_model("llama")
     ids = _ids(32)
     ref = _logits(a, ids)

@@ -157,7 +157,7 @@ def test_compare_positions_patches_then_restores_the_model():
     assert gaps.count("\n") == len(methods) and "| full |" not in gaps
     assert "| sliding_window:64 | +0.00 ± 0.00 |" in gaps
     with pytest.raises(ValueError, match="reference"):
-        gap_table(result, "dense")
+        gap_table(result, "linear")
     with pytest.raises(ValueError, match="model"):
         compare_positions(docs, methods=methods)
 

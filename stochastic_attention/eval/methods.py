@@ -4,7 +4,7 @@ A method spec is written ``name[+option=value...]``, e.g. ``stochastic+sinks=4+l
 ``sliding_window+sinks=4``, ``moba+top_k=4``, ``stochastic+layout=block+layers=1:29``.
 ``local`` may be a share of the window (``local=0.5``): the union then has ``window * share``
 local keys and an SA window of ``window - local``, so the nominal budget stays ``window``.
-``layers=a:b`` patches layers a..b-1 (dense first/last layers elsewhere). ``ensemble=K`` averages
+``layers=a:b`` patches layers a..b-1 (full attention in the other layers). ``ensemble=K`` averages
 every SA layer over K permutations. Old method or option names (``swa``, ``moba_topk`` ...) are
 errors that name the new one.
 """

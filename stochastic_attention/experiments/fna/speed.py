@@ -1,4 +1,4 @@
-"""Side-by-side timing of FNA: dense (chunked) vs inside stochastic-attention windows.
+"""Side-by-side timing of FNA: full (chunked) vs inside stochastic-attention windows.
 
 Forward + backward of one call at growing lengths; every row is measured in the same process,
 interleaved, so the ratios are comparable even on a busy machine (absolute times are not).
@@ -58,7 +58,7 @@ def speed_table(lengths: list[int], window: int = 128, heads: int = 4, head_dim:
 
 
 def speed_markdown(rows: list[dict]) -> str:
-    lines = ["| n | window | FNA dense / FNA+SA | FNA+SA / softmax dense (SDPA) |", "|---|---|---|---|"]
+    lines = ["| n | window | full FNA / FNA+SA | FNA+SA / full softmax (SDPA) |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['seq_len']} | {r['window']} | {r['full_over_stochastic']:.2f} | "
                      f"{r['stochastic_over_softmax_full']:.2f} |")
