@@ -89,6 +89,8 @@ def test_layer_takes_an_options_object_or_a_dict_of_its_fields():
     assert a.options == b.options == StochasticOptions(window=4)
     with pytest.raises(TypeError, match="takes StochasticOptions"):
         MultiHeadAttention(16, 2, method="stochastic", options=SlidingWindowOptions())
+    with pytest.raises(ValueError, match="'sliding_window' draws no permutation"):
+        MultiHeadAttention(16, 2, method="sliding_window").draw_permutation(1, 4)
 
 
 @pytest.mark.parametrize("kwargs,match", [

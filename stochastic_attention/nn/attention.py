@@ -30,7 +30,7 @@ from ..functional import BACKENDS, sliding_window_attention, stochastic_attentio
 from ..ops.permute import routing_permutation
 from ..vocabulary import reject_renamed
 from .gate import BranchGate
-from .options import OPTION_NAMES, MethodOptions, method_options
+from .options import OPTION_NAMES, MethodOptions, SamplingOptions, method_options
 from .rotary import RotaryEmbedding
 
 # The methods that draw a permutation (fractional too, with windows="stochastic").
@@ -120,6 +120,8 @@ class MultiHeadAttention(nn.Module):
         eval mode every row draws from the same per-layer seed, so a sequence gets the same
         routing, and output, alone or padded in any batch.
         """
+        if not isinstance(self.options, SamplingOptions):
+            raise ValueError(f"method {self.method!r} draws no permutation")
         heads = self.num_heads if self.options.perm_per_head else 1
         return routing_permutation(batch, heads, seq_len, key_mask=key_mask,
                                    generator=self._generator(), device=device)
