@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SATTN="${SATTN:-.venv/bin/sattn}"
-for kind in full swa sa_local; do
-  "$SATTN" train "configs/longrange/position-$kind.yaml" --no-progress "$@"
+for method in full sliding_window stochastic_local; do
+  "$SATTN" train "configs/longrange/position-$method.yaml" --no-progress "$@"
 done
-"$SATTN" position-loss --checkpoints runs/longrange-position/full/final,runs/longrange-position/swa/final,runs/longrange-position/sa_local/final \
+"$SATTN" position-loss --checkpoints runs/longrange-position/full/final,runs/longrange-position/sliding_window/final,runs/longrange-position/stochastic_local/final \
   --seq-len 1024 --docs 10 --seed 0 --threads 1 --out runs/longrange-position/report --no-progress

@@ -15,7 +15,7 @@ OUT="${OUT:-runs/pretrain-comparison}"
 CLOZE="${CLOZE:-200}"  # examples per zero-shot cloze task
 HEADER="${HEADER:-Small-scale comparison: 4 layers, d=128, 4 heads, window 32, sequence 512, byte-level, ${STEPS} steps of 8 x 512 tokens.}"
 exec "${PYTHON:-.venv/bin/python}" -m stochastic_attention.cli pretrain-compare \
-  configs/pretrain/full.yaml configs/pretrain/swa.yaml configs/pretrain/sa.yaml \
+  configs/pretrain/full.yaml configs/pretrain/sliding_window.yaml configs/pretrain/stochastic.yaml \
   configs/pretrain/gated.yaml \
   --seeds "$SEEDS" --out "$OUT" --report docs/results-pretraining.md \
   --set "train.steps=${STEPS}" --set train.threads=1 --cloze-examples "$CLOZE" --header "$HEADER" \

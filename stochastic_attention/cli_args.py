@@ -199,6 +199,36 @@ def run_meta(args: argparse.Namespace, started: float, *, model: str | None) -> 
         seconds=round(time.time() - started, 1))
 
 
+def method_list(methods, renamed=None, what: str = "method") -> Callable[[str], list[str]]:
+    """A comma-separated list of method names from ``methods``; an old name (``swa``, ``sa``
+    ...) is an error that names the new one (``renamed`` extends the package's table)."""
+    from .vocabulary import RENAMED_METHODS, check_name
+
+    table = {**RENAMED_METHODS, **(renamed or {})}
+
+    def parse(text: str) -> list[str]:
+        items = str_list(text)
+        try:
+            for item in items:
+                check_name(item, methods, what=what, renamed=table)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return items
+
+    parse.__name__ = f"list of {what}s"
+    return parse
+
+
+def renamed_option(parser: argparse.ArgumentParser, old: str, new: str) -> None:
+    """Make the former option ``old`` an error that names ``new`` (not "unrecognized")."""
+    class Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            parser.error(f"{old} was renamed {new}")
+
+    parser.add_argument(old, action=Renamed, nargs="?", help=argparse.SUPPRESS,
+                        dest=f"renamed_{old.lstrip('-').replace('-', '_')}")
+
+
 def ensure_folder(path: str | os.PathLike, option: str = "--out"):
     """Create the output folder ``path`` (UsageError if a file is in the way)."""
     from pathlib import Path

@@ -136,7 +136,7 @@ def test_hand_computed_case():
     np.testing.assert_array_equal(np.nonzero(query_receptive_field([swa, sa], 3))[0], [0, 2, 3])
 
 
-@pytest.mark.parametrize("name", ["sa_band", "sa_block", "sa_swa", "moba", "dilated"])
+@pytest.mark.parametrize("name", ["stochastic", "stochastic_block", "gated", "moba", "dilated"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_coverage_is_monotone_in_depth(name, causal):
     n = 300
@@ -231,7 +231,7 @@ def test_idealised_theory_and_measured_noncausal_sa():
     ideal = theory.idealised_sa_layers_to_full(w, n)
     assert np.ceil(theory.log_w(w, n)) <= ideal <= np.ceil(theory.log_w(w, n)) + 2
     measured = [layers_to_full(query_coverage_curve(
-        LayerStack(PatternSpec("sa_band", w, causal=False), n, s), n, 20, causal=False), n)
+        LayerStack(PatternSpec("stochastic", w, causal=False), n, s), n, 20, causal=False), n)
         for s in range(3)]
     assert all(abs(m - ideal) <= 1 for m in measured), (measured, ideal)
 
@@ -239,8 +239,8 @@ def test_idealised_theory_and_measured_noncausal_sa():
 def test_causal_sa_alone_is_slow_and_the_union_is_fast():
     n, w = 2048, 16
     swa_layers = theory.swa_layers_to_full(w, n)  # 137
-    alone = query_coverage_curve(LayerStack(PatternSpec("sa_band", w), n, 0), n, 60, causal=True)
-    union = query_coverage_curve(LayerStack(PatternSpec("sa_swa", w), n, 0), n, 60, causal=True)
+    alone = query_coverage_curve(LayerStack(PatternSpec("stochastic", w), n, 0), n, 60, causal=True)
+    union = query_coverage_curve(LayerStack(PatternSpec("gated", w), n, 0), n, 60, causal=True)
     assert layers_to_full(alone, n) is None  # still incomplete after 60 layers
     assert alone[60] > 0.95 * n  # yet almost everything arrived long before
     assert layers_to_full(union, n) <= 6 < swa_layers
@@ -250,7 +250,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="pattern"):
         PatternSpec("nope", 8)
     with pytest.raises(ValueError, match="window"):
-        PatternSpec("swa", 1)
+        PatternSpec("sliding_window", 1)
     with pytest.raises(ValueError, match="method"):
         layer_edges(10, 4, method="sparse")
     with pytest.raises(ValueError, match="perm"):

@@ -29,7 +29,7 @@ def small_graph(name: str, n: int = 120, window: int = 6, layers: int = 1, seed:
     return graphstats.union_graph([stack(i) for i in range(layers)])
 
 
-@pytest.mark.parametrize("name", ["swa", "sa_band", "sa_swa", "moba"])
+@pytest.mark.parametrize("name", ["sliding_window", "stochastic", "gated", "moba"])
 def test_paths_and_clustering_match_networkx(name):
     adj = small_graph(name, layers=2)
     graph = nx.from_scipy_sparse_array(adj)
@@ -68,8 +68,8 @@ def test_single_sa_layer_is_swa_relabelled():
 
 def test_mixing_matrix_and_product_gaps():
     n, w = 256, 8
-    sa = LayerStack(PatternSpec("sa_band", w, causal=False), n, 0)
-    swa = LayerStack(PatternSpec("swa", w, causal=False), n, 0)
+    sa = LayerStack(PatternSpec("stochastic", w, causal=False), n, 0)
+    swa = LayerStack(PatternSpec("sliding_window", w, causal=False), n, 0)
     p = graphstats.mixing_matrix(sa(0))
     np.testing.assert_allclose(np.asarray(p.sum(axis=1)).ravel(), 1.0)
     assert (p.diagonal() > 0).all()
@@ -87,14 +87,14 @@ def test_mixing_matrix_and_product_gaps():
 
 
 def test_small_world_coefficients_on_a_tiny_graph():
-    lattice = small_graph("swa", n=40, window=4)
-    union = small_graph("sa_swa", n=40, window=4)
+    lattice = small_graph("sliding_window", n=40, window=4)
+    union = small_graph("gated", n=40, window=4)
     sw_lattice = graphstats.small_world(lattice, niter=1, nrand=1)
     sw_union = graphstats.small_world(union, niter=1, nrand=1)
     assert sw_lattice["omega"] < sw_union["omega"]  # a band is lattice-like (omega near -1)
     assert all(np.isfinite(v) for v in (*sw_lattice.values(), *sw_union.values()))
     with pytest.raises(ValueError, match="connected"):
-        graphstats.small_world(small_graph("sa_block", n=40, window=4))
+        graphstats.small_world(small_graph("stochastic_block", n=40, window=4))
 
 
 def test_random_graph_degree_and_hops():
@@ -114,8 +114,8 @@ def run_cli(argv: list[str]) -> int:
 
 def test_coverage_command_writes_plots_tables_json(tmp_path):
     rc = run_cli(["coverage", "--seq-len", "512", "--window", "8", "--seeds", "0,1",
-                  "--max-layers", "40", "--patterns", "swa,sa_band,sa_swa",
-                  "--sweep-seq-lens", "128,256", "--sweep-patterns", "swa,sa_swa",
+                  "--max-layers", "40", "--patterns", "sliding_window,stochastic,gated",
+                  "--sweep-seq-lens", "128,256", "--sweep-patterns", "sliding_window,gated",
                   "--sweep-seeds", "0", "--sweep-max-layers", "20", "--position-seq-len", "256",
                   "--position-depths", "1,4", "--out", str(tmp_path)])
     assert rc == 0
@@ -123,16 +123,16 @@ def test_coverage_command_writes_plots_tables_json(tmp_path):
                  "coverage.md"):
         assert (tmp_path / name).stat().st_size > 0
     data = json.loads((tmp_path / "coverage.json").read_text())
-    swa = next(r for r in data["curves"] if r["pattern"] == "swa" and r["causal"])
+    swa = next(r for r in data["curves"] if r["pattern"] == "sliding_window" and r["causal"])
     assert swa["layers_to_full"] == [theory.swa_layers_to_full(8, 512)]
     sweep = {(r["pattern"], r["causal"], r["seq_len"]): r for r in data["sweep"]}
-    assert sweep[("swa", False, 256)]["layers_to_full"] == [
+    assert sweep[("sliding_window", False, 256)]["layers_to_full"] == [
         theory.swa_layers_to_full(8, 256, causal=False)]
     assert "sattn coverage --seq-len 512" in (tmp_path / "coverage.md").read_text()
 
 
 def test_graph_command_writes_tables(tmp_path):
-    rc = run_cli(["graph", "--seq-len", "128", "--window", "8", "--patterns", "swa,sa_swa",
+    rc = run_cli(["graph", "--seq-len", "128", "--window", "8", "--patterns", "sliding_window,gated",
                   "--depths", "1,2", "--gap-depth", "2", "--small-world-seq-len", "0",
                   "--connectome-nodes", "3000", "--connectome-sources", "4",
                   "--out", str(tmp_path)])
@@ -140,7 +140,7 @@ def test_graph_command_writes_tables(tmp_path):
     data = json.loads((tmp_path / "graph.json").read_text())
     assert (tmp_path / "spectral_gap.png").stat().st_size > 0
     rows = {(r["pattern"], r["layers"]): r for r in data["graphs"]}
-    assert rows[("sa_swa", 1)]["mean_hops"] < rows[("swa", 1)]["mean_hops"]
+    assert rows[("gated", 1)]["mean_hops"] < rows[("sliding_window", 1)]["mean_hops"]
     graphs = [r["graph"] for r in data["connectome"]]
     assert "random G(n, p)" in graphs and "fly connectome (reported)" in graphs
 
@@ -152,6 +152,6 @@ def test_cli_rejects_negative_sizes(tmp_path, capsys):
 
 
 def test_small_world_of_a_tiny_graph_is_a_value_error_not_a_division_by_zero():
-    adj = graphstats.union_graph([LayerStack(PatternSpec("swa", 2, causal=False), 4, 0)(0)])
+    adj = graphstats.union_graph([LayerStack(PatternSpec("sliding_window", 2, causal=False), 4, 0)(0)])
     with pytest.raises(ValueError, match="undefined"):
         graphstats.small_world(adj)

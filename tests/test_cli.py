@@ -105,12 +105,19 @@ def test_bench_rejects_bad_values(capsys, tmp_path):
     out = str(tmp_path)
     assert_usage_error(["bench", "--window", "0", "--out", out], capsys, "--window", ">= 1")
     assert_usage_error(["bench", "--seq-lens", "64,x", "--out", out], capsys, "--seq-lens")
-    assert_usage_error(["bench", "--methods", "swa,fast", "--out", out], capsys, "fast")
+    assert_usage_error(["bench", "--methods", "sliding_window,fast", "--out", out], capsys, "fast")
     assert_usage_error(["bench", "--modes", "bwd", "--out", out], capsys, "bwd")
     assert_usage_error(["bench", "--device", "nonsense:x", "--out", out],
                        capsys, "--device")
-    assert_usage_error(["bench", "--seq-lens", str(2**40), "--methods", "swa", "--out", out],
+    assert_usage_error(["bench", "--seq-lens", str(2**40), "--methods", "sliding_window", "--out", out],
                        capsys, "GiB", "--seq-lens")
+    # former names are errors that name the new one
+    assert_usage_error(["bench", "--methods", "dense,sa_band", "--out", out], capsys,
+                       "'dense' was renamed: use 'full'")
+    assert_usage_error(["bench", "--methods", "sa_band_per_head", "--out", out], capsys,
+                       "use 'stochastic_per_head'")
+    assert_usage_error(["bench", "--dense-max-len", "8", "--out", out], capsys,
+                       "--dense-max-len was renamed --full-max-len")
     assert not list(tmp_path.iterdir())  # nothing written, nothing run
 
 
@@ -134,7 +141,11 @@ def test_coverage_and_graph_reject_bad_values(capsys, tmp_path):
     out = str(tmp_path / "o")
     assert_usage_error(["coverage", "--window", "0", "--out", out], capsys, "--window")
     assert_usage_error(["coverage", "--seq-len", "1", "--out", out], capsys, "--seq-len")
-    assert_usage_error(["coverage", "--patterns", "swa,nope", "--out", out], capsys, "nope")
+    assert_usage_error(["coverage", "--patterns", "sliding_window,nope", "--out", out], capsys, "nope")
+    assert_usage_error(["coverage", "--patterns", "sa_swa", "--out", out], capsys,
+                       "pattern 'sa_swa' was renamed: use 'gated'")
+    assert_usage_error(["graph", "--patterns", "sa_block", "--out", out], capsys,
+                       "use 'stochastic_block'")
     assert_usage_error(["coverage", "--position-seq-len", "1", "--out", out], capsys)
     assert_usage_error(["coverage", "--position-seq-len", "10000000", "--out", out], capsys,
                        "GiB", "--position-seq-len")
@@ -158,7 +169,7 @@ def test_coverage_and_graph_reject_bad_values(capsys, tmp_path):
 
 
 def test_coverage_of_a_short_sequence_has_no_division_by_zero(capsys, tmp_path):
-    code, out, err = run(["coverage", "--seq-len", "32", "--window", "4", "--patterns", "swa",
+    code, out, err = run(["coverage", "--seq-len", "32", "--window", "4", "--patterns", "sliding_window",
                           "--seeds", "0", "--max-layers", "4", "--sweep-seq-lens", "",
                           "--position-seq-len", "40", "--position-depths", "1",
                           "--out", str(tmp_path), "--no-progress"], capsys)
@@ -176,6 +187,17 @@ def test_fna_rejects_bad_values(capsys, tmp_path):
     bad.write_text("task: [unclosed")
     assert_usage_error(["fna", "--config", str(bad), "--out", str(tmp_path)], capsys,
                        "cannot be read")
+    # former names in a variant name the new one, before any work
+    shipped = yaml.safe_load((ROOT / "configs" / "fna" / "synthetic.yaml").read_text())
+    for variant, message in (({"name": "a", "attention": "fna"},
+                              "attention 'fna' was renamed: use 'fractional'"),
+                             ({"name": "b", "attention": "softmax", "window": 4,
+                               "stochastic": True},
+                              "'stochastic' was renamed: use windows: stochastic")):
+        old = tmp_path / "old.yaml"
+        old.write_text(yaml.safe_dump(dict(shipped, variants=[variant])))
+        assert_usage_error(["fna", "--config", str(old), "--out", str(tmp_path / "o")], capsys,
+                           message)
 
 
 def _train_config(tmp_path: Path, **model) -> Path:
@@ -184,7 +206,8 @@ def _train_config(tmp_path: Path, **model) -> Path:
     for i in range(3):
         (docs / f"{i}.txt").write_text("the cat sat on the mat and the dog ran far away " * 20)
     raw = {"model": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "attention_kinds": "swa", "window": 4, **model},
+                     "attention_methods": "sliding_window", "attention_options": {"window": 4},
+                     **model},
            "data": {"sources": [{"name": "toy", "files": str(docs)}], "val_fraction": 0.34,
                     "cache_dir": str(tmp_path / "cache")},
            "train": {"out_dir": str(tmp_path / "run"), "seq_len": 16, "batch_size": 2,
@@ -201,12 +224,21 @@ def test_train_rejects_bad_configs_and_files(capsys, tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text("model: {hidden_size: [\n")
     assert_usage_error(["train", str(broken)], capsys, "not valid YAML")
-    typo = _train_config(tmp_path / "typo", attention_kind="sa")
-    last = assert_usage_error(["train", str(typo)], capsys, "attention_kind", "known")
-    assert "'attention_kinds'" in last and "'window'" in last
+    typo = _train_config(tmp_path / "typo", attention_method="stochastic")
+    last = assert_usage_error(["train", str(typo)], capsys, "attention_method", "known")
+    assert "'attention_methods'" in last and "'attention_options'" in last
     assert_usage_error(["train", config, "--set", "model.windw=8"], capsys, "windw")
-    assert_usage_error(["train", config, "--set", "model.attention_kinds=sparse"], capsys,
-                       "attention_kinds")
+    assert_usage_error(["train", config, "--set", "model.attention_methods=sparse"], capsys,
+                       "attention_methods")
+    # the former keys name their replacement
+    assert_usage_error(["train", config, "--set", "model.attention_kinds=swa"], capsys,
+                       "'attention_kinds' was renamed: use 'attention_methods'")
+    assert_usage_error(["train", config, "--set", "model.window=8"], capsys,
+                       "attention_options={'window': 8}")
+    assert_usage_error(["train", config, "--set", "model.attention_methods=swa"], capsys,
+                       "'swa' was renamed: use 'sliding_window'")
+    assert_usage_error(["train", config, "--set", "model.attention_options={moba_topk: 2}"],
+                       capsys, "'moba_topk' was renamed: use 'top_k'")
     assert_usage_error(["train", config, "--set", "train.steps=ten"], capsys, "train.steps")
     assert_usage_error(["train", config, "--set", "train.seq_len=1"], capsys, "seq_len")
     assert_usage_error(["train", config, "--set", "data.split=0"], capsys, "data", "split")
@@ -230,8 +262,8 @@ def test_train_refuses_to_replace_a_run_and_reports_corrupt_checkpoints(capsys, 
                        "--overwrite", "already holds a run")
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics  # untouched
     # --overwrite replaces the old run only once the new one is known to start
-    assert_usage_error(["train", config, "--overwrite", "--set", "model.window=0"], capsys,
-                       "model: window")
+    assert_usage_error(["train", config, "--overwrite", "--set",
+                        "model.attention_options.window=0"], capsys, "model: window")
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
     for ckpt in (tmp_path / "run" / "checkpoints").glob("step-*.pt"):
         ckpt.write_bytes(b"not a checkpoint")
@@ -255,6 +287,10 @@ def test_eval_rejects_bad_values(capsys, tmp_path):
     assert_usage_error(["eval", "--seeds", "0 1", *out], capsys, "--seeds")
     assert_usage_error(["eval", "--tasks", "perplexity,nope", *out], capsys, "nope")
     assert_usage_error(["eval", "--methods", "stochastic,warp", *out], capsys, "warp")
+    assert_usage_error(["eval", "--methods", "swa+sinks=4", *out], capsys,
+                       "'swa' was renamed: use 'sliding_window'")
+    assert_usage_error(["eval", "--methods", "moba+moba_topk=4", *out], capsys,
+                       "'moba_topk' was renamed: use 'top_k'")
     assert_usage_error(["eval", "--passkey-depths", "0.5,2", *out], capsys, "[0, 1]")
     assert_usage_error(["eval", "--decode-check", "2048", *out], capsys, "PROMPT,STEPS")
     assert_usage_error(["eval", "--model", str(tmp_path / "no-model"), *out], capsys,
@@ -279,13 +315,13 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch, tmp_path):
 
 
 def test_no_progress_silences_the_progress_bars(capsys, tmp_path):
-    argv = ["bench", "--seq-lens", "32", "--window", "4", "--methods", "swa", "--modes", "fwd",
+    argv = ["bench", "--seq-lens", "32", "--window", "4", "--methods", "sliding_window", "--modes", "fwd",
             "--repeats", "1", "--out", str(tmp_path)]
     code, _, err = run(argv, capsys)
     assert code == 0 and "bench:" in err  # the bar is there by default
     code, _, err = run([*argv, "--no-progress"], capsys)
     assert code == 0 and "bench:" not in err
-    code, _, err = run(["coverage", "--seq-len", "32", "--window", "4", "--patterns", "sa_band",
+    code, _, err = run(["coverage", "--seq-len", "32", "--window", "4", "--patterns", "stochastic",
                         "--seeds", "0", "--max-layers", "3", "--sweep-seq-lens", "",
                         "--position-seq-len", "0", "--causal", "causal", "--out", str(tmp_path),
                         "--no-progress"], capsys)

@@ -168,11 +168,11 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="valid"):
         sparse_decode(q, k, v, torch.ones(1, 7, dtype=torch.bool), window=2)
     with pytest.raises(ValueError, match="decode"):
-        MultiHeadAttention(16, 2, kind="sa", decode="sparse")
+        MultiHeadAttention(16, 2, method="stochastic", options={"decode": "sparse"})
+    with pytest.raises(ValueError, match="'decode' is an option of stochastic"):
+        MultiHeadAttention(16, 2, method="sliding_window", options={"decode": "stochastic"})
     with pytest.raises(ValueError, match="decode='stochastic'"):
-        MultiHeadAttention(16, 2, kind="swa", decode="stochastic")
-    with pytest.raises(ValueError, match="decode"):
-        SALlamaConfig(attention_kinds="full", decode="stochastic")
+        SALlamaConfig(attention_methods="full", attention_options={"decode": "stochastic"})
 
 
 def test_hf_sampled_decode_matches_the_reference_with_its_seed():
@@ -194,14 +194,21 @@ def _decode_steps(layer, x, prompt):
     return torch.cat(outs, dim=1)
 
 
-@pytest.mark.parametrize("kind,extra", [("sa", {}), ("gated", {}), ("sa_local", {"local": 2}),
-                                        ("bigbird", {"random_keys": 2, "swa_window": 3})])
-def test_layer_stochastic_decode(kind, extra):
+@pytest.mark.parametrize("method,extra", [("stochastic", {}), ("gated", {}),
+                                          ("stochastic_local", {"local": 2}),
+                                          ("bigbird", {"random_keys": 2})])
+def test_layer_stochastic_decode(method, extra):
     torch.manual_seed(0)
     x = torch.randn(1, 30, 32)
-    kw = dict(kind=kind, window=3, sinks=1, num_kv_heads=2, **extra)
-    full = MultiHeadAttention(32, 4, **kw).eval()
-    sparse = MultiHeadAttention(32, 4, decode="stochastic", **kw).eval()
+    options = dict(window=3, sinks=1, **extra)
+
+    def layers(options):
+        full = MultiHeadAttention(32, 4, method=method, options=options, num_kv_heads=2)
+        sparse = MultiHeadAttention(32, 4, method=method, num_kv_heads=2,
+                                    options=dict(options, decode="stochastic"))
+        return full.eval(), sparse.eval()
+
+    full, sparse = layers(options)
     sparse.load_state_dict(full.state_dict())
     with torch.no_grad():
         a, b = _decode_steps(full, x, 10), _decode_steps(sparse, x, 10)
@@ -209,25 +216,24 @@ def test_layer_stochastic_decode(kind, extra):
         assert not torch.allclose(b[:, 10:], a[:, 10:], atol=1e-4)
         torch.testing.assert_close(_decode_steps(sparse, x, 10), b)  # seeded: reproducible
     # a budget covering the whole cache decodes like full attention
-    wide = dict(kw, window=64, **({"swa_window": 64} if kind == "bigbird" else {}))
-    full_wide = MultiHeadAttention(32, 4, **wide).eval()
-    sparse_wide = MultiHeadAttention(32, 4, decode="stochastic", **wide).eval()
+    full_wide, sparse_wide = layers(dict(options, window=64))
     sparse_wide.load_state_dict(full_wide.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(_decode_steps(sparse_wide, x, 10),
                                    _decode_steps(full_wide, x, 10), atol=1e-5, rtol=1e-5)
 
 
-def test_sa_llama_forwards_decode_to_its_sa_layers_and_generates():
+def test_sa_llama_forwards_decode_to_its_stochastic_layers_and_generates():
     cfg = SALlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, attention_kinds=["sa", "swa"], window=4,
-                        decode="stochastic", eos_token_id=None)
+                        num_attention_heads=4, attention_methods=["stochastic", "sliding_window"],
+                        attention_options=dict(window=4, decode="stochastic"), eos_token_id=None)
     model = SALlamaForCausalLM(cfg).eval()
     layers = [layer.self_attn for layer in model.model.layers]
-    assert [a.decode for a in layers] == ["stochastic", "full"]
-    wide = SALlamaForCausalLM(SALlamaConfig(**{**cfg.to_dict(), "window": 64})).eval()
-    wide_full = SALlamaForCausalLM(SALlamaConfig(**{**cfg.to_dict(), "window": 64,
-                                                    "decode": "full"})).eval()
+    assert [a.options.to_dict().get("decode") for a in layers] == ["stochastic", None]
+    wide = SALlamaForCausalLM(SALlamaConfig(**{
+        **cfg.to_dict(), "attention_options": dict(window=64, decode="stochastic")})).eval()
+    wide_full = SALlamaForCausalLM(SALlamaConfig(**{
+        **cfg.to_dict(), "attention_options": dict(window=64, decode="full")})).eval()
     wide_full.load_state_dict(wide.state_dict())
     ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(1))
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)

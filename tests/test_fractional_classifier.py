@@ -24,10 +24,11 @@ from stochastic_attention.experiments.fna.graph import (
 from stochastic_attention.experiments.fna.run import run
 from stochastic_attention.models.fna_classifier import ClassifierConfig, EncoderClassifier
 
-VARIANTS = [dict(attention="softmax"), dict(attention="fna", alpha=1.2),
-            dict(attention="fna", alpha=2.0), dict(attention="fna", alpha=1.2, window=5),
-            dict(attention="fna", alpha=1.2, window=5, stochastic=True),
-            dict(attention="softmax", window=5, stochastic=True)]
+VARIANTS = [dict(attention="softmax"), dict(attention="fractional", alpha=1.2),
+            dict(attention="fractional", alpha=2.0),
+            dict(attention="fractional", alpha=1.2, window=5),
+            dict(attention="fractional", alpha=1.2, window=5, windows="stochastic"),
+            dict(attention="softmax", window=5, windows="stochastic")]
 
 
 def _model(**kw) -> EncoderClassifier:
@@ -57,7 +58,7 @@ def test_classifier_trains_and_ignores_padding(variant):
 
 
 def test_attention_weights_are_the_layer_attention():
-    model = _model(attention="fna", alpha=1.2, n_layers=2).eval()
+    model = _model(attention="fractional", alpha=1.2, n_layers=2).eval()
     tokens = torch.randint(0, 11, (2, 10))
     P = model.attention_weights(tokens, layer=1)
     assert P.shape == (2, 2, 10, 10)
@@ -67,7 +68,7 @@ def test_attention_weights_are_the_layer_attention():
 
 
 def test_orthogonal_qk_stays_orthogonal_under_training():
-    model = _model(attention="fna", alpha=1.2, orthogonal_qk=True)
+    model = _model(attention="fractional", alpha=1.2, orthogonal_qk=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     tokens = torch.randint(0, 11, (4, 7))
     for _ in range(3):
@@ -83,9 +84,13 @@ def test_bad_classifier_config_raises():
     with pytest.raises(ValueError, match="attention"):
         ClassifierConfig(vocab_size=5, num_classes=2, attention="linear")
     with pytest.raises(ValueError, match="window"):
-        ClassifierConfig(vocab_size=5, num_classes=2, stochastic=True)
+        ClassifierConfig(vocab_size=5, num_classes=2, windows="stochastic")
+    with pytest.raises(ValueError, match="windows"):
+        ClassifierConfig(vocab_size=5, num_classes=2, window=4, windows="random")
+    with pytest.raises(ValueError, match="'fna' was renamed: use 'fractional'"):
+        ClassifierConfig(vocab_size=5, num_classes=2, attention="fna")
     with pytest.raises(ValueError, match="alpha"):
-        _model(attention="fna", alpha=3.0)(torch.zeros(1, 4, dtype=torch.long))
+        _model(attention="fractional", alpha=3.0)(torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_graph_statistics_on_known_graphs():
@@ -130,7 +135,7 @@ def test_experiment_runs_end_to_end(tmp_path):
     cfg = {
         "task": {"corpora": "synthetic", "passage_len": 24, "test_per_class": 5,
                  "test_fraction": 0.3},
-        "variants": [{"name": "FNA alpha=1.2", "attention": "fna", "alpha": 1.2},
+        "variants": [{"name": "FNA alpha=1.2", "attention": "fractional", "alpha": 1.2},
                      {"name": "softmax", "attention": "softmax"}],
         "d_model": [4], "seeds": [0, 1],
         "train": {"steps": 3, "batch_size": 4, "warmup": 1},
@@ -160,5 +165,6 @@ def test_speed_table_times_every_variant():
 
     rows = speed_table([12], window=4, heads=1, head_dim=4, repeats=1)
     assert rows[0]["seq_len"] == 12
-    assert all(rows[0][k] > 0 for k in ("softmax_dense", "fna_dense", "fna_sa", "dense_over_sa"))
+    assert all(rows[0][k] > 0 for k in ("softmax_full", "fractional_full", "fractional_stochastic",
+                                        "full_over_stochastic", "stochastic_over_softmax_full"))
     assert "| 12 | 4 |" in speed_markdown(rows)

@@ -89,12 +89,14 @@ def test_gradcheck_fractional(backend, alpha):
           inputs())
 
 
-@pytest.mark.parametrize("kind,kw", [("sa", dict(sinks=1, layout="block")), ("gated", dict()),
-                                     ("swa", dict(sinks=1)), ("moba", dict(moba_block_size=2))])
-def test_gradcheck_layer(kind, kw):
+@pytest.mark.parametrize("method,options", [
+    ("stochastic", dict(window=3, sinks=1, layout="block")), ("gated", dict(window=3)),
+    ("sliding_window", dict(window=3, sinks=1)), ("moba", dict(block_size=2))])
+def test_gradcheck_layer(method, options):
     from stochastic_attention.nn import MultiHeadAttention
 
     torch.manual_seed(0)
-    layer = MultiHeadAttention(8, 2, num_kv_heads=1, kind=kind, window=3, **kw).double().eval()
+    layer = MultiHeadAttention(8, 2, num_kv_heads=1, method=method,
+                               options=options).double().eval()
     x = torch.randn(2, N, 8, dtype=torch.float64, requires_grad=True)
     check(lambda x: layer(x, attention_mask=padding()), (x,))

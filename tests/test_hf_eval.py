@@ -109,9 +109,9 @@ def test_equal_budget_table_interpolates_between_windows():
         return dict(label=label, window=window, task=task, metric=task, length=8, mean=mean,
                     std=0.0, seeds=1, keys_per_query=keys)
 
-    summary = [row("swa", 16, 10, 100.0), row("swa", 64, 40, 25.0), row("sa", 32, 20, 60.0),
-               row("sa", 128, 80, 20.0)]
-    table = equal_budget_table(summary, ["swa"])
+    summary = [row("sliding_window", 16, 10, 100.0), row("sliding_window", 64, 40, 25.0),
+               row("stochastic", 32, 20, 60.0), row("stochastic", 128, 80, 20.0)]
+    table = equal_budget_table(summary, ["sliding_window"])
     lines = {line.split(" | ")[1]: line for line in table.splitlines()[2:]}
     # 20 keys lies halfway between 10 and 40 in log space: perplexity log-interpolates to 50.
     assert lines["32"].endswith("| 60.0 | 20 | 50.0 |")
@@ -126,9 +126,9 @@ def test_method_specs_and_budgets():
     assert mean_keys(parse_method("full"), 64, 100, cfg) == pytest.approx(50.5)
     swa = attended_keys(100, 16, method="sliding_window").float().mean().item()
     assert mean_keys(parse_method("sliding_window"), 16, 100, cfg) == pytest.approx(swa)
-    # Dense layers count as full attention in the budget.
-    dense = mean_keys(parse_method("sliding_window+layers=0:1"), 16, 100, cfg)
-    assert dense == pytest.approx((swa + 50.5) / 2)
+    # Unpatched layers count as full attention in the budget.
+    half = mean_keys(parse_method("sliding_window+layers=0:1"), 16, 100, cfg)
+    assert half == pytest.approx((swa + 50.5) / 2)
     # An ensemble reads the union of its windows: more keys than one draw, at most K times more.
     one = mean_keys(parse_method("stochastic+local=4"), 12, 100, cfg)
     three = mean_keys(parse_method("stochastic+local=4+ensemble=3"), 12, 100, cfg)
@@ -138,6 +138,14 @@ def test_method_specs_and_budgets():
         parse_method("linear")
     with pytest.raises(ValueError, match="unknown method option"):
         parse_method("stochastic+foo=1")
+
+
+@pytest.mark.parametrize("spec,new", [("swa+sinks=4", "'sliding_window'"), ("sa", "'stochastic'"),
+                                      ("dense", "'full'"), ("moba+moba_topk=4", "'top_k'"),
+                                      ("moba+topk=4", "'top_k'")])
+def test_old_names_in_method_specs_name_the_new_one(spec, new):
+    with pytest.raises(ValueError, match=f"was renamed: use {new}"):
+        parse_method(spec)
 
 
 def test_decode_cost_rows_agree_when_the_window_covers_the_context():

@@ -151,7 +151,7 @@ def test_written_choice_task_matches_the_builtin_scorer(tmp_path):
         write_choice_task(Task("lastword", "accuracy", True, 3, [dict(context=None)]), tok, tmp_path)
 
 
-def _trained_byte_model(tmp_path, kind="sa"):
+def _trained_byte_model(tmp_path, method="stochastic"):
     """A tiny SA-Llama trained by the ``sattn train`` loop (byte tokenizer); its final/ folder."""
     from stochastic_attention.train import config_from_dict, train
 
@@ -161,7 +161,7 @@ def _trained_byte_model(tmp_path, kind="sa"):
     for i in range(3):
         (docs / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(200)))
     raw = {"model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                     "attention_kinds": kind, "window": 8},
+                     "attention_methods": method, "attention_options": {"window": 8}},
            "data": {"sources": [{"name": "toy", "files": str(docs)}], "val_fraction": 0.3,
                     "cache_dir": str(tmp_path / "cache")},
            "train": {"out_dir": str(tmp_path / "run"), "seq_len": 32, "batch_size": 2,
@@ -214,9 +214,9 @@ def test_harness_scores_a_model_trained_by_sattn_train(tmp_path, capsys):
 
     base = ["eval", "--model", str(final), "--harness", TASK, "--harness-include", str(folder)]
     assert main(base + ["--out", str(tmp_path / "out")]) == 0
-    assert "sa_llama:sa" in capsys.readouterr().out
+    assert "sa_llama:stochastic" in capsys.readouterr().out
     records = json.loads((tmp_path / "out" / "harness.json").read_text())
-    assert [(r["label"], r["task"], r["metric"]) for r in records] == [("sa_llama:sa", TASK, "acc")]
+    assert [(r["label"], r["task"], r["metric"]) for r in records] == [("sa_llama:stochastic", TASK, "acc")]
     assert records[0]["value"] == out["results"][TASK]["acc,none"]
     for extra, fragment in ((["--methods", "stochastic"], "--methods"),
                             (["--tasks", "perplexity"], "--tasks")):

@@ -27,26 +27,26 @@ def _grads(out, tensors):
                                tensors)
 
 
-@pytest.mark.parametrize("block,topk,sinks,pad", [(3, 2, 0, False), (4, 1, 2, True),
+@pytest.mark.parametrize("block,top_k,sinks,pad", [(3, 2, 0, False), (4, 1, 2, True),
                                                   (5, 3, 1, True), (1, 4, 0, False)])
-def test_moba_matches_reference(block, topk, sinks, pad):
+def test_moba_matches_reference(block, top_k, sinks, pad):
     q, k, v = _qkv()
     kpm = None
     if pad:
         kpm = torch.ones(2, 13, dtype=torch.bool)
         kpm[1, :4] = False
-    slow = moba_reference(q, k, v, block, topk, sinks=sinks, key_mask=kpm)
+    slow = moba_reference(q, k, v, block, top_k, sinks=sinks, key_mask=kpm)
     slow_grads = _grads(slow, (q, k, v))
     for fn in (moba_attention, moba_masked):
-        fast = fn(q, k, v, block, topk, sinks=sinks, key_mask=kpm)
+        fast = fn(q, k, v, block, top_k, sinks=sinks, key_mask=kpm)
         torch.testing.assert_close(fast, slow)
         for a, b in zip(_grads(fast, (q, k, v)), slow_grads, strict=True):
             torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("n,block,topk,sinks", [(1, 4, 2, 0), (130, 16, 3, 4), (257, 32, 2, 1),
+@pytest.mark.parametrize("n,block,top_k,sinks", [(1, 4, 2, 0), (130, 16, 3, 4), (257, 32, 2, 1),
                                                  (64, 8, 1, 9), (100, 7, 20, 2)])
-def test_block_sparse_moba_matches_masked_moba(n, block, topk, sinks, monkeypatch):
+def test_block_sparse_moba_matches_masked_moba(n, block, top_k, sinks, monkeypatch):
     import stochastic_attention.ops.moba as moba
 
     monkeypatch.setattr(moba, "PAIR_TILE", 3)  # many ragged tiles
@@ -55,8 +55,8 @@ def test_block_sparse_moba_matches_masked_moba(n, block, topk, sinks, monkeypatc
     kpm[0, : n // 3] = False
     kpm[1, n // 2:] = False
     for mask in (None, kpm):
-        fast = moba_attention(q, k, v, block, topk, sinks=sinks, key_mask=mask)
-        slow = moba_masked(q, k, v, block, topk, sinks=sinks, key_mask=mask)
+        fast = moba_attention(q, k, v, block, top_k, sinks=sinks, key_mask=mask)
+        slow = moba_masked(q, k, v, block, top_k, sinks=sinks, key_mask=mask)
         torch.testing.assert_close(fast, slow)
         for a, b in zip(_grads(fast, (q, k, v)), _grads(slow, (q, k, v)), strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -64,7 +64,7 @@ def test_block_sparse_moba_matches_masked_moba(n, block, topk, sinks, monkeypatc
 
 def test_moba_with_all_blocks_is_full_causal_attention():
     q, k, v = _qkv(n=17)
-    out = moba_attention(q, k, v, block_size=4, topk=5)  # 5 blocks cover 17 tokens
+    out = moba_attention(q, k, v, block_size=4, top_k=5)  # 5 blocks cover 17 tokens
     full = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                           is_causal=True)
     torch.testing.assert_close(out, full)
@@ -85,8 +85,10 @@ def test_moba_rejects_bad_arguments():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="block_size"):
         moba_attention(q, k, v, 0, 2)
-    with pytest.raises(TypeError, match="topk"):
+    with pytest.raises(TypeError, match="top_k"):
         moba_attention(q, k, v, 4, 2.0)
+    with pytest.raises(TypeError, match="'topk' was renamed 'top_k'"):
+        moba_attention(q, k, v, block_size=4, topk=2)
 
 
 @pytest.mark.parametrize("layout,sinks,local", [("band", 0, 3), ("block", 2, 4), ("band", 1, 1)])

@@ -31,7 +31,7 @@ SETTINGS = [
     ("stochastic", dict(window=3, sinks=1, local=3)),
     ("stochastic", dict(window=4, head_split=2, ensemble=2)),
     ("sliding_window", dict(window=4, sinks=2)),
-    ("moba", dict(window=6, moba_topk=2, sinks=1)),
+    ("moba", dict(window=6, top_k=2, sinks=1)),
 ]
 
 

@@ -49,7 +49,7 @@ def test_our_sliding_window_matches_transformers_sliding_window(family):
 
 
 @pytest.mark.parametrize("method,extra", [("sliding_window", dict(window=6, sinks=2)),
-                                          ("moba", dict(window=8, moba_topk=2, sinks=1)),
+                                          ("moba", dict(window=8, top_k=2, sinks=1)),
                                           ("stochastic", dict(window=40, local=4))])
 def test_left_padded_batch_matches_each_sequence_alone(method, extra):
     model = patch(tiny_model("llama"), method, **extra)
@@ -123,7 +123,7 @@ def test_small_windows_change_the_output_and_unpatch_restores():
     torch.testing.assert_close(_logits(model, ids), ref)
 
 
-def test_head_split_extremes_are_swa_and_sa():
+def test_head_split_extremes_are_sliding_window_and_stochastic():
     model = tiny_model("llama")
     ids = _ids(32)
     patch(model, "stochastic", 4, head_split=0)
@@ -138,7 +138,7 @@ def test_head_split_extremes_are_swa_and_sa():
     assert not torch.allclose(split_all, _logits(model, ids))  # the seed matters
 
 
-def test_dense_layers_and_two_models_do_not_interfere():
+def test_unpatched_layers_and_two_models_do_not_interfere():
     a, b = tiny_model("llama"), tiny_model("llama")
     ids = _ids(32)
     ref = _logits(a, ids)
@@ -191,7 +191,7 @@ def test_settings_survive_save_and_reload(tmp_path):
 
 @pytest.mark.parametrize("method,extra", [("stochastic", dict(sinks=1, local=2, seed=5)),
                                           ("sliding_window", dict(sinks=1)),
-                                          ("moba", dict(moba_topk=2))])
+                                          ("moba", dict(top_k=2))])
 def test_plain_from_pretrained_loads_the_patched_model(tmp_path, method, extra):
     """A saved patched model must not come back with full attention (it used to: sdpa)."""
     from transformers import AutoModelForCausalLM
@@ -247,7 +247,7 @@ def test_load_pretrained_reapplies_saved_settings(tmp_path):
 
     from stochastic_attention.models import load_pretrained
 
-    model = patch(tiny_model("mistral"), "moba", 8, moba_topk=2, sinks=1)
+    model = patch(tiny_model("mistral"), "moba", 8, top_k=2, sinks=1)
     ids = _ids(24)
     expected = _logits(model, ids)
     model.save_pretrained(tmp_path)

@@ -14,14 +14,14 @@ from stochastic_attention.models import SALlamaConfig, SALlamaForCausalLM
 VOCAB, SEQ = 64, 24
 
 
-def tiny(kind: str, seed: int = 0, window: int = 4, **kw) -> SALlamaForCausalLM:
+def tiny(method: str, seed: int = 0, window: int = 4, **kw) -> SALlamaForCausalLM:
     """2 layers, width 32, windows far below the length so that SA's routing matters."""
     torch.manual_seed(seed)
-    options = dict(local=2) if kind == "sa_local" else dict(random_keys=2) if kind == "bigbird" \
-        else {}
+    options = {"stochastic_local": dict(local=2), "bigbird": dict(random_keys=2)}.get(method, {})
     config = SALlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, attention_kinds=kind,
-                           window=window, eos_token_id=None, **options, **kw)
+                           num_attention_heads=4, num_key_value_heads=2, attention_methods=method,
+                           attention_options=dict(window=window, **options), eos_token_id=None,
+                           **kw)
     return SALlamaForCausalLM(config)
 
 
@@ -46,10 +46,10 @@ def gradients(model, ids: torch.Tensor, seed: int) -> tuple[float, dict]:
                          if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind", ["sa", "sa_local", "gated", "bigbird"])
-def test_checkpointed_gradients_equal_plain_gradients(kind):
+@pytest.mark.parametrize("method", ["stochastic", "stochastic_local", "gated", "bigbird"])
+def test_checkpointed_gradients_equal_plain_gradients(method):
     ids = torch.randint(0, VOCAB, (2, 23), generator=torch.Generator().manual_seed(1))
-    model = tiny(kind)
+    model = tiny(method)
     loss, plain = gradients(model, ids, seed=5)
     _, other_draw = gradients(model, ids, seed=6)
     # the test can fail: another permutation (or random-key) draw changes the gradients
@@ -80,7 +80,7 @@ def test_a_recompute_without_the_rng_state_would_give_other_gradients():
     """What the override prevents: transformers' own setting with preserve_rng_state=False
     redraws the permutation in backward, and the gradients no longer match."""
     ids = torch.randint(0, VOCAB, (2, 23), generator=torch.Generator().manual_seed(1))
-    model = tiny("sa")
+    model = tiny("stochastic")
     _, plain = gradients(model, ids, seed=5)
     PreTrainedModel._set_gradient_checkpointing(
         model, enable=True, gradient_checkpointing_func=partial(
@@ -93,11 +93,11 @@ def _losses(log_history: list[dict]) -> list[float]:
     return [row["loss"] for row in log_history if "loss" in row]
 
 
-@pytest.mark.parametrize("kind,checkpointing", [("sa", False), ("gated", True)])
-def test_trainer_trains_a_tiny_sa_llama(tmp_path, kind, checkpointing):
+@pytest.mark.parametrize("method,checkpointing", [("stochastic", False), ("gated", True)])
+def test_trainer_trains_a_tiny_sa_llama(tmp_path, method, checkpointing):
     from transformers import Trainer, TrainingArguments
 
-    model = tiny(kind, window=8)
+    model = tiny(method, window=8)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=40,
                              per_device_train_batch_size=8, learning_rate=1e-2,
                              warmup_steps=0, logging_steps=1, save_strategy="no", seed=0,
@@ -111,7 +111,7 @@ def test_trainer_trains_a_tiny_sa_llama(tmp_path, kind, checkpointing):
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
     trainer.save_model(str(tmp_path / "final"))
     reloaded = SALlamaForCausalLM.from_pretrained(tmp_path / "final")
-    assert reloaded.config.attention_kinds == [kind, kind]
+    assert reloaded.config.attention_methods == [method, method]
 
 
 def test_accelerate_loop_trains_a_tiny_sa_llama(tmp_path):
@@ -119,7 +119,7 @@ def test_accelerate_loop_trains_a_tiny_sa_llama(tmp_path):
     from torch.utils.data import DataLoader
 
     accelerator = Accelerator(cpu=True)
-    model = tiny("sa", window=8)
+    model = tiny("stochastic", window=8)
     model.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     loader = DataLoader(periodic_sequences(64), batch_size=8, shuffle=True,

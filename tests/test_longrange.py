@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from stochastic_attention.cli import main as cli_main
-from stochastic_attention.experiments.longrange import kinds, report, sweep, tasks
+from stochastic_attention.experiments.longrange import methods, report, sweep, tasks
 from stochastic_attention.experiments.longrange.train import Cell, TaskSpec, evaluate, lr_at, train_cell
 
 
@@ -108,12 +108,20 @@ def test_mqar_zero_filler_and_errors():
             tasks.mqar(args["num"], args["seq_len"], args["pairs"], args["vocab"], seed=0)
 
 
-@pytest.mark.parametrize("kind", [k for k in kinds.KINDS if k != "full"])
-def test_kinds_are_set_to_the_same_budget(kind):
+@pytest.mark.parametrize("method", [m for m in methods.METHODS if m != "full"])
+def test_methods_are_set_to_the_same_budget(method):
     n, budget = 256, 8
-    layer_kind, options = kinds.kind_options(kind, budget, n)
-    keys = kinds.mean_keys(layer_kind, options, n)
-    assert abs(keys - budget) <= 0.25 * budget, (kind, options, keys)
+    layer_method, options = methods.method_options(method, budget, n)
+    keys = methods.mean_keys(layer_method, options, n)
+    assert abs(keys - budget) <= 0.25 * budget, (method, options, keys)
+
+
+def test_benchmark_methods_refuse_their_old_names():
+    with pytest.raises(ValueError, match="'sa_block' was renamed: use 'stochastic_block'"):
+        methods.method_options("sa_block", 8, 256)
+    with pytest.raises(ValueError, match="'swa' was renamed: use 'sliding_window'"):
+        methods.method_options("swa", 8, 256)
+    assert methods.method_options("stochastic_block", 8, 256)[0] == "stochastic"
 
 
 def test_lr_schedule_warms_up_and_decays_to_zero():
@@ -126,17 +134,17 @@ def test_a_cell_learns_majority_with_full_attention():
     """Not a smoke test: a 1-layer full-attention model must beat chance clearly."""
     torch.manual_seed(0)
     task = TaskSpec("majority", seq_len=24, margins=(0.5,), eval_margins=(0.5,))
-    cell = Cell(task=task, kind="full", layers=1, width=16, heads=1, lr=1e-2, steps=120,
+    cell = Cell(task=task, method="full", layers=1, width=16, heads=1, lr=1e-2, steps=120,
                 batch_size=32, eval_examples=128)
     record = train_cell(cell)
     assert record["accuracy"] > 0.85, record["accuracy"]
     assert record["val_accuracy"] > 0.8
 
 
-def test_swa_cannot_beat_its_reach_ceiling():
+def test_sliding_window_cannot_beat_its_reach_ceiling():
     """An SWA model that sees one bit scores the one-bit ceiling at most (untrained or not)."""
     task = TaskSpec("majority", seq_len=41, margins=(0.1,), eval_margins=(0.1,))
-    cell = Cell(task=task, kind="swa", attention=(("window", 2),), layers=1, width=16, heads=1,
+    cell = Cell(task=task, method="sliding_window", attention=(("window", 2),), layers=1, width=16, heads=1,
                 steps=1, eval_examples=512)
     from stochastic_attention.experiments.longrange.train import build_model
 
@@ -167,7 +175,7 @@ def test_grid_runs_in_shards_resumes_and_merges(tmp_path, capsys):
     assert (out / "shard-1-of-2.jsonl").read_text() == before["shard-1-of-2.jsonl"]
     # Seeds after the first run at the learning rate with the best validation accuracy.
     for group in sweep.groups(profile):
-        recs = [r for r in records if r["kind"] == group.kind
+        recs = [r for r in records if r["method"] == group.method
                 and r["task"] == profile.tasks[group.task].name]
         firsts = [r for r in recs if r["cell"]["seed"] == profile.seeds[0]]
         best = max(firsts, key=lambda r: (r["val_accuracy"], -r["cell"]["lr"]))["cell"]["lr"]
@@ -181,16 +189,23 @@ def test_grid_runs_in_shards_resumes_and_merges(tmp_path, capsys):
 
 def test_cli_run_and_shard_errors(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert cli_main(["longrange", "run", "--profile", "tiny", "--kinds", "swa", "--seeds", "0",
+    assert cli_main(["longrange", "run", "--profile", "tiny", "--methods", "sliding_window",
+                     "--seeds", "0",
                      "--lrs", "0.01", "--out", str(out), "--no-progress"]) == 0
     assert len(sweep.load_records([out])) == 2  # two tasks, one cell each
     with pytest.raises(ValueError, match="shard"):
         sweep.parse_shard("2/2")
     # user errors: one line on stderr and exit code 2 (was a SystemExit with status 1)
     capsys.readouterr()
-    assert cli_main(["longrange", "run", "--profile", "tiny", "--kinds", "nope",
-                     "--out", str(out)]) == 2
-    assert "sattn longrange: error: unknown --kinds ['nope']" in capsys.readouterr().err
+    for argv, message in (
+            (["--methods", "nope"], "argument --methods: method must be one of"),
+            (["--methods", "sa_local"],
+             "argument --methods: method 'sa_local' was renamed: use 'stochastic_local'"),
+            (["--kinds", "full"], "--kinds was renamed --methods")):
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(["longrange", "run", "--profile", "tiny", *argv, "--out", str(out)])
+        assert exit_.value.code == 2
+        assert f"sattn longrange run: error: {message}" in capsys.readouterr().err
     assert cli_main(["longrange", "run", "--profile", "tiny", "--shard", "2/2",
                      "--out", str(out)]) == 2
     assert "--shard" in capsys.readouterr().err
@@ -198,13 +213,13 @@ def test_cli_run_and_shard_errors(tmp_path, capsys):
     assert "no such shard folder" in capsys.readouterr().err
 
 
-def test_mqar_sight_is_exact_for_swa_and_full_and_grows_with_depth():
+def test_mqar_sight_is_exact_for_sliding_window_and_full_and_grows_with_depth():
     from stochastic_attention.experiments.longrange.sight import mqar_sight, visible_masks
 
     task = TaskSpec("mqar", seq_len=64, pairs=4, vocab=32, random_filler=False)
     full = mqar_sight(task, "full", (), 1, examples=16, draws=2)
     assert full["sight"] == 1.0
-    swa = mqar_sight(task, "swa", (("window", 8),), 3, examples=16, draws=2)
+    sliding = mqar_sight(task, "sliding_window", (("window", 8),), 3, examples=16, draws=2)
     # SWA: the value token is visible exactly when it lies among the last 8 positions.
     batch = task.batch(16, seed=[4, 0])
     within = []
@@ -212,10 +227,11 @@ def test_mqar_sight_is_exact_for_swa_and_full_and_grows_with_depth():
         where = {int(k): 2 * i for i, k in enumerate(batch.inputs[row, 0:8:2])}
         for q in (batch.labels[row] != tasks.IGNORE).nonzero().flatten().tolist():
             within.append(q - (where[int(batch.inputs[row, q])] + 1) < 8)
-    assert swa["sight"] == pytest.approx(sum(within) / len(within))
-    sa = [mqar_sight(task, "sa", (("window", 16),), d, examples=16, draws=32)["sight"] for d in (1, 2, 4)]
-    assert sa[0] < sa[1] < sa[2] < 1.0
-    masks = visible_masks("sa_local", (("local", 4), ("window", 8)), 32, 3)
+    assert sliding["sight"] == pytest.approx(sum(within) / len(within))
+    sight = [mqar_sight(task, "stochastic", (("window", 16),), d, examples=16, draws=32)["sight"]
+             for d in (1, 2, 4)]
+    assert sight[0] < sight[1] < sight[2] < 1.0
+    masks = visible_masks("stochastic_local", (("local", 4), ("window", 8)), 32, 3)
     assert masks.shape == (3, 32, 32) and not masks.triu(1).any()  # causal
     with pytest.raises(ValueError):
         visible_masks("moba", (), 32, 1)
@@ -224,13 +240,14 @@ def test_mqar_sight_is_exact_for_swa_and_full_and_grows_with_depth():
 def test_cli_sight_writes_a_table(tmp_path):
     assert cli_main(["longrange", "sight", "--seq-lens", "32", "--pairs", "4", "--budgets", "4",
                      "--layers", "1,2", "--examples", "4", "--draws", "2", "--out", str(tmp_path)]) == 0
-    assert "| swa |" in (tmp_path / "sight.md").read_text()
+    assert "| sliding_window |" in (tmp_path / "sight.md").read_text()
     assert len(json.loads((tmp_path / "sight.json").read_text())) == 7 * 2
 
 
 def test_unswept_depths_reuse_the_learning_rate_of_the_swept_depth(tmp_path):
     profile = sweep.with_overrides(sweep.PROFILES["tiny"], depths=(1, 2), lr_sweep_depths=(1,),
-                                   tasks=(sweep.PROFILES["tiny"].tasks[0],), kinds=("swa",))
+                                   tasks=(sweep.PROFILES["tiny"].tasks[0],),
+                                   methods=("sliding_window",))
     sweep.run_shard(profile, tmp_path, (0, 1), progress=False, log=lambda *_: None)
     records = sweep.load_records([tmp_path])
     shallow = [r for r in records if r["depth"] == 1]
@@ -241,3 +258,12 @@ def test_unswept_depths_reuse_the_learning_rate_of_the_swept_depth(tmp_path):
     assert {r["cell"]["lr"] for r in deep} == chosen
     rows = report.summarise(records)
     assert {row["lr"] for row in rows} == chosen
+
+
+def test_records_of_the_former_format_are_refused_clearly(tmp_path, capsys):
+    old = {"key": "majority:n=32|swa[window=4]|...", "kind": "swa", "cell": {"kind": "swa"}}
+    (tmp_path / "shard-0-of-1.jsonl").write_text(json.dumps(old) + "\n")
+    with pytest.raises(ValueError, match="former format"):
+        sweep.load_records([tmp_path])
+    assert cli_main(["longrange", "report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "former format" in capsys.readouterr().err

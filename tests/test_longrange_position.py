@@ -30,12 +30,12 @@ from stochastic_attention.experiments.longrange.position_report import (
 from stochastic_attention.models import SALlamaConfig, SALlamaForCausalLM
 
 
-def tiny_sa_llama(kind: str = "full", vocab: int = 257, hidden: int = 32, seed: int = 0,
+def tiny_sa_llama(method: str = "full", vocab: int = 257, hidden: int = 32, seed: int = 0,
                   **kw) -> SALlamaForCausalLM:
     torch.manual_seed(seed)
     config = SALlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, attention_kinds=kind,
-                           window=4, **kw)
+                           num_attention_heads=4, num_key_value_heads=2, attention_methods=method,
+                           attention_options={"window": 4}, **kw)
     return SALlamaForCausalLM(config).eval()
 
 
@@ -125,6 +125,8 @@ def test_parse_position_method_reads_the_window():
     with pytest.raises(ValueError, match="whole number"):
         parse_position_method("moba:x+sinks=4", 64)
     with pytest.raises(ValueError, match="unknown method"):
+        parse_position_method("linear:64", 64)
+    with pytest.raises(ValueError, match="'dense' was renamed: use 'full'"):
         parse_position_method("dense:64", 64)
 
 
@@ -155,7 +157,7 @@ def test_compare_positions_patches_then_restores_the_model():
     assert gaps.count("\n") == len(methods) and "| full |" not in gaps
     assert "| sliding_window:64 | +0.00 ± 0.00 |" in gaps
     with pytest.raises(ValueError, match="reference"):
-        gap_table(result, "dense")
+        gap_table(result, "linear")
     with pytest.raises(ValueError, match="model"):
         compare_positions(docs, methods=methods)
 
@@ -206,9 +208,9 @@ def test_heldout_documents_come_from_the_validation_split_only(corpus):
 
 def test_cli_scores_trained_checkpoints_and_writes_three_files(corpus, tmp_path):
     runs = []
-    for name, kind in (("full-run", "full"), ("sa-run", "sa")):
+    for name, method in (("full-run", "full"), ("stochastic-run", "stochastic")):
         run = tmp_path / name
-        tiny_sa_llama(kind).save_pretrained(run / "final")
+        tiny_sa_llama(method).save_pretrained(run / "final")
         data = {"sources": [str(corpus / "*.txt")], "tokenizer": "byte", "val_fraction": 0.5,
                 "split_seed": 7}
         (run / "config.json").write_text(json.dumps({"data": data}))
@@ -218,9 +220,11 @@ def test_cli_scores_trained_checkpoints_and_writes_three_files(corpus, tmp_path)
                   "--docs", "2", "--out", str(out), "--no-progress"]) == 0
     assert {p.name for p in out.iterdir()} == {"position.json", "position.md", "position.png"}
     result = json.loads((out / "position.json").read_text())
-    assert [m["label"] for m in result["methods"]] == ["full-run", "sa-run"]
+    assert [m["label"] for m in result["methods"]] == ["full-run", "stochastic-run"]
     assert result["data"]["tokenizer"] == "byte" and result["data"]["split_seed"] == 7
     for m in result["methods"]:
         assert sum(b["count"] for b in m["buckets"]) == 2 * 95
         assert m["mean_loss"] > 0
-    assert "| sa-run |" in (out / "position.md").read_text()
+    assert "| stochastic-run |" in (out / "position.md").read_text()
+    stochastic = result["methods"][1]
+    assert (stochastic["attention_methods"], stochastic["window"]) == (["stochastic"] * 2, 4)

@@ -1,4 +1,4 @@
-"""SA-Llama generate(): the KV cache is used, alone and in left-padded batches, for every kind.
+"""SA-Llama generate(): the KV cache is used, alone and in left-padded batches, for every method.
 
 The models use large random weights (initializer_range 0.6) so that greedy continuations depend
 on the whole prompt: each test first checks that prompts ending in the same token continue
@@ -13,35 +13,38 @@ import torch
 from stochastic_attention.models import SALlamaConfig, SALlamaForCausalLM
 from stochastic_attention.nn import KVCache
 
-KINDS = ("full", "swa", "sa", "gated", "moba", "fna")
-# Each kind, plus the variants whose decoding takes another path: MoBA with sinks, FNA in
+METHODS = ("full", "sliding_window", "stochastic", "gated", "moba", "fractional")
+# Each method, plus the variants whose decoding takes another path: MoBA with sinks, FNA in
 # sliding windows, and FNA in SA windows (covering the sequence, so exact).
-CONFIGS = [(kind, {}) for kind in KINDS] + [
-    ("moba", dict(sinks=1)), ("fna", dict(fna_window=4)),
-    ("fna", dict(fna_window=64, fna_stochastic=True))]
+CONFIGS = [(method, {}) for method in METHODS] + [
+    ("moba", dict(sinks=1)), ("fractional", dict(window=4)),
+    ("fractional", dict(window=64, windows="stochastic"))]
 # SWA sinks: the prefill operators place sinks at the first slots, not the first real tokens,
 # so these are checked without padding only.
-UNPADDED = CONFIGS + [("swa", dict(sinks=2)), ("gated", dict(sinks=1))]
+UNPADDED = CONFIGS + [("sliding_window", dict(sinks=2)), ("gated", dict(sinks=1))]
 
 
 VOCAB, NEW = 32, 8
 
 
 def ids_of(configs) -> list[str]:
-    return [kind + "".join(f"-{k}={v}" for k, v in extra.items()) for kind, extra in configs]
+    return [method + "".join(f"-{k}={v}" for k, v in extra.items())
+            for method, extra in configs]
 
 
-def sharp_model(kind: str, **overrides) -> SALlamaForCausalLM:
+def sharp_model(method: str, **overrides) -> SALlamaForCausalLM:
     # SA windows cover the sequence: decoding SA with full attention (the paper's protocol) is
     # then exactly what a forward pass over the whole sequence computes. With smaller windows
     # the two differ by design: each rerun draws a new permutation over the longer sequence.
-    options = dict(sa_window=64) if kind in ("sa", "gated") else {}
+    options = {"sliding_window": dict(window=4), "stochastic": dict(window=64),
+               "gated": dict(window=64, local_window=4),
+               "moba": dict(block_size=4, top_k=2)}.get(method, {})
     options.update(overrides)
     torch.manual_seed(0)
     config = SALlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, attention_kinds=kind,
-                           window=4, moba_block_size=4, moba_topk=2, initializer_range=0.6,
-                           eos_token_id=None, pad_token_id=0, **options)
+                           num_attention_heads=4, num_key_value_heads=2, attention_methods=method,
+                           attention_options=options, initializer_range=0.6,
+                           eos_token_id=None, pad_token_id=0)
     return SALlamaForCausalLM(config).eval()
 
 
@@ -76,9 +79,9 @@ def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-@pytest.mark.parametrize("kind,extra", UNPADDED, ids=ids_of(UNPADDED))
-def test_cached_generate_equals_greedy_rerun(kind, extra):
-    model = sharp_model(kind, **extra)
+@pytest.mark.parametrize("method,extra", UNPADDED, ids=ids_of(UNPADDED))
+def test_cached_generate_equals_greedy_rerun(method, extra):
+    model = sharp_model(method, **extra)
     ids = prompts()
     mask = torch.ones_like(ids)
     expected = greedy_without_cache(model, ids, mask)
@@ -87,9 +90,9 @@ def test_cached_generate_equals_greedy_rerun(kind, extra):
     assert torch.equal(generate(model, ids, mask), expected)
 
 
-@pytest.mark.parametrize("kind,extra", CONFIGS, ids=ids_of(CONFIGS))
-def test_left_padded_batch_generates_as_without_cache(kind, extra):
-    model = sharp_model(kind, **extra)
+@pytest.mark.parametrize("method,extra", CONFIGS, ids=ids_of(CONFIGS))
+def test_left_padded_batch_generates_as_without_cache(method, extra):
+    model = sharp_model(method, **extra)
     full = prompts(3, 11)
     rows = [full[0], full[1, 4:], full[2, 7:]]  # 11, 7 and 4 real tokens
     ids, mask = left_padded(rows)
@@ -98,11 +101,11 @@ def test_left_padded_batch_generates_as_without_cache(kind, extra):
     assert torch.equal(generate(model, ids, mask), expected)
 
 
-@pytest.mark.parametrize("kind", ["full", "swa", "moba"])
-def test_left_padded_rows_generate_as_each_row_alone(kind):
+@pytest.mark.parametrize("method", ["full", "sliding_window", "moba"])
+def test_left_padded_rows_generate_as_each_row_alone(method):
     # MoBA's blocks start at the first real token only when the padding is a multiple of the
     # block size (the operator aligns blocks to slots): pads of 4 and 8 with blocks of 4.
-    model = sharp_model(kind, swa_window=3, sinks=0)
+    model = sharp_model(method, **({"window": 3} if method == "sliding_window" else {}))
     full = prompts(3, 12)
     rows = [full[0], full[1, 4:], full[2, 8:]]
     ids, mask = left_padded(rows)
@@ -133,7 +136,7 @@ def test_generate_passes_the_cache_under_a_keyword_forward_reads():
 
 
 def test_cache_keywords_and_unknown_keywords():
-    model = sharp_model("swa")
+    model = sharp_model("sliding_window")
     ids = prompts(2)
     with torch.no_grad():
         whole = model(ids).logits[:, -1]
@@ -174,7 +177,7 @@ def test_cached_window_and_sinks_count_real_tokens(window, sinks):
 
 
 def test_forward_accepts_tokenizer_outputs_with_token_type_ids():
-    model = sharp_model("swa")
+    model = sharp_model("sliding_window")
     ids = prompts(2)
     with torch.no_grad():
         torch.testing.assert_close(model(ids, token_type_ids=torch.zeros_like(ids)).logits,

@@ -9,20 +9,24 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from stochastic_attention.models import SALlamaConfig, SALlamaForCausalLM
 
 
-def tiny(kinds, **kw) -> SALlamaForCausalLM:
+def tiny(methods, qk_norm: bool = False, **options) -> SALlamaForCausalLM:
     torch.manual_seed(0)
-    config = SALlamaConfig(hidden_size=32, num_hidden_layers=len(kinds), num_attention_heads=4,
-                           num_key_value_heads=2, attention_kinds=kinds, window=6, **kw)
+    config = SALlamaConfig(hidden_size=32, num_hidden_layers=len(methods), num_attention_heads=4,
+                           num_key_value_heads=2, attention_methods=methods, qk_norm=qk_norm,
+                           attention_options=dict(dict(window=6), **options))
     return SALlamaForCausalLM(config).eval()
 
 
 def test_save_and_reload_through_auto_classes(tmp_path):
-    kinds = ["gated", "sa", "swa", "moba", "fna"]
-    model = tiny(kinds, qk_norm=True, gate_granularity="channel", gate_bias=[1.0, -1.0],
-                 moba_block_size=8, fna_alpha=1.2)
+    methods = ["gated", "stochastic", "sliding_window", "moba", "fractional"]
+    model = tiny(methods, qk_norm=True, gate_granularity="channel", gate_bias=[1.0, -1.0],
+                 block_size=8, alpha=1.2)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
-    assert AutoConfig.from_pretrained(tmp_path).attention_kinds == kinds
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert config.attention_methods == methods
+    assert config.attention_options == dict(window=6, gate_granularity="channel",
+                                            gate_bias=[1.0, -1.0], block_size=8, alpha=1.2)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(reloaded, SALlamaForCausalLM)
     ids = torch.randint(0, 257, (2, 40))
@@ -30,7 +34,7 @@ def test_save_and_reload_through_auto_classes(tmp_path):
 
 
 def test_generate_with_cache_equals_greedy_without_cache():
-    model = tiny(["full", "swa", "swa"])
+    model = tiny(["full", "sliding_window", "sliding_window"])
     prompt = torch.randint(0, 257, (2, 9))
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
                          do_sample=False, pad_token_id=0)
@@ -42,7 +46,7 @@ def test_generate_with_cache_equals_greedy_without_cache():
 
 
 def test_loss_is_next_token_cross_entropy():
-    model = tiny(["sa", "gated"])
+    model = tiny(["stochastic", "gated"])
     ids = torch.randint(0, 257, (3, 17))
     out = model(ids, labels=ids)
     expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 257),
@@ -54,14 +58,19 @@ def test_loss_is_next_token_cross_entropy():
 
 
 def test_config_errors_name_the_argument():
-    with pytest.raises(ValueError, match="attention_kinds"):
-        SALlamaConfig(num_hidden_layers=3, attention_kinds=["full", "sa"])
-    with pytest.raises(ValueError, match="attention_kinds"):
-        SALlamaConfig(attention_kinds="dense")
+    with pytest.raises(ValueError, match="attention_methods"):
+        SALlamaConfig(num_hidden_layers=3, attention_methods=["full", "stochastic"])
+    with pytest.raises(ValueError, match="attention_methods"):
+        SALlamaConfig(attention_methods="linear")
+    with pytest.raises(ValueError, match="attention_options: unknown options"):
+        SALlamaConfig(attention_options={"windw": 4})
+    with pytest.raises(TypeError, match="attention_options must be a dict"):
+        SALlamaConfig(attention_options=[("window", 4)])
 
 
 def test_left_padded_batch_matches_the_unpadded_sequence():
-    model = tiny(["full", "swa", "gated"], sa_window=64)  # SA covering the sequence: exact
+    # SA covering the sequence: exact
+    model = tiny(["full", "sliding_window", "gated"], gated={"window": 64, "local_window": 6})
     row = torch.randint(0, 257, (1, 11))
     ids = torch.cat([torch.randint(0, 257, (1, 15)), torch.cat([torch.zeros(1, 4).long(), row], 1)])
     mask = torch.ones_like(ids)

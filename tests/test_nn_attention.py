@@ -5,16 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stochastic_attention.nn import KVCache, MultiHeadAttention
+from stochastic_attention.nn import OPTIONS, KVCache, MultiHeadAttention
 from stochastic_attention.ops.patterns import dense_mask
 
 HIDDEN, HEADS, KV_HEADS = 24, 4, 2  # head_dim 6, GQA groups of 2
+LAYER_KEYWORDS = ("qk_norm", "layer_idx", "backend")  # the rest are the method's options
 
 
-def make(kind: str, **kw) -> MultiHeadAttention:
+def make(method: str, **kw) -> MultiHeadAttention:
     torch.manual_seed(0)
-    kw.setdefault("window", 5)
-    return MultiHeadAttention(HIDDEN, HEADS, num_kv_heads=KV_HEADS, kind=kind, **kw).double()
+    layer_kw = {name: kw.pop(name) for name in LAYER_KEYWORDS if name in kw}
+    if "window" in OPTIONS[method].names() and method != "fractional":
+        kw.setdefault("window", 5)  # fractional's default (None) is full attention
+    return MultiHeadAttention(HIDDEN, HEADS, num_kv_heads=KV_HEADS, method=method, options=kw,
+                              **layer_kw).double()
 
 
 def slow_attention(layer, x, window, perm, sinks=0, key_mask=None, layout="band"):
@@ -40,30 +44,30 @@ def module_vs_reference(layer, x, perm, key_mask=None):
     out = layer(x, perm=perm, attention_mask=key_mask)
     ref_perm = None if perm is None else perm.expand(x.shape[0], 1, -1)
     n = x.shape[1]
-    if layer.kind == "full":
+    o = layer.options
+    if layer.method == "full":
         mixed = slow_attention(layer, x, n, None, key_mask=key_mask)
-    elif layer.kind == "swa":
-        mixed = slow_attention(layer, x, layer.swa_window, None, layer.sinks, key_mask)
+    elif layer.method == "sliding_window":
+        mixed = slow_attention(layer, x, o.window, None, o.sinks, key_mask)
     else:
-        mixed = slow_attention(layer, x, layer.sa_window, ref_perm, layer.sinks, key_mask,
-                               layer.layout)
-        if layer.kind == "gated":
-            swa = slow_attention(layer, x, layer.swa_window, None, layer.sinks, key_mask)
-            mixed = layer.gate(x, mixed, swa)
+        mixed = slow_attention(layer, x, o.window, ref_perm, o.sinks, key_mask, o.layout)
+        if layer.method == "gated":
+            sliding = slow_attention(layer, x, o.sliding_window, None, o.sinks, key_mask)
+            mixed = layer.gate(x, mixed, sliding)
     ref = layer.o_proj(mixed.transpose(1, 2).reshape(x.shape[0], n, -1))
     return out, ref
 
 
-@pytest.mark.parametrize("kind,kw", [
+@pytest.mark.parametrize("method,kw", [
     ("full", {}),
-    ("swa", {"sinks": 2}),
-    ("sa", {"qk_norm": True}),
-    ("sa", {"layout": "block", "window": 4}),
-    ("gated", {"sa_window": 7, "swa_window": 3, "gate_granularity": "channel"}),
+    ("sliding_window", {"sinks": 2}),
+    ("stochastic", {"qk_norm": True}),
+    ("stochastic", {"layout": "block", "window": 4}),
+    ("gated", {"window": 7, "local_window": 3, "gate_granularity": "channel"}),
     ("gated", {"gate": "softmax", "sinks": 1}),
 ])
-def test_outputs_and_gradients_match_dense_reference(kind, kw):
-    layer = make(kind, **kw)
+def test_outputs_and_gradients_match_dense_reference(method, kw):
+    layer = make(method, **kw)
     x = torch.randn(2, 19, HIDDEN, dtype=torch.double, requires_grad=True)
     perm = layer.draw_permutation(2, 19) if layer.uses_permutation else None
     padding = torch.ones(2, 19, dtype=torch.bool)
@@ -77,7 +81,8 @@ def test_outputs_and_gradients_match_dense_reference(kind, kw):
         torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a))
 
 
-@pytest.mark.parametrize("bias,branch", [((30.0, -30.0), "sa"), ((-30.0, 30.0), "swa")])
+@pytest.mark.parametrize("bias,branch", [((30.0, -30.0), "stochastic"),
+                                         ((-30.0, 30.0), "sliding_window")])
 def test_forced_gates_reproduce_a_pure_branch(bias, branch):
     gated = make("gated", gate_bias=bias)
     torch.nn.init.zeros_(gated.gate.proj.weight)
@@ -89,23 +94,24 @@ def test_forced_gates_reproduce_a_pure_branch(bias, branch):
 
 
 def test_training_draws_fresh_permutations_and_eval_is_seeded():
-    layer = make("sa")
+    layer = make("stochastic")
     x = torch.randn(1, 32, HIDDEN, dtype=torch.double)
     layer.train()
     assert not torch.equal(layer(x), layer(x))
     layer.eval()
     torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)
-    other_layer = make("sa", layer_idx=1).eval()
+    other_layer = make("stochastic", layer_idx=1).eval()
     assert not torch.equal(layer.draw_permutation(1, 32), other_layer.draw_permutation(1, 32))
 
 
-@pytest.mark.parametrize("kind", ["full", "swa", "gated"])
-def test_kv_cache_decoding_equals_full_forward(kind):
+@pytest.mark.parametrize("method", ["full", "sliding_window", "gated"])
+def test_kv_cache_decoding_equals_full_forward(method):
     # SA decodes with full attention over the cache: with a window covering the sequence the
     # full forward is the same computation, so prefill + decoding must reproduce it.
     n = 13
-    kw = {"sa_window": n, "swa_window": 4} if kind == "gated" else {"window": 4}
-    layer = make(kind, **kw).eval()
+    kw = {"full": {}, "sliding_window": {"window": 4},
+          "gated": {"window": n, "local_window": 4}}[method]
+    layer = make(method, **kw).eval()
     x = torch.randn(2, n, HIDDEN, dtype=torch.double)
     full = layer(x)
     cache = KVCache()
@@ -115,14 +121,14 @@ def test_kv_cache_decoding_equals_full_forward(kind):
 
 
 def test_bad_arguments_name_the_fix():
-    with pytest.raises(ValueError, match="kind"):
-        MultiHeadAttention(HIDDEN, HEADS, kind="linear")
+    with pytest.raises(ValueError, match="method"):
+        MultiHeadAttention(HIDDEN, HEADS, method="linear")
     with pytest.raises(ValueError, match="num_kv_heads"):
         MultiHeadAttention(HIDDEN, HEADS, num_kv_heads=3)
     with pytest.raises(ValueError, match="window"):
-        MultiHeadAttention(HIDDEN, HEADS, kind="swa", window=0)
+        MultiHeadAttention(HIDDEN, HEADS, method="sliding_window", options={"window": 0})
     with pytest.raises(ValueError, match="gate"):
-        MultiHeadAttention(HIDDEN, HEADS, kind="gated", gate="tanh")
+        MultiHeadAttention(HIDDEN, HEADS, method="gated", options={"gate": "tanh"})
 
 
 def _projected(layer, x):
@@ -135,18 +141,18 @@ def _projected(layer, x):
     return q, k, v
 
 
-def test_moba_kind_with_every_block_selected_is_full_attention():
-    moba = make("moba", moba_block_size=4, moba_topk=100)
+def test_moba_with_every_block_selected_is_full_attention():
+    moba = make("moba", block_size=4, top_k=100)
     full = make("full")
     full.load_state_dict(moba.state_dict())
     x = torch.randn(2, 21, HIDDEN, dtype=torch.double)
     torch.testing.assert_close(moba(x), full(x))
 
 
-def test_moba_kind_matches_its_reference_operator():
+def test_moba_matches_its_reference_operator():
     from stochastic_attention.ops.moba import moba_reference
 
-    layer = make("moba", moba_block_size=4, moba_topk=2, sinks=1)
+    layer = make("moba", block_size=4, top_k=2, sinks=1)
     x = torch.randn(2, 21, HIDDEN, dtype=torch.double)
     q, k, v = _projected(layer, x)
     mixed = moba_reference(q, k, v, 4, 2, sinks=1)
@@ -154,15 +160,15 @@ def test_moba_kind_matches_its_reference_operator():
     torch.testing.assert_close(layer(x), ref)
 
 
-@pytest.mark.parametrize("kw", [{}, {"fna_window": 6}, {"fna_window": 6, "fna_stochastic": True}])
-def test_fna_kind_matches_its_reference_operator(kw):
+@pytest.mark.parametrize("kw", [{}, {"window": 6}, {"window": 6, "windows": "stochastic"}])
+def test_fractional_matches_its_reference_operator(kw):
     from stochastic_attention.ops.fractional import fractional_attention
 
-    layer = make("fna", fna_alpha=1.5, **kw).eval()
+    layer = make("fractional", alpha=1.5, **kw).eval()
     x = torch.randn(2, 17, HIDDEN, dtype=torch.double, requires_grad=True)
     perm = layer.draw_permutation(2, 17) if layer.uses_permutation else None
     q, k, v = _projected(layer, x)
-    mixed = fractional_attention(q, k, v, 1.5, causal=True, window=kw.get("fna_window"),
+    mixed = fractional_attention(q, k, v, 1.5, causal=True, window=kw.get("window"),
                                  perm=perm, backend="reference")
     ref = layer.o_proj(mixed.transpose(1, 2).reshape(2, 17, -1))
     out = layer(x, perm=perm)

@@ -203,7 +203,7 @@ def test_moba_integer_arguments_are_checked_by_name():
     q = torch.randn(1, 2, 8, 4)
     with pytest.raises(ValueError, match="block_size must be >= 1"):
         sa.moba_attention(q, q, q, 0, 2)
-    with pytest.raises(TypeError, match="topk must be an int"):
+    with pytest.raises(TypeError, match="top_k must be an int"):
         sa.moba_attention(q, q, q, 4, 2.0)
     with pytest.raises(ValueError, match="sinks must be >= 0"):
         moba.moba_reference(q, q, q, 4, 2, sinks=-1)

@@ -299,23 +299,23 @@ def test_no_n_by_n_tensor_on_the_packed_path(name):
 
 LAYER_CASES = [
     ("full", dict()),
-    ("swa", dict(sinks=2)),
-    ("sa", dict()),
-    ("sa", dict(layout="block", sinks=2)),
-    ("sa", dict(perm_per_head=True, sinks=1)),
-    ("gated", dict(sinks=1)),
-    ("sa_local", dict(local=2, sinks=1)),
-    ("bigbird", dict(random_keys=3, sinks=1)),
-    ("moba", dict(moba_block_size=3, moba_topk=2, sinks=1)),
-    ("fna", dict(fna_window=4, fna_stochastic=True, fna_alpha=1.2)),
+    ("sliding_window", dict(window=WINDOW, sinks=2)),
+    ("stochastic", dict(window=WINDOW)),
+    ("stochastic", dict(window=WINDOW, layout="block", sinks=2)),
+    ("stochastic", dict(window=WINDOW, perm_per_head=True, sinks=1)),
+    ("gated", dict(window=WINDOW, sinks=1)),
+    ("stochastic_local", dict(window=WINDOW, local=2, sinks=1)),
+    ("bigbird", dict(window=WINDOW, random_keys=3, sinks=1)),
+    ("moba", dict(block_size=3, top_k=2, sinks=1)),
+    ("fractional", dict(window=4, windows="stochastic", alpha=1.2)),
 ]
 
 
-@pytest.mark.parametrize("kind,kw", LAYER_CASES)
-def test_layer_packed_rows_equal_each_document_alone(kind, kw):
+@pytest.mark.parametrize("method,options", LAYER_CASES)
+def test_layer_packed_rows_equal_each_document_alone(method, options):
     torch.manual_seed(0)
-    layer = MultiHeadAttention(24, 4, num_kv_heads=2, kind=kind, window=WINDOW,
-                               **kw).double().eval()
+    layer = MultiHeadAttention(24, 4, num_kv_heads=2, method=method,
+                               options=options).double().eval()
     x = torch.randn(2, N, 24, dtype=torch.double, requires_grad=True)
     out = layer(x, document_ids=document_ids())
     grad = torch.autograd.grad(loss_of(out), x)[0]
@@ -331,7 +331,7 @@ def test_layer_in_training_mode_keeps_documents_apart():
     """Routing from the global RNG: no equality with a run alone, but no key crosses a boundary:
     changing one document changes no other document's output."""
     torch.manual_seed(0)
-    layer = MultiHeadAttention(24, 4, kind="sa", window=3).double().train()
+    layer = MultiHeadAttention(24, 4, method="stochastic", options={"window": 3}).double().train()
     x = torch.randn(2, N, 24, dtype=torch.double)
     torch.manual_seed(1)
     out = layer(x, document_ids=document_ids())
@@ -347,7 +347,7 @@ def test_layer_in_training_mode_keeps_documents_apart():
 
 def test_layer_rope_restarts_per_document_and_rejects_a_cache():
     torch.manual_seed(0)
-    layer = MultiHeadAttention(24, 4, kind="swa", window=3).double().eval()
+    layer = MultiHeadAttention(24, 4, method="sliding_window", options={"window": 3}).double().eval()
     x = torch.randn(1, N, 24, dtype=torch.double)
     ids = document_ids(ROWS[:1])
     restart = torch.cat([torch.arange(n) for n in ROWS[0]])[None]
@@ -364,28 +364,30 @@ def test_layer_rope_restarts_per_document_and_rejects_a_cache():
 # ------------------------------------------------------------------------------------------
 
 MODEL_CASES = [
-    ("swa", dict()),
-    ("sa", dict()),
-    ("sa", dict(layout="block", sinks=1)),
-    ("sa_local", dict(local=2)),
+    ("sliding_window", dict()),
+    ("stochastic", dict()),
+    ("stochastic", dict(layout="block", sinks=1)),
+    ("stochastic_local", dict(local=2)),
     ("gated", dict(sinks=1)),
-    ("moba", dict(moba_block_size=3, moba_topk=2)),
+    ("moba", dict(block_size=3, top_k=2)),
 ]
 
 
-def tiny_model(kind, **kw):
+def tiny_model(method, **options):
     torch.manual_seed(0)
+    if method != "moba":
+        options = {"window": WINDOW, **options}
     config = SALlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, attention_kinds=kind,
-                           window=WINDOW, eos_token_id=0, **kw)
+                           num_attention_heads=4, num_key_value_heads=2, attention_methods=method,
+                           attention_options=options, eos_token_id=0)
     return SALlamaForCausalLM(config).double().eval()
 
 
-@pytest.mark.parametrize("kind,kw", MODEL_CASES)
-def test_model_packed_batch_equals_documents_one_by_one(kind, kw):
+@pytest.mark.parametrize("method,options", MODEL_CASES)
+def test_model_packed_batch_equals_documents_one_by_one(method, options):
     from transformers import DataCollatorWithFlattening
 
-    model = tiny_model(kind, **kw)
+    model = tiny_model(method, **options)
     g = torch.Generator().manual_seed(1)
     docs = [torch.randint(1, 40, (n,), generator=g) for n in (7, 5, 1, 12)]
     batch = DataCollatorWithFlattening()([{"input_ids": d.tolist()} for d in docs])
@@ -416,7 +418,7 @@ def test_model_reads_flash_attention_document_boundaries():
     mark the same documents as the positions, and alone they are enough."""
     from transformers import DataCollatorWithFlattening
 
-    model = tiny_model("sa", local=0)
+    model = tiny_model("stochastic")
     g = torch.Generator().manual_seed(2)
     docs = [torch.randint(1, 40, (n,), generator=g) for n in (6, 3, 9)]
     feats = [{"input_ids": d.tolist()} for d in docs]
@@ -434,7 +436,7 @@ def test_model_reads_flash_attention_document_boundaries():
 
 
 def test_model_packed_input_has_no_cache_and_ordinary_positions_are_not_packed():
-    model = tiny_model("swa")
+    model = tiny_model("sliding_window")
     ids = torch.randint(1, 40, (1, 9))
     packed_positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
     with pytest.raises(ValueError, match="cannot use a KV cache"):
@@ -501,7 +503,8 @@ def test_packed_training_equals_training_on_documents_alone(tmp_path, monkeypatc
     def cfg(out, pack):
         return config_from_dict({
             "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                      "attention_kinds": "swa", "window": 8},
+                      "attention_methods": "sliding_window",
+                      "attention_options": {"window": 8}},
             "data": {"sources": [{"name": "toy", "files": str(corpus)}], "val_fraction": 0.2,
                      "cache_dir": str(tmp_path / "cache"), "pack": pack},
             "train": {"out_dir": str(tmp_path / out), "seq_len": 32, "batch_size": 2,

@@ -44,17 +44,17 @@ PAD_LAYOUTS = [(True, False), (False, True), (True, True)]  # (seq 0 left?, seq 
 
 
 def op_cases():
-    cases = [("swa", dict(sinks=s, causal=c)) for s in (0, 2) for c in (True, False)]
+    cases = [("sliding_window", dict(sinks=s, causal=c)) for s in (0, 2) for c in (True, False)]
     for layout in ("band", "block"):
         for sinks in (0, 2):
-            cases.append(("sa", dict(layout=layout, sinks=sinks, causal=True)))
-            cases.append(("sa", dict(layout=layout, sinks=sinks, local=3)))
-        cases.append(("sa", dict(layout=layout, causal=False, sinks=1)))
+            cases.append(("stochastic", dict(layout=layout, sinks=sinks, causal=True)))
+            cases.append(("stochastic", dict(layout=layout, sinks=sinks, local=3)))
+        cases.append(("stochastic", dict(layout=layout, causal=False, sinks=1)))
     return cases
 
 
 def run_op(method, q, k, v, kpm, backend, kw):
-    if method == "swa":
+    if method == "sliding_window":
         return sa.sliding_window_attention(q, k, v, 4, key_mask=kpm, backend=backend, **kw)
     g = torch.Generator().manual_seed(7)
     return sa.stochastic_attention(q, k, v, 4, generator=g, key_mask=kpm,
@@ -151,24 +151,25 @@ def test_routing_is_drawn_over_real_tokens_and_reproducible():
 # ------------------------------------------------------------------------------------------
 
 LAYER_CASES = [
-    ("swa", dict(sinks=2)),
-    ("sa", dict()),
-    ("sa", dict(layout="block", sinks=2)),
-    ("sa", dict(perm_per_head=True, sinks=1)),
-    ("gated", dict(sinks=1)),
-    ("sa_local", dict(local=2, sinks=1, layout="block")),
-    ("bigbird", dict(random_keys=3, sinks=1)),
-    ("moba", dict(moba_block_size=3, moba_topk=2, sinks=1)),
-    ("fna", dict(fna_window=4, fna_stochastic=True, fna_alpha=1.2)),
+    ("sliding_window", dict(window=4, sinks=2)),
+    ("stochastic", dict(window=4)),
+    ("stochastic", dict(window=4, layout="block", sinks=2)),
+    ("stochastic", dict(window=4, perm_per_head=True, sinks=1)),
+    ("gated", dict(window=4, sinks=1)),
+    ("stochastic_local", dict(window=4, local=2, sinks=1, layout="block")),
+    ("bigbird", dict(window=4, random_keys=3, sinks=1)),
+    ("moba", dict(block_size=3, top_k=2, sinks=1)),
+    ("fractional", dict(window=4, windows="stochastic", alpha=1.2)),
     ("full", dict()),
 ]
 
 
 @pytest.mark.parametrize("left", PAD_LAYOUTS)
-@pytest.mark.parametrize("kind,kw", LAYER_CASES)
-def test_layer_output_does_not_depend_on_padding(kind, kw, left):
+@pytest.mark.parametrize("method,options", LAYER_CASES)
+def test_layer_output_does_not_depend_on_padding(method, options, left):
     torch.manual_seed(0)
-    layer = MultiHeadAttention(24, 4, num_kv_heads=2, kind=kind, window=4, **kw).double().eval()
+    layer = MultiHeadAttention(24, 4, num_kv_heads=2, method=method,
+                               options=options).double().eval()
     xs = [torch.randn(1, r, 24, dtype=torch.double) for r in LENGTHS]
     alone = [layer(x) for x in xs]
     x = torch.zeros(2, N, 24, dtype=torch.double)
@@ -188,20 +189,20 @@ def test_layer_output_does_not_depend_on_padding(kind, kw, left):
 # ------------------------------------------------------------------------------------------
 
 def nan_cases():
-    cases = [("swa", dict(sinks=s, causal=c)) for s in (0, 2) for c in (True, False)]
+    cases = [("sliding_window", dict(sinks=s, causal=c)) for s in (0, 2) for c in (True, False)]
     for layout in ("band", "block"):
         for sinks in (0, 2):
-            cases.append(("sa", dict(layout=layout, sinks=sinks, causal=True)))
-            cases.append(("sa", dict(layout=layout, sinks=sinks, causal=False)))
-        cases.append(("sa", dict(layout=layout, sinks=1, local=3)))
-    cases.append(("swa", dict(window=N)))  # the full-attention path
+            cases.append(("stochastic", dict(layout=layout, sinks=sinks, causal=True)))
+            cases.append(("stochastic", dict(layout=layout, sinks=sinks, causal=False)))
+        cases.append(("stochastic", dict(layout=layout, sinks=1, local=3)))
+    cases.append(("sliding_window", dict(window=N)))  # the full-attention path
     return cases
 
 
 def _nan_run(method, q, k, v, kpm, backend, kw, perm):
     kw = dict(kw)
     window = kw.pop("window", 4)
-    if method == "swa":
+    if method == "sliding_window":
         return sa.sliding_window_attention(q, k, v, window, key_mask=kpm,
                                            backend=backend, **kw)
     return sa.stochastic_attention(q, k, v, window, perm=perm, key_mask=kpm,
@@ -247,7 +248,7 @@ def test_nan_in_a_real_key_reaches_exactly_the_queries_that_see_it(method, kw, b
                                generator=torch.Generator().manual_seed(1))
     kw2 = dict(kw)
     window = kw2.pop("window", 4)
-    mask = dense_mask(N, window, perm=None if method == "swa" else perm,
+    mask = dense_mask(N, window, perm=None if method == "sliding_window" else perm,
                       layout=kw2.get("layout", "band"), causal=kw2.get("causal", True),
                       sinks=kw2.get("sinks", 0), key_mask=kpm, local=kw2.get("local", 0))
     for b, j in ((0, 8), (1, 2), (0, 4)):  # (sample, key position): a real key in every case
@@ -293,7 +294,8 @@ def test_fractional_nan_padding_changes_nothing(backend):
 
 def test_layer_decoding_keeps_the_first_real_tokens_as_sinks():
     torch.manual_seed(0)
-    layer = MultiHeadAttention(24, 4, num_kv_heads=2, kind="swa", window=3, sinks=2).double()
+    layer = MultiHeadAttention(24, 4, num_kv_heads=2, method="sliding_window",
+                               options=dict(window=3, sinks=2)).double()
     layer.eval()
     x = torch.randn(2, 12, 24, dtype=torch.double)
     mask = torch.ones(2, 12, dtype=torch.bool)

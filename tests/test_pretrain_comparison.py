@@ -15,19 +15,19 @@ from stochastic_attention.train.compare import run_comparison
 from stochastic_attention.train.passkey import QUESTION, passkey_accuracy, passkey_examples
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
-KINDS = ("full", "swa", "sa", "gated")
+METHODS = ("full", "sliding_window", "stochastic", "gated")
 
 
-def test_small_configs_differ_only_in_attention_kind():
-    configs = {kind: load_config(CONFIGS / f"{kind}.yaml").to_dict() for kind in KINDS}
-    for kind, cfg in configs.items():
-        assert cfg["model"].pop("attention_kinds") == kind
+def test_small_configs_differ_only_in_attention_method():
+    configs = {method: load_config(CONFIGS / f"{method}.yaml").to_dict() for method in METHODS}
+    for method, cfg in configs.items():
+        assert cfg["model"].pop("attention_methods") == method
         cfg["train"].pop("out_dir")
         assert cfg == configs["full"]
-    params = {kind: sum(p.numel() for p in build_model(load_config(CONFIGS / f"{kind}.yaml"),
-                                                       257, 256).parameters())
-              for kind in KINDS}
-    assert params["full"] == params["swa"] == params["sa"]
+    params = {method: sum(p.numel() for p in build_model(load_config(CONFIGS / f"{method}.yaml"),
+                                                         257, 256).parameters())
+              for method in METHODS}
+    assert params["full"] == params["sliding_window"] == params["stochastic"]
     assert 0 < params["gated"] - params["full"] < 0.01 * params["full"]  # the gates only
 
 
@@ -38,7 +38,9 @@ def test_paper_scale_config_instantiates_at_360m_parameters():
     count = sum(p.numel() for p in model.parameters())
     assert 340e6 < count < 380e6
     assert model.config.num_hidden_layers == 24 and model.config.hidden_size == 1024
-    assert model.config.num_attention_heads == 16 and model.config.window == 256
+    assert model.config.num_attention_heads == 16
+    assert model.config.attention_options == {"window": 256}
+    assert model.model.layers[0].self_attn.options.sliding_window == 256  # both branches
     assert cfg.train.seq_len == 2048
 
 
@@ -94,15 +96,15 @@ def _sentence_docs(folder: Path, n_docs: int = 5) -> None:
 
 def _tiny_configs(tmp_path: Path, docs: Path) -> list[Path]:
     configs = []
-    for kind in ("swa", "gated"):
-        raw = yaml.safe_load((CONFIGS / f"{kind}.yaml").read_text())
+    for method in ("sliding_window", "gated"):
+        raw = yaml.safe_load((CONFIGS / f"{method}.yaml").read_text())
         raw["model"].update(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                            window=8)
+                            attention_options={"window": 8})
         raw["data"] = {"sources": [{"name": "toy", "files": str(docs)}], "val_fraction": 0.4,
                        "cache_dir": str(tmp_path / "cache")}
         raw["train"].update(steps=3, seq_len=128, batch_size=2, micro_batch_size=2,
                             eval_every=3, tensorboard=False)
-        path = tmp_path / f"{kind}.yaml"
+        path = tmp_path / f"{method}.yaml"
         path.write_text(yaml.safe_dump(raw))
         configs.append(path)
     return configs
@@ -135,9 +137,9 @@ def test_driver_trains_evaluates_and_reports(tmp_path):
     runs = run_comparison(configs, [0], out_root=tmp_path / "runs", report=report,
                           overrides=[], eval_chunks=2, passkey_trials=4, progress=False,
                           cloze_examples=3, cloze_context=64)
-    assert [r["name"] for r in runs] == ["swa", "gated"]
+    assert [r["name"] for r in runs] == ["sliding_window", "gated"]
     text = report.read_text()
-    assert "| swa |" in text and "| gated |" in text and "ppl toy" in text
+    assert "| sliding_window |" in text and "| gated |" in text and "ppl toy" in text
     assert "lastword acc (n=3)" in text and "nextline acc (n=3)" in text
     assert report.with_suffix(".png").stat().st_size > 0
     saved = json.loads((tmp_path / "runs" / "results.json").read_text())
@@ -155,11 +157,11 @@ def test_report_only_adds_cloze_accuracy_to_finished_runs(tmp_path):
     kwargs = dict(out_root=tmp_path / "runs", report=report, overrides=[], eval_chunks=2,
                   passkey_trials=4, progress=False)
     run_comparison(configs, [0], cloze_examples=0, **kwargs)
-    assert "cloze" not in json.loads((tmp_path / "runs" / "swa-seed0" / "eval.json")
+    assert "cloze" not in json.loads((tmp_path / "runs" / "sliding_window-seed0" / "eval.json")
                                      .read_text())
     assert "lastword acc" not in report.read_text()
     report.write_text(report.read_text() + "hand-written notes\n")
-    final = tmp_path / "runs" / "swa-seed0" / "final" / "model.safetensors"
+    final = tmp_path / "runs" / "sliding_window-seed0" / "final" / "model.safetensors"
     trained = final.stat().st_mtime_ns
     runs = run_comparison(configs, [0], report_only=True, cloze_examples=2, cloze_context=48,
                           **kwargs)
@@ -178,9 +180,9 @@ def test_only_rank_zero_evaluates_and_writes_reports(tmp_path, monkeypatch):
                   passkey_trials=4, progress=False, cloze_examples=0)
     monkeypatch.setenv("RANK", "1")  # as torchrun sets it for the second process
     assert run_comparison(configs, [0], **kwargs) == []
-    assert (tmp_path / "runs" / "swa-seed0" / "final" / "model.safetensors").exists()  # trained
+    assert (tmp_path / "runs" / "sliding_window-seed0" / "final" / "model.safetensors").exists()  # trained
     assert not report.exists() and not (tmp_path / "runs" / "results.json").exists()
-    assert not (tmp_path / "runs" / "swa-seed0" / "eval.json").exists()
+    assert not (tmp_path / "runs" / "sliding_window-seed0" / "eval.json").exists()
     monkeypatch.setenv("RANK", "0")
     runs = run_comparison(configs, [0], **kwargs)  # the finished run is evaluated, not retrained
-    assert [r["name"] for r in runs] == ["swa"] and report.exists()
+    assert [r["name"] for r in runs] == ["sliding_window"] and report.exists()

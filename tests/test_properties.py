@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import stochastic_attention as sa
 from stochastic_attention.nn import MultiHeadAttention
+from stochastic_attention.nn.options import options_for
 
 SETTINGS = settings(max_examples=30, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -89,16 +90,18 @@ def test_stochastic_blocked_matches_reference(data, problem, window, sinks, layo
 
 @SETTINGS
 @given(problem=problems(max_n=24), window=st.integers(1, 30),
-       kind=st.sampled_from(["swa", "sa", "gated", "full"]), sinks=st.integers(0, 3),
-       layout=st.sampled_from(["band", "block"]), per_head=st.booleans())
-def test_layer_blocked_matches_reference(problem, window, kind, sinks, layout, per_head):
+       method=st.sampled_from(["sliding_window", "stochastic", "gated", "full"]),
+       sinks=st.integers(0, 3), layout=st.sampled_from(["band", "block"]), per_head=st.booleans())
+def test_layer_blocked_matches_reference(problem, window, method, sinks, layout, per_head):
     q, _, _, kpm, seed = problem
     B, n = q.shape[0], q.shape[2]
     layers = []
     for backend in ("blocked", "reference"):
         torch.manual_seed(seed)
-        layers.append(MultiHeadAttention(16, 4, num_kv_heads=2, kind=kind, window=window,
-                                         sinks=sinks, layout=layout, perm_per_head=per_head,
+        # each method takes the options it has, as SALlamaConfig's layers do
+        options = options_for(method, dict(window=window, sinks=sinks, layout=layout,
+                                           perm_per_head=per_head))
+        layers.append(MultiHeadAttention(16, 4, num_kv_heads=2, method=method, options=options,
                                          backend=backend).eval())
     x = torch.randn(B, n, 16, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -160,6 +163,6 @@ def test_unknown_layout_or_backend_raises(name, backend):
     with pytest.raises(BAD):
         sa.stochastic_attention(q, q, q, 2, backend=backend)
     with pytest.raises(BAD):
-        MultiHeadAttention(8, 2, kind="sa", layout=name)
+        MultiHeadAttention(8, 2, method="stochastic", options={"layout": name})
     with pytest.raises(BAD):
-        MultiHeadAttention(8, 2, kind="sa", backend=backend)
+        MultiHeadAttention(8, 2, method="stochastic", backend=backend)

@@ -33,10 +33,11 @@ def corpus(tmp_path_factory) -> Path:
     return directory
 
 
-def raw_config(corpus: Path, out_dir: Path, kind: str = "gated", **train) -> dict:
+def raw_config(corpus: Path, out_dir: Path, method: str = "gated", **train) -> dict:
     return {
         "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                  "num_key_value_heads": 2, "attention_kinds": kind, "window": 8},
+                  "num_key_value_heads": 2, "attention_methods": method,
+                  "attention_options": {"window": 8}},
         "data": {"sources": [{"name": "toy", "files": str(corpus)}], "val_fraction": 0.3,
                  "cache_dir": str(corpus.parent / "cache")},
         "train": dict({"out_dir": str(out_dir), "seq_len": 32, "batch_size": 4,
@@ -68,8 +69,8 @@ def test_corrupt_and_mismatched_checkpoints_raise_clear_errors(corpus, tmp_path)
     raw = raw_config(corpus, tmp_path / "run")
     train(config_from_dict(raw), stop_after=2, progress=False)
     changed = raw_config(corpus, tmp_path / "run")
-    changed["model"]["window"] = 16
-    with pytest.raises(CheckpointError, match="model.window"):
+    changed["model"]["attention_options"]["window"] = 16
+    with pytest.raises(CheckpointError, match="model.attention_options: checkpoint {'window': 8}"):
         train(config_from_dict(changed), resume=True, progress=False)
     ckpt = next((tmp_path / "run" / "checkpoints").glob("step-*.pt"))
     ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated, as after a crash mid-copy
@@ -89,10 +90,10 @@ def test_bad_configs_name_the_key(corpus, tmp_path):
 
 def test_unknown_model_keys_are_rejected_with_the_valid_ones(corpus, tmp_path):
     raw = raw_config(corpus, tmp_path)
-    raw["model"]["attention_kind"] = raw["model"].pop("attention_kinds")  # a typo
-    with pytest.raises(UsageError, match="attention_kind") as info:
+    raw["model"]["attention_method"] = raw["model"].pop("attention_methods")  # a typo
+    with pytest.raises(UsageError, match="attention_method") as info:
         config_from_dict(raw)
-    assert "'attention_kinds'" in str(info.value) and "'window'" in str(info.value)
+    assert "'attention_methods'" in str(info.value) and "'attention_options'" in str(info.value)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw_config(corpus, tmp_path)))
     with pytest.raises(UsageError, match="windw"):
@@ -101,7 +102,10 @@ def test_unknown_model_keys_are_rejected_with_the_valid_ones(corpus, tmp_path):
         load_config(path, ["data.source=x"])
     with pytest.raises(UsageError, match="train.lr must be a float"):
         load_config(path, ["train.lr=fast"])
-    assert load_config(path, ["model.window=16"]).model["window"] == 16
+    options = load_config(path, ["model.attention_options.window=16"]).model["attention_options"]
+    assert options == {"window": 16}
+    with pytest.raises(UsageError, match=r"attention_options=\{'window': 16\}"):
+        load_config(path, ["model.window=16"])  # the former key names its new place
 
 
 def _checkpoint_steps(out_dir: Path) -> list[int]:
@@ -109,12 +113,12 @@ def _checkpoint_steps(out_dir: Path) -> list[int]:
 
 
 def test_a_new_run_never_silently_replaces_an_old_one(corpus, tmp_path):
-    old = config_from_dict(raw_config(corpus, tmp_path / "run", kind="swa", steps=6,
+    old = config_from_dict(raw_config(corpus, tmp_path / "run", method="sliding_window", steps=6,
                                       checkpoint_every=2, keep_checkpoints=2))
     train(old, progress=False)
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
     weights = (tmp_path / "run" / "final" / "model.safetensors").read_bytes()
-    new = config_from_dict(raw_config(corpus, tmp_path / "run", kind="swa", steps=2,
+    new = config_from_dict(raw_config(corpus, tmp_path / "run", method="sliding_window", steps=2,
                                       checkpoint_every=1, keep_checkpoints=2))
     with pytest.raises(UsageError, match="--resume.*--overwrite"):
         train(new, progress=False)
@@ -129,10 +133,10 @@ def test_a_new_run_never_silently_replaces_an_old_one(corpus, tmp_path):
 
 
 def test_pruning_and_resume_only_touch_the_current_run(corpus, tmp_path):
-    other = config_from_dict(raw_config(corpus, tmp_path / "other", kind="swa", steps=6,
+    other = config_from_dict(raw_config(corpus, tmp_path / "other", method="sliding_window", steps=6,
                                         checkpoint_every=6))
     train(other, progress=False)
-    cfg = config_from_dict(raw_config(corpus, tmp_path / "run", kind="swa", steps=4,
+    cfg = config_from_dict(raw_config(corpus, tmp_path / "run", method="sliding_window", steps=4,
                                       checkpoint_every=1, keep_checkpoints=1))
     assert train(cfg, stop_after=1, progress=False)["step"] == 1
     # a checkpoint of another run (same configuration) lands in this run's folder
@@ -145,11 +149,11 @@ def test_pruning_and_resume_only_touch_the_current_run(corpus, tmp_path):
 
 def test_resume_says_where_it_resumed_and_the_summary_val_loss_is_its_step(corpus, tmp_path,
                                                                           capsys):
-    every = config_from_dict(raw_config(corpus, tmp_path / "every", kind="swa", eval_every=1))
+    every = config_from_dict(raw_config(corpus, tmp_path / "every", method="sliding_window", eval_every=1))
     train(every, progress=False)
     val = {json.loads(line)["step"]: json.loads(line)["val_loss"]["toy"] for line in
            (tmp_path / "every" / "metrics.jsonl").read_text().splitlines() if "val_loss" in line}
-    cfg = config_from_dict(raw_config(corpus, tmp_path / "run", kind="swa", eval_every=3))
+    cfg = config_from_dict(raw_config(corpus, tmp_path / "run", method="sliding_window", eval_every=3))
     first = train(cfg, stop_after=4, progress=False)
     assert first["interrupted"] and first["step"] == 4
     assert first["val_loss"]["toy"] == pytest.approx(val[4], rel=1e-6)  # not step 3's
@@ -183,10 +187,10 @@ def _torchrun(config: Path, nproc: int) -> subprocess.Popen:
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one_with_the_same_global_batch(corpus, tmp_path, strategy):
-    single = train(config_from_dict(raw_config(corpus, tmp_path / "one", kind="swa",
+    single = train(config_from_dict(raw_config(corpus, tmp_path / "one", method="sliding_window",
                                                steps=4)), progress=False)
     config = tmp_path / "two.yaml"
-    config.write_text(yaml.safe_dump(raw_config(corpus, tmp_path / "two", kind="swa", steps=4,
+    config.write_text(yaml.safe_dump(raw_config(corpus, tmp_path / "two", method="sliding_window", steps=4,
                                                 distributed=strategy)))
     proc = _torchrun(config, 2)
     output, _ = proc.communicate(timeout=300)
@@ -227,7 +231,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(corpus, tmp_path):
 
 
 def test_bf16_autocast_trains_on_cpu(corpus, tmp_path):
-    summary = train(config_from_dict(raw_config(corpus, tmp_path, kind="sa", steps=2,
+    summary = train(config_from_dict(raw_config(corpus, tmp_path, method="stochastic", steps=2,
                                                 precision="bf16")), progress=False)
     assert 0 < summary["loss"] < 10 and summary["step"] == 2
 

@@ -11,15 +11,15 @@ from stochastic_attention.nn import MultiHeadAttention
 
 def test_layer_checks_layout_backend_and_sinks_at_construction():
     with pytest.raises(ValueError, match="layout must be one of"):
-        MultiHeadAttention(16, 2, kind="sa", layout="blk")
+        MultiHeadAttention(16, 2, method="stochastic", options={"layout": "blk"})
     with pytest.raises(ValueError, match="backend must be one of"):
-        MultiHeadAttention(16, 2, kind="sa", backend="x")
+        MultiHeadAttention(16, 2, method="stochastic", backend="x")
     with pytest.raises(ValueError, match="sinks must be >= 0"):
-        MultiHeadAttention(16, 2, kind="swa", sinks=-1)
+        MultiHeadAttention(16, 2, method="sliding_window", options={"sinks": -1})
 
 
 def test_layer_forward_names_the_expected_shape_of_x():
-    layer = MultiHeadAttention(16, 2, kind="sa", window=4)
+    layer = MultiHeadAttention(16, 2, method="stochastic", options={"window": 4})
     with pytest.raises(ValueError, match=r"x must have shape \[batch, seq, hidden\]"):
         layer(torch.randn(5, 16))
     assert layer(torch.randn(1, 5, 16)).shape == (1, 5, 16)

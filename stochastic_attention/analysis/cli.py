@@ -20,10 +20,10 @@ from ..cli_args import (
     add_threads,
     add_window,
     check_memory,
-    choice_list,
     ensure_folder,
     int_at_least,
     length_list,
+    method_list,
     nonneg_int,
     nonneg_int_list,
     optional_list,
@@ -33,9 +33,9 @@ from ..cli_args import (
     zero_or_length,
 )
 from . import experiments, plots
-from .families import PATTERNS, PatternSpec
+from .families import PATTERNS, RENAMED, PatternSpec
 
-DEFAULT_PATTERNS = ("swa", "sa_band", "sa_block", "sa_swa", "moba", "dilated")
+DEFAULT_PATTERNS = ("sliding_window", "stochastic", "stochastic_block", "gated", "moba", "dilated")
 THREADS_HELP = ("torch threads (default 1: the pattern ops are small, and on a busy CPU extra "
                 "threads mostly wait on each other)")
 
@@ -60,7 +60,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_window(cov, 64, "attention window (>= 2)", type=int_at_least(2))
     cov.add_argument("--sinks", type=nonneg_int, default=0,
                      help="leading tokens every query also sees (all patterns but MoBA/dilated)")
-    cov.add_argument("--patterns", type=choice_list(PATTERNS), default=list(DEFAULT_PATTERNS),
+    cov.add_argument("--patterns", type=method_list(PATTERNS, RENAMED, what="pattern"), default=list(DEFAULT_PATTERNS),
                      help=f"comma-separated, from {','.join(PATTERNS)}")
     cov.add_argument("--causal", choices=("causal", "non-causal", "both"), default="both",
                      help="which masks to measure")
@@ -70,8 +70,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="depth cap for random patterns (deterministic ones run to the end)")
     cov.add_argument("--sweep-seq-lens", type=optional_list(length_list), default=[1024, 4096, 16384],
                      help="comma-separated lengths for layers-to-full vs n ('': skip)")
-    cov.add_argument("--sweep-patterns", type=choice_list(PATTERNS),
-                     default=["swa", "sa_band", "sa_swa", "moba", "dilated"],
+    cov.add_argument("--sweep-patterns", type=method_list(PATTERNS, RENAMED, what="pattern"),
+                     default=["sliding_window", "stochastic", "gated", "moba", "dilated"],
                      help="comma-separated patterns of the length sweep")
     cov.add_argument("--sweep-seeds", type=nonneg_int_list, default=[0, 1],
                      help="comma-separated permutation seeds of the length sweep")
@@ -90,8 +90,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "the fly connectome's scale. List options are comma-separated.")
     graph.add_argument("--seq-len", type=int_at_least(2), default=512, help="sequence length")
     add_window(graph, 16, "attention window (>= 2)", type=int_at_least(2))
-    graph.add_argument("--patterns", type=choice_list(PATTERNS),
-                       default=["swa", "sa_band", "sa_swa", "moba", "dilated"],
+    graph.add_argument("--patterns", type=method_list(PATTERNS, RENAMED, what="pattern"),
+                       default=["sliding_window", "stochastic", "gated", "moba", "dilated"],
                        help=f"comma-separated, from {','.join(PATTERNS)}")
     graph.add_argument("--depths", type=positive_int_list, default=[1, 2, 4],
                        help="comma-separated numbers of layers whose union graph is measured")
@@ -231,7 +231,7 @@ def run_coverage(args: argparse.Namespace) -> int:
                          + [f"n={n}" for n in args.sweep_seq_lens]))
 
     if args.position_seq_len:
-        pos_specs = [PatternSpec(p, args.window, causal=True) for p in ("sa_band", "sa_swa", "swa")]
+        pos_specs = [PatternSpec(p, args.window, causal=True) for p in ("stochastic", "gated", "sliding_window")]
         per_pos = experiments.per_position_coverage(pos_specs, args.position_seq_len,
                                                     [0, *args.position_depths])
         plots.per_position(per_pos, out / "per_position.png")
@@ -302,7 +302,7 @@ def run_graph(args: argparse.Namespace) -> int:
         plots.spectral_gaps(gaps, out / "spectral_gap.png")
     if args.small_world_seq_len:
         sw_specs = [PatternSpec(p, args.small_world_window, causal=False)
-                    for p in ("swa", "sa_band", "sa_swa")]
+                    for p in ("sliding_window", "stochastic", "gated")]
         sw = experiments.small_world_table(sw_specs, args.small_world_seq_len, args.seed)
         result["small_world"] = sw
         md.append(f"\n## Small-world coefficients of one layer (networkx), "

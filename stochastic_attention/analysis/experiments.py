@@ -171,7 +171,7 @@ def connectome_table(
     """The fly connectome's scale (n ~ 130,000, mean degree ~ 26, 4.4 hops reported) against a
     random graph and single non-causal attention layers of about that degree."""
     graphs = {"random G(n, p)": graphstats.random_graph(n, mean_degree, seed)}
-    for name, w in (("swa", 2 * window), ("sa_band", 2 * window), ("sa_swa", window)):
+    for name, w in (("sliding_window", 2 * window), ("stochastic", 2 * window), ("gated", window)):
         spec = PatternSpec(name, w, causal=False)
         graphs[f"{name} w={w}"] = graphstats.union_graph([LayerStack(spec, n, seed)(0)])
     rows = []

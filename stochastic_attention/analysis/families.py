@@ -1,9 +1,10 @@
 """Named stacks of layers: how each layer's pattern is drawn for a given attention scheme.
 
-Patterns (one name per scheme, used by the CLI and the docs):
-- ``swa``: sliding window of ``window`` (the same pattern in every layer);
-- ``sa_band`` / ``sa_block``: stochastic attention, a fresh permutation per layer;
-- ``sa_swa``: the gated SA + SWA layer's pattern, the union of an SA band window and a local
+Patterns (one name per scheme, used by the CLI and the docs; the attention methods' names):
+- ``sliding_window``: sliding window of ``window`` (the same pattern in every layer);
+- ``stochastic`` / ``stochastic_block``: stochastic attention (band / block layout), a fresh
+  permutation per layer;
+- ``gated``: the gated layer's pattern, the union of a stochastic band window and a local
   window of ``local_window`` (default ``window``);
 - ``moba``: MoBA-like routing, blocks of ``block_size`` (default window // 2), ``top_k`` blocks
   (default 2, so about ``window`` keys) chosen from random Gaussian q, k drawn per layer;
@@ -19,10 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..vocabulary import RENAMED_METHODS, check_name
 from .layers import Edges, dilated_edges, layer_edges, moba_edges
 
-PATTERNS = ("swa", "sa_band", "sa_block", "sa_swa", "moba", "dilated", "full")
-RANDOM_PATTERNS = ("sa_band", "sa_block", "sa_swa", "moba")
+PATTERNS = ("sliding_window", "stochastic", "stochastic_block", "gated", "moba", "dilated", "full")
+RANDOM_PATTERNS = ("stochastic", "stochastic_block", "gated", "moba")
+# The former pattern names, for the errors that name the new ones.
+RENAMED = {**RENAMED_METHODS, "sa_block": "stochastic_block"}
 
 
 @dataclass(frozen=True)
@@ -39,8 +43,7 @@ class PatternSpec:
     head_dim: int = 64
 
     def __post_init__(self) -> None:
-        if self.name not in PATTERNS:
-            raise ValueError(f"pattern must be one of {PATTERNS}, got {self.name!r}")
+        check_name(self.name, PATTERNS, what="pattern", renamed=RENAMED)
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 2:
             raise ValueError(f"window must be an int >= 2 (a window of 1 never mixes tokens), "
                              f"got {self.window!r}")
@@ -57,15 +60,15 @@ class PatternSpec:
     def layer(self, seq_len: int, index: int, generator: torch.Generator | None = None) -> Edges:
         """The pattern of layer ``index`` (0-based); random schemes draw from ``generator``."""
         w, common = self.window, {"causal": self.causal, "sinks": self.sinks}
-        if self.name == "swa":
+        if self.name == "sliding_window":
             return layer_edges(seq_len, w, method="sliding_window", **common)
         if self.name == "full":
             return layer_edges(seq_len, w, method="full", **common)
-        if self.name in ("sa_band", "sa_block", "sa_swa"):
-            layout = "block" if self.name == "sa_block" else "band"
+        if self.name in ("stochastic", "stochastic_block", "gated"):
+            layout = "block" if self.name == "stochastic_block" else "band"
             sa = layer_edges(seq_len, w, method="stochastic", layout=layout,
                              generator=generator, **common)
-            if self.name == "sa_band" or self.name == "sa_block":
+            if self.name == "stochastic" or self.name == "stochastic_block":
                 return sa
             local = layer_edges(seq_len, self.local_window or w, method="sliding_window",
                                 **common)

@@ -12,8 +12,8 @@ from . import theory
 
 plt = pyplot()
 
-COLORS = {"swa": "tab:blue", "sa_band": "tab:red", "sa_block": "tab:orange",
-          "sa_swa": "tab:green", "moba": "tab:purple", "dilated": "tab:brown", "full": "black"}
+COLORS = {"sliding_window": "tab:blue", "stochastic": "tab:red", "stochastic_block": "tab:orange",
+          "gated": "tab:green", "moba": "tab:purple", "dilated": "tab:brown", "full": "black"}
 
 
 def _finish(ax, xlabel: str, ylabel: str, title: str, which: str = "major") -> None:
@@ -44,8 +44,8 @@ def coverage_curves(rows: Sequence[dict], path: Path) -> Path:
             if frac.shape[0] > 1:
                 ax.fill_between(d, frac.min(0)[d], frac.max(0)[d], color=color, alpha=0.2)
         d = np.arange(1, depth_max + 1)
-        swa = [theory.swa_field_size(int(x), w, n, causal=causal) / n for x in d]
-        ax.plot(d, swa, "k:", lw=1, label="SWA theory")
+        sliding = [theory.swa_field_size(int(x), w, n, causal=causal) / n for x in d]
+        ax.plot(d, sliding, "k:", lw=1, label="SWA theory")
         ideal = theory.idealised_sa_fraction(w, n, int(min(depth_max, 60)))
         ax.plot(np.arange(1, len(ideal)), ideal[1:], "k--", lw=1, label="idealised SA")
         ax.set_xscale("log")

@@ -1,4 +1,5 @@
-"""``sattn bench``: time and memory of dense, SWA and SA attention; table, JSON and plot."""
+"""``sattn bench``: time and memory of full, sliding-window and stochastic attention; table,
+JSON and plot."""
 
 from __future__ import annotations
 
@@ -18,18 +19,20 @@ from ..cli_args import (
     check_memory,
     choice_list,
     int_at_least,
+    method_list,
     positive_int,
     positive_int_list,
+    renamed_option,
     resolve_dtype,
 )
-from .run import METHODS, Cell, as_records, benchmark, machine_info
+from .run import METHODS, RENAMED, Cell, as_records, benchmark, machine_info
 
 DEFAULT_SEQ_LENS = "1024,2048,4096,8192,16384,32768,65536"
 MODES = ("fwd", "fwd+bwd")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("bench", help="time and memory of dense / SWA / SA attention",
+    p = sub.add_parser("bench", help="time and memory of full / sliding-window / stochastic attention",
                        description=__doc__)
     p.add_argument("--seq-lens", type=positive_int_list, default=DEFAULT_SEQ_LENS,
                    help="comma-separated sequence lengths")
@@ -37,15 +40,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=positive_int, default=1, help="batch size")
     p.add_argument("--heads", type=positive_int, default=8, help="attention heads")
     p.add_argument("--head-dim", type=positive_int, default=64, help="features per head")
-    p.add_argument("--methods", type=choice_list(METHODS), default=None,
-                   help=f"comma-separated, from {','.join(METHODS)} (default: dense,swa,sa_band,"
-                        "sa_block,sa_band_per_head,sa_local; on GPU the flex variants too)")
+    p.add_argument("--methods", type=method_list(METHODS, RENAMED), default=None,
+                   help=f"comma-separated, from {','.join(METHODS)} (default: full,sliding_window,"
+                        "stochastic,stochastic_block,stochastic_per_head,stochastic_local; on GPU "
+                        "the flex variants too)")
     p.add_argument("--modes", type=choice_list(MODES), default="fwd,fwd+bwd",
                    help="comma-separated, from fwd,fwd+bwd")
     add_device(p)
     p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per cell (median kept)")
-    p.add_argument("--dense-max-len", type=int_at_least(0), default=16384,
-                   help="skip dense attention above this length")
+    p.add_argument("--full-max-len", type=int_at_least(0), default=16384,
+                   help="skip full attention above this length")
+    renamed_option(p, "--dense-max-len", "--full-max-len")
     add_out(p, "bench-results", "folder for bench.json, bench.md and bench.png")
     add_no_progress(p, "no progress bar")
     p.set_defaults(func=main)
@@ -58,8 +63,10 @@ def main(args: argparse.Namespace) -> int:
     seq_lens = tuple(args.seq_lens)
     check_device(args.device)
     methods = tuple(args.methods) if args.methods else (
-        ("dense", "swa", "sa_band", "sa_block", "sa_band_per_head", "sa_local")
-        + (("swa_flex", "sa_band_flex", "sa_block_flex") if args.device.startswith("cuda") else ()))
+        ("full", "sliding_window", "stochastic", "stochastic_block", "stochastic_per_head",
+         "stochastic_local")
+        + (("sliding_window_flex", "stochastic_flex", "stochastic_block_flex")
+           if args.device.startswith("cuda") else ()))
     dtype_name = resolve_dtype(args.device, args.dtype)
     dtype = getattr(torch, dtype_name)
     modes = tuple(args.modes)
@@ -73,13 +80,15 @@ def main(args: argparse.Namespace) -> int:
     with tqdm(total=total, desc="bench", unit="run") as bar:
         cells = benchmark(methods=methods, seq_lens=seq_lens, window=args.window, batch=args.batch,
                           heads=args.heads, head_dim=args.head_dim, dtype=dtype, device=args.device,
-                          modes=modes, repeats=args.repeats, dense_max_len=args.dense_max_len,
+                          modes=modes, repeats=args.repeats, full_max_len=args.full_max_len,
                           progress=bar.update)
     failed = sorted({(c.method, c.skipped) for c in cells if c.skipped and c.median_s is None
-                     and not c.skipped.startswith(("seq_len > dense_max_len", "no FlexAttention"))})
+                     and not c.skipped.startswith(("seq_len > full_max_len", "no FlexAttention"))})
     if failed and all(c.median_s is None for c in cells):
         raise UsageError("no method ran: " + "; ".join(f"{m}: {why}" for m, why in failed))
-    config = {k: v for k, v in vars(args).items() if k != "func"} | {"dtype": dtype_name, "methods": methods}
+    config = {k: v for k, v in vars(args).items()
+              if k != "func" and not k.startswith("renamed_")} | {"dtype": dtype_name,
+                                                                   "methods": methods}
     info = machine_info(args.device)
     table = markdown_tables(cells, methods, seq_lens, modes)
     print(table)
@@ -124,11 +133,12 @@ def _megabytes(c: Cell | None) -> str:
 
 
 def markdown_tables(cells: list[Cell], methods, seq_lens, modes) -> str:
-    """Median times (ms), ratios against SWA, achieved GFLOP/s and peak memory."""
-    ratio_pairs = [(a, b) for a, b in (("sa_band", "swa"), ("sa_block", "swa"), ("sa_band_per_head", "swa"),
-                                       ("sa_local", "swa"), ("dense", "swa"),
-                                       ("dense", "sa_band"), ("sa_band_flex", "swa_flex"), ("dense", "swa_flex"))
-                   if a in methods and b in methods]
+    """Median times (ms), ratios against the sliding window, achieved GFLOP/s and peak memory."""
+    pairs = (("stochastic", "sliding_window"), ("stochastic_block", "sliding_window"),
+             ("stochastic_per_head", "sliding_window"), ("stochastic_local", "sliding_window"),
+             ("full", "sliding_window"), ("full", "stochastic"),
+             ("stochastic_flex", "sliding_window_flex"), ("full", "sliding_window_flex"))
+    ratio_pairs = [(a, b) for a, b in pairs if a in methods and b in methods]
     lines = []
     for mode in modes:
         by = {(m, n): _get(cells, m, n, mode) for m in methods for n in seq_lens}

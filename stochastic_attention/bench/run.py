@@ -20,12 +20,18 @@ import torch.nn.functional as F
 
 import stochastic_attention as sa
 
-# sa_*: one permutation per sample shared by the heads (the operators' default);
-# sa_band_per_head: one per sample and head (each head then needs its own mask).
-# sa_local: the SA + local union at the same nominal budget, an SA window of window // 2 plus the
-# last window // 2 positions (two passes merged by log-sum-exp).
-METHODS = ("dense", "swa", "sa_band", "sa_block", "sa_band_per_head", "sa_local", "swa_flex",
-           "sa_band_flex", "sa_block_flex")
+# stochastic*: one permutation per sample shared by the heads (the operators' default), band
+# layout unless "_block"; stochastic_per_head: one per sample and head (each head then needs its
+# own mask). stochastic_local: the SA + local union at the same nominal budget, an SA window of
+# window // 2 plus the last window // 2 positions (two passes merged by log-sum-exp).
+# "_flex": the same on the FlexAttention backend.
+METHODS = ("full", "sliding_window", "stochastic", "stochastic_block", "stochastic_per_head",
+           "stochastic_local", "sliding_window_flex", "stochastic_flex", "stochastic_block_flex")
+# The former labels, for the errors that name the new ones.
+RENAMED = {"dense": "full", "swa": "sliding_window", "sa_band": "stochastic",
+           "sa_block": "stochastic_block", "sa_band_per_head": "stochastic_per_head",
+           "sa_local": "stochastic_local", "swa_flex": "sliding_window_flex",
+           "sa_band_flex": "stochastic_flex", "sa_block_flex": "stochastic_block_flex"}
 
 
 @dataclass
@@ -44,14 +50,15 @@ class Cell:
 def attention_flops(method: str, seq_len: int, window: int, batch: int, heads: int, head_dim: int) -> float:
     """Useful FLOPs of one causal forward: 4 * D per visible (query, key) pair (QK^T and PV)."""
     n = seq_len
-    if method == "dense":
+    if method == "full":
         pairs = n * (n + 1) / 2
-    elif method.startswith("swa"):
+    elif method.startswith("sliding_window"):
         w = min(window, n)
         pairs = w * (w + 1) / 2 + (n - w) * w
     else:  # SA: visible pairs of a sample permutation, by the operators' own rule
         layout = "block" if "block" in method else "band"
-        w, local = (max(1, window // 2), window // 2) if method == "sa_local" else (window, 0)
+        w, local = ((max(1, window // 2), window // 2) if method == "stochastic_local"
+                    else (window, 0))
         pairs = sa.attended_keys(n, w, layout=layout, local=local,
                                  generator=torch.Generator().manual_seed(0)).sum().item()
     return 4.0 * batch * heads * head_dim * pairs
@@ -60,15 +67,15 @@ def attention_flops(method: str, seq_len: int, window: int, batch: int, heads: i
 def method_fn(method: str, window: int) -> Callable:
     backend = "flex" if method.endswith("_flex") else "blocked"
     base = method.removesuffix("_flex")
-    if base == "dense":
+    if base == "full":
         return lambda q, k, v, perm: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if base == "swa":
+    if base == "sliding_window":
         return lambda q, k, v, perm: sa.sliding_window_attention(q, k, v, window, backend=backend)
-    if base == "sa_local":
+    if base == "stochastic_local":
         half = max(1, window // 2)
         return lambda q, k, v, perm: sa.stochastic_attention(q, k, v, half, perm=perm[:, :1],
                                                              local=window // 2, backend=backend)
-    layout = base.split("_")[1]
+    layout = "block" if base == "stochastic_block" else "band"
     if base.endswith("_per_head"):
         return lambda q, k, v, perm: sa.stochastic_attention(q, k, v, window, perm=perm, layout=layout,
                                                              backend=backend)
@@ -158,7 +165,7 @@ def benchmark(
     device: str = "cpu",
     modes: tuple[str, ...] = ("fwd", "fwd+bwd"),
     repeats: int = 5,
-    dense_max_len: int = 16384,
+    full_max_len: int = 16384,
     progress=None,
 ) -> list[Cell]:
     """Time every (method, seq_len, mode); returns one :class:`Cell` each."""
@@ -173,8 +180,8 @@ def benchmark(
             for m in methods:
                 cell = Cell(m, n, mode)
                 cells.append(cell)
-                if m == "dense" and n > dense_max_len:
-                    cell.skipped = f"seq_len > dense_max_len={dense_max_len}"
+                if m == "full" and n > full_max_len:
+                    cell.skipped = f"seq_len > full_max_len={full_max_len}"
                 elif m.endswith("_flex") and (mode != "fwd" and dev.type == "cpu"):
                     cell.skipped = "no FlexAttention backward on CPU"
                 else:

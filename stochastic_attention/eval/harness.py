@@ -78,7 +78,8 @@ def load_trained(folder: str | Path, tokenizer: str | None = None, **kwargs: Any
     """(model, tokenizer) of an SA-Llama saved by ``sattn train`` (``runs/NAME/final``) or
     ``save_pretrained``, in eval mode, for :func:`run_harness`. ``tokenizer``: see
     :func:`trained_tokenizer`; other keyword arguments go to ``from_pretrained``
-    (e.g. ``perm_seed=`` for the seeded evaluation permutations)."""
+    (e.g. ``config=`` with other ``attention_options``, such as a ``perm_seed`` for the seeded
+    evaluation permutations)."""
     from ..models import SALlamaForCausalLM
 
     folder = Path(folder).expanduser()
@@ -195,12 +196,12 @@ def _records(out: dict, names: list[str], **row: Any) -> list[dict]:
 
 def harness_trained(model, tokenizer, tasks: str | list[str], **harness_kwargs: Any) -> list[dict]:
     """Records as :func:`harness_sweep`'s for a trained SA-Llama scored with its own attention
-    (one row, labelled with its layers' attention kinds)."""
-    kinds = model.config.attention_kinds
-    label = "sa_llama:" + (kinds[0] if len(set(kinds)) == 1 else "/".join(kinds))
+    (one row, labelled with its layers' attention methods)."""
+    methods = model.config.attention_methods
+    label = "sa_llama:" + (methods[0] if len(set(methods)) == 1 else "/".join(methods))
     out = run_harness(model, tokenizer, tasks, **harness_kwargs)
     return _records(out, _task_list(tasks), label=label, window=None,
-                    seed=model.config.perm_seed)
+                    seed=model.config.attention_options.get("perm_seed", 0))
 
 
 def harness_table(records: list[dict]) -> str:

@@ -1,11 +1,12 @@
 """What one row of an evaluation is: a method with its options, and its attention budget.
 
 A method spec is written ``name[+option=value...]``, e.g. ``stochastic+sinks=4+local=64``,
-``sliding_window+sinks=4``, ``moba+moba_topk=4``, ``stochastic+layout=block+layers=1:29``.
+``sliding_window+sinks=4``, ``moba+top_k=4``, ``stochastic+layout=block+layers=1:29``.
 ``local`` may be a share of the window (``local=0.5``): the union then has ``window * share``
 local keys and an SA window of ``window - local``, so the nominal budget stays ``window``.
-``layers=a:b`` patches layers a..b-1 (dense first/last layers elsewhere). ``ensemble=K`` averages
-every SA layer over K permutations.
+``layers=a:b`` patches layers a..b-1 (full attention in the other layers). ``ensemble=K`` averages
+every SA layer over K permutations. Old method or option names (``swa``, ``moba_topk`` ...) are
+errors that name the new one.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from ..hf.config import METHODS, PatchConfig, resolve_local
 from ..ops.budget import ensemble_attended_keys
 from ..ops.moba import moba_attended_keys
 from ..ops.permute import random_permutation
+from ..vocabulary import RENAMED_METHODS, reject_renamed
 
-INT_OPTIONS = ("sinks", "moba_topk", "head_split", "ensemble")
+INT_OPTIONS = ("sinks", "top_k", "head_split", "ensemble")
 STR_OPTIONS = ("layout", "decode")
 
 
@@ -50,12 +52,14 @@ def parse_method(text: str) -> MethodSpec:
     """``name[+key=value...]`` -> MethodSpec (see the module doc)."""
     name, *parts = text.strip().split("+")
     if name not in METHODS:
+        reject_renamed([name], f"method spec {text!r}", renamed=RENAMED_METHODS)
         raise ValueError(f"unknown method {name!r} in {text!r}; choose from {METHODS}")
     options: dict = {}
     for part in parts:
         key, sep, value = part.partition("=")
         if not sep:
             raise ValueError(f"method option {part!r} in {text!r} must look like key=value")
+        reject_renamed([key], f"method option in {text!r}")
         if key in INT_OPTIONS:
             options[key] = int(value)
         elif key in STR_OPTIONS:
@@ -82,7 +86,7 @@ def _layer_keys(cfg: PatchConfig, n: int, heads: int, seed: int) -> float:
     if cfg.method == "sliding_window":
         return attended_keys(n, cfg.window, method="sliding_window", sinks=cfg.sinks).float().mean().item()
     if cfg.method == "moba":
-        keys = moba_attended_keys(n, cfg.moba_block, cfg.moba_topk).float()
+        keys = moba_attended_keys(n, cfg.block_size, cfg.top_k).float()
         return (keys + torch.clamp(torch.arange(n) + 1, max=cfg.sinks)).clamp(
             max=torch.arange(n) + 1).mean().item()  # sinks: an upper bound
     sa_heads = heads if cfg.head_split is None else min(cfg.head_split, heads)
@@ -95,8 +99,8 @@ def _layer_keys(cfg: PatchConfig, n: int, heads: int, seed: int) -> float:
         perm = random_permutation(1, max(sa_heads, 1), n, generator=gen)
         sa = attended_keys(n, cfg.window, perm=perm, layout=cfg.layout, sinks=cfg.sinks,
                            local=cfg.local).float().mean().item()
-    swa = attended_keys(n, cfg.window, method="sliding_window", sinks=cfg.sinks).float().mean()
-    return (sa * sa_heads + swa.item() * (heads - sa_heads)) / heads
+    sliding = attended_keys(n, cfg.window, method="sliding_window", sinks=cfg.sinks).float().mean()
+    return (sa * sa_heads + sliding.item() * (heads - sa_heads)) / heads
 
 
 def mean_keys(spec: MethodSpec, window: int, n: int, model_config, seed: int = 0) -> float:

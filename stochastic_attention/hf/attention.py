@@ -44,7 +44,7 @@ def _prefill(cfg: PatchConfig, layer_idx: int, q, k, v, kpm, scale, own_window):
         return sliding_window_attention(q, k, v, cfg.window, sinks=cfg.sinks,
                                         key_mask=kpm, scale=scale)
     if cfg.method == "moba":
-        return moba_attention(q, k, v, cfg.moba_block, cfg.moba_topk, sinks=cfg.sinks,
+        return moba_attention(q, k, v, cfg.block_size, cfg.top_k, sinks=cfg.sinks,
                               key_mask=kpm, scale=scale)
     # Head split: the first head_split query heads use SA, the others SWA at the same window.
     split = q.shape[1] if cfg.head_split is None else cfg.head_split

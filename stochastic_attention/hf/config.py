@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from ..ops.validate import check_int
+from ..vocabulary import check_name, reject_renamed
 
+# The methods a released model can be patched with (a subset of vocabulary.METHODS).
 METHODS = ("full", "stochastic", "sliding_window", "moba")
 LAYOUTS = ("band", "block")
 DECODES = ("full", "stochastic")
@@ -52,22 +54,21 @@ class PatchConfig:
     layers: tuple[int, ...] | None = None
     seed: int = 0
     decode: str = "full"
-    moba_topk: int = 2
+    top_k: int = 2
     head_split: int | None = None
     ensemble: int = 1
     num_layers: int | None = None
     restore_attn_implementation: str | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        check_name(self.method, METHODS)
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.decode not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
         if self.decode == "stochastic" and self.method != "stochastic":
             raise ValueError("decode='stochastic' needs method='stochastic'; use decode='full'")
-        for name, low in (("window", 1), ("sinks", 0), ("local", 0), ("seed", 0), ("moba_topk", 1),
+        for name, low in (("window", 1), ("sinks", 0), ("local", 0), ("seed", 0), ("top_k", 1),
                           ("ensemble", 1)):
             object.__setattr__(self, name, check_int(name, getattr(self, name), low))
         if self.ensemble > 1 and self.method != "stochastic":
@@ -87,9 +88,9 @@ class PatchConfig:
             object.__setattr__(self, "layers", layers)
 
     @property
-    def moba_block(self) -> int:
-        """MoBA block size at the same budget as ``window`` keys: about topk x block keys."""
-        return max(1, self.window // self.moba_topk)
+    def block_size(self) -> int:
+        """MoBA block size at the same budget as ``window`` keys: about top_k x block keys."""
+        return max(1, self.window // self.top_k)
 
     def applies_to(self, layer_idx: int) -> bool:
         """Does this layer use the method (True) or keep the model's own attention (False)?"""
@@ -105,6 +106,8 @@ class PatchConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> PatchConfig:
+        # settings saved before a rename (e.g. moba_topk) name the new key
+        reject_renamed(d, "stochastic_attention settings")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial, wraps
 
+from ..vocabulary import check_name
 from .attention import attention_forward, padding_mask
 from .config import CONFIG_KEY, METHODS, PatchConfig, resolve_local
 
@@ -79,7 +80,7 @@ def patch(
     layers=None,
     seed: int = 0,
     decode: str = "full",
-    moba_topk: int = 2,
+    top_k: int = 2,
     head_split: int | None = None,
     ensemble: int = 1,
 ):
@@ -87,7 +88,7 @@ def patch(
 
     Args:
         method: "stochastic" (SA), "sliding_window" (SWA), "moba" or "full".
-        window: keys per query (the query included). For MoBA, blocks of ``window // moba_topk``.
+        window: keys per query (the query included). For MoBA, blocks of ``window // top_k``.
         sinks: the first ``sinks`` real tokens are visible to every query.
         local: SA only: every query also sees its last ``local`` tokens, in the same softmax.
             A float in (0, 1) is a share of ``window`` (as in ``sattn eval``'s method specs):
@@ -99,7 +100,7 @@ def patch(
         decode: with a KV cache, "full" attends to the whole cache (the default protocol);
             "stochastic" (SA only) to the sinks, ``max(local, 1)`` recent tokens and a fresh
             random sample of ``window`` cached keys, gathered: O(window) per generated token.
-        moba_topk: blocks per query for MoBA (own block included).
+        top_k: blocks per query for MoBA (own block included).
         head_split: SA only: the first ``head_split`` query heads use SA, the others SWA
             (0 to the model's number of query heads).
         ensemble: SA only: every SA layer returns the mean of its outputs under ``ensemble``
@@ -112,8 +113,7 @@ def patch(
     attention; :func:`patched` patches for a ``with`` block only.
     """
     check_supported(model)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_name(method, METHODS)
     if head_split is not None and method != "stochastic":
         raise ValueError("head_split applies to method='stochastic' only")
     if local and method != "stochastic":
@@ -128,7 +128,7 @@ def patch(
     restore = (previous["restore_attn_implementation"] if previous
                else model.config._attn_implementation)
     cfg = PatchConfig(method=method, window=window, sinks=sinks, local=local, layout=layout,
-                      layers=layers, seed=seed, decode=decode, moba_topk=moba_topk,
+                      layers=layers, seed=seed, decode=decode, top_k=top_k,
                       head_split=head_split, ensemble=ensemble, num_layers=model.config.num_hidden_layers,
                       restore_attn_implementation=restore)
     register()

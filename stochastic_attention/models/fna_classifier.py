@@ -2,9 +2,10 @@
 
 Token embedding + sinusoidal positions, ``n_layers`` pre-norm blocks (self-attention, then an
 optional MLP), mean pooling over real tokens, a linear head. The attention of every block is
-``"softmax"`` (scaled dot products) or ``"fna"`` (Fractional Neural Attention of order
-``alpha``); with ``window`` it runs inside sliding windows, or inside stochastic-attention
-windows (a fresh random permutation per call) when ``stochastic`` is set.
+``"softmax"`` (scaled dot products) or ``"fractional"`` (Fractional Neural Attention of order
+``alpha``); with ``window`` it runs inside sliding windows (``windows="sliding_window"``), or
+inside stochastic-attention windows (a fresh random permutation per call) with
+``windows="stochastic"``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ from torch.nn.utils.parametrizations import orthogonal
 from ..functional import random_permutation, sliding_window_attention, stochastic_attention
 from ..ops.fractional import fractional_attention, fractional_weights
 from ..ops.patterns import dense_mask
+from ..vocabulary import check_name
 
-ATTENTION_KINDS = ("softmax", "fna")
+ATTENTIONS = ("softmax", "fractional")
+WINDOWS = ("sliding_window", "stochastic")
+# Former names of the classifier's options (the experiment YAML's variants), with the new ones.
+RENAMED_OPTIONS = {"stochastic": "windows: stochastic"}
 
 
 @dataclass
@@ -31,7 +36,7 @@ class ClassifierConfig:
     d_model: int = 16
     n_layers: int = 1
     n_heads: int = 1
-    attention: str = "fna"
+    attention: str = "fractional"
     alpha: float = 1.2
     eps: float = 1.0
     scale: float | str | None = None  # FNA distance scale (None: the default rule)
@@ -39,16 +44,17 @@ class ClassifierConfig:
     mlp: bool = True
     dropout: float = 0.0
     window: int | None = None
-    stochastic: bool = False
+    windows: str = "sliding_window"
 
     def __post_init__(self) -> None:
-        if self.attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        check_name(self.attention, ATTENTIONS, what="attention")
+        if self.windows not in WINDOWS:
+            raise ValueError(f"windows must be one of {WINDOWS}, got {self.windows!r}")
         if self.d_model % self.n_heads != 0:
             raise ValueError(
                 f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
-        if self.stochastic and self.window is None:
-            raise ValueError("stochastic=True needs a window (the number of keys per query)")
+        if self.windows == "stochastic" and self.window is None:
+            raise ValueError("windows='stochastic' needs a window (the number of keys per query)")
 
 
 def sinusoidal_positions(n: int, d: int, device=None) -> torch.Tensor:
@@ -90,9 +96,9 @@ class EncoderSelfAttention(nn.Module):
         q, k, v = self._heads(x)
         B, H, n, _ = q.shape
         perm = None
-        if cfg.stochastic:
+        if cfg.windows == "stochastic":
             perm = random_permutation(B, H, n, device=x.device)
-        if cfg.attention == "fna":
+        if cfg.attention == "fractional":
             out = fractional_attention(q, k, v, cfg.alpha, eps=cfg.eps, scale=cfg.scale,
                                        key_mask=key_mask, window=cfg.window,
                                        perm=perm)
@@ -115,7 +121,7 @@ class EncoderSelfAttention(nn.Module):
         Windows are ignored: this is the graph of the kernel over the whole sequence.
         """
         q, k, _ = self._heads(x)
-        if self.cfg.attention == "fna":
+        if self.cfg.attention == "fractional":
             return fractional_weights(q, k, self.cfg.alpha, eps=self.cfg.eps,
                                       scale=self.cfg.scale, key_mask=key_mask)
         n = q.shape[2]

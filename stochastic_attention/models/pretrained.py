@@ -99,5 +99,5 @@ def load_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, **
         delattr(model.config, "stochastic_attention")
         patch(model, cfg.method, cfg.window, sinks=cfg.sinks, local=cfg.local,
               layout=cfg.layout, layers=cfg.layers, seed=cfg.seed, decode=cfg.decode,
-              moba_topk=cfg.moba_topk, head_split=cfg.head_split, ensemble=cfg.ensemble)
+              top_k=cfg.top_k, head_split=cfg.head_split, ensemble=cfg.ensemble)
     return model, tokenizer

@@ -68,9 +68,9 @@ class SALlamaPreTrainedModel(PreTrainedModel):
     def _set_gradient_checkpointing(self, enable: bool = True,
                                     gradient_checkpointing_func=checkpoint,
                                     every_n_layers: int = 1) -> None:
-        """As transformers does, but the recomputation always restores the RNG state: SA,
-        gated, sa_local and BigBird layers draw their permutation / random keys from the
-        global RNG in training, and a recompute that drew others would give wrong gradients."""
+        """As transformers does, but the recomputation always restores the RNG state:
+        stochastic, stochastic_local, gated and bigbird layers draw their permutation / random
+        keys from the global RNG in training, and a recompute that drew others would give wrong gradients."""
         super()._set_gradient_checkpointing(
             enable=enable, every_n_layers=every_n_layers,
             gradient_checkpointing_func=partial(gradient_checkpointing_func,

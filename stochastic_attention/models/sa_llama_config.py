@@ -1,34 +1,47 @@
-"""Configuration of the SA-Llama decoder: Llama's shape plus a per-layer attention kind."""
+"""Configuration of the SA-Llama decoder: Llama's shape plus a per-layer attention method."""
 
 from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from ..nn.attention import DECODES, KINDS, SPARSE_DECODE_KINDS
-
-# Attention options forwarded verbatim to every layer's MultiHeadAttention.
-ATTENTION_OPTIONS = (
-    "window", "sa_window", "swa_window", "sinks", "layout", "qk_norm", "perm_per_head",
-    "eval_perm", "perm_seed", "gate", "gate_granularity", "gate_bias", "moba_block_size",
-    "moba_topk", "fna_alpha", "fna_eps", "fna_window", "fna_stochastic", "local", "random_keys",
-    "decode",
+from ..nn.options import (
+    OPTION_NAMES,
+    OPTIONS,
+    SPARSE_DECODE_METHODS,
+    options_for,
+    owners_of,
 )
-# Options that only one kind reads: the other layers of a mixed model get the neutral 0.
-KIND_OPTIONS = {"local": "sa_local", "random_keys": "bigbird"}
+from ..vocabulary import METHODS, check_name, reject_renamed
+
+# Former arguments of SALlamaConfig that are now entries of attention_options (new name).
+MOVED_TO_OPTIONS = {
+    "window": "window", "sinks": "sinks", "layout": "layout", "perm_per_head": "perm_per_head",
+    "eval_perm": "eval_perm", "perm_seed": "perm_seed", "gate": "gate",
+    "gate_granularity": "gate_granularity", "gate_bias": "gate_bias", "local": "local",
+    "random_keys": "random_keys", "decode": "decode", "sa_window": "window",
+    "swa_window": "local_window", "moba_block_size": "block_size", "moba_topk": "top_k",
+    "fna_alpha": "alpha", "fna_eps": "eps", "fna_window": "window",
+    "fna_stochastic": "windows",
+}
 
 
 class SALlamaConfig(PretrainedConfig):
     """Llama-style decoder (RMSNorm, SwiGLU, RoPE) whose layers may use different attention.
 
-    ``attention_kinds`` is one kind for every layer ("full", "swa", "sa", "gated", "moba",
-    "fna", "sa_local", "bigbird") or a list with one kind per layer. ``local`` is read by the
-    "sa_local" layers and ``random_keys`` by the "bigbird" layers only (setting either with no
-    such layer is an error). ``decode="stochastic"`` makes the SA-like layers ("sa", "gated",
-    "sa_local", "bigbird") decode from sampled cached keys in O(window) per token; the other
-    layers keep their own decoding. ``attention_backend`` picks the operators'
-    backend ("auto", "blocked", "reference", "flex"). The other attention options are those
-    of :class:`stochastic_attention.nn.MultiHeadAttention`. (The names avoid Hugging Face's
-    ``sliding_window`` / ``layer_types``, which would make its caches drop old keys.)
+    ``attention_methods`` is one method for every layer (one of
+    :data:`~stochastic_attention.vocabulary.METHODS`) or a list with one method per layer.
+    ``attention_options`` is one dict of method options (see
+    :mod:`stochastic_attention.nn.options`) for all layers: each layer takes the options its
+    method has (``window`` serves every windowed layer) and the defaults for the others; an
+    entry named after a method is a dict of options for that method's layers only, e.g.
+    ``{"window": 32, "gated": {"window": 64}}``. An
+    option that only one method has (``local``, ``random_keys``, ``top_k`` ...) with no layer
+    of that method is an error, as is ``decode="stochastic"`` with no layer that samples keys
+    (stochastic, stochastic_local, gated, bigbird); options that several methods share may be
+    set for a model that does not read them, so configs that differ only in their methods can
+    share one options block. ``qk_norm`` and ``attention_backend`` (the operators' backend:
+    "auto", "blocked", "reference", "flex") apply to every layer. (The names avoid Hugging
+    Face's ``sliding_window`` / ``layer_types``, which would make its caches drop old keys.)
     """
 
     model_type = "sa_llama"
@@ -43,28 +56,9 @@ class SALlamaConfig(PretrainedConfig):
         num_attention_heads: int = 4,
         num_key_value_heads: int | None = None,
         head_dim: int | None = None,
-        attention_kinds: str | list[str] = "full",
-        window: int = 64,
-        sa_window: int | None = None,
-        swa_window: int | None = None,
-        sinks: int = 0,
-        layout: str = "band",
+        attention_methods: str | list[str] = "full",
+        attention_options: dict | None = None,
         qk_norm: bool = False,
-        perm_per_head: bool = False,
-        eval_perm: str = "seeded",
-        perm_seed: int = 0,
-        gate: str = "sigmoid",
-        gate_granularity: str = "head",
-        gate_bias: float | list[float] = 0.0,
-        moba_block_size: int = 64,
-        moba_topk: int = 2,
-        fna_alpha: float = 0.5,
-        fna_eps: float = 1.0,
-        fna_window: int | None = None,
-        fna_stochastic: bool = False,
-        local: int = 0,
-        random_keys: int = 0,
-        decode: str = "full",
         attention_backend: str = "auto",
         rope_theta: float = 10000.0,
         rms_norm_eps: float = 1e-6,
@@ -76,25 +70,16 @@ class SALlamaConfig(PretrainedConfig):
         pad_token_id: int | None = None,
         **kwargs,
     ) -> None:
-        if isinstance(attention_kinds, str):
-            attention_kinds = [attention_kinds] * num_hidden_layers
-        attention_kinds = list(attention_kinds)
-        if len(attention_kinds) != num_hidden_layers:
-            raise ValueError(f"attention_kinds has {len(attention_kinds)} entries but the model "
-                             f"has num_hidden_layers={num_hidden_layers}; give one per layer")
-        bad = [kind for kind in attention_kinds if kind not in KINDS]
-        if bad:
-            raise ValueError(f"attention_kinds: unknown kinds {bad}; choose from {KINDS}")
-        for name, kind in KIND_OPTIONS.items():
-            value = local if name == "local" else random_keys
-            if value and kind not in attention_kinds:
-                raise ValueError(f"{name}={value} is only used by {kind!r} layers, and "
-                                 f"attention_kinds has none; set {name}=0 or add such layers")
-        if decode not in DECODES:
-            raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
-        if decode == "stochastic" and not set(attention_kinds) & set(SPARSE_DECODE_KINDS):
-            raise ValueError(f"decode='stochastic' needs a layer of a kind in "
-                             f"{SPARSE_DECODE_KINDS}; attention_kinds has none, use 'full'")
+        reject_old_arguments(kwargs)
+        if isinstance(attention_methods, str):
+            attention_methods = [attention_methods] * num_hidden_layers
+        attention_methods = list(attention_methods)
+        if len(attention_methods) != num_hidden_layers:
+            raise ValueError(f"attention_methods has {len(attention_methods)} entries but the "
+                             f"model has num_hidden_layers={num_hidden_layers}; give one per layer")
+        for method in attention_methods:
+            check_name(method, METHODS, what="attention_methods entry")
+        attention_options = _check_options(attention_methods, attention_options)
         if head_dim is None:
             if hidden_size % num_attention_heads:
                 raise ValueError(f"hidden_size ({hidden_size}) must be divisible by "
@@ -106,33 +91,73 @@ class SALlamaConfig(PretrainedConfig):
         self.intermediate_size, self.num_hidden_layers = intermediate_size, num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
-        self.head_dim, self.attention_kinds = head_dim, attention_kinds
-        self.window, self.sa_window, self.swa_window = window, sa_window, swa_window
-        self.sinks, self.layout, self.qk_norm = sinks, layout, qk_norm
-        self.perm_per_head, self.eval_perm, self.perm_seed = perm_per_head, eval_perm, perm_seed
-        self.gate, self.gate_granularity = gate, gate_granularity
-        self.gate_bias = list(gate_bias) if isinstance(gate_bias, (list, tuple)) else gate_bias
-        self.moba_block_size, self.moba_topk = moba_block_size, moba_topk
-        self.fna_alpha, self.fna_eps, self.fna_window = fna_alpha, fna_eps, fna_window
-        self.fna_stochastic = fna_stochastic
-        self.local, self.random_keys, self.decode = local, random_keys, decode
+        self.head_dim, self.attention_methods = head_dim, attention_methods
+        self.attention_options, self.qk_norm = attention_options, qk_norm
         self.attention_backend, self.rope_theta = attention_backend, rope_theta
         self.rms_norm_eps, self.max_position_embeddings = rms_norm_eps, max_position_embeddings
         self.initializer_range = initializer_range
         super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
 
+    def layer_options(self, layer_idx: int):
+        """The options object of layer ``layer_idx``'s method."""
+        return options_for(self.attention_methods[layer_idx], self.attention_options)
+
     def attention_kwargs(self, layer_idx: int) -> dict:
         """Keyword arguments of layer ``layer_idx``'s MultiHeadAttention."""
-        options = {name: getattr(self, name) for name in ATTENTION_OPTIONS}
-        for name, kind in KIND_OPTIONS.items():
-            if self.attention_kinds[layer_idx] != kind:
-                options[name] = 0
-        if self.attention_kinds[layer_idx] not in SPARSE_DECODE_KINDS:
-            options["decode"] = "full"
-        if isinstance(options["gate_bias"], list):
-            options["gate_bias"] = tuple(options["gate_bias"])
-        return dict(options, kind=self.attention_kinds[layer_idx], layer_idx=layer_idx,
+        return dict(method=self.attention_methods[layer_idx],
+                    options=self.layer_options(layer_idx), layer_idx=layer_idx,
                     num_kv_heads=self.num_key_value_heads, head_dim=self.head_dim,
-                    backend=self.attention_backend, rope_theta=self.rope_theta,
-                    norm_eps=self.rms_norm_eps)
+                    qk_norm=self.qk_norm, backend=self.attention_backend,
+                    rope_theta=self.rope_theta, norm_eps=self.rms_norm_eps)
+
+
+def reject_old_arguments(kwargs: dict) -> None:
+    """Old arguments (from code or a config.json saved before the rename) are errors."""
+    reject_renamed([k for k in kwargs if k not in MOVED_TO_OPTIONS], "SALlamaConfig")
+    for old, new in MOVED_TO_OPTIONS.items():
+        if old in kwargs:
+            value = "'stochastic'" if old == "fna_stochastic" else repr(kwargs[old])
+            raise ValueError(f"SALlamaConfig: {old!r} is an attention option now: pass "
+                             f"attention_options={{{new!r}: {value}}} (options of all layers "
+                             "in one dict; see stochastic_attention.nn.options)")
+
+
+def _check_options(methods: list[str], options) -> dict:
+    """The options as a plain dict, after building every layer's options object once."""
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise TypeError(f"attention_options must be a dict of method options, "
+                        f"got {type(options).__name__}")
+    sections = [name for name in options if name in METHODS]
+    reject_renamed([name for name in options if name not in sections], "attention_options")
+    unknown = sorted(set(options) - set(OPTION_NAMES) - set(sections))
+    if unknown:
+        raise ValueError(f"attention_options: unknown options {unknown}; known: "
+                         f"{list(OPTION_NAMES)} and a dict per method")
+    for name in sections:
+        if name not in methods:
+            raise ValueError(f"attention_options has an entry for {name!r} layers, and "
+                             "attention_methods has none; remove it or add such layers")
+    used = {name for method in set(methods) for name in OPTIONS[method].names()}
+    for name in sorted(set(options) - used):
+        owners = owners_of(name)
+        if len(owners) == 1:
+            raise ValueError(f"attention_options: {name!r} is an option of {owners[0]!r} "
+                             f"layers only, and attention_methods has none; remove it or add "
+                             "such layers")
+    if options.get("decode") == "stochastic" and not set(methods) & set(SPARSE_DECODE_METHODS):
+        raise ValueError(f"attention_options: decode='stochastic' needs a layer whose method "
+                         f"samples keys ({', '.join(SPARSE_DECODE_METHODS)}); "
+                         "attention_methods has none, use 'full'")
+    for method in dict.fromkeys(methods):
+        options_for(method, options)  # each method's own checks, where the config is written
+    return _plain(options)
+
+
+def _plain(value):
+    """JSON-ready: tuples become lists, in nested dicts too."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return list(value) if isinstance(value, tuple) else value

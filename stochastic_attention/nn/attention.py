@@ -1,17 +1,20 @@
-"""Multi-head self-attention: full, SWA, SA, SA + local, gated SA + SWA, MoBA, FNA or BigBird.
+"""Multi-head self-attention with a choice of method: full, sliding_window, stochastic,
+stochastic_local, gated, moba, fractional or bigbird (see :mod:`.options` for each method's
+options).
 
 The layer owns the projections, QK-norm, rotary embedding, permutation sampling and the KV
 cache; the token mixing itself is one of the package's pure operators. Data flow:
 
     x -> q, k, v projections -> (QK-norm) -> RoPE at original positions -> cache
-      -> operator (SA permutes internally) -> (gate) -> output projection
+      -> operator (stochastic attention permutes internally) -> (gate) -> output projection
 
 Decoding with a cache (any call whose queries follow cached keys) uses full causal attention
-over the cache for SA and the SA branch of the gated layer (the paper decodes SA with full
-attention); SWA and the gated layer's SWA branch keep their window, and MoBA and FNA run their
-own operator for the new positions (see ``MultiHeadAttention._attend_cached``); SA + local and
-BigBird decode like SA. With ``decode="stochastic"`` those layers attend instead to the sinks,
-a local window and a random sample of cached keys, gathered so that a generated token costs
+over the cache for stochastic attention and the stochastic branch of the gated layer (the paper
+decodes SA with full attention); sliding_window and the gated layer's sliding-window branch
+keep their window, and moba and fractional run their own operator for the new positions (see
+``MultiHeadAttention._attend_cached``); stochastic_local and bigbird decode like stochastic.
+With ``decode="stochastic"`` those layers attend instead to the sinks, a local window and a
+random sample of cached keys, gathered so that a generated token costs
 O(sinks + local + window) whatever the cache length (see :mod:`stochastic_attention.ops.decode`).
 """
 
@@ -24,49 +27,34 @@ from ..functional import BACKENDS, sliding_window_attention, stochastic_attentio
 from ..ops import bigbird, decode, documents, fractional, moba
 from ..ops.decode import cached_attention
 from ..ops.permute import routing_permutation
-from ..ops.validate import check_layout, check_sinks
+from ..vocabulary import reject_renamed
 from .gate import BranchGate
+from .options import OPTION_NAMES, MethodOptions, SamplingOptions, method_options
 from .rotary import RotaryEmbedding
 
-KINDS = ("full", "swa", "sa", "gated", "moba", "fna", "sa_local", "bigbird")
-EVAL_PERMS = ("seeded", "random")
-DECODES = ("full", "stochastic")
-# kinds whose cached decoding uses full attention by default, and may sample keys instead
-SPARSE_DECODE_KINDS = ("sa", "gated", "sa_local", "bigbird")
+# The methods that draw a permutation (fractional too, with windows="stochastic").
+PERMUTED_METHODS = ("stochastic", "stochastic_local", "gated")
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal multi-head self-attention with a choice of token-mixing operator.
+    """Causal multi-head self-attention with a choice of token-mixing method.
 
     Args:
         hidden_size: model width; num_heads: query heads; num_kv_heads: key/value heads
             (grouped-query attention, default num_heads); head_dim: default hidden / heads.
-        kind: "full", "swa", "sa", "gated" (SA + SWA fused by gates), "moba", "fna",
-            "sa_local" (SA whose windows also hold the last ``local`` positions, one softmax) or
-            "bigbird" (a causal window of ``swa_window``, the sinks and ``random_keys`` random
-            earlier keys per query; see :mod:`stochastic_attention.ops.bigbird`).
-        window: keys per query for SWA and SA (itself included); ``sa_window`` and
-            ``swa_window`` override it per branch of the gated layer.
-        sinks, layout, backend: passed to the operators (see :mod:`stochastic_attention`).
-        qk_norm: RMS-normalise q and k per head before RoPE.
-        perm_per_head: independent permutations per head instead of one per sample.
-        eval_perm: "seeded" (eval mode draws from a generator seeded by perm_seed and
-            layer_idx, so evaluation is reproducible) or "random". Training mode always draws
-            a fresh permutation from torch's global RNG on every forward pass.
-        gate, gate_granularity, gate_bias: the gated layer's fusion (see :class:`BranchGate`).
-        moba_block_size, moba_topk: MoBA's block size and selected blocks per query.
-        fna_alpha, fna_eps, fna_window: fractional attention's parameters; ``fna_stochastic``
-            runs it inside SA windows (a permutation drawn as for SA; needs fna_window).
-        local: recent positions added to every query's SA window (kind "sa_local" only, >= 1).
-        random_keys: random earlier keys per query (kind "bigbird" only). They are drawn per
-            sample and shared by the heads (per head with ``perm_per_head``), afresh on every
-            training forward pass and, in eval mode, as ``eval_perm`` says (like permutations).
-        decode: how cached decoding attends in the SA kinds ("sa", "gated", "sa_local",
-            "bigbird"): "full" (the whole cache, the paper's protocol) or "stochastic" (the sinks,
-            the last ``max(local, 1)`` tokens and ``sa_window`` random earlier tokens; for
-            BigBird its window of ``swa_window`` and ``random_keys`` random earlier tokens). The
-            random keys are drawn per row and query head, in eval mode as ``eval_perm`` says
-            (seeded by perm_seed, layer and the row's real tokens), else from the global RNG.
+        method: one of :data:`~stochastic_attention.vocabulary.METHODS`.
+        options: the method's options: its options object (e.g.
+            :class:`~stochastic_attention.nn.StochasticOptions`) or a dict of its fields
+            (e.g. ``{"window": 64, "sinks": 4}``); None for the defaults. See
+            :mod:`stochastic_attention.nn.options`.
+        qk_norm: RMS-normalise q and k per head before RoPE (``norm_eps``).
+        rope_theta: the rotary embedding's base. bias: biases in the projections.
+        backend: the operators' backend ("auto", "blocked", "reference", "flex").
+        layer_idx: the layer's index (its cache slot; seeds its evaluation draws).
+
+    The random methods draw a fresh permutation (or random keys) from torch's global RNG on
+    every training forward pass; in eval mode as their ``eval_perm`` option says (by default
+    seeded by ``perm_seed`` and ``layer_idx``, so evaluation is reproducible).
     """
 
     def __init__(
@@ -74,41 +62,23 @@ class MultiHeadAttention(nn.Module):
         hidden_size: int,
         num_heads: int,
         *,
+        method: str = "full",
+        options: MethodOptions | dict | None = None,
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
-        kind: str = "full",
-        window: int = 64,
-        sa_window: int | None = None,
-        swa_window: int | None = None,
-        sinks: int = 0,
-        layout: str = "band",
-        backend: str = "auto",
         qk_norm: bool = False,
         norm_eps: float = 1e-6,
         rope_theta: float = 10000.0,
         bias: bool = False,
-        perm_per_head: bool = False,
-        eval_perm: str = "seeded",
-        perm_seed: int = 0,
+        backend: str = "auto",
         layer_idx: int = 0,
-        gate: str = "sigmoid",
-        gate_granularity: str = "head",
-        gate_bias: float | tuple[float, float] = 0.0,
-        moba_block_size: int = 64,
-        moba_topk: int = 2,
-        fna_alpha: float = 0.5,
-        fna_eps: float = 1.0,
-        fna_window: int | None = None,
-        fna_stochastic: bool = False,
-        local: int = 0,
-        random_keys: int = 0,
-        decode: str = "full",
+        **moved,
     ) -> None:
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if eval_perm not in EVAL_PERMS:
-            raise ValueError(f"eval_perm must be one of {EVAL_PERMS}, got {eval_perm!r}")
+        if moved:
+            _reject_moved(moved)
+        # Checked here, not at the first forward pass, so a bad config fails where it is written.
+        self.options = method_options(method, options)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of "
@@ -118,29 +88,10 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads "
                                  f"({num_heads}), or pass head_dim")
             head_dim = hidden_size // num_heads
-        for name, value in (("window", window), ("sa_window", sa_window),
-                            ("swa_window", swa_window)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        # Checked here, not at the first forward pass, so a bad config fails where it is written.
-        check_layout(layout)
-        check_sinks(sinks)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.kind, self.layer_idx = kind, layer_idx
+        self.method, self.layer_idx, self.backend = method, layer_idx, backend
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.sa_window = sa_window or window
-        self.swa_window = swa_window or window
-        self.sinks, self.layout, self.backend = sinks, layout, backend
-        self.perm_per_head, self.eval_perm, self.perm_seed = perm_per_head, eval_perm, perm_seed
-        self.moba = (moba_block_size, moba_topk)
-        if fna_stochastic and fna_window is None:
-            raise ValueError("fna_stochastic=True needs fna_window (the SA window size)")
-        self.fna = (fna_alpha, fna_eps, fna_window)
-        self.fna_stochastic = fna_stochastic
-        self.local, self.random_keys = _check_kind_options(kind, local, random_keys)
-        self.decode = _check_decode(kind, decode)
 
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
@@ -149,19 +100,22 @@ class MultiHeadAttention(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
         self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
         self.rotary = RotaryEmbedding(head_dim, rope_theta)
-        self.gate = (BranchGate(hidden_size, num_heads, head_dim, kind=gate,
-                                granularity=gate_granularity, bias=gate_bias)
-                     if kind == "gated" else None)
+        o = self.options
+        self.gate = (BranchGate(hidden_size, num_heads, head_dim, gate=o.gate,
+                                granularity=o.gate_granularity, bias=o.gate_bias)
+                     if method == "gated" else None)
 
     @property
     def uses_permutation(self) -> bool:
-        return self.kind in ("sa", "gated", "sa_local") or (self.kind == "fna" and self.fna_stochastic)
+        return self.method in PERMUTED_METHODS or (
+            self.method == "fractional" and self.options.windows == "stochastic")
 
     @property
     def exact_documents_up_to(self) -> int:
         """Packed documents this short run unpadded (a window covering a document makes its
         method full attention; see :mod:`stochastic_attention.ops.documents`)."""
-        return max(self.sa_window, self.swa_window, self.local, self.fna[2] or 0)
+        sizes = [getattr(self.options, name, None) for name in ("window", "local", "sliding_window")]
+        return max([size for size in sizes if isinstance(size, int)] + [0])
 
     def draw_permutation(self, batch: int, seq_len: int, device=None,
                          key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,15 +126,18 @@ class MultiHeadAttention(nn.Module):
         eval mode every row draws from the same per-layer seed, so a sequence gets the same
         routing, and output, alone or padded in any batch.
         """
-        heads = self.num_heads if self.perm_per_head else 1
+        if not isinstance(self.options, SamplingOptions):
+            raise ValueError(f"method {self.method!r} draws no permutation")
+        heads = self.num_heads if self.options.perm_per_head else 1
         return routing_permutation(batch, heads, seq_len, key_mask=key_mask,
                                    generator=self._generator(), device=device)
 
     def _generator(self) -> torch.Generator | None:
         """None (global RNG) in training; in eval mode a generator seeded per layer if asked."""
-        if not self.training and self.eval_perm == "seeded":
+        if not self.training and self.options.eval_perm == "seeded":
             # Seeded per layer so that layers still use independent draws.
-            return torch.Generator().manual_seed(self.perm_seed * 1_000_003 + self.layer_idx)
+            return torch.Generator().manual_seed(self.options.perm_seed * 1_000_003
+                                                 + self.layer_idx)
         return None
 
     def draw_random_keys(self, batch: int, seq_len: int, device=None,
@@ -188,9 +145,10 @@ class MultiHeadAttention(nn.Module):
         """BigBird's random earlier keys a forward pass would use: [batch, heads or 1, n, r],
         drawn over each row's real tokens (see :func:`~stochastic_attention.ops.bigbird.
         bigbird_indices`)."""
-        heads = self.num_heads if self.perm_per_head else 1
-        return bigbird.bigbird_indices(batch, heads, seq_len, self.swa_window, self.random_keys,
-                                       sinks=self.sinks, generator=self._generator(),
+        o = self.options
+        heads = self.num_heads if o.perm_per_head else 1
+        return bigbird.bigbird_indices(batch, heads, seq_len, o.window, o.random_keys,
+                                       sinks=o.sinks, generator=self._generator(),
                                        device=device, key_mask=key_mask)
 
     def forward(
@@ -208,7 +166,7 @@ class MultiHeadAttention(nn.Module):
         position_ids: [B|1, L] original positions (default: continue after the cache).
         attention_mask: [B, cached + L], 1/True for real tokens (padding is never attended).
         cache: a :class:`KVCache` or Hugging Face ``Cache``; updated in place.
-        perm: the SA permutation to use instead of drawing one ([L], [B, L] or [B, H, L]).
+        perm: the permutation to use instead of drawing one ([L], [B, L] or [B, H, L]).
         document_ids: packed documents, int [B, L] (equal ids = one contiguous document) or a
             :class:`~stochastic_attention.ops.documents.DocumentPlan` built from them: each
             document gives what it gives alone (RoPE restarts per document unless
@@ -259,85 +217,88 @@ class MultiHeadAttention(nn.Module):
 
     def _attend(self, x, q, k, v, key_mask, perm):
         """Attention over a whole sequence (training, scoring, prefill)."""
-        n = q.shape[2]
+        n, method, o = q.shape[2], self.method, self.options
         common = dict(key_mask=key_mask, backend=self.backend)
-        if self.kind == "full":
+        if method == "full":
             return sliding_window_attention(q, k, v, max(n, 1), **common)
-        if self.kind == "swa":
-            return sliding_window_attention(q, k, v, self.swa_window, sinks=self.sinks, **common)
+        if method == "sliding_window":
+            return sliding_window_attention(q, k, v, o.window, sinks=o.sinks, **common)
         if self.uses_permutation and perm is None:
             perm = self.draw_permutation(q.shape[0], n, q.device, key_mask)
-        if self.kind in ("sa", "gated"):
-            sa = stochastic_attention(q, k, v, self.sa_window, perm=perm, layout=self.layout,
-                                      sinks=self.sinks, **common)
-            if self.kind == "sa":
-                return sa
-            swa = sliding_window_attention(q, k, v, self.swa_window, sinks=self.sinks, **common)
-            return self.gate(x, sa, swa)
-        if self.kind == "sa_local":
+        if method in ("stochastic", "gated"):
+            out = stochastic_attention(q, k, v, o.window, perm=perm, layout=o.layout,
+                                       sinks=o.sinks, **common)
+            if method == "stochastic":
+                return out
+            sliding = sliding_window_attention(q, k, v, o.sliding_window, sinks=o.sinks,
+                                               **common)
+            return self.gate(x, out, sliding)
+        if method == "stochastic_local":
             # The union runs on the blocked (or reference) backend only: a model-wide "flex"
             # backend falls back to "blocked" for these layers instead of failing.
             backend = "blocked" if self.backend == "flex" else self.backend
-            return stochastic_attention(q, k, v, self.sa_window, perm=perm, layout=self.layout,
-                                        sinks=self.sinks, local=self.local,
+            return stochastic_attention(q, k, v, o.window, perm=perm, layout=o.layout,
+                                        sinks=o.sinks, local=o.local,
                                         key_mask=key_mask, backend=backend)
-        if self.kind == "bigbird":
+        if method == "bigbird":
             indices = self.draw_random_keys(q.shape[0], n, q.device, key_mask)
-            return bigbird.bigbird_attention(q, k, v, self.swa_window, self.random_keys,
-                                             sinks=self.sinks, key_mask=key_mask,
+            return bigbird.bigbird_attention(q, k, v, o.window, o.random_keys,
+                                             sinks=o.sinks, key_mask=key_mask,
                                              indices=indices)
-        if self.kind == "moba":
-            block_size, topk = self.moba
-            return moba.moba_attention(q, k, v, block_size, topk, sinks=self.sinks,
+        if method == "moba":
+            return moba.moba_attention(q, k, v, o.block_size, o.top_k, sinks=o.sinks,
                                        key_mask=key_mask)
-        alpha, eps, window = self.fna
         return fractional.fractional_attention(
-            q, k, v, alpha, eps=eps, causal=True, key_mask=key_mask,
-            window=window, perm=perm if self.fna_stochastic else None, layout=self.layout)
+            q, k, v, o.alpha, eps=o.eps, causal=True, key_mask=key_mask, window=o.window,
+            perm=perm if o.windows == "stochastic" else None, layout=o.layout)
 
     def _attend_cached(self, x, q, k, v, key_mask):
         """New queries at the last L of S cached positions.
 
-        SA (and the SA branch of the gated layer) decodes with full causal attention over the
-        cache, the protocol of the paper; SWA keeps its window. MoBA and FNA run their own
-        operator for the new rows, so cached decoding computes what a forward pass over the
-        whole sequence computes at those positions (FNA inside SA windows drops the windows at
-        decode, as SA does). With ``decode="stochastic"`` SA (and the SA-like kinds) attend to
-        gathered sinks, recent and sampled keys instead, and the gated layer's SWA branch to its
+        stochastic (and the stochastic branch of the gated layer) decodes with full causal
+        attention over the cache, the protocol of the paper; sliding_window keeps its window.
+        moba and fractional run their own operator for the new rows, so cached decoding
+        computes what a forward pass over the whole sequence computes at those positions
+        (fractional in stochastic windows drops the windows at decode, as stochastic attention
+        does). With ``decode="stochastic"`` the stochastic methods attend to gathered sinks,
+        recent and sampled keys instead, and the gated layer's sliding-window branch to its
         gathered band and sinks: O(window) per generated token.
         """
-        if self.kind == "swa":
-            return cached_attention(q, k, v, self.swa_window, self.sinks, key_mask)
-        if self.kind in ("moba", "fna"):
+        method, o = self.method, self.options
+        if method == "sliding_window":
+            return cached_attention(q, k, v, o.window, o.sinks, key_mask)
+        if method in ("moba", "fractional"):
             return self._operator_rows(q, k, v, key_mask)
-        if self.decode == "stochastic":
+        sparse = getattr(o, "decode", "full") == "stochastic"
+        if sparse:
             full = self._sparse_decode(q, k, v, key_mask)
         else:
             full = cached_attention(q, k, v, k.shape[2], 0, key_mask)
-        if self.kind != "gated":
+        if method != "gated":
             return full
-        if self.decode == "stochastic":
+        if sparse:
             # the same keys as cached_attention's band + sinks, gathered: the whole layer then
             # decodes in O(window) per token
-            swa = decode.sparse_decode(q, k, v, key_mask, window=0, sinks=self.sinks,
-                                       local=self.swa_window)
+            sliding = decode.sparse_decode(q, k, v, key_mask, window=0, sinks=o.sinks,
+                                           local=o.sliding_window)
         else:
-            swa = cached_attention(q, k, v, self.swa_window, self.sinks, key_mask)
-        return self.gate(x, full, swa)
+            sliding = cached_attention(q, k, v, o.sliding_window, o.sinks, key_mask)
+        return self.gate(x, full, sliding)
 
     def _sparse_decode(self, q, k, v, key_mask):
         """decode="stochastic": sinks, recent and random cached keys, gathered (O(window))."""
-        if self.kind == "bigbird":
-            window, local = self.random_keys, self.swa_window
+        o = self.options
+        if self.method == "bigbird":
+            window, local = o.random_keys, o.window
         else:
-            window, local = self.sa_window, max(self.local, 1)
-        seeded = not self.training and self.eval_perm == "seeded"
-        return decode.sparse_decode(q, k, v, key_mask, window=window, sinks=self.sinks,
-                                    local=local, seed=self.perm_seed if seeded else None,
+            window, local = o.window, max(getattr(o, "local", 0), 1)
+        seeded = not self.training and o.eval_perm == "seeded"
+        return decode.sparse_decode(q, k, v, key_mask, window=window, sinks=o.sinks,
+                                    local=local, seed=o.perm_seed if seeded else None,
                                     layer_idx=self.layer_idx)
 
     def _operator_rows(self, q, k, v, key_mask):
-        """MoBA / FNA outputs of the last L positions of the cached sequence.
+        """moba / fractional outputs of the last L positions of the cached sequence.
 
         Both operators are causal and row-wise (a row depends on its own query and on the keys
         and values), so the rows before the new queries get zero queries and are discarded.
@@ -345,40 +306,24 @@ class MultiHeadAttention(nn.Module):
         """
         B, H, L, D = q.shape
         S = k.shape[2]
+        o = self.options
         q_all = torch.cat([q.new_zeros(B, H, S - L, D), q], dim=2)
-        if self.kind == "moba":
-            block_size, topk = self.moba
-            out = moba.moba_attention(q_all, k, v, block_size, topk, sinks=self.sinks,
+        if self.method == "moba":
+            out = moba.moba_attention(q_all, k, v, o.block_size, o.top_k, sinks=o.sinks,
                                       key_mask=key_mask)
         else:
-            alpha, eps, window = self.fna
             out = fractional.fractional_attention(
-                q_all, k, v, alpha, eps=eps, causal=True, key_mask=key_mask,
-                window=None if self.fna_stochastic else window, layout=self.layout)
+                q_all, k, v, o.alpha, eps=o.eps, causal=True, key_mask=key_mask,
+                window=None if o.windows == "stochastic" else o.window, layout=o.layout)
         return out[:, :, S - L:]
 
 
-def _check_decode(kind: str, decode: str) -> str:
-    if decode not in DECODES:
-        raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
-    if decode == "stochastic" and kind not in SPARSE_DECODE_KINDS:
-        raise ValueError(f"decode='stochastic' samples keys for the kinds {SPARSE_DECODE_KINDS}, "
-                         f"not {kind!r}; use decode='full'")
-    return decode
-
-
-def _check_kind_options(kind: str, local: int, random_keys: int) -> tuple[int, int]:
-    """``local`` belongs to "sa_local" and ``random_keys`` to "bigbird": refuse them elsewhere."""
-    for name, value in (("local", local), ("random_keys", random_keys)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    if kind == "sa_local" and local < 1:
-        raise ValueError("kind='sa_local' needs local >= 1 (recent positions every query sees); "
-                         "use kind='sa' for SA without a local window")
-    if local and kind != "sa_local":
-        raise ValueError(f"local={local} is only used by kind='sa_local', not {kind!r}; "
-                         "set local=0 or use kind='sa_local'")
-    if random_keys and kind != "bigbird":
-        raise ValueError(f"random_keys={random_keys} is only used by kind='bigbird', not "
-                         f"{kind!r}; set random_keys=0 or use kind='bigbird'")
-    return local, random_keys
+def _reject_moved(moved: dict) -> None:
+    """Keywords the layer no longer takes: renamed ones (``kind``) and method options, which
+    now go in ``options``."""
+    reject_renamed(moved, "MultiHeadAttention()", error=TypeError)
+    name = sorted(moved)[0]
+    if name in OPTION_NAMES:
+        raise TypeError(f"MultiHeadAttention(): {name!r} is an option of the method: pass it "
+                        f"in options, e.g. options={{{name!r}: {moved[name]!r}}}")
+    raise TypeError(f"MultiHeadAttention() got unexpected keyword arguments {sorted(moved)}")

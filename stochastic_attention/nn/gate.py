@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-GATE_KINDS = ("sigmoid", "softmax")
+GATES = ("sigmoid", "softmax")
 GATE_GRANULARITIES = ("head", "channel")
 
 
@@ -21,20 +21,20 @@ class BranchGate(nn.Module):
         num_heads: int,
         head_dim: int,
         *,
-        kind: str = "sigmoid",
+        gate: str = "sigmoid",
         granularity: str = "head",
         bias: float | tuple[float, float] = 0.0,
     ) -> None:
         super().__init__()
-        if kind not in GATE_KINDS:
-            raise ValueError(f"gate must be one of {GATE_KINDS}, got {kind!r}")
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
         if granularity not in GATE_GRANULARITIES:
             raise ValueError(
                 f"gate_granularity must be one of {GATE_GRANULARITIES}, got {granularity!r}")
         biases = (bias, bias) if isinstance(bias, (int, float)) else tuple(bias)
         if len(biases) != 2:
-            raise ValueError(f"gate_bias must be a float or a pair (sa, swa), got {bias!r}")
-        self.kind, self.num_heads = kind, num_heads
+            raise ValueError(f"gate_bias must be a float or a pair (stochastic, sliding_window), got {bias!r}")
+        self.gate, self.num_heads = gate, num_heads
         self.width = 1 if granularity == "head" else head_dim
         self.proj = nn.Linear(hidden_size, 2 * num_heads * self.width)
         self.bias_init = (float(biases[0]), float(biases[1]))
@@ -47,12 +47,13 @@ class BranchGate(nn.Module):
             self.proj.bias.view(2, -1)[1].fill_(self.bias_init[1])
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(g_sa, g_swa), each [B, H, L, 1 or D], from x [B, L, hidden]."""
+        """(stochastic gate, sliding-window gate), each [B, H, L, 1 or D], from x [B, L, hidden]."""
         B, L, _ = x.shape
         logits = self.proj(x).view(B, L, 2, self.num_heads, self.width).permute(2, 0, 3, 1, 4)
-        g = logits.sigmoid() if self.kind == "sigmoid" else logits.softmax(dim=0)
+        g = logits.sigmoid() if self.gate == "sigmoid" else logits.softmax(dim=0)
         return g[0], g[1]
 
-    def forward(self, x: torch.Tensor, sa: torch.Tensor, swa: torch.Tensor) -> torch.Tensor:
-        g_sa, g_swa = self.gates(x)
-        return g_sa.to(sa.dtype) * sa + g_swa.to(swa.dtype) * swa
+    def forward(self, x: torch.Tensor, stochastic: torch.Tensor,
+                sliding: torch.Tensor) -> torch.Tensor:
+        g_stochastic, g_sliding = self.gates(x)
+        return g_stochastic.to(stochastic.dtype) * stochastic + g_sliding.to(sliding.dtype) * sliding

@@ -2,13 +2,13 @@
 
 Keys are cut into blocks of ``block_size`` consecutive positions. A query scores every block by
 ``q . mean(block keys)``, always keeps its own block (causally masked) and adds the best earlier
-blocks, ``topk`` blocks in all; future blocks are never chosen. With ``topk`` >= the number of
+blocks, ``top_k`` blocks in all; future blocks are never chosen. With ``top_k`` >= the number of
 blocks this is exactly full causal attention. The first ``sinks`` tokens may be added to every
 query. With a key padding mask, every row's real tokens are first moved, in order, in front of
 its padding (and moved back afterwards): blocks and sinks are then counted over real tokens, so
 a sequence gives the same output alone or padded in a batch, and padded keys and values never
 reach an output. Implementations: :func:`moba_reference` (one query at a time, obviously correct),
-:func:`moba_attention` (block-sparse, O(n * topk * block_size) time and memory, below) and
+:func:`moba_attention` (block-sparse, O(n * top_k * block_size) time and memory, below) and
 :func:`moba_masked` (a chunked dense mask, O(n^2) time; a cross-check).
 
 The block-sparse path splits each query's keys into disjoint parts and merges them exactly by
@@ -41,29 +41,29 @@ from .validate import (
 PAIR_TILE = 64
 
 
-def _checked(q, k, v, block_size, topk, *, causal, sinks, key_mask, scale, name) -> dict:
+def _checked(q, k, v, block_size, top_k, *, causal, sinks, key_mask, scale, name) -> dict:
     """The arguments of a MoBA operator, checked once: keywords for the implementations."""
     check_qkv(q, k, v)
     check_causal_only(name, check_bool("causal", causal))
     B, _, n, D = q.shape
     check_key_mask(key_mask, B, n, q.device)
     return dict(block_size=check_int("block_size", block_size, 1),
-                topk=check_int("topk", topk, 1, hint=" (blocks per query, its own included)"),
+                top_k=check_int("top_k", top_k, 1, hint=" (blocks per query, its own included)"),
                 sinks=check_sinks(sinks), key_mask=key_mask, scale=check_scale(scale, D))
 
 
-def _real_tokens_first(impl, q, k, v, *, block_size, topk, sinks, key_mask, scale):
+def _real_tokens_first(impl, q, k, v, *, block_size, top_k, sinks, key_mask, scale):
     """Run ``impl`` with each row's real tokens moved (stably) in front of its padding.
 
     Padded keys and values are zeroed by selection first, so even NaN padding cannot reach an
     output. Blocks and sinks are then counted over real tokens only.
     """
     if key_mask is None:
-        return impl(q, k, v, block_size, topk, sinks=sinks, key_mask=None, scale=scale)
+        return impl(q, k, v, block_size, top_k, sinks=sinks, key_mask=None, scale=scale)
     k, v = zero_padding(k, key_mask), zero_padding(v, key_mask)
     order, inv, kpm = real_tokens_first(key_mask)
     q, k, v = (permute_seq(x, order, inv) for x in (q, k, v))
-    out = impl(q, k, v, block_size, topk, sinks=sinks, key_mask=kpm, scale=scale)
+    out = impl(q, k, v, block_size, top_k, sinks=sinks, key_mask=kpm, scale=scale)
     return permute_seq(out, inv, order)
 
 
@@ -81,10 +81,10 @@ def block_means(k: torch.Tensor, block_size: int, key_valid: torch.Tensor | None
     return sums / count.clamp(min=1)[..., None], count > 0
 
 
-def chosen_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int,
+def chosen_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int,
                   key_valid: torch.Tensor | None) -> torch.Tensor:
     """bool [B, Hq, n, nb]: the blocks each query attends to (own block + best earlier ones)."""
-    index, used = top_blocks(q, k, block_size, topk, key_valid)
+    index, used = top_blocks(q, k, block_size, top_k, key_valid)
     chosen = torch.zeros(*q.shape[:3], -(-k.shape[2] // block_size), dtype=torch.bool,
                          device=q.device)
     chosen.scatter_(-1, index, used)
@@ -92,9 +92,9 @@ def chosen_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int,
     return chosen | (torch.arange(chosen.shape[-1], device=q.device) == own[:, None])
 
 
-def top_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int,
+def top_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int,
                key_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(block [B, Hq, n, t], used [B, Hq, n, t]) with t = min(topk, blocks): each query's blocks,
+    """(block [B, Hq, n, t], used [B, Hq, n, t]) with t = min(top_k, blocks): each query's blocks,
     its own always first-ranked; ``used`` is False where fewer earlier blocks exist."""
     B, Hq, n, _ = q.shape
     means, has_key = block_means(k, block_size, key_valid)
@@ -106,7 +106,7 @@ def top_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int,
     # Own block last: it is always first-ranked, even when it holds no real key (a padded query).
     gate = gate.masked_fill((blk > own) | ~has_key[:, :, None, :], float("-inf"))
     gate = gate.masked_fill(blk == own, float("inf"))
-    top = gate.topk(min(topk, nb), dim=-1)
+    top = gate.topk(min(top_k, nb), dim=-1)
     return top.indices, top.values > float("-inf")
 
 
@@ -129,7 +129,7 @@ def moba_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     block_size: int,
-    topk: int,
+    top_k: int,
     *,
     causal: bool = True,
     sinks: int = 0,
@@ -138,12 +138,12 @@ def moba_attention(
     document_ids: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal MoBA, block-sparse (see the module doc), O(n * topk * block_size). Differentiable.
+    """Causal MoBA, block-sparse (see the module doc), O(n * top_k * block_size). Differentiable.
 
     Args:
         q: [batch, heads_q, seq, head_dim]; k, v: [batch, heads_kv, seq, head_dim] with
             heads_q a multiple of heads_kv (grouped-query attention).
-        block_size: keys per block (>= 1); topk: blocks per query, its own included (>= 1).
+        block_size: keys per block (>= 1); top_k: blocks per query, its own included (>= 1).
         causal: MoBA is causal only (True).
         sinks: the first ``sinks`` real tokens are visible to every later query.
         key_mask: bool [batch, seq], True for real tokens (blocks count real tokens only).
@@ -155,16 +155,16 @@ def moba_attention(
         [batch, heads_q, seq, head_dim], in q's dtype.
     """
     if document_ids is not None or cu_seqlens is not None:
-        return documents.packed_operator(moba_attention, q, k, v, block_size, topk,
+        return documents.packed_operator(moba_attention, q, k, v, block_size, top_k,
                                          causal=causal, sinks=sinks, key_mask=key_mask,
                                          scale=scale, document_ids=document_ids,
                                          cu_seqlens=cu_seqlens)
-    args = _checked(q, k, v, block_size, topk, causal=causal, sinks=sinks, key_mask=key_mask,
+    args = _checked(q, k, v, block_size, top_k, causal=causal, sinks=sinks, key_mask=key_mask,
                     scale=scale, name="moba_attention")
     return _real_tokens_first(_block_sparse, q, k, v, **args)
 
 
-def _block_sparse(q, k, v, block_size, topk, *, sinks, key_mask, scale):
+def _block_sparse(q, k, v, block_size, top_k, *, sinks, key_mask, scale):
     """:func:`moba_attention` on real-tokens-first rows (padding, if any, trails each row)."""
     B, Hq, n, D = q.shape
     if n == 0:
@@ -182,7 +182,7 @@ def _block_sparse(q, k, v, block_size, topk, *, sinks, key_mask, scale):
         sink_v=v[:, :, :sinks] if sinks else None,
         sink_valid=None if kpm is None or not sinks else kpm[:, None, :sinks], scale=scale,
         return_lse=True)
-    index, used = top_blocks(q, k, block_size, topk, kpm)
+    index, used = top_blocks(q, k, block_size, top_k, kpm)
     own_block = torch.div(torch.arange(n, device=q.device), block_size, rounding_mode="floor")
     other = used & (index != own_block[:, None])  # earlier blocks: full, no causal mask
     if not bool(other.any()):
@@ -247,7 +247,7 @@ def moba_masked(
     k: torch.Tensor,
     v: torch.Tensor,
     block_size: int,
-    topk: int,
+    top_k: int,
     *,
     causal: bool = True,
     sinks: int = 0,
@@ -256,14 +256,14 @@ def moba_masked(
 ) -> torch.Tensor:
     """Causal MoBA through a chunked dense mask: O(n^2) time. Same result as
     :func:`moba_attention` (a cross-check), same arguments."""
-    args = _checked(q, k, v, block_size, topk, causal=causal, sinks=sinks, key_mask=key_mask,
+    args = _checked(q, k, v, block_size, top_k, causal=causal, sinks=sinks, key_mask=key_mask,
                     scale=scale, name="moba_masked")
     return _real_tokens_first(_chunked_dense, q, k, v, **args)
 
 
-def _chunked_dense(q, k, v, block_size, topk, *, sinks, key_mask, scale):
+def _chunked_dense(q, k, v, block_size, top_k, *, sinks, key_mask, scale):
     n = q.shape[2]
-    chosen = chosen_blocks(q, k, block_size, topk, key_mask)
+    chosen = chosen_blocks(q, k, block_size, top_k, key_mask)
 
     def mask_rows(start: int, stop: int) -> torch.Tensor:
         rows = torch.arange(start, stop, device=q.device)
@@ -277,7 +277,7 @@ def moba_reference(
     k: torch.Tensor,
     v: torch.Tensor,
     block_size: int,
-    topk: int,
+    top_k: int,
     *,
     causal: bool = True,
     sinks: int = 0,
@@ -285,12 +285,12 @@ def moba_reference(
     scale: float | None = None,
 ) -> torch.Tensor:
     """The same rule, one (batch, head, query) at a time in plain Python. Tests only."""
-    args = _checked(q, k, v, block_size, topk, causal=causal, sinks=sinks, key_mask=key_mask,
+    args = _checked(q, k, v, block_size, top_k, causal=causal, sinks=sinks, key_mask=key_mask,
                     scale=scale, name="moba_reference")
     return _real_tokens_first(_one_query_at_a_time, q, k, v, **args)
 
 
-def _one_query_at_a_time(q, k, v, block_size, topk, *, sinks, key_mask, scale):
+def _one_query_at_a_time(q, k, v, block_size, top_k, *, sinks, key_mask, scale):
     B, Hq, n, D = q.shape
     groups = Hq // k.shape[1]
     valid = key_mask if key_mask is not None else torch.ones(B, n, dtype=torch.bool)
@@ -306,7 +306,7 @@ def _one_query_at_a_time(q, k, v, block_size, topk, *, sinks, key_mask, scale):
                     if real:
                         mean = kk[real].float().mean(0)
                         scores.append((float(q[b, h, i].detach().float() @ mean.detach()), j))
-                best = {j for _, j in sorted(scores, key=lambda s: -s[0])[: topk - 1]}
+                best = {j for _, j in sorted(scores, key=lambda s: -s[0])[: top_k - 1]}
                 keep = torch.tensor([
                     (t // block_size in best or t // block_size == own or t < sinks)
                     and t <= i and bool(valid[b, t]) for t in range(n)])
@@ -314,11 +314,11 @@ def _one_query_at_a_time(q, k, v, block_size, topk, *, sinks, key_mask, scale):
     return out
 
 
-def moba_attended_keys(seq_len: int, block_size: int, topk: int) -> torch.Tensor:
+def moba_attended_keys(seq_len: int, block_size: int, top_k: int) -> torch.Tensor:
     """Keys each query sees (no padding, no sinks), [seq_len] long. Data-independent: earlier
-    blocks are full, so every choice of ``topk - 1`` of them has the same size."""
+    blocks are full, so every choice of ``top_k - 1`` of them has the same size."""
     check_int("block_size", block_size, 1)
-    check_int("topk", topk, 1)
+    check_int("top_k", top_k, 1)
     i = torch.arange(check_int("seq_len", seq_len, 0))
     own = torch.div(i, block_size, rounding_mode="floor")
-    return i - own * block_size + 1 + torch.clamp(own, max=topk - 1) * block_size
+    return i - own * block_size + 1 + torch.clamp(own, max=top_k - 1) * block_size

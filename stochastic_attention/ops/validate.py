@@ -25,6 +25,7 @@ RENAMED = {
         "key_padding_mask (True for padding); pass key_mask=<bool [batch, seq], True = real>, "
         "i.e. key_mask=~key_padding_mask for a torch-style mask",
     ),
+    "topk": ("top_k", "MoBA's blocks per query are called top_k everywhere"),
 }
 
 

@@ -26,6 +26,7 @@ import torch
 from ..cli_args import UsageError
 from ..data import ChunkSampler, load_tokenizer, parse_source, prepare_source
 from ..models import SALlamaForCausalLM
+from ..nn.options import SlidingWindowOptions
 from . import checkpoint
 from .cloze import CLOZE_TASKS, cloze_accuracy, heldout_documents
 from .config import ExperimentConfig, load_config
@@ -72,7 +73,9 @@ def _perplexity_and_passkey(cfg: ExperimentConfig, model, tokenizer, *, eval_chu
     val = evaluate(model, samplers, micro_batch_size=8, batches=max(1, eval_chunks // 8),
                    precision="fp32", info=DistInfo())
     filler = np.concatenate([np.asarray(s.val) for s in splits])
-    window = min(model.config.window, seq_len)
+    # the configs' shared window (the default of the windowed methods when they set none)
+    window = min(model.config.attention_options.get("window", SlidingWindowOptions().window),
+                 seq_len)
     reach = model.config.num_hidden_layers * (window - 1)  # SWA receptive field
     # near: inside one window (the shortest fitting distance is about 25 byte tokens);
     # far: at least twice the SWA receptive field, when the sequence allows it
@@ -160,7 +163,7 @@ def write_report(runs: list[dict], path: Path, *, command: str, plot: Path,
             "word, which occurs earlier in it (chance about 0); nextline (HellaSwag-like), the "
             "true next sentence must have the highest mean log-probability per token among 4 "
             "(chance 0.25).", ""]
-    head = ["kind", "params", "steps", "seeds", *[f"ppl {c}" for c in corpora],
+    head = ["method", "params", "steps", "seeds", *[f"ppl {c}" for c in corpora],
             "bits/token (mean)",
             *([f"{t} acc (n={cloze[t]['examples']})" for t in CLOZE_TASKS] if cloze else []),
             "pass key near: acc / gain", "pass key far: acc / gain"]

@@ -18,7 +18,7 @@ from ..cli_args import (
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "pretrain-compare", help="train and compare attention kinds (paper-style, small scale)",
+        "pretrain-compare", help="train and compare attention methods (paper-style, small scale)",
         description="Train every CONFIG with every seed, evaluate validation perplexity per "
                     "corpus, a long-range pass-key probe and zero-shot cloze accuracy, and write "
                     "a Markdown report with a loss-curve plot. Re-running skips finished runs and resumes others.")

@@ -106,13 +106,19 @@ class ExperimentConfig:
     def _validate_model(self) -> None:
         if "vocab_size" in self.model:
             raise ConfigError("model.vocab_size comes from data.tokenizer; remove it")
+        from ..models.sa_llama_config import reject_old_arguments
+
+        try:  # renamed keys (attention_kinds, window ...) name their replacement
+            reject_old_arguments(self.model)
+        except ValueError as err:
+            raise ConfigError(f"model: {err}") from None
         known = model_keys()
         unknown = sorted(set(self.model) - set(known))
         if unknown:
             raise ConfigError(f"unknown keys in 'model': {unknown}; known: {known}")
         from ..models import SALlamaConfig
 
-        try:  # the model's own checks (attention kinds, head sizes ...) before any work
+        try:  # the model's own checks (attention methods, head sizes ...) before any work
             SALlamaConfig(**self.model)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"model: {err}") from None
@@ -170,8 +176,20 @@ def config_from_dict(raw: dict) -> ExperimentConfig:
                             train=_build(TrainConfig, raw.get("train"), "train")).validate()
 
 
+def _set(mapping: dict, keys: list[str], value, item: str) -> dict:
+    """A copy of ``mapping`` with ``mapping[k0][k1]... = value`` (nested mappings copied)."""
+    if len(keys) == 1:
+        return dict(mapping, **{keys[0]: value})
+    inner = mapping.get(keys[0]) or {}
+    if not isinstance(inner, dict):
+        raise ConfigError(f"override {item!r}: {keys[0]} is not a mapping")
+    return dict(mapping, **{keys[0]: _set(inner, keys[1:], value, item)})
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML config; ``overrides`` are ``section.key=value`` strings (value in YAML)."""
+    """Read a YAML config; ``overrides`` are ``section.key=value`` strings (value in YAML);
+    ``section.key.sub=value`` sets one entry of a mapping, e.g.
+    ``model.attention_options.window=16``."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -195,5 +213,5 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
-        raw[section] = dict(_section(raw.get(section), section), **{name: parsed})
+        raw[section] = _set(_section(raw.get(section), section), name.split("."), parsed, item)
     return config_from_dict(raw)

@@ -31,7 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: 10 steps, one size, one seed")
     p.add_argument("--speed", type=length_list, nargs="?", const=DEFAULT_SPEED_LENGTHS,
                    metavar="N,N,...",
-                   help="instead: time dense FNA vs FNA in SA windows (fwd+bwd) at these "
+                   help="instead: time full FNA vs FNA in SA windows (fwd+bwd) at these "
                         "comma-separated lengths (default 512,1024,2048,4096)")
     add_window(p, 128, "window for --speed")
     add_no_progress(p)
@@ -58,8 +58,8 @@ def _speed(args: argparse.Namespace) -> int:
     from ...cli_args import check_memory
     from .speed import speed_markdown, speed_table
 
-    n = max(args.speed)  # dense FNA keeps n x n weights per head for the backward pass
-    check_memory(4 * 4 * n * n * 2, f"--speed {n} (dense FNA)", "use shorter --speed lengths")
+    n = max(args.speed)  # full FNA keeps n x n weights per head for the backward pass
+    check_memory(4 * 4 * n * n * 2, f"--speed {n} (full FNA)", "use shorter --speed lengths")
     rows = speed_table(args.speed, window=args.window)
     out = Path(args.out)
     (out / "speed.json").write_text(json.dumps(rows, indent=1))

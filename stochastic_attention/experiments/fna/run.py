@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...models.fna_classifier import ClassifierConfig
+from ...models.fna_classifier import RENAMED_OPTIONS, ClassifierConfig
 from ...progress import tqdm
+from ...vocabulary import reject_renamed
 from .data import ALPHABET, PassageTask, TextDoc, build_task, synthetic_corpora
 from .graph import diffusion_map, mean_shortest_path, spectral_gap
 from .train import TrainConfig, train_classifier
@@ -44,6 +45,13 @@ def load_config(path: str | Path) -> dict[str, Any]:
     for key in ("task", "variants", "d_model", "seeds", "train"):
         if key not in cfg:
             raise UsageError(f"config {path} lacks the key {key!r}")
+    for variant in cfg["variants"]:  # bad or former option names fail here, before any work
+        try:
+            ClassifierConfig(vocab_size=2, num_classes=2, **cfg.get("model", {}),
+                             d_model=variant.get("d_model", cfg["d_model"])[0],
+                             **_variant_fields(variant))
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"config {path}: {err}") from None
     return cfg
 
 
@@ -110,10 +118,16 @@ def run(cfg: dict[str, Any], out_dir: str | Path, figures_dir: str | Path | None
     return result
 
 
-def _model_config(variant: dict, d: int, task: PassageTask, cfg: dict) -> ClassifierConfig:
+def _variant_fields(variant: dict) -> dict:
+    """A variant's ClassifierConfig fields; former names (``stochastic: true``) are errors."""
     fields = {k: v for k, v in variant.items() if k not in ("name", "d_model")}
+    reject_renamed(fields, f"variant {variant.get('name')!r}", renamed=RENAMED_OPTIONS)
+    return fields
+
+
+def _model_config(variant: dict, d: int, task: PassageTask, cfg: dict) -> ClassifierConfig:
     return ClassifierConfig(vocab_size=task.vocab_size, num_classes=len(task.labels),
-                            d_model=d, **cfg.get("model", {}), **fields)
+                            d_model=d, **cfg.get("model", {}), **_variant_fields(variant))
 
 
 def summarise(runs: list[dict]) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Side-by-side timing of FNA: dense (chunked) vs inside stochastic-attention windows.
+"""Side-by-side timing of FNA: full (chunked) vs inside stochastic-attention windows.
 
 Forward + backward of one call at growing lengths; every row is measured in the same process,
 interleaved, so the ratios are comparable even on a busy machine (absolute times are not).
@@ -33,7 +33,8 @@ def _time(fn, repeats: int) -> float:
 
 def speed_table(lengths: list[int], window: int = 128, heads: int = 4, head_dim: int = 64,
                 alpha: float = 1.2, repeats: int = 3) -> list[dict]:
-    """Best-of-``repeats`` seconds for fwd+bwd: dense softmax (SDPA), dense FNA, FNA + SA."""
+    """Best-of-``repeats`` seconds for fwd+bwd: full softmax (SDPA), full FNA, FNA in
+    stochastic-attention windows."""
     rows = []
     for n in tqdm(lengths, desc="fna speed"):
         g = torch.Generator().manual_seed(n)
@@ -42,20 +43,23 @@ def speed_table(lengths: list[int], window: int = 128, heads: int = 4, head_dim:
         perm = random_permutation(1, heads, n, generator=g)
 
         calls = {
-            "softmax_dense": partial(F.scaled_dot_product_attention, q, k, v),
-            "fna_dense": partial(fractional_attention, q, k, v, alpha),
-            "fna_sa": partial(fractional_attention, q, k, v, alpha, window=window, perm=perm),
+            "softmax_full": partial(F.scaled_dot_product_attention, q, k, v),
+            "fractional_full": partial(fractional_attention, q, k, v, alpha),
+            "fractional_stochastic": partial(fractional_attention, q, k, v, alpha, window=window,
+                                             perm=perm),
         }
         times = {name: _time(partial(_fwd_bwd, call), repeats) for name, call in calls.items()}
         rows.append({"seq_len": n, "window": window, **times,
-                     "dense_over_sa": times["fna_dense"] / times["fna_sa"],
-                     "fna_sa_over_softmax_dense": times["fna_sa"] / times["softmax_dense"]})
+                     "full_over_stochastic": times["fractional_full"]
+                     / times["fractional_stochastic"],
+                     "stochastic_over_softmax_full": times["fractional_stochastic"]
+                     / times["softmax_full"]})
     return rows
 
 
 def speed_markdown(rows: list[dict]) -> str:
-    lines = ["| n | window | FNA dense / FNA+SA | FNA+SA / softmax dense (SDPA) |", "|---|---|---|---|"]
+    lines = ["| n | window | full FNA / FNA+SA | FNA+SA / full softmax (SDPA) |", "|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['seq_len']} | {r['window']} | {r['dense_over_sa']:.2f} | "
-                     f"{r['fna_sa_over_softmax_dense']:.2f} |")
+        lines.append(f"| {r['seq_len']} | {r['window']} | {r['full_over_stochastic']:.2f} | "
+                     f"{r['stochastic_over_softmax_full']:.2f} |")
     return "\n".join(lines) + "\n"

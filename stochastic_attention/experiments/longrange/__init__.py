@@ -1,1 +1,1 @@
-"""The trained long-range benchmark: synthetic tasks, small models per attention kind, sweeps, loss by position."""
+"""The trained long-range benchmark: synthetic tasks, small models per attention method, sweeps, loss by position."""

@@ -1,4 +1,4 @@
-"""``sattn longrange``: train small models per attention kind on long-range tasks; report.
+"""``sattn longrange``: train small models per attention method on long-range tasks; report.
 
     sattn longrange run --profile full --shard 0/2 --out runs/longrange   # resumable shard
     sattn longrange report runs/longrange --out runs/longrange-report      # merge shards
@@ -20,8 +20,10 @@ from ...cli_args import (
     add_threads,
     float_list,
     int_list,
+    method_list,
     positive_int,
     positive_int_list,
+    renamed_option,
     set_threads,
     str_list,
 )
@@ -37,7 +39,7 @@ def _csv(parse):
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from .kinds import KINDS
+    from .methods import METHODS, RENAMED
     from .sweep import PROFILES
 
     p = sub.add_parser("longrange", help="trained long-range benchmark (majority, MQAR)",
@@ -54,7 +56,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     run.add_argument("--shard", default="0/1", help="i/k: run shard i of k (groups split by estimated cost)")
     add_out(run, "runs/longrange", "folder for the shard files (resumed if present)")
     run.add_argument("--tasks", type=_csv(str_list), default=None, help="comma-separated task names (default: all)")
-    run.add_argument("--kinds", type=_csv(str_list), default=None, help=f"comma-separated subset of {','.join(KINDS)}")
+    run.add_argument("--methods", type=_csv(method_list(METHODS, RENAMED)), default=None,
+                     help=f"comma-separated subset of {','.join(METHODS)}")
+    renamed_option(run, "--kinds", "--methods")
     run.add_argument("--depths", type=_csv(positive_int_list), default=None, help="comma-separated layer counts")
     run.add_argument("--widths", type=_csv(positive_int_list), default=None, help="comma-separated model widths")
     run.add_argument("--seeds", type=_csv(int_list), default=None, help="comma-separated seeds")
@@ -71,7 +75,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                      help="SWA window of the grid (default: from the profile)")
     rep.set_defaults(func=report_main)
 
-    sight = lsub.add_parser("sight", help="MQAR: how often each kind can read the answer directly")
+    sight = lsub.add_parser("sight", help="MQAR: how often each method can read the answer directly")
     sight.add_argument("--seq-lens", type=_csv(positive_int_list), default=(128, 512), help="MQAR lengths")
     sight.add_argument("--pairs", type=_csv(positive_int_list), default=(8, 32), help="key-value pairs, one per length")
     sight.add_argument("--budgets", type=_csv(positive_int_list), default=(8, 16), help="keys per query")
@@ -81,11 +85,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_out(sight, "runs/longrange-sight", "folder for sight.md and sight.json")
     sight.set_defaults(func=sight_main)
 
-    cost = lsub.add_parser("cost", help="training step time of every kind, side by side, medians")
+    cost = lsub.add_parser("cost", help="training step time of every method, side by side, medians")
     cost.add_argument("--profile", choices=sorted(PROFILES), default="full", help="model and task sizes")
     cost.add_argument("--depth", type=positive_int, default=4, help="layers")
-    cost.add_argument("--kinds", type=_csv(str_list), default=None, help="comma-separated kinds")
-    cost.add_argument("--repeats", type=positive_int, default=7, help="timed steps per kind (median kept)")
+    cost.add_argument("--methods", type=_csv(method_list(METHODS, RENAMED)), default=None,
+                      help="comma-separated methods")
+    renamed_option(cost, "--kinds", "--methods")
+    cost.add_argument("--repeats", type=positive_int, default=7, help="timed steps per method (median kept)")
     add_threads(cost, default=None, type=positive_int, help="torch CPU threads")
     add_out(cost, "runs/longrange-cost", "folder for cost.json and cost.md")
     cost.set_defaults(func=cost_main)
@@ -95,7 +101,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def _profile(args):
     from .sweep import PROFILES, select_tasks, with_overrides
 
-    profile = with_overrides(PROFILES[args.profile], kinds=args.kinds, depths=args.depths,
+    profile = with_overrides(PROFILES[args.profile], methods=args.methods, depths=args.depths,
                              widths=args.widths, seeds=args.seeds, lrs=args.lrs, steps=args.steps)
     try:
         return select_tasks(profile, getattr(args, "tasks", None))
@@ -104,14 +110,10 @@ def _profile(args):
 
 
 def run_main(args: argparse.Namespace) -> int:
-    from .kinds import KINDS
     from .sweep import parse_shard, run_shard
 
     set_threads(args.threads)
-    profile = _profile(args)
-    bad = set(profile.kinds) - set(KINDS)
-    if bad:
-        raise UsageError(f"unknown --kinds {sorted(bad)}; choose from {KINDS}")
+    profile = _profile(args)  # --methods is checked as it is parsed
     try:
         shard = parse_shard(args.shard)
     except ValueError as err:
@@ -129,7 +131,10 @@ def report_main(args: argparse.Namespace) -> int:
     missing = [d for d in args.dirs if not Path(d).exists()]
     if missing:
         raise UsageError(f"no such shard folder or file: {missing}")
-    records = load_records([Path(d) for d in args.dirs])
+    try:
+        records = load_records([Path(d) for d in args.dirs])
+    except ValueError as err:  # records written before the rename
+        raise UsageError(str(err)) from None
     if not records:
         raise UsageError(f"no records in {args.dirs}")
     budget = args.budget
@@ -153,7 +158,7 @@ def cost_main(args: argparse.Namespace) -> int:
     from .cost import step_times
 
     set_threads(args.threads)
-    profile = _profile(argparse.Namespace(profile=args.profile, kinds=args.kinds, depths=None,
+    profile = _profile(argparse.Namespace(profile=args.profile, methods=args.methods, depths=None,
                                           widths=None, seeds=None, lrs=None, steps=None))
     table = step_times(profile, depth=args.depth, repeats=args.repeats)
     out = Path(args.out)
@@ -161,9 +166,9 @@ def cost_main(args: argparse.Namespace) -> int:
     meta = dict(machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
                 torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     (out / "cost.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=1))
-    lines = ["| task | kind | keys/q | step time vs swa (median) |", "|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['kind']} | {r['keys_per_query']:.1f} | {r['ratio_vs_swa']:.2f} |"
-              for r in table]
+    lines = ["| task | method | keys/q | step time vs sliding_window (median) |", "|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['method']} | {r['keys_per_query']:.1f} | "
+              f"{r['ratio_vs_sliding_window']:.2f} |" for r in table]
     text = "\n".join(lines)
     (out / "cost.md").write_text(text + "\n")
     print(text)
@@ -171,23 +176,24 @@ def cost_main(args: argparse.Namespace) -> int:
 
 
 def sight_main(args: argparse.Namespace) -> int:
-    from .kinds import kind_options
+    from .methods import method_options
     from .sight import mqar_sight
     from .train import TaskSpec
 
     if len(args.pairs) != len(args.seq_lens):
         raise UsageError("--pairs needs one value per --seq-lens value")
-    kinds = ("full", "swa", "sa", "sa_block", "sa_local", "gated", "bigbird")
+    methods = ("full", "sliding_window", "stochastic", "stochastic_block", "stochastic_local",
+               "gated", "bigbird")
     rows = []
     for n, pairs in zip(args.seq_lens, args.pairs):
         task = TaskSpec("mqar", seq_len=n, pairs=pairs, vocab=max(4 * pairs, 64), random_filler=False)
         for budget in args.budgets:
-            for kind in kinds:
-                layer_kind, options = kind_options(kind, budget, n)
+            for method in methods:
+                layer_method, options = method_options(method, budget, n)
                 for layers in args.layers:
-                    r = mqar_sight(task, layer_kind, options, layers, examples=args.examples,
+                    r = mqar_sight(task, layer_method, options, layers, examples=args.examples,
                                    draws=args.draws)
-                    rows.append(dict(r, kind=kind, seq_len=n, pairs=pairs, budget=budget))
+                    rows.append(dict(r, method=method, seq_len=n, pairs=pairs, budget=budget))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sight.json").write_text(json.dumps(rows, indent=1))
@@ -195,12 +201,12 @@ def sight_main(args: argparse.Namespace) -> int:
     for n, pairs in zip(args.seq_lens, args.pairs):
         for budget in args.budgets:
             lines += [f"MQAR, {n} tokens, {pairs} pairs, {budget} keys/query:", "",
-                      "| kind | " + " | ".join(f"L={d}" for d in args.layers) + " |",
+                      "| method | " + " | ".join(f"L={d}" for d in args.layers) + " |",
                       "|---|" + "---|" * len(args.layers)]
-            for kind in kinds:
-                cells = [r for r in rows if r["kind"] == kind and r["seq_len"] == n
+            for method in methods:
+                cells = [r for r in rows if r["method"] == method and r["seq_len"] == n
                          and r["budget"] == budget]
-                lines.append(f"| {kind} | " + " | ".join(f"{r['sight']:.3f}" for r in cells) + " |")
+                lines.append(f"| {method} | " + " | ".join(f"{r['sight']:.3f}" for r in cells) + " |")
             lines.append("")
     text = "\n".join(lines)
     (out / "sight.md").write_text(text + "\n")

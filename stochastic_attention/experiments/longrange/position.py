@@ -235,7 +235,8 @@ def compare_positions(docs: Sequence[torch.Tensor], *, model=None, methods: Sequ
         stats = loss_by_position(trained, docs, buckets=edges, progress=progress, desc=label)
         cfg = trained.config
         results.append(dict(label=label, method="checkpoint", checkpoint=str(path),
-                            attention_kinds=list(cfg.attention_kinds), window=cfg.window,
+                            attention_methods=list(cfg.attention_methods),
+                            window=cfg.attention_options.get("window"),
                             keys_per_query=None, **stats))
         del trained
         bar.update()
@@ -251,13 +252,15 @@ def checkpoint_label(path: str | Path) -> str:
 
 def load_checkpoint(path: str | Path, seed: int = 0):
     """An SA-Llama model saved by ``sattn train`` (``<run>/final``), in eval mode."""
-    from ...models import SALlamaForCausalLM
+    from ...models import SALlamaConfig, SALlamaForCausalLM
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise ValueError(f"checkpoint {str(path)!r} has no config.json: give the 'final' folder "
-                         "that `sattn train` writes (e.g. runs/sa/final)")
-    return SALlamaForCausalLM.from_pretrained(path, perm_seed=seed).eval()
+                         "that `sattn train` writes (e.g. runs/stochastic/final)")
+    config = SALlamaConfig.from_pretrained(path)
+    config.attention_options = {**config.attention_options, "perm_seed": seed}
+    return SALlamaForCausalLM.from_pretrained(path, config=config).eval()
 
 
 def training_data_config(path: str | Path) -> dict | None:

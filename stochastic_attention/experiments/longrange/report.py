@@ -7,6 +7,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from .methods import METHODS
 from .tasks import sample_ceiling
 
 
@@ -15,7 +16,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarise(records: list[dict]) -> list[dict]:
-    """One row per (task, kind, depth, width): the cells at the chosen learning rate.
+    """One row per (task, method, depth, width): the cells at the chosen learning rate.
 
     The learning rate is the one the sweep chose (its first-seed run had the best validation
     accuracy, at this depth or at the swept depth it reuses); test accuracies are averaged over
@@ -23,9 +24,9 @@ def summarise(records: list[dict]) -> list[dict]:
     """
     by_group = defaultdict(list)
     for r in records:
-        by_group[(r["task"], r["kind"], r["depth"], r["width"])].append(r)
+        by_group[(r["task"], r["method"], r["depth"], r["width"])].append(r)
     rows = []
-    for (task, kind, depth, width), recs in sorted(by_group.items()):
+    for (task, method, depth, width), recs in sorted(by_group.items()):
         first_seed = min(r["cell"]["seed"] for r in recs)
         firsts = [r for r in recs if r["cell"]["seed"] == first_seed]
         # The chosen rate is the one the other seeds ran at (a group at a depth that reuses
@@ -35,7 +36,7 @@ def summarise(records: list[dict]) -> list[dict]:
         lr = best["cell"]["lr"]
         chosen = [r for r in recs if r["cell"]["lr"] == lr]
         acc, std = _mean_std([r["accuracy"] for r in chosen])
-        row = dict(task=task, kind=kind, depth=depth, width=width, lr=lr,
+        row = dict(task=task, method=method, depth=depth, width=width, lr=lr,
                    seeds=sorted(r["cell"]["seed"] for r in chosen), accuracy=acc, accuracy_std=std,
                    keys_per_query=chosen[0]["keys_per_query"],
                    tokens_per_second=statistics.median(r["tokens_per_second"] for r in chosen),
@@ -54,7 +55,7 @@ def swa_reach(depth: int, window: int) -> int:
 
 
 def markdown(rows: list[dict], *, budget: int) -> str:
-    """Tables per task: accuracy by kind and depth (width 64 or the most common), by width."""
+    """Tables per task: accuracy by method and depth (width 64 or the most common), by width."""
     out = []
     for task in sorted({r["task"] for r in rows}):
         trs = [r for r in rows if r["task"] == task]
@@ -69,18 +70,18 @@ def markdown(rows: list[dict], *, budget: int) -> str:
             "test accuracy at query positions"
         out.append(f"Cells: {metric}, mean ± std over seeds at the learning rate chosen on "
                    "validation; keys/q is the measured mean of attended keys per query.\n")
-        head = ["kind", "keys/q"] + [f"L={d}" for d in depths]
+        head = ["method", "keys/q"] + [f"L={d}" for d in depths]
         if margins:
             hard = margins[0]
             head += [f"L={d} @margin {hard}" for d in depths]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
-        for kind in _kind_order({r["kind"] for r in trs}):
-            cells = {r["depth"]: r for r in trs if r["kind"] == kind and r["width"] == main_width}
+        for method in _method_order({r["method"] for r in trs}):
+            cells = {r["depth"]: r for r in trs if r["method"] == method and r["width"] == main_width}
             if not cells:
                 continue
             any_row = next(iter(cells.values()))
-            line = [kind, f"{any_row['keys_per_query']:.1f}"]
+            line = [method, f"{any_row['keys_per_query']:.1f}"]
             line += [_fmt(cells.get(d), "accuracy") for d in depths]
             if margins:
                 line += [_fmt(cells.get(d), f"accuracy@{hard}") for d in depths]
@@ -97,20 +98,17 @@ def markdown(rows: list[dict], *, budget: int) -> str:
             wdepths = sorted({r["depth"] for r in trs if r["width"] != main_width})
             for d in wdepths:
                 out.append(f"Accuracy against width at depth {d}:\n")
-                out.append("| kind | " + " | ".join(f"d={w}" for w in widths) + " |")
+                out.append("| method | " + " | ".join(f"d={w}" for w in widths) + " |")
                 out.append("|---|" + "---|" * len(widths))
-                for kind in _kind_order({r["kind"] for r in trs if r["width"] != main_width}):
-                    cells = {r["width"]: r for r in trs if r["kind"] == kind and r["depth"] == d}
-                    out.append(f"| {kind} | " + " | ".join(_fmt(cells.get(w), "accuracy") for w in widths) + " |")
+                for method in _method_order({r["method"] for r in trs if r["width"] != main_width}):
+                    cells = {r["width"]: r for r in trs if r["method"] == method and r["depth"] == d}
+                    out.append(f"| {method} | " + " | ".join(_fmt(cells.get(w), "accuracy") for w in widths) + " |")
                 out.append("")
     return "\n".join(out)
 
 
-KIND_ORDER = ("full", "swa", "sa", "sa_block", "sa_local", "gated", "moba", "bigbird", "random")
-
-
-def _kind_order(kinds: set[str]) -> list[str]:
-    return [k for k in KIND_ORDER if k in kinds] + sorted(kinds - set(KIND_ORDER))
+def _method_order(methods: set[str]) -> list[str]:
+    return [m for m in METHODS if m in methods] + sorted(methods - set(METHODS))
 
 
 def _fmt(row: dict | None, name: str) -> str:
@@ -134,12 +132,12 @@ def plot(rows: list[dict], path: Path, *, budget: int | None = None) -> None:
         trs = [r for r in rows if r["task"] == task]
         widths = sorted({r["width"] for r in trs})
         main_width = max(widths, key=lambda w: sum(r["width"] == w for r in trs))
-        for kind in _kind_order({r["kind"] for r in trs}):
+        for method in _method_order({r["method"] for r in trs}):
             pts = sorted((r["depth"], r["accuracy"], r["accuracy_std"]) for r in trs
-                         if r["kind"] == kind and r["width"] == main_width)
+                         if r["method"] == method and r["width"] == main_width)
             if pts:
                 xs, ys, es = zip(*pts)
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=kind)
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
         depths = sorted({r["depth"] for r in trs if r["width"] == main_width})
         margins = sorted({k[len("accuracy@"):] for r in trs for k in r
                           if k.startswith("accuracy@") and not k.endswith("_std")}, key=float)
@@ -161,12 +159,12 @@ def plot(rows: list[dict], path: Path, *, budget: int | None = None) -> None:
             if len({r["width"] for r in trs}) < 2:
                 continue
             wdepth = max({r["depth"] for r in trs}, key=lambda d: len({r["width"] for r in trs if r["depth"] == d}))
-            for kind in _kind_order({r["kind"] for r in trs}):
+            for method in _method_order({r["method"] for r in trs}):
                 pts = sorted((r["width"], r["accuracy"], r["accuracy_std"]) for r in trs
-                             if r["kind"] == kind and r["depth"] == wdepth)
+                             if r["method"] == method and r["depth"] == wdepth)
                 if len(pts) > 1:
                     xs, ys, es = zip(*pts)
-                    ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"{task}: {kind}")
+                    ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"{task}: {method}")
             ax.set_title(f"accuracy against width (depth {wdepth})")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("width d")

@@ -1,6 +1,6 @@
 """The long-range grid: profiles, groups of cells, resumable shards and merging.
 
-A *group* is (task, kind, depth, width). Each group runs its learning-rate sweep at the first
+A *group* is (task, method, depth, width). Each group runs its learning-rate sweep at the first
 seed, keeps the learning rate with the best validation accuracy, then runs the other seeds at
 it (so the reported test accuracy is never the one that picked the learning rate). Shards split
 the groups by estimated cost; each appends one JSON line per finished cell to its own file, so an
@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .kinds import KINDS, kind_options, mean_keys
+from .methods import METHODS, mean_keys, method_options
 from .train import Cell, TaskSpec, train_cell
 
 
@@ -23,7 +23,7 @@ from .train import Cell, TaskSpec, train_cell
 class Profile:
     name: str
     tasks: tuple[TaskSpec, ...]
-    kinds: tuple[str, ...] = KINDS
+    methods: tuple[str, ...] = METHODS
     depths: tuple[int, ...] = (2, 4)
     widths: tuple[int, ...] = (64,)
     lrs: tuple[float, ...] = (1e-3, 3e-3)
@@ -34,9 +34,9 @@ class Profile:
     eval_examples: int = 512
     heads: int = 2
     # Depths whose groups run the learning-rate sweep; a group at another depth reuses the rate
-    # chosen for the same task, kind and width at the nearest swept depth (None: sweep everywhere).
+    # chosen for the same task, method and width at the nearest swept depth (None: sweep everywhere).
     lr_sweep_depths: tuple[int, ...] | None = None
-    # Extra groups: (task name, kinds, depths, widths) crossed in addition to the main grid.
+    # Extra groups: (task name, methods, depths, widths) crossed in addition to the main grid.
     extra: tuple[tuple[str, tuple[str, ...], tuple[int, ...], tuple[int, ...]], ...] = ()
     description: str = ""
 
@@ -49,33 +49,35 @@ PROFILES: dict[str, Profile] = {
     # The grid behind docs/results-long-range.md.
     "full": Profile(
         "full", tasks=(MAJORITY,), depths=(2, 4), widths=(64,), budget=8, lr_sweep_depths=(2,),
-        extra=(("majority", KINDS[1:], (6,), (64,)),),
-        description="majority at 256 tokens, budget 8 keys/query; 9 kinds x depth 2, 4, and all but "
+        extra=(("majority", METHODS[1:], (6,), (64,)),),
+        description="majority at 256 tokens, budget 8 keys/query; 9 methods x depth 2, 4, and all but "
                     "full at depth 6 (width 64); lr {1e-3, 3e-3} at seed 0 (depth 2; deeper models "
                     "reuse it), seeds 0-2 at the best"),
     # Accuracy against width, where SWA and the SA + local union differ most.
     "width": Profile(
-        "width", tasks=(MAJORITY,), kinds=("swa", "sa_local"), depths=(2,), widths=(32, 64, 128),
-        lrs=(3e-3,), seeds=(0,), budget=8,
-        description="majority at 256 tokens, budget 8; swa and sa_local at depth 2, width 32, 64, "
+        "width", tasks=(MAJORITY,), methods=("sliding_window", "stochastic_local"), depths=(2,),
+        widths=(32, 64, 128), lrs=(3e-3,), seeds=(0,), budget=8,
+        description="majority at 256 tokens, budget 8; sliding_window and stochastic_local at "
+                    "depth 2, width 32, 64, "
                     "128; lr 3e-3; 1 seed"),
     # MQAR as far as this CPU affords: 600 steps of 32 sequences (Zoology trains about 20x longer).
     "mqar": Profile(
-        "mqar", tasks=(MQAR,), kinds=("full", "swa", "sa_local", "moba"), depths=(2,), lrs=(1e-2,),
+        "mqar", tasks=(MQAR,), methods=("full", "sliding_window", "stochastic_local", "moba"),
+        depths=(2,), lrs=(1e-2,),
         seeds=(0,), budget=8, steps=600, batch_size=32, eval_examples=256,
         description="MQAR at 128 tokens, 8 pairs, vocabulary 64, zero filler; depth 2, width 64; "
                     "600 steps; 1 seed"),
     # About 15 minutes on one core (14 min of CPU measured): the full grid's main finding (the
-    # eight main kinds at depth 2 and 4, one seed, one learning rate).
+    # eight main methods at depth 2 and 4, one seed, one learning rate).
     "quick": Profile(
-        "quick", tasks=(MAJORITY,), kinds=KINDS[:8], depths=(2, 4), lrs=(3e-3,), seeds=(0,), budget=8,
-        steps=150, batch_size=32, eval_examples=256,
-        description="majority at 256 tokens, budget 8; 8 kinds x depth 2, 4; lr 3e-3; 1 seed"),
+        "quick", tasks=(MAJORITY,), methods=METHODS[:8], depths=(2, 4), lrs=(3e-3,), seeds=(0,),
+        budget=8, steps=150, batch_size=32, eval_examples=256,
+        description="majority at 256 tokens, budget 8; 8 methods x depth 2, 4; lr 3e-3; 1 seed"),
     # Seconds: for the tests.
     "tiny": Profile(
         "tiny", tasks=(TaskSpec("majority", seq_len=32, margins=(0.25,), eval_margins=(0.25,)),
                        TaskSpec("mqar", seq_len=32, pairs=4, vocab=32)),
-        kinds=("full", "swa", "sa"), depths=(1,), widths=(16,), lrs=(3e-3, 1e-2), seeds=(0, 1),
+        methods=("full", "sliding_window", "stochastic"), depths=(1,), widths=(16,), lrs=(3e-3, 1e-2), seeds=(0, 1),
         budget=4, steps=3, batch_size=4, eval_examples=8, heads=1,
         description="smoke test"),
 }
@@ -84,28 +86,28 @@ PROFILES: dict[str, Profile] = {
 @dataclass(frozen=True)
 class Group:
     task: int
-    kind: str
+    method: str
     depth: int
     width: int
 
     def cells(self, profile: Profile, lr: float, seed: int) -> Cell:
         task = profile.tasks[self.task]
-        layer_kind, options = kind_options(self.kind, profile.budget, task.seq_len)
-        return Cell(task=task, kind=layer_kind, attention=options, layers=self.depth,
+        layer_method, options = method_options(self.method, profile.budget, task.seq_len)
+        return Cell(task=task, method=layer_method, attention=options, layers=self.depth,
                     width=self.width, heads=profile.heads, lr=lr, steps=profile.steps,
                     batch_size=profile.batch_size, seed=seed, eval_examples=profile.eval_examples)
 
 
 def groups(profile: Profile) -> list[Group]:
-    out = [Group(t, k, d, w) for t in range(len(profile.tasks)) for k in profile.kinds
+    out = [Group(t, m, d, w) for t in range(len(profile.tasks)) for m in profile.methods
            for d in profile.depths for w in profile.widths]
     names = [task.name for task in profile.tasks]
-    for name, kinds, depths, widths in profile.extra:
+    for name, methods, depths, widths in profile.extra:
         if name not in names:
             continue
         t = names.index(name)
-        out += [Group(t, k, d, w) for k in kinds if k in profile.kinds for d in depths
-                for w in widths if Group(t, k, d, w) not in out]
+        out += [Group(t, m, d, w) for m in methods if m in profile.methods for d in depths
+                for w in widths if Group(t, m, d, w) not in out]
     return out
 
 
@@ -145,9 +147,15 @@ def load_records(paths: list[Path]) -> list[dict]:
         for file in files:
             for line in file.read_text().splitlines():
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if "kind" in record:
+                    raise ValueError(
+                        f"{file} holds records of the former format (\"kind\" and the old method "
+                        "names, e.g. \"swa\"); this version writes \"method\" with the names of "
+                        "stochastic_attention.vocabulary: rerun those cells into a new folder")
+                records.append(record)
     return records
 
 
@@ -190,7 +198,7 @@ def run_shard(profile: Profile, out: Path, shard: tuple[int, int] = (0, 1), *,
         for seed in profile.seeds[1:]:
             _run(group.cells(profile, best, seed), done, path, group, profile)
             bar.update(1)
-        log(f"{profile.tasks[group.task].name} {group.kind} L={group.depth} d={group.width}: "
+        log(f"{profile.tasks[group.task].name} {group.method} L={group.depth} d={group.width}: "
             f"best lr {best:g} (val acc {val[best]:.3f})")
     bar.close()
     return path
@@ -203,7 +211,7 @@ def _reused_lr(profile: Profile, group: Group, done: dict) -> float | None:
     if swept is None or group.depth in swept:
         return None
     nearest = min(swept, key=lambda d: (abs(d - group.depth), d))
-    source = Group(group.task, group.kind, nearest, group.width)
+    source = Group(group.task, group.method, nearest, group.width)
     cells = [source.cells(profile, lr, profile.seeds[0]) for lr in profile.lrs]
     if not all(c.key() in done for c in cells):
         return None
@@ -215,9 +223,9 @@ def _run(cell: Cell, done: dict, path: Path, group: Group, profile: Profile) -> 
     if cell.key() in done:
         return done[cell.key()]
     record = train_cell(cell)
-    record.update(kind=group.kind, depth=group.depth, width=group.width,
+    record.update(method=group.method, depth=group.depth, width=group.width,
                   task=profile.tasks[group.task].name, profile=profile.name,
-                  keys_per_query=mean_keys(cell.kind, cell.attention, cell.task.seq_len))
+                  keys_per_query=mean_keys(cell.method, cell.attention, cell.task.seq_len))
     _append(path, record)
     done[cell.key()] = record
     return record

@@ -39,10 +39,10 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class Cell:
-    """One training run: task, attention kind and its options, model shape, optimisation."""
+    """One training run: task, attention method and its options, model shape, optimisation."""
 
     task: TaskSpec = field(default_factory=TaskSpec)
-    kind: str = "full"
+    method: str = "full"
     attention: tuple[tuple[str, object], ...] = ()  # SALlamaConfig attention options
     layers: int = 2
     width: int = 64
@@ -59,7 +59,7 @@ class Cell:
         t = self.task
         task = (f"{t.name}:n={t.seq_len}" + (f",pairs={t.pairs},vocab={t.vocab}" if t.name == "mqar"
                                              else f",margins={'/'.join(map(str, t.margins))}"))
-        return (f"{task}|{self.kind}[{opts}]|L={self.layers},d={self.width},h={self.heads}"
+        return (f"{task}|{self.method}[{opts}]|L={self.layers},d={self.width},h={self.heads}"
                 f"|lr={self.lr:g},steps={self.steps},bs={self.batch_size}|seed={self.seed}")
 
 
@@ -68,9 +68,10 @@ def build_model(cell: Cell):
 
     config = SALlamaConfig(
         vocab_size=cell.task.vocab_size, hidden_size=cell.width, intermediate_size=2 * cell.width,
-        num_hidden_layers=cell.layers, num_attention_heads=cell.heads, attention_kinds=cell.kind,
+        num_hidden_layers=cell.layers, num_attention_heads=cell.heads,
+        attention_methods=cell.method, attention_options=dict(cell.attention),
         max_position_embeddings=cell.task.seq_len, bos_token_id=None, eos_token_id=None,
-        pad_token_id=None, **dict(cell.attention))
+        pad_token_id=None)
     torch.manual_seed(cell.seed)
     return SALlamaForCausalLM(config)
 

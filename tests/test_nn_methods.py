@@ -1,5 +1,5 @@
-"""The "sa_local" and "bigbird" layer kinds, their SA-Llama config options, and the per-kind
-attention budget (mean attended keys) against dense masks."""
+"""The "stochastic_local" and "bigbird" methods, their SA-Llama config options, and the
+per-method attention budget (mean attended keys) against dense masks."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from stochastic_attention.ops.reference import masked_attention
 
 # The union and BigBird merge their parts in fp32 (attend_with_lse), even for fp64 inputs.
 TOL = dict(rtol=1e-5, atol=1e-5)
-NEW_KINDS = {"sa_local": {"local": 3}, "bigbird": {"random_keys": 4, "sinks": 1}}
+UNION_METHODS = {"stochastic_local": {"local": 3}, "bigbird": {"random_keys": 4, "sinks": 1}}
 
 
 def left_padding(batch: int, n: int) -> torch.Tensor:
@@ -38,13 +38,13 @@ def mixed(layer, x, mask):
 
 
 @pytest.mark.parametrize("layout,sinks", [("band", 0), ("block", 2)])
-def test_sa_local_layer_matches_dense_union(layout, sinks):
-    layer = make("sa_local", local=3, sinks=sinks, layout=layout, perm_per_head=True)
+def test_stochastic_local_layer_matches_dense_union(layout, sinks):
+    layer = make("stochastic_local", local=3, sinks=sinks, layout=layout, perm_per_head=True)
     x = torch.randn(2, 21, HIDDEN, dtype=torch.double, requires_grad=True)
     padding = left_padding(2, 21)
     perm = layer.draw_permutation(2, 21)
     out = layer(x, perm=perm, attention_mask=padding)
-    mask = dense_mask(21, layer.sa_window, perm=perm, layout=layout, sinks=sinks,
+    mask = dense_mask(21, layer.options.window, perm=perm, layout=layout, sinks=sinks,
                       key_mask=padding, local=3)
     ref = mixed(layer, x, mask)
     torch.testing.assert_close(out, ref, **TOL)
@@ -75,9 +75,9 @@ def test_bigbird_layer_matches_dense_reference(per_head):
         torch.testing.assert_close(a, b, **TOL)
 
 
-@pytest.mark.parametrize("kind", NEW_KINDS)
-def test_training_redraws_and_eval_is_seeded(kind):
-    layer = make(kind, window=4, **NEW_KINDS[kind])
+@pytest.mark.parametrize("method", UNION_METHODS)
+def test_training_redraws_and_eval_is_seeded(method):
+    layer = make(method, window=4, **UNION_METHODS[method])
     x = torch.randn(2, 40, HIDDEN, dtype=torch.double, requires_grad=True)
     layer.train()
     first, second = layer(x), layer(x)
@@ -90,16 +90,16 @@ def test_training_redraws_and_eval_is_seeded(kind):
     torch.testing.assert_close(layer(x), first, rtol=0, atol=0)
     layer.eval()
     torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)
-    other = make(kind, window=4, layer_idx=1, **NEW_KINDS[kind]).eval()
+    other = make(method, window=4, layer_idx=1, **UNION_METHODS[method]).eval()
     assert not torch.equal(other(x), layer(x))  # layers draw independently
-    reseeded = make(kind, window=4, perm_seed=1, **NEW_KINDS[kind]).eval()
+    reseeded = make(method, window=4, perm_seed=1, **UNION_METHODS[method]).eval()
     assert not torch.equal(reseeded(x), layer(x))
 
 
-@pytest.mark.parametrize("kind", NEW_KINDS)
-def test_kv_cache_decoding_is_full_attention_over_the_cache(kind):
+@pytest.mark.parametrize("method", UNION_METHODS)
+def test_kv_cache_decoding_is_full_attention_over_the_cache(method):
     n = 15
-    layer = make(kind, window=3, **NEW_KINDS[kind]).eval()
+    layer = make(method, window=3, **UNION_METHODS[method]).eval()
     full = make("full").eval()  # same seed, same shapes: same weights
     x = torch.randn(2, n, HIDDEN, dtype=torch.double)
     cache, ref_cache = KVCache(), KVCache()
@@ -110,31 +110,36 @@ def test_kv_cache_decoding_is_full_attention_over_the_cache(kind):
                                    full(x[:, i:i + 1], cache=ref_cache))
 
 
-def test_kind_options_are_refused_where_they_are_ignored():
+def test_method_options_are_refused_where_they_are_ignored():
     with pytest.raises(ValueError, match="local"):
-        MultiHeadAttention(HIDDEN, HEADS, kind="sa", local=4)
-    with pytest.raises(ValueError, match="local >= 1"):
-        MultiHeadAttention(HIDDEN, HEADS, kind="sa_local")
+        MultiHeadAttention(HIDDEN, HEADS, method="stochastic", options={"local": 4})
+    with pytest.raises(TypeError, match="local"):
+        MultiHeadAttention(HIDDEN, HEADS, method="stochastic_local")  # local has no default
+    with pytest.raises(ValueError, match="local must be >= 1"):
+        MultiHeadAttention(HIDDEN, HEADS, method="stochastic_local", options={"local": 0})
     with pytest.raises(ValueError, match="random_keys"):
-        MultiHeadAttention(HIDDEN, HEADS, kind="swa", random_keys=2)
+        MultiHeadAttention(HIDDEN, HEADS, method="sliding_window", options={"random_keys": 2})
     with pytest.raises(ValueError, match="random_keys"):
-        MultiHeadAttention(HIDDEN, HEADS, kind="bigbird", random_keys=-1)
+        MultiHeadAttention(HIDDEN, HEADS, method="bigbird", options={"random_keys": -1})
     with pytest.raises(ValueError, match="local"):
-        SALlamaConfig(num_hidden_layers=2, attention_kinds=["sa", "full"], local=4)
+        SALlamaConfig(num_hidden_layers=2, attention_methods=["stochastic", "full"],
+                      attention_options={"local": 4})
     with pytest.raises(ValueError, match="random_keys"):
-        SALlamaConfig(num_hidden_layers=1, attention_kinds="sa_local", local=2, random_keys=3)
+        SALlamaConfig(num_hidden_layers=1, attention_methods="stochastic_local",
+                      attention_options={"local": 2, "random_keys": 3})
 
 
-def tiny(kinds, **kw) -> SALlamaForCausalLM:
+def tiny(methods, **options) -> SALlamaForCausalLM:
     torch.manual_seed(0)
-    config = SALlamaConfig(hidden_size=32, num_hidden_layers=len(kinds), num_attention_heads=4,
-                           num_key_value_heads=2, attention_kinds=kinds, window=5, **kw)
+    config = SALlamaConfig(hidden_size=32, num_hidden_layers=len(methods), num_attention_heads=4,
+                           num_key_value_heads=2, attention_methods=methods,
+                           attention_options=dict(window=5, **options))
     return SALlamaForCausalLM(config)
 
 
-@pytest.mark.parametrize("kind", NEW_KINDS)
-def test_sa_llama_trains_with_each_new_kind(kind):
-    model = tiny([kind, kind], **NEW_KINDS[kind]).train()
+@pytest.mark.parametrize("method", UNION_METHODS)
+def test_sa_llama_trains_with_each_union_method(method):
+    model = tiny([method, method], **UNION_METHODS[method]).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = torch.randint(0, 257, (2, 48), generator=torch.Generator().manual_seed(0))
     before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
@@ -150,15 +155,18 @@ def test_sa_llama_trains_with_each_new_kind(kind):
     assert losses[-1] < losses[0]
 
 
-def test_config_roundtrip_keeps_kinds_and_options(tmp_path):
-    kinds = ["sa_local", "bigbird", "full"]
-    model = tiny(kinds, local=3, random_keys=6, sinks=1, perm_per_head=True).eval()
+def test_config_roundtrip_keeps_methods_and_options(tmp_path):
+    methods = ["stochastic_local", "bigbird", "full"]
+    model = tiny(methods, local=3, random_keys=6, sinks=1, perm_per_head=True).eval()
     layers = [layer.self_attn for layer in model.model.layers]
-    assert [(a.local, a.random_keys) for a in layers] == [(3, 0), (0, 6), (0, 0)]
+    assert [(getattr(a.options, "local", 0), getattr(a.options, "random_keys", 0))
+            for a in layers] == [(3, 0), (0, 6), (0, 0)]
+    assert layers[0].options.perm_per_head and layers[1].options.sinks == 1
     model.save_pretrained(tmp_path)
     config = AutoConfig.from_pretrained(tmp_path)
-    assert config.attention_kinds == kinds
-    assert (config.local, config.random_keys, config.sinks) == (3, 6, 1)
+    assert config.attention_methods == methods
+    assert config.attention_options == dict(window=5, local=3, random_keys=6, sinks=1,
+                                            perm_per_head=True)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 257, (2, 40))
     torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
@@ -167,8 +175,9 @@ def test_config_roundtrip_keeps_kinds_and_options(tmp_path):
 # ---- the attention budget -------------------------------------------------------------------
 
 N = 37
-OPTIONS = dict(window=6, sa_window=7, swa_window=4, sinks=2, local=3, random_keys=5,
-               moba_block_size=8, moba_topk=3, fna_window=5)
+# One mapping for every method: each takes the options it has (as SALlamaConfig does).
+OPTIONS = dict(window=6, local_window=4, sinks=2, local=3, random_keys=5, block_size=8,
+               top_k=3)
 
 
 def seeded_mean(mask_of_seed) -> float:
@@ -176,59 +185,63 @@ def seeded_mean(mask_of_seed) -> float:
                for s in range(BUDGET_SEEDS)) / BUDGET_SEEDS
 
 
-def dense_budget(kind: str, o: dict, layout: str = "band") -> float:
-    """The mean row sum of each kind's dense mask, built independently of the counters."""
+def dense_budget(method: str, o: dict, layout: str = "band") -> float:
+    """The mean row sum of each method's dense mask, built independently of the counters."""
     def perm(g):
         return sa.random_permutation(1, 1, N, generator=g)
 
-    if kind == "full":
+    if method == "full":
         return float(torch.ones(N, N).tril().sum(-1).mean())
-    if kind == "swa":
-        return float(dense_mask(N, o["swa_window"], sinks=o["sinks"]).sum(-1).float().mean())
-    if kind == "sa":
-        return seeded_mean(lambda g: dense_mask(N, o["sa_window"], perm=perm(g), layout=layout,
+    if method == "sliding_window":
+        return float(dense_mask(N, o["window"], sinks=o["sinks"]).sum(-1).float().mean())
+    if method == "stochastic":
+        return seeded_mean(lambda g: dense_mask(N, o["window"], perm=perm(g), layout=layout,
                                                 sinks=o["sinks"]))
-    if kind == "sa_local":
-        return seeded_mean(lambda g: dense_mask(N, o["sa_window"], perm=perm(g), layout=layout,
+    if method == "stochastic_local":
+        return seeded_mean(lambda g: dense_mask(N, o["window"], perm=perm(g), layout=layout,
                                                 sinks=o["sinks"], local=o["local"]))
-    if kind == "gated":
-        return seeded_mean(lambda g: dense_mask(N, o["sa_window"], perm=perm(g), layout=layout,
+    if method == "gated":
+        return seeded_mean(lambda g: dense_mask(N, o["window"], perm=perm(g), layout=layout,
                                                 sinks=o["sinks"])
-                           | dense_mask(N, o["swa_window"], sinks=o["sinks"]))
-    if kind == "bigbird":
+                           | dense_mask(N, o["local_window"], sinks=o["sinks"]))
+    if method == "bigbird":
         return seeded_mean(lambda g: bigbird_mask(
-            N, o["swa_window"], bigbird_indices(1, 1, N, o["swa_window"], o["random_keys"],
-                                                sinks=o["sinks"], generator=g), sinks=o["sinks"]))
-    if kind == "fna":
-        return float(dense_mask(N, o["fna_window"]).sum(-1).float().mean())
-    raise AssertionError(kind)
+            N, o["window"], bigbird_indices(1, 1, N, o["window"], o["random_keys"],
+                                            sinks=o["sinks"], generator=g), sinks=o["sinks"]))
+    if method == "fractional":
+        return float(dense_mask(N, o["window"]).sum(-1).float().mean())
+    raise AssertionError(method)
 
 
-@pytest.mark.parametrize("kind", ["full", "swa", "sa", "sa_local", "gated", "bigbird", "fna"])
-def test_mean_attended_keys_equals_dense_mask_row_sums(kind):
-    assert mean_attended_keys(OPTIONS, kind, N) == pytest.approx(dense_budget(kind, OPTIONS))
+@pytest.mark.parametrize("method", ["full", "sliding_window", "stochastic", "stochastic_local",
+                                    "gated", "bigbird", "fractional"])
+def test_mean_attended_keys_equals_dense_mask_row_sums(method):
+    assert mean_attended_keys(OPTIONS, method, N) == pytest.approx(dense_budget(method, OPTIONS))
 
 
 def test_mean_attended_keys_block_layout_and_sources_agree():
     block = dict(OPTIONS, layout="block")
-    for kind in ("sa", "sa_local"):
-        assert mean_attended_keys(block, kind, N) == pytest.approx(
-            dense_budget(kind, block, layout="block"))
-    config = SALlamaConfig(num_hidden_layers=2, attention_kinds=["sa_local", "bigbird"],
-                           **OPTIONS)
-    layer = MultiHeadAttention(HIDDEN, HEADS, num_kv_heads=KV_HEADS, kind="bigbird",
-                               **{k: v for k, v in OPTIONS.items() if k != "local"})
-    for kind in ("sa_local", "bigbird", "gated", "moba"):
-        assert mean_attended_keys(config, kind, N) == mean_attended_keys(OPTIONS, kind, N)
-    for kind in ("bigbird", "swa", "moba"):
-        assert mean_attended_keys(layer, kind, N) == mean_attended_keys(OPTIONS, kind, N)
+    for method in ("stochastic", "stochastic_local"):
+        assert mean_attended_keys(block, method, N) == pytest.approx(
+            dense_budget(method, block, layout="block"))
+    config = SALlamaConfig(num_hidden_layers=2, attention_methods=["stochastic_local", "bigbird"],
+                           attention_options={k: v for k, v in OPTIONS.items()
+                                              if k in ("window", "sinks", "local", "random_keys")})
+    layer = MultiHeadAttention(HIDDEN, HEADS, num_kv_heads=KV_HEADS, method="bigbird",
+                               options={k: OPTIONS[k] for k in ("window", "random_keys", "sinks")})
+    for method in ("stochastic_local", "bigbird", "sliding_window", "stochastic"):
+        assert mean_attended_keys(config, method, N) == mean_attended_keys(OPTIONS, method, N)
+    for method in ("bigbird", "sliding_window"):
+        assert mean_attended_keys(layer, method, N) == mean_attended_keys(OPTIONS, method, N)
+        assert mean_attended_keys(layer.options, method, N) == mean_attended_keys(OPTIONS,
+                                                                                  method, N)
 
 
 @pytest.mark.parametrize("sinks", [0, 2])
 def test_mean_attended_keys_moba_against_its_dense_mask(sinks):
     # MoBA's choice depends on the data, its count does not (earlier blocks are full); sinks
     # inside a chosen earlier block make the budget an upper bound.
-    o = dict(OPTIONS, sinks=sinks, moba_block_size=4, moba_topk=3)
+    o = dict(OPTIONS, sinks=sinks, block_size=4, top_k=3)
     q, k = torch.randn(1, 2, N, 6), torch.randn(1, 2, N, 6)
     chosen = chosen_blocks(q, k, 4, 3, None)  # [1, 2, N, blocks]
     pos = torch.arange(N)
@@ -245,9 +258,13 @@ def test_mean_attended_keys_moba_against_its_dense_mask(sinks):
 
 
 def test_mean_attended_keys_bad_arguments():
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ValueError, match="'dense' was renamed: use 'full'"):
         mean_attended_keys(OPTIONS, "dense", 10)
+    with pytest.raises(ValueError, match="method"):
+        mean_attended_keys(OPTIONS, "linear", 10)
     with pytest.raises(ValueError, match="seq_len"):
-        mean_attended_keys(OPTIONS, "sa", 0)
+        mean_attended_keys(OPTIONS, "stochastic", 0)
     with pytest.raises(TypeError, match="SALlamaConfig"):
-        mean_attended_keys([1, 2], "sa", 10)
+        mean_attended_keys([1, 2], "stochastic", 10)
+    with pytest.raises(ValueError, match="'moba_topk' was renamed: use 'top_k'"):
+        mean_attended_keys({"moba_topk": 2}, "moba", 10)
