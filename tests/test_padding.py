@@ -336,3 +336,267 @@ def test_bigbird_output_does_not_depend_on_padding(random_keys, sinks, left):
     out = run(q, k, v, kpm)
     for i, span in enumerate(spans):
         torch.testing.assert_close(out[i, :, span], alone[i][0], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# Rows the window covers. A row whose real length is <= window is full attention over its real
+# tokens: alone (where window >= seq_len) and padded to any longer length alike.
+# ------------------------------------------------------------------------------------------
+
+W = 5  # the window (MoBA: the block size)
+PAD_N = 9  # the padded length: longer than the window
+SHORT = (1, 4, 5, 6, 0)  # real lengths: covered by the window (1, 4, 5), just above, padding only
+SIDES = [("left", "right", "left", "right", "left"), ("right", "left", "right", "left", "right")]
+
+
+def short_sequences(heads=4, kv_heads=2, dim=8, dtype=torch.double, seed=21):
+    """Leaf tensors (q, k, v) [1, H, r, D] for every length of SHORT."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, h, r, dim, generator=g, dtype=dtype).requires_grad_()
+             for h in (heads, kv_heads, kv_heads)] for r in SHORT]
+
+
+def padded_batch(seqs, sides, n=PAD_N):
+    """The sequences padded (``sides``) to n, differentiably, with junk in the padding:
+    (q, k, v, key_mask, spans)."""
+    spans = [slice(n - s[0].shape[2], n) if side == "left" else slice(0, s[0].shape[2])
+             for s, side in zip(seqs, sides, strict=True)]
+    mask = torch.zeros(len(seqs), n, dtype=torch.bool)
+    for b, span in enumerate(spans):
+        mask[b, span] = True
+    junk = torch.Generator().manual_seed(5)
+    tensors = []
+    for i in range(3):
+        rows = [torch.nn.functional.pad(s[i], (0, 0, span.start, n - span.stop))
+                for s, span in zip(seqs, spans, strict=True)]
+        filler = torch.randn(len(seqs), *rows[0].shape[1:], generator=junk, dtype=rows[0].dtype)
+        tensors.append(torch.where(mask[:, None, :, None], torch.cat(rows), 3 * filler))
+    return (*tensors, mask, spans)
+
+
+def assert_alone_equals_padded(fn, sides, *, grads=True, dtype=torch.double, tol=1e-10):
+    """``fn(q, k, v, key_mask)`` on each sequence alone (no mask) and in a padded batch: the
+    same outputs on the real tokens and the same gradients; a row of padding only gives zeros."""
+    seqs = short_sequences(dtype=dtype)
+    g = torch.Generator().manual_seed(9)
+    weights = [torch.randn(s[0].shape, generator=g, dtype=dtype) for s in seqs]
+    leaves = [x for s in seqs if s[0].shape[2] for x in s]
+    with torch.set_grad_enabled(grads):
+        q, k, v, mask, spans = padded_batch(seqs, sides)
+        out = fn(q, k, v, mask)
+        alone = [fn(*s, None) if s[0].shape[2] else None for s in seqs]
+    assert torch.isfinite(out).all()
+    for b, (want, span) in enumerate(zip(alone, spans, strict=True)):
+        if want is None:  # a row of padding only: no query sees a key
+            assert torch.equal(out[b], torch.zeros_like(out[b]))
+            continue
+        torch.testing.assert_close(out[b:b + 1, :, span], want, atol=tol, rtol=tol,
+                                   msg=lambda m, r=want.shape[2]: f"length {r}: {m}")
+    if not grads:
+        return
+    loss_padded = sum((out[b:b + 1, :, span] * w).sum()
+                      for b, (span, w) in enumerate(zip(spans, weights, strict=True)))
+    loss_alone = sum((a * w).sum() for a, w in zip(alone, weights, strict=True) if a is not None)
+    got = torch.autograd.grad(loss_padded, leaves)
+    want = torch.autograd.grad(loss_alone, leaves)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m, i=i: f"grad {i}: {m}")
+
+
+def short_op_cases():
+    cases = [("sliding_window", dict(causal=c, sinks=s)) for c in (True, False) for s in (0, 2)]
+    for layout in ("band", "block"):
+        for causal in (True, False):
+            for sinks in (0, 2):
+                cases.append(("stochastic", dict(layout=layout, causal=causal, sinks=sinks)))
+            cases.append(("stochastic", dict(layout=layout, causal=causal, sinks=1,
+                                             per_head=True)))
+        cases.append(("stochastic", dict(layout=layout, local=2, sinks=1)))
+        cases.append(("stochastic", dict(layout=layout, local=2, per_head=True)))
+    cases.append(("stochastic", dict(window=3, local=W, sinks=1)))  # the local window covers
+    return cases
+
+
+def short_op(method, kw, backend):
+    kw = dict(kw)
+    window = kw.pop("window", W)
+    per_head = kw.pop("per_head", False)
+
+    def fn(q, k, v, key_mask):
+        if method == "sliding_window":
+            return sa.sliding_window_attention(q, k, v, window, key_mask=key_mask,
+                                               backend=backend, **kw)
+        g = torch.Generator().manual_seed(3)
+        perm = None
+        if per_head:  # one routing per head, drawn over each row's real tokens
+            perm = routing_permutation(q.shape[0], q.shape[1], q.shape[2], key_mask=key_mask,
+                                       generator=g)
+        return sa.stochastic_attention(q, k, v, window, perm=perm, generator=g,
+                                       key_mask=key_mask, backend=backend, **kw)
+    return fn
+
+
+@pytest.mark.parametrize("sides", SIDES)
+@pytest.mark.parametrize("backend", ["reference", "blocked"])
+@pytest.mark.parametrize("method,kw", short_op_cases())
+def test_a_row_the_window_covers_is_full_attention_alone_or_padded(method, kw, backend, sides):
+    assert_alone_equals_padded(short_op(method, kw, backend), sides)
+
+
+@pytest.mark.parametrize("sides", SIDES)
+@pytest.mark.parametrize("method,kw", [
+    ("sliding_window", dict(causal=False, sinks=0)),
+    ("stochastic", dict(layout="band", causal=True, sinks=2)),
+    ("stochastic", dict(layout="band", causal=False, sinks=0, per_head=True)),
+    ("stochastic", dict(layout="block", causal=True, sinks=1)),
+])
+def test_a_row_the_window_covers_on_the_flex_backend(method, kw, sides):
+    from stochastic_attention.ops import flex
+
+    if not flex.available():
+        pytest.skip("this PyTorch has no FlexAttention")
+    # PyTorch has no FlexAttention backward on CPU: inference, float32
+    assert_alone_equals_padded(short_op(method, kw, "flex"), sides, grads=False,
+                               dtype=torch.float32, tol=1e-5)
+
+
+@pytest.mark.parametrize("sides", SIDES)
+@pytest.mark.parametrize("fn", [moba.moba_attention, moba.moba_masked, moba.moba_reference])
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_moba_row_one_block_covers_alone_or_padded(fn, sinks, sides):
+    assert_alone_equals_padded(
+        lambda q, k, v, key_mask: fn(q, k, v, W, 2, sinks=sinks, key_mask=key_mask), sides)
+
+
+@pytest.mark.parametrize("sides", SIDES)
+@pytest.mark.parametrize("reference", [False, True])
+@pytest.mark.parametrize("random_keys,sinks", [(2, 0), (3, 1)])
+def test_bigbird_row_the_window_covers_alone_or_padded(random_keys, sinks, reference, sides):
+    from stochastic_attention.ops import bigbird
+
+    op = bigbird.bigbird_reference if reference else bigbird.bigbird_attention
+
+    def fn(q, k, v, key_mask):
+        return op(q, k, v, W, random_keys, sinks=sinks, key_mask=key_mask,
+                  generator=torch.Generator().manual_seed(4))
+    assert_alone_equals_padded(fn, sides)
+
+
+@pytest.mark.parametrize("sides", SIDES)
+@pytest.mark.parametrize("backend", ["reference", "blocked"])
+@pytest.mark.parametrize("routing", [None, "shared", "per_head"])
+@pytest.mark.parametrize("layout,causal", [("band", True), ("band", False), ("block", True),
+                                           ("block", False)])
+def test_fractional_row_the_window_covers_alone_or_padded(layout, causal, routing, backend,
+                                                          sides):
+    if routing is None and layout == "block":
+        pytest.skip("without a routing the layout is unused (sliding-window FNA)")
+
+    def fn(q, k, v, key_mask):
+        perm = None
+        if routing is not None:
+            heads = q.shape[1] if routing == "per_head" else 1
+            perm = routing_permutation(q.shape[0], heads, q.shape[2], key_mask=key_mask,
+                                       generator=torch.Generator().manual_seed(6))
+        return fractional.fractional_attention(q, k, v, 1.2, window=W, perm=perm, layout=layout,
+                                               causal=causal, key_mask=key_mask,
+                                               backend=backend)
+    assert_alone_equals_padded(fn, sides)
+
+
+SHORT_LAYER_CASES = [
+    ("swa", dict(sinks=2)),
+    ("sa", dict()),
+    ("sa", dict(layout="block", sinks=2)),
+    ("sa", dict(perm_per_head=True, sinks=1)),
+    ("gated", dict(sinks=1)),
+    ("sa_local", dict(local=2, sinks=1)),
+    ("bigbird", dict(random_keys=3, sinks=1)),
+    ("moba", dict(moba_block_size=W, moba_topk=2, sinks=1)),
+    ("fna", dict(fna_window=W, fna_stochastic=True, fna_alpha=1.2)),
+    ("fna", dict(fna_window=W, fna_alpha=1.2)),
+]
+
+
+@pytest.mark.parametrize("sides", SIDES)
+@pytest.mark.parametrize("kind,kw", SHORT_LAYER_CASES)
+def test_layer_row_the_window_covers_alone_or_padded(kind, kw, sides):
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(24, 4, num_kv_heads=2, kind=kind, window=W, **kw).double().eval()
+    g = torch.Generator().manual_seed(8)
+    xs = [torch.randn(1, r, 24, generator=g, dtype=torch.double).requires_grad_()
+          for r in SHORT]
+    x = torch.randn(len(SHORT), PAD_N, 24, generator=g, dtype=torch.double)  # junk padding
+    mask = torch.zeros(len(SHORT), PAD_N, dtype=torch.bool)
+    spans = []
+    for b, (xb, side) in enumerate(zip(xs, sides, strict=True)):
+        r = xb.shape[1]
+        spans.append(slice(PAD_N - r, PAD_N) if side == "left" else slice(0, r))
+        mask[b, spans[-1]] = True
+    x = torch.where(mask[..., None], torch.cat([
+        torch.nn.functional.pad(xb, (0, 0, s.start, PAD_N - s.stop)) for xb, s in zip(xs, spans)]),
+        x)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # RoPE at each sequence's positions
+    out = layer(x, attention_mask=mask, position_ids=positions)
+    assert torch.isfinite(out).all()
+    weights = [torch.randn(xb.shape, generator=g, dtype=torch.double) for xb in xs]
+    loss_padded, loss_alone, leaves = 0.0, 0.0, []
+    for b, (xb, span, w) in enumerate(zip(xs, spans, weights, strict=True)):
+        if xb.shape[1] == 0:
+            continue
+        want = layer(xb)
+        torch.testing.assert_close(out[b:b + 1, span], want, atol=1e-10, rtol=1e-10)
+        loss_padded = loss_padded + (out[b:b + 1, span] * w).sum()
+        loss_alone = loss_alone + (want * w).sum()
+        leaves.append(xb)
+    for got, want in zip(torch.autograd.grad(loss_padded, leaves),
+                         torch.autograd.grad(loss_alone, leaves), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+SHORT_MODEL_CASES = [
+    ("swa", dict()),
+    ("sa", dict()),
+    ("sa", dict(layout="block", sinks=1)),
+    ("sa_local", dict(local=2)),
+    ("gated", dict(sinks=1)),
+    ("bigbird", dict(random_keys=2)),
+    ("moba", dict(moba_block_size=W, moba_topk=2)),
+    ("fna", dict(fna_window=W, fna_stochastic=True)),
+]
+
+
+@pytest.mark.parametrize("sides", SIDES)
+@pytest.mark.parametrize("kind,kw", SHORT_MODEL_CASES)
+def test_sa_llama_row_the_window_covers_alone_or_padded(kind, kw, sides):
+    from stochastic_attention.models import SALlamaConfig, SALlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = SALlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, attention_kinds=kind,
+                           window=W, eos_token_id=0, **kw)
+    model = SALlamaForCausalLM(config).double().eval()
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(1, 40, (1, r), generator=g) for r in SHORT]
+    ids = torch.randint(1, 40, (len(SHORT), PAD_N), generator=g)  # junk under the padding
+    mask = torch.zeros(len(SHORT), PAD_N, dtype=torch.long)
+    spans = []
+    for b, (s, side) in enumerate(zip(seqs, sides, strict=True)):
+        r = s.shape[1]
+        spans.append(slice(PAD_N - r, PAD_N) if side == "left" else slice(0, r))
+        ids[b, spans[-1]], mask[b, spans[-1]] = s[0], 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.isfinite(logits).all()
+    weights = torch.randn(logits.shape, generator=g, dtype=torch.double)
+    loss_padded, loss_alone = 0.0, 0.0
+    for b, (s, span) in enumerate(zip(seqs, spans, strict=True)):
+        if s.shape[1] == 0:
+            continue
+        want = model(input_ids=s).logits
+        torch.testing.assert_close(logits[b:b + 1, span], want, atol=1e-10, rtol=1e-10)
+        loss_padded = loss_padded + (logits[b, span] * weights[b, span]).sum()
+        loss_alone = loss_alone + (want[0] * weights[b, span]).sum()
+    for got, want in zip(torch.autograd.grad(loss_padded, params),
+                         torch.autograd.grad(loss_alone, params), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
