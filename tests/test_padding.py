@@ -12,6 +12,7 @@ from stochastic_attention.nn import KVCache, MultiHeadAttention
 from stochastic_attention.ops import fractional, moba
 from stochastic_attention.ops.patterns import dense_mask
 from stochastic_attention.ops.permute import routing_permutation
+from stochastic_attention.ops.reference import masked_attention
 
 N = 15  # padded length
 LENGTHS = (11, 6)  # real tokens of the two sequences
@@ -349,10 +350,10 @@ SHORT = (1, 4, 5, 6, 0)  # real lengths: covered by the window (1, 4, 5), just a
 SIDES = [("left", "right", "left", "right", "left"), ("right", "left", "right", "left", "right")]
 
 
-def short_sequences(heads=4, kv_heads=2, dim=8, dtype=torch.double, seed=21):
+def short_sequences(heads=4, kv_heads=2, dim=8, dtype=torch.double, seed=21, grad=True):
     """Leaf tensors (q, k, v) [1, H, r, D] for every length of SHORT."""
     g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, h, r, dim, generator=g, dtype=dtype).requires_grad_()
+    return [[torch.randn(1, h, r, dim, generator=g, dtype=dtype).requires_grad_(grad)
              for h in (heads, kv_heads, kv_heads)] for r in SHORT]
 
 
@@ -377,14 +378,13 @@ def padded_batch(seqs, sides, n=PAD_N):
 def assert_alone_equals_padded(fn, sides, *, grads=True, dtype=torch.double, tol=1e-10):
     """``fn(q, k, v, key_mask)`` on each sequence alone (no mask) and in a padded batch: the
     same outputs on the real tokens and the same gradients; a row of padding only gives zeros."""
-    seqs = short_sequences(dtype=dtype)
+    seqs = short_sequences(dtype=dtype, grad=grads)
     g = torch.Generator().manual_seed(9)
     weights = [torch.randn(s[0].shape, generator=g, dtype=dtype) for s in seqs]
     leaves = [x for s in seqs if s[0].shape[2] for x in s]
-    with torch.set_grad_enabled(grads):
-        q, k, v, mask, spans = padded_batch(seqs, sides)
-        out = fn(q, k, v, mask)
-        alone = [fn(*s, None) if s[0].shape[2] else None for s in seqs]
+    q, k, v, mask, spans = padded_batch(seqs, sides)
+    out = fn(q, k, v, mask)
+    alone = [fn(*s, None) if s[0].shape[2] else None for s in seqs]
     assert torch.isfinite(out).all()
     for b, (want, span) in enumerate(zip(alone, spans, strict=True)):
         if want is None:  # a row of padding only: no query sees a key
@@ -482,16 +482,17 @@ def test_bigbird_row_the_window_covers_alone_or_padded(random_keys, sinks, refer
     assert_alone_equals_padded(fn, sides)
 
 
+FRACTIONAL_SHORT = [(layout, causal, routing) for causal in (True, False)
+                    for layout, routing in (("band", None), ("band", "shared"),
+                                            ("band", "per_head"), ("block", "shared"),
+                                            ("block", "per_head"))]
+
+
 @pytest.mark.parametrize("sides", SIDES)
 @pytest.mark.parametrize("backend", ["reference", "blocked"])
-@pytest.mark.parametrize("routing", [None, "shared", "per_head"])
-@pytest.mark.parametrize("layout,causal", [("band", True), ("band", False), ("block", True),
-                                           ("block", False)])
+@pytest.mark.parametrize("layout,causal,routing", FRACTIONAL_SHORT)
 def test_fractional_row_the_window_covers_alone_or_padded(layout, causal, routing, backend,
                                                           sides):
-    if routing is None and layout == "block":
-        pytest.skip("without a routing the layout is unused (sliding-window FNA)")
-
     def fn(q, k, v, key_mask):
         perm = None
         if routing is not None:
@@ -502,6 +503,120 @@ def test_fractional_row_the_window_covers_alone_or_padded(layout, causal, routin
                                                causal=causal, key_mask=key_mask,
                                                backend=backend)
     assert_alone_equals_padded(fn, sides)
+
+
+def holey_batch():
+    """[5, n = 12] key mask: rows the window (W) covers with holes, left-padded, of padding only,
+    exactly W real tokens with holes, and a longer row with holes."""
+    rows = [[1, 4, 9], [8, 9, 10, 11], [], [0, 2, 5, 7, 11], [0, 1, 3, 4, 6, 7, 9, 11]]
+    mask = torch.zeros(len(rows), 12, dtype=torch.bool)
+    for b, real in enumerate(rows):
+        mask[b, real] = True
+    return mask
+
+
+def covered_oracle(q, k, v, key_mask, causal, scale):
+    """Every query against every real key of its row (causal: not after it), one softmax."""
+    n = q.shape[2]
+    mask = key_mask[:, None, None, :]
+    if causal:
+        mask = mask & torch.ones(n, n, dtype=torch.bool).tril()
+    groups = q.shape[1] // k.shape[1]
+    return masked_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
+                            mask, scale)
+
+
+HOLEY_CASES = [
+    dict(perm=None, causal=True, sinks=0), dict(perm=None, causal=False, sinks=2),
+    dict(perm="shared", layout="band", causal=True, sinks=1),
+    dict(perm="per_head", layout="band", causal=False, sinks=0),
+    dict(perm="shared", layout="block", causal=False, sinks=2),
+    dict(perm="per_head", layout="block", causal=True, sinks=0),
+    dict(perm="shared", layout="band", causal=True, sinks=1, local=2),
+    dict(perm="per_head", layout="block", causal=True, sinks=0, local=3),
+]
+
+
+@pytest.mark.parametrize("case", HOLEY_CASES)
+def test_the_rule_holds_in_every_backend_for_covered_rows_with_holes(case):
+    """The reference encodes the rule (covered rows equal an independent dense oracle), the
+    blocked backend equals the reference with gradients, flex in inference, and the budget
+    counts exactly the reference's keys."""
+    key_mask = holey_batch()
+    B, n = key_mask.shape
+    q, k, v = make_qkv(n, batch=B, heads=4, kv_heads=2, dim=8, dtype=torch.double, seed=3)
+    kw = {"layout": "band", "local": 0, **case}
+    kind = kw.pop("perm")
+    heads = 4 if kind == "per_head" else 1
+    perm = (None if kind is None else
+            routing_permutation(B, heads, n, key_mask=key_mask,
+                                generator=torch.Generator().manual_seed(2)))
+    args = dict(perm=perm, key_mask=key_mask, scale=0.4, **kw)
+    from stochastic_attention.ops import blocked, flex, reference
+
+    def grads(fn):
+        out = fn(q, k, v, W, **args)
+        return out, torch.autograd.grad((out * torch.cos(out)).sum(), (q, k, v))
+
+    ref, ref_grads = grads(reference.attention)
+    covered = key_mask.sum(-1) <= W
+    oracle = covered_oracle(q, k, v, key_mask, kw["causal"], 0.4)
+    torch.testing.assert_close(ref[covered], oracle[covered], atol=1e-12, rtol=1e-12)
+    out, out_grads = grads(blocked.attention)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    for a, b in zip(out_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    if flex.available() and not kw["local"]:
+        with torch.no_grad():
+            got = flex.attention(*(x.detach().float() for x in (q, k, v)), W, **args)
+        torch.testing.assert_close(got, ref.detach().float(), atol=1e-5, rtol=1e-5)
+    mask = dense_mask(n, W, perm=perm, layout=kw["layout"], causal=kw["causal"],
+                      sinks=kw["sinks"], key_mask=key_mask, local=kw["local"])
+    method = "sliding_window" if perm is None else "stochastic"
+    counts = sa.attended_keys(n, W, method=method, perm=perm, layout=kw["layout"],
+                              causal=kw["causal"], sinks=kw["sinks"], key_mask=key_mask,
+                              local=kw["local"])
+    assert torch.equal(counts, mask.expand(B, counts.shape[1], n, n).sum(-1))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("routing", [None, "per_head"])
+def test_fractional_and_bigbird_follow_the_rule_for_covered_rows_with_holes(causal, routing):
+    from stochastic_attention.ops import bigbird
+
+    key_mask = holey_batch()
+    B, n = key_mask.shape
+    q, k, v = make_qkv(n, batch=B, heads=4, kv_heads=2, dim=8, dtype=torch.double, seed=4)
+    perm = (None if routing is None else
+            routing_permutation(B, 4, n, key_mask=key_mask,
+                                generator=torch.Generator().manual_seed(1)))
+    covered = key_mask.sum(-1) <= W
+    weights = fractional.fractional_weights(q, k, 1.2, causal=causal, key_mask=key_mask,
+                                            window=W, perm=perm)
+    full = fractional.fractional_weights(q, k, 1.2, causal=causal, key_mask=key_mask)
+    torch.testing.assert_close(weights[covered], full[covered], atol=1e-12, rtol=1e-12)
+
+    def fna(backend):
+        out = fractional.fractional_attention(q, k, v, 1.2, causal=causal, key_mask=key_mask,
+                                              window=W, perm=perm, backend=backend)
+        return out, torch.autograd.grad((out * torch.cos(out)).sum(), (q, k, v))
+
+    (out, g_out), (ref, g_ref) = fna("blocked"), fna("reference")
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    for a, b in zip(g_out, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    if not causal:
+        return
+    idx = bigbird.bigbird_indices(B, 1, n, W, 2, sinks=1, key_mask=key_mask,
+                                  generator=torch.Generator().manual_seed(0))
+    mask = bigbird.bigbird_mask(n, W, idx, sinks=1, key_mask=key_mask)
+    full_causal = key_mask[:, None, None, :] & torch.ones(n, n, dtype=torch.bool).tril()
+    assert torch.equal(mask[covered], full_causal.expand_as(mask)[covered])
+    assert torch.equal(bigbird.bigbird_attended_keys(n, W, 2, 1, idx, key_mask=key_mask),
+                       mask.sum(-1))
+    got = bigbird.bigbird_attention(q, k, v, W, 2, sinks=1, key_mask=key_mask, indices=idx)
+    want = bigbird.bigbird_reference(q, k, v, W, 2, sinks=1, key_mask=key_mask, indices=idx)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
 SHORT_LAYER_CASES = [

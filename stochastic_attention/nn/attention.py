@@ -157,12 +157,6 @@ class MultiHeadAttention(nn.Module):
     def uses_permutation(self) -> bool:
         return self.kind in ("sa", "gated", "sa_local") or (self.kind == "fna" and self.fna_stochastic)
 
-    @property
-    def exact_documents_up_to(self) -> int:
-        """Packed documents this short run unpadded (a window covering a document makes its
-        method full attention; see :mod:`stochastic_attention.ops.documents`)."""
-        return max(self.sa_window, self.swa_window, self.local, self.fna[2] or 0)
-
     def draw_permutation(self, batch: int, seq_len: int, device=None,
                          key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The permutation a forward pass would use: [batch or 1, heads or 1, seq_len].
@@ -228,8 +222,7 @@ class MultiHeadAttention(nn.Module):
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         plan = None
         if document_ids is not None:
-            plan = documents.layer_plan(document_ids, B, L, x.device, cache,
-                                        self.exact_documents_up_to)
+            plan = documents.layer_plan(document_ids, B, L, x.device, cache)
             if position_ids is None:
                 position_ids = plan.positions(None if attention_mask is None
                                               else attention_mask.bool())
