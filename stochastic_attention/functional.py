@@ -59,7 +59,9 @@ def sliding_window_attention(
     """Sliding-window attention (SWA).
 
     Causal: query i sees keys j with ``i - window < j <= i`` (``window`` keys, itself included).
-    Non-causal: a centred band of ``window`` keys. ``window >= seq_len`` is full attention.
+    Non-causal: a centred band of ``window`` keys. A row the window covers, i.e. whose real
+    length (per ``key_mask``; without one, ``seq_len``) is at most ``window``, is full attention
+    over its real tokens, so a sequence that short gives the same output alone or padded.
 
     Args:
         q: [batch, heads_q, seq, head_dim]; k, v: [batch, heads_kv, seq, head_dim] with
@@ -84,7 +86,7 @@ def sliding_window_attention(
         return documents.packed_operator(
             sliding_window_attention, q, k, v, window, document_ids=document_ids,
             cu_seqlens=cu_seqlens, causal=causal, sinks=sinks, key_mask=key_mask, scale=scale,
-            backend=backend, windows=(window,))
+            backend=backend)
     args = _checked(q, k, v, window, layout="band", causal=causal, sinks=sinks, local=0,
                     key_mask=key_mask, scale=scale)
     backend = _resolve_backend(backend, q, k, v)
@@ -130,7 +132,8 @@ def stochastic_attention(
         sees its own group.
     When causal, only keys whose ORIGINAL position is <= the query's stay (permuted positions
     would leak the future). RoPE must have been applied at original positions beforehand.
-    ``window >= seq_len`` is full (causal) attention.
+    A row the window covers (real length per ``key_mask``, else ``seq_len``, at most ``window``)
+    is full (causal) attention over its real tokens, whatever the layout and padding.
 
     ``local`` (causal only): every query also sees its last ``local`` positions, in the same
     softmax as its SA window and sinks (a key in several of these sets counts once). This is the
@@ -145,8 +148,7 @@ def stochastic_attention(
         return documents.packed_operator(
             stochastic_attention, q, k, v, window, document_ids=document_ids,
             cu_seqlens=cu_seqlens, perm=perm, generator=generator, causal=causal, layout=layout,
-            sinks=sinks, local=local, key_mask=key_mask, scale=scale, backend=backend,
-            windows=(window, local))
+            sinks=sinks, local=local, key_mask=key_mask, scale=scale, backend=backend)
     args = _checked(q, k, v, window, layout=layout, causal=causal, sinks=sinks, local=local,
                     key_mask=key_mask, scale=scale)
     backend = _resolve_backend(backend, q, k, v, args["local"])

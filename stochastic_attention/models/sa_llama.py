@@ -196,9 +196,7 @@ class SALlamaModel(SALlamaPreTrainedModel):
                 position_ids = torch.arange(past, past + x.shape[1], device=x.device)[None]
         plan = None
         if attention_mask is None and position_ids is not None and x.shape[1] > 1:
-            plan = documents.packed_plan_from_positions(
-                position_ids, x.shape[0],
-                max(layer.self_attn.exact_documents_up_to for layer in self.layers))
+            plan = documents.packed_plan_from_positions(position_ids, x.shape[0])
         for layer in self.layers:
             x = layer(x, position_ids=position_ids, attention_mask=attention_mask, cache=cache,
                       document_ids=plan)

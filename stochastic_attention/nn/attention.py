@@ -110,13 +110,6 @@ class MultiHeadAttention(nn.Module):
         return self.method in PERMUTED_METHODS or (
             self.method == "fractional" and self.options.windows == "stochastic")
 
-    @property
-    def exact_documents_up_to(self) -> int:
-        """Packed documents this short run unpadded (a window covering a document makes its
-        method full attention; see :mod:`stochastic_attention.ops.documents`)."""
-        sizes = [getattr(self.options, name, None) for name in ("window", "local", "sliding_window")]
-        return max([size for size in sizes if isinstance(size, int)] + [0])
-
     def draw_permutation(self, batch: int, seq_len: int, device=None,
                          key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The permutation a forward pass would use: [batch or 1, heads or 1, seq_len].
@@ -186,8 +179,7 @@ class MultiHeadAttention(nn.Module):
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         plan = None
         if document_ids is not None:
-            plan = documents.layer_plan(document_ids, B, L, x.device, cache,
-                                        self.exact_documents_up_to)
+            plan = documents.layer_plan(document_ids, B, L, x.device, cache)
             if position_ids is None:
                 position_ids = plan.positions(None if attention_mask is None
                                               else attention_mask.bool())

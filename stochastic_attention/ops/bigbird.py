@@ -9,6 +9,8 @@ Query i sees, in one softmax (Zaheer et al. 2020, causal form):
       drawn twice counts once (repeats are masked, as are padded keys and sinks). With padding
       the draws are made over each row's real tokens (:func:`bigbird_indices`), so a sequence
       gets the same keys alone or padded in a batch.
+A row the window covers (real length <= ``window``, see :mod:`.patterns`) is full causal attention
+over its real tokens, as the same sequence alone, whatever the padding around it.
 
 The random positions are an explicit index tensor ``indices`` [B|1, H|1, n, r] (-1 = no key),
 drawn by :func:`bigbird_indices` (one draw per sample shared by the heads by default, like SA's
@@ -25,8 +27,9 @@ import torch
 
 from . import blocked, documents, merge, parts
 from .budget import attended_keys
+from .covered import attend_by_coverage, softmax_attend, take_rows
 from .dense import all_finite, compute_dtype, full_attention, masked_attention, merge_attention, repeat_kv, zero_padding
-from .patterns import sink_keys
+from .patterns import covered_rows, sink_keys
 from .validate import (
     check_bool,
     check_causal_only,
@@ -221,16 +224,31 @@ def bigbird_attention(
             generator=generator, indices=indices)
     window, sinks, scale, indices = _prepare(q, k, v, window, random_keys, causal, sinks,
                                              key_mask, scale, generator, indices)
-    B, Hq, n, D = q.shape
+    n = q.shape[2]
     if n == 0:
         return q.new_zeros(q.shape)
-    groups = Hq // k.shape[1]
     kpm = key_mask
     # padded keys and values never reach an output, even NaN
     k, v = zero_padding(k, kpm), zero_padding(v, kpm)
     if window >= n:  # no random candidates exist: plain causal attention
         return full_attention(q, k, v, causal=True, key_mask=kpm, scale=scale)
     sinks = min(sinks, n)
+
+    def windowed(rows):
+        qr, kr, vr, mask, idx = (take_rows(x, rows) for x in (q, k, v, kpm, indices))
+        return _windowed(qr, kr, vr, window, idx, sinks=sinks, key_mask=mask, scale=scale)
+
+    # Rows the window covers (real length <= window): full causal attention over their real
+    # tokens, as alone (no random candidate exists there).
+    return attend_by_coverage(q, k, v, window, kpm, windowed=windowed, causal=True,
+                              attend=softmax_attend(scale))
+
+
+def _windowed(q, k, v, window, indices, *, sinks, key_mask, scale):
+    """:func:`bigbird_attention` for window < n (padding zeroed): window and sinks, merged with
+    the random keys."""
+    groups = q.shape[1] // k.shape[1]
+    kpm = key_mask
     ke, ve = repeat_kv(k, groups), repeat_kv(v, groups)
     sink = blocked.SinkParts(ke, ve, sinks, kpm, 1)  # each row's first real tokens
     is_sink = sink.is_sink if sinks else None
@@ -335,6 +353,8 @@ def bigbird_mask(
     j = torch.arange(n, device=device).view(1, n)
     is_sink = sink_keys(key_mask, sinks, n, device)[2][:, None, None, :]  # first real
     base = (j <= i) & ((j > i - window) | is_sink)
+    if key_mask is not None:  # a row the window covers sees all its real tokens (causal)
+        base = base | ((j <= i) & covered_rows(key_mask, window)[:, None, None, None])
     rand = torch.zeros(*indices.shape[:2], n, n + 1, dtype=torch.bool, device=device)
     # Column n collects the -1 entries, then is dropped.
     rand.scatter_(-1, torch.where(indices >= 0, indices, n), True)
@@ -404,6 +424,8 @@ def bigbird_attended_keys(
              else torch.ones(1, n, dtype=torch.bool, device=indices.device))
     is_sink = sink_keys(key_mask, sinks, n, indices.device)[2].expand_as(valid)
     other = valid & ~is_sink  # real keys that are not sinks: the random keys count among these
+    if key_mask is not None:  # in a row the window covers, every real key is already counted
+        other = other & ~covered_rows(key_mask, window)[:, None]
     # The window and the sinks are a sliding window with sinks: [B|1, 1, n].
     counts = attended_keys(n, window, method="sliding_window", sinks=sinks,
                            key_mask=key_mask).to(indices.device)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .covered import attend_by_coverage, softmax_attend, take_rows
 from .dense import all_finite, compute_dtype, full_attention, masked_sdpa, repeat_kv, zero_padding
 from .patterns import band_extent, in_window, inverse_permutation, sink_keys
 from .permute import gather_mask, permute_seq
@@ -185,7 +186,8 @@ def windowed_attention(
     [B|1, 1, S] (default 0..S-1); sink_valid [B, 1, S]. ``key_is_sink`` [B|1, 1|H, n] (slot order)
     marks the window keys that are sinks, which are left to the sink keys (default: positions
     below ``sinks``).
-    window < n is assumed (the dispatcher sends window >= n to full attention).
+    window < n is assumed (the dispatcher sends window >= n, and the rows the window covers,
+    to full attention).
     exclude_recent (causal, with ``pos``): window keys among the query's last ``exclude_recent``
     positions are left out; the SA + local union serves them in a second, local pass.
     return_lse: also return the log-sum-exp of each row, [B, H, n] fp32 (see :func:`.dense.merge_attention`).
@@ -325,7 +327,9 @@ def attention(
 
     q [B, Hq, n, D], k/v [B, Hkv, n, D]; ``perm`` [B|1, H|1, n] (slot -> original position) or
     None (SWA); ``local`` > 0 (causal, with ``perm``) is the SA + local union of
-    :mod:`.union`. The rule of :mod:`.patterns`, as in :func:`.reference.attention`.
+    :mod:`.union`. The rule of :mod:`.patterns`, as in :func:`.reference.attention`: rows the
+    window covers (real length <= window) are full attention over their real tokens
+    (:mod:`.covered`).
     """
     n = q.shape[2]
     if n == 0:
@@ -334,13 +338,19 @@ def attention(
     if window >= n or local >= n:  # the window covers the sequence: plain full attention
         return full_attention(q, k, v, causal=causal, key_mask=key_mask, scale=scale)
     sinks = min(sinks, n)
-    if local:
-        from .union import union_attention  # late import: the union is built on this module
 
-        return union_attention(q, k, v, window, perm=perm, layout=layout, sinks=sinks,
-                               key_mask=key_mask, scale=scale, local=local)
-    return _windowed(q, k, v, window, perm=perm, layout=layout, causal=causal, sinks=sinks,
-                     key_mask=key_mask, scale=scale)
+    def windowed(rows):
+        qr, kr, vr, mask, pr = (take_rows(x, rows) for x in (q, k, v, key_mask, perm))
+        if local:
+            from .union import union_attention  # late import: the union is built on this module
+
+            return union_attention(qr, kr, vr, window, perm=pr, layout=layout, sinks=sinks,
+                                   key_mask=mask, scale=scale, local=local)
+        return _windowed(qr, kr, vr, window, perm=pr, layout=layout, causal=causal, sinks=sinks,
+                         key_mask=mask, scale=scale)
+
+    return attend_by_coverage(q, k, v, window, key_mask, windowed=windowed, causal=causal,
+                              attend=softmax_attend(scale))
 
 
 def _windowed(q, k, v, window, *, perm, layout, causal, sinks, key_mask, scale):

@@ -11,18 +11,13 @@ crosses a document boundary, the sinks are the first tokens of each document, SA
 routing per document, BigBird its random keys per document, and windows, blocks and groups are
 counted from each document's first token. This holds by construction: :class:`DocumentPlan`
 moves the documents into padded rows of their own (bucketed by padded length, the next power of
-two, so there are O(log n) buckets and at most 2n padded tokens; documents no longer than the
-method's window are not padded, see below), the operator runs on each
+two, so there are O(log n) buckets and at most 2n padded tokens), the operator runs on each
 bucket with a ``key_mask`` marking the real tokens, and the outputs are moved back. The package
 guarantees that a sequence gives the same output alone or right-padded in any batch (routing
 drawn over each row's real tokens, with a ``generator`` from each row's own copy of its state;
+a row the window covers is full attention over its real tokens, however long the padded row;
 ``tests/test_padding.py``), and every bucket starts from the generator's same state, so a
 document in a packed batch equals the same document alone with the same generator.
-
-A window that covers a whole sequence (``window >= seq_len``) makes every method full attention
-over it, but the same window in a longer, padded row is a band: padding alone does not give the
-result of a document shorter than the window. Such documents therefore run in buckets of their
-exact length, without padding (at most ``window`` more buckets).
 
 The block layout's groups restart at each document's start: the groups are the consecutive
 ``window`` slots of the document's own permutation, the last one shorter when the document's
@@ -68,20 +63,13 @@ class DocumentPlan:
     bucket's key mask (:meth:`unpack_mask`), and :meth:`pack` the outputs back.
     """
 
-    def __init__(self, starts: torch.Tensor, lengths: torch.Tensor, batch: int, seq: int,
-                 exact_up_to: int = 0):
-        """``starts``/``lengths``: the documents' flat start (row * seq + col) and length (>= 1).
-
-        Documents of at most ``exact_up_to`` tokens are not padded (buckets of one exact
-        length): a window that covers a whole document makes a method full attention, which
-        it would not be in a longer, padded row.
-        """
+    def __init__(self, starts: torch.Tensor, lengths: torch.Tensor, batch: int, seq: int):
+        """``starts``/``lengths``: the documents' flat start (row * seq + col) and length (>= 1)."""
         self.batch, self.seq = batch, seq
         self.starts, self.lengths = starts, lengths
-        self.exact_up_to = exact_up_to
         self.num_documents = int(starts.numel())
         device = starts.device
-        padded = torch.where(lengths <= exact_up_to, lengths, _next_power_of_two(lengths))
+        padded = _next_power_of_two(lengths)
         self.buckets: list[_Bucket] = []
         for size in sorted(set(padded.tolist())):
             sel = (padded == size).nonzero().squeeze(1)
@@ -100,7 +88,7 @@ class DocumentPlan:
     # -- construction ----------------------------------------------------------------------
 
     @classmethod
-    def from_document_ids(cls, document_ids: torch.Tensor, exact_up_to: int = 0) -> DocumentPlan:
+    def from_document_ids(cls, document_ids: torch.Tensor) -> DocumentPlan:
         """From ``document_ids`` [batch, seq]: contiguous runs of equal ids are documents."""
         _check_document_ids(document_ids)
         B, n = document_ids.shape
@@ -116,22 +104,21 @@ class DocumentPlan:
                 "splits a document (an id appears, stops and appears again); give each run of "
                 "tokens its own id, e.g. document_ids = (ids[:, 1:] != ids[:, :-1]).cumsum(-1)")
         ends = torch.cat([starts[1:], starts.new_tensor([B * n])])[:starts.numel()]
-        return cls(starts, ends - starts, B, n, exact_up_to)
+        return cls(starts, ends - starts, B, n)
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, seq: int,
-                        device: torch.device | str | None = None,
-                        exact_up_to: int = 0) -> DocumentPlan:
+                        device: torch.device | str | None = None) -> DocumentPlan:
         """From FlashAttention-style cumulative lengths over ONE flattened row of ``seq`` tokens."""
         cu = _check_cu_seqlens(cu_seqlens, seq)
         lengths = cu[1:] - cu[:-1]
         keep = lengths > 0  # empty documents hold no token
         device = cu_seqlens.device if device is None else device
-        return cls(cu[:-1][keep].to(device), lengths[keep].to(device), 1, seq, exact_up_to)
+        return cls(cu[:-1][keep].to(device), lengths[keep].to(device), 1, seq)
 
     @classmethod
     def build(cls, *, document_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-              batch: int, seq: int, device, exact_up_to: int = 0) -> DocumentPlan:
+              batch: int, seq: int, device) -> DocumentPlan:
         """The plan of an operator call on q [batch, heads, seq, dim] (validated against it)."""
         if document_ids is not None and cu_seqlens is not None:
             raise ValueError("pass document_ids or cu_seqlens, not both (they describe the same "
@@ -142,7 +129,7 @@ class DocumentPlan:
                     f"cu_seqlens describes one flattened row: q must have batch 1 "
                     f"([1, heads, total_tokens, dim]), got batch {batch}; for a batch of packed "
                     "rows pass document_ids [batch, seq] instead")
-            return cls.from_cu_seqlens(cu_seqlens, seq, device, exact_up_to)
+            return cls.from_cu_seqlens(cu_seqlens, seq, device)
         if not isinstance(document_ids, torch.Tensor):
             raise TypeError(f"document_ids must be an integer tensor [batch, seq], got "
                             f"{type(document_ids).__name__}")
@@ -151,13 +138,7 @@ class DocumentPlan:
                              f"{tuple(document_ids.shape)}")
         if document_ids.device != torch.device(device):
             raise ValueError(f"document_ids is on {document_ids.device} but q is on {device}")
-        return cls.from_document_ids(document_ids, exact_up_to)
-
-    def covering(self, exact_up_to: int) -> DocumentPlan:
-        """This plan, or one that also leaves documents of ``exact_up_to`` tokens unpadded."""
-        if exact_up_to <= self.exact_up_to:
-            return self
-        return DocumentPlan(self.starts, self.lengths, self.batch, self.seq, exact_up_to)
+        return cls.from_document_ids(document_ids)
 
     def check_shape(self, batch: int, seq: int) -> None:
         if (batch, seq) != (self.batch, self.seq):
@@ -288,23 +269,19 @@ def run_documents(plan: DocumentPlan, fn: Callable, seq_args: Sequence[tuple[tor
 def packed_operator(op: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args,
                     document_ids: torch.Tensor | None = None,
                     cu_seqlens: torch.Tensor | None = None,
-                    key_mask: torch.Tensor | None = None, windows: Sequence = (),
-                    **kwargs) -> torch.Tensor:
+                    key_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """Run ``op(q, k, v, *args, **kwargs)`` on every document of a packed batch (module doc).
 
     ``kwargs`` may hold ``perm`` (SA, fractional), ``indices`` (BigBird) and ``generator``: a
     given perm or indices is packed (each document's own) and moved with the documents.
     ``key_mask`` marks padding inside documents: a document then gives what it gives padded
-    in a row of its own. ``windows``: the sizes (``window``, ``local``) whose covering a
-    document makes the method full attention; documents that short run unpadded.
+    in a row of its own.
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError("q must have shape [batch, heads, seq, head_dim] (4 dims)")
     B, H, n, _ = q.shape
-    cover = max([w for w in windows if isinstance(w, int) and not isinstance(w, bool)],
-                default=0)  # bad values: the operator's own check names them below
     plan = DocumentPlan.build(document_ids=document_ids, cu_seqlens=cu_seqlens, batch=B, seq=n,
-                              device=q.device, exact_up_to=cover)
+                              device=q.device)
     check_key_mask(key_mask, B, n, q.device)
     if not plan.buckets:  # no token: the operator's own empty result
         return op(q, k, v, *args, key_mask=key_mask, **kwargs)
@@ -330,7 +307,7 @@ def packed_operator(op: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
 
 def layer_plan(document_ids: torch.Tensor | DocumentPlan, batch: int, seq: int,
-               device, cache=None, exact_up_to: int = 0) -> DocumentPlan:
+               device, cache=None) -> DocumentPlan:
     """The plan of a layer call on [batch, seq] tokens: ``document_ids`` or a plan built from
     them once for every layer of a model. Packed input has no KV cache."""
     if cache is not None:
@@ -340,9 +317,9 @@ def layer_plan(document_ids: torch.Tensor | DocumentPlan, batch: int, seq: int,
             "decode each document in a batch of its own")
     if isinstance(document_ids, DocumentPlan):
         document_ids.check_shape(batch, seq)
-        return document_ids.covering(exact_up_to)
+        return document_ids
     return DocumentPlan.build(document_ids=document_ids, cu_seqlens=None, batch=batch, seq=seq,
-                              device=device, exact_up_to=exact_up_to)
+                              device=device)
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, seq: int) -> torch.LongTensor:
@@ -371,12 +348,11 @@ def document_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor | No
     return torch.cat([first, restart], dim=1).long().cumsum(-1)
 
 
-def packed_plan_from_positions(position_ids: torch.Tensor, batch: int,
-                               exact_up_to: int = 0) -> DocumentPlan | None:
+def packed_plan_from_positions(position_ids: torch.Tensor, batch: int) -> DocumentPlan | None:
     """The plan of a packed batch given by restarting position ids [batch|1, seq], or None
     (:func:`document_ids_from_positions`); built once and shared by a model's layers."""
     ids = document_ids_from_positions(position_ids.expand(batch, -1))
-    return None if ids is None else DocumentPlan.from_document_ids(ids, exact_up_to)
+    return None if ids is None else DocumentPlan.from_document_ids(ids)
 
 
 def cross_document_targets(position_ids: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .covered import attend_by_coverage, softmax_attend, take_rows
 from .dense import full_attention, repeat_kv, zero_padding
 from .patterns import band_extent, inverse_permutation, sink_keys, visible
 from .permute import permute_seq
@@ -106,15 +107,30 @@ def attention(
     """Windowed attention in original order, as :func:`.blocked.attention` (validated inputs).
 
     ``local`` must be 0: the SA + local union is served by the blocked and reference backends.
+    Rows the window covers (real length <= window) are full attention over their real tokens
+    (:mod:`.covered`).
     """
     if local:
         raise ValueError(LOCAL_UNSUPPORTED)
-    B, H, n, D = q.shape
+    n = q.shape[2]
     if n == 0:
         return q.new_zeros(q.shape)
     k, v = zero_padding(k, key_mask), zero_padding(v, key_mask)
     if window >= n:  # the window covers the sequence: plain full attention
         return full_attention(q, k, v, causal=causal, key_mask=key_mask, scale=scale)
+
+    def windowed(rows):
+        qr, kr, vr, mask, pr = (take_rows(x, rows) for x in (q, k, v, key_mask, perm))
+        return _windowed(qr, kr, vr, window, perm=pr, layout=layout, causal=causal, sinks=sinks,
+                         key_mask=mask, scale=scale)
+
+    return attend_by_coverage(q, k, v, window, key_mask, windowed=windowed, causal=causal,
+                              attend=softmax_attend(scale))
+
+
+def _windowed(q, k, v, window, *, perm, layout, causal, sinks, key_mask, scale):
+    """The FlexAttention call for window < n (padding already zeroed)."""
+    B, H, n, D = q.shape
     groups = H // k.shape[1]
     sinks = min(sinks, n)
     if perm is None:

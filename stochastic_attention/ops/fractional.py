@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import documents
 from .blocked import TilePlan, static_tiles
+from .covered import attend_by_coverage, take_rows
 from .dense import compute_dtype, guard_empty_rows, repeat_kv, zero_padding
 from .patterns import dense_mask, inverse_permutation, visible
 from .permute import gather_mask, gather_seq
@@ -230,8 +231,9 @@ def fractional_attention(
             query with no visible key returns zeros.
         window: if given, each query only sees the keys of its window (the rule of
             :mod:`stochastic_attention.ops.patterns`; ``window`` counts the query itself):
-            sliding-window FNA, or stochastic-attention FNA with ``perm``. ``window >= seq`` or
-            None is full attention.
+            sliding-window FNA, or stochastic-attention FNA with ``perm``. None is full
+            attention, and so is every row whose real length (per ``key_mask``; else ``seq``)
+            is at most ``window``.
         perm: [seq], [batch, seq] or [batch, heads_q, seq]; ``perm[..., slot]`` is the original
             position placed at permuted slot ``slot`` (see
             :func:`stochastic_attention.random_permutation`). Needs ``window``.
@@ -248,7 +250,7 @@ def fractional_attention(
         return documents.packed_operator(
             fractional_attention, q, k, v, alpha, document_ids=document_ids,
             cu_seqlens=cu_seqlens, eps=eps, scale=scale, causal=causal, key_mask=key_mask,
-            window=window, perm=perm, layout=layout, backend=backend, windows=(window,))
+            window=window, perm=perm, layout=layout, backend=backend)
     check_qkv(q, k, v)
     alpha, eps = _check_alpha(alpha), _check_eps(eps)
     if backend not in BACKENDS:
@@ -287,8 +289,14 @@ def fractional_attention(
     if full:
         out = _chunked(q, k, v, kern, causal=causal, key_mask=key_mask)
     else:
-        out = _windowed(q, k, v, window, kern, perm=perm, layout=layout, causal=causal,
-                        key_mask=key_mask)
+        def windowed(rows):
+            qr, kr, vr, mask, pr = (take_rows(x, rows) for x in (q, k, v, key_mask, perm))
+            return _windowed(qr, kr, vr, window, kern, perm=pr, layout=layout, causal=causal,
+                             key_mask=mask)
+
+        # Rows the window covers: every real key, on compact tensors (O(n * window)).
+        out = attend_by_coverage(q, k, v, window, key_mask, windowed=windowed, causal=causal,
+                                 attend=lambda q, k, v, mask: _attend(q, k, v, mask, kern))
     return out.to(out_dtype)
 
 

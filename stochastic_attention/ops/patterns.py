@@ -18,9 +18,15 @@ padding. :func:`real_rank` gives each key's index among its row's real tokens.
 ``local`` (causal only, 0 by default) is the SA + local union: every query also sees the
 ``local`` positions ending at itself, in the same softmax (a key in both sets counts once).
 
-Windows in slot space (``window`` counts the query itself; a window that covers the whole
-sequence, ``window >= seq_len``, makes every slot a window-mate, so every operator then reduces
-to full (causal) attention, as with Hugging Face's ``sliding_window``):
+A window that covers a row makes every operator full (causal) attention over that row's real
+tokens, as with Hugging Face's ``sliding_window``: a row COVERED by the window is one whose real
+length (its count of real tokens per the key mask; without a mask, ``seq_len``) is at most
+``window``. Every key of a covered row is a window-mate of every query, whatever the padding
+around it, so a sequence the window covers gives full attention alone and padded alike
+(:func:`covered_rows`). The fast backends attend such rows on compact tensors of their real
+tokens (:mod:`.covered`), in O(n * window).
+
+Windows in slot space (``window`` counts the query itself), in a row the window does not cover:
 - ``band``, causal:      slots (p - window, p]
 - ``band``, non-causal:  slots [p - window // 2, p + window - 1 - window // 2] (a centred band)
 - ``block``:             the group of ``window`` consecutive slots holding p
@@ -39,6 +45,14 @@ def band_extent(window: int, causal: bool) -> tuple[int, int]:
     return left, window - 1 - left
 
 
+def covered_rows(key_mask: torch.Tensor | None, window: int) -> torch.Tensor | None:
+    """bool [B]: the rows the window covers (real length <= ``window``); None without a mask
+    (then the whole sequence is covered exactly when ``seq_len <= window``)."""
+    if key_mask is None:
+        return None
+    return key_mask.sum(-1) <= window
+
+
 def in_window(
     slot_q: torch.Tensor,
     slot_k: torch.Tensor,
@@ -46,18 +60,25 @@ def in_window(
     layout: str,
     causal: bool,
     seq_len: int,
+    covered: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Elementwise: is key slot ``slot_k`` inside the window of query slot ``slot_q``?"""
+    """Elementwise: is key slot ``slot_k`` inside the window of query slot ``slot_q``?
+
+    ``covered`` (bool, broadcastable: True for rows the window covers, see :func:`covered_rows`)
+    makes every slot of those rows a window-mate.
+    """
     if window >= seq_len:
         return torch.ones(torch.broadcast_shapes(slot_q.shape, slot_k.shape), dtype=torch.bool,
                           device=slot_q.device)
     if layout == "block":
-        return torch.div(slot_q, window, rounding_mode="floor") == torch.div(
+        inside = torch.div(slot_q, window, rounding_mode="floor") == torch.div(
             slot_k, window, rounding_mode="floor"
         )
-    left, right = band_extent(window, causal)
-    d = slot_k - slot_q
-    return (d >= -left) & (d <= right)
+    else:
+        left, right = band_extent(window, causal)
+        d = slot_k - slot_q
+        inside = (d >= -left) & (d <= right)
+    return inside if covered is None else inside | covered
 
 
 def visible(
@@ -74,13 +95,15 @@ def visible(
     key_valid: torch.Tensor | None = None,
     local: int = 0,
     key_rank: torch.Tensor | None = None,
+    covered: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Elementwise visibility of key (slot_k, pos_k) to query (slot_q, pos_q); see module doc.
 
     ``key_rank``: the key's index among its row's real tokens (:func:`real_rank`), which decides
-    whether it is a sink; None means no padding (rank == position).
+    whether it is a sink; None means no padding (rank == position). ``covered``: the rows the
+    window covers, broadcastable (see :func:`in_window`).
     """
-    vis = in_window(slot_q, slot_k, window, layout, causal, seq_len)
+    vis = in_window(slot_q, slot_k, window, layout, causal, seq_len, covered)
     if sinks > 0:
         vis = vis | ((pos_k if key_rank is None else key_rank) < sinks)
     if local > 0:
@@ -114,10 +137,16 @@ def sink_keys(key_mask: torch.Tensor | None, sinks: int, seq_len: int,
     if key_mask is None:
         pos = torch.arange(seq_len, device=device)
         return pos[None, :S], None, (pos < S)[None]
-    # Stable sort puts a row's real positions first, in order.
-    order = torch.argsort((~key_mask).to(torch.int8), dim=-1, stable=True)[:, :S]
-    valid = torch.gather(key_mask, -1, order)
+    order, valid = first_real(key_mask, S)
     return order, valid, real_rank(key_mask) < S
+
+
+def first_real(key_mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions of each row's first ``count`` real tokens, in order: (positions [B, count],
+    valid [B, count]); a row with fewer real tokens ends with invalid entries (at padding)."""
+    # Stable sort puts a row's real positions first, in order.
+    order = torch.argsort((~key_mask).to(torch.int8), dim=-1, stable=True)[:, :count]
+    return order, torch.gather(key_mask, -1, order)
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -150,10 +179,11 @@ def dense_mask(
     device = perm.device
     slot_of = inverse_permutation(perm)  # [B, H, n]
     pos = torch.arange(seq_len, device=device)
-    key_valid = key_rank = None
+    key_valid = key_rank = covered = None
     if key_mask is not None:
         key_valid = key_mask[:, None, None, :]
         key_rank = real_rank(key_mask)[:, None, None, :]
+        covered = covered_rows(key_mask, window)[:, None, None, None]
     return visible(
         slot_of[..., :, None],
         slot_of[..., None, :],
@@ -167,6 +197,7 @@ def dense_mask(
         key_valid=key_valid,
         local=local,
         key_rank=key_rank,
+        covered=covered,
     )
 
 
@@ -249,6 +280,15 @@ def visible_keys(
     # The last `local` positions: real keys that are not sinks.
     recent = (q_pos - torch.arange(local, device=device)).expand(B, H, n, local)
     rec = (recent >= 0) & at(valid & ~is_sink, recent.clamp(min=0))
+    covered = covered_rows(key_mask, window)
+    if covered is not None and window < n:  # (window >= n: the candidates are every slot)
+        # A covered row's window-mates are its real tokens, at most min(window, n) of them.
+        real, real_ok = (x[:, None, None, :] for x in first_real(key_mask, k_pos.shape[-1]))
+        if causal:
+            real_ok = real_ok & (real <= q_pos)
+        c = covered[:, None, None, None]
+        k_pos, win = torch.where(c, real, k_pos), torch.where(c, real_ok, win)
+        sink, rec = sink & ~c, rec & ~c  # already window-mates
     return (torch.cat([k_pos, s_pos, recent.clamp(min=0)], dim=-1),
             torch.cat([win, sink, rec], dim=-1))
 

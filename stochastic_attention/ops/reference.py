@@ -29,8 +29,9 @@ def attention(
 ) -> torch.Tensor:
     """Windowed attention in original order; ``perm`` [B|1, H|1, n] or None (SWA).
 
-    Every key :func:`.patterns.dense_mask` marks visible, in one explicit softmax; inputs
-    validated by the caller (see :func:`.blocked.attention` for the arguments).
+    Every key :func:`.patterns.dense_mask` marks visible, in one explicit softmax (rows the
+    window covers included: the mask encodes them); inputs validated by the caller (see
+    :func:`.blocked.attention` for the arguments).
     """
     if q.shape[2] == 0:
         return q.new_zeros(q.shape)
