@@ -122,6 +122,16 @@ def test_flex_cpu_inference_matches_reference(layout, sinks, pad):
     assert_close(out, ref, 1e-5)
 
 
+def test_flex_cpu_inference_takes_inputs_that_require_grad():
+    """Under no_grad, q/k/v that require grad (a model's activations) must not make the CPU
+    FlexAttention kernel build a backward it does not have."""
+    q, k, v = make_qkv(70)
+    with torch.no_grad():
+        ref = sa.sliding_window_attention(q, k, v, 16, backend="reference")
+        out = sa.sliding_window_attention(q, k, v, 16, backend="flex")
+    assert_close(out, ref, 1e-5)
+
+
 def test_flex_cpu_refuses_backward_with_a_clear_error():
     q, k, v = make_qkv(16)
     with pytest.raises(ValueError, match="backend='flex'.*blocked"):

@@ -115,6 +115,10 @@ def attention(
     n = q.shape[2]
     if n == 0:
         return q.new_zeros(q.shape)
+    if not torch.is_grad_enabled():
+        # inputs that require grad make FlexAttention build its backward (none on CPU) even
+        # under no_grad; nothing needs their graph here
+        q, k, v = q.detach(), k.detach(), v.detach()
     k, v = zero_padding(k, key_mask), zero_padding(v, key_mask)
     if window >= n:  # the window covers the sequence: plain full attention
         return full_attention(q, k, v, causal=causal, key_mask=key_mask, scale=scale)
