@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from ..nn.methods import method_names
 from ..nn.options import (
-    OPTION_NAMES,
     OPTIONS,
-    SPARSE_DECODE_METHODS,
+    option_names,
     options_for,
     owners_of,
+    sparse_decode_methods,
 )
-from ..vocabulary import METHODS, check_name, reject_renamed
+from ..vocabulary import check_name, reject_renamed
 
 # Former arguments of SALlamaConfig that are now entries of attention_options (new name).
 MOVED_TO_OPTIONS = {
@@ -29,7 +30,8 @@ class SALlamaConfig(PretrainedConfig):
     """Llama-style decoder (RMSNorm, SwiGLU, RoPE) whose layers may use different attention.
 
     ``attention_methods`` is one method for every layer (one of
-    :data:`~stochastic_attention.vocabulary.METHODS`) or a list with one method per layer.
+    :data:`~stochastic_attention.vocabulary.METHODS` or a method registered with
+    :func:`stochastic_attention.nn.methods.register`) or a list with one method per layer.
     ``attention_options`` is one dict of method options (see
     :mod:`stochastic_attention.nn.options`) for all layers: each layer takes the options its
     method has (``window`` serves every windowed layer) and the defaults for the others; an
@@ -78,7 +80,7 @@ class SALlamaConfig(PretrainedConfig):
             raise ValueError(f"attention_methods has {len(attention_methods)} entries but the "
                              f"model has num_hidden_layers={num_hidden_layers}; give one per layer")
         for method in attention_methods:
-            check_name(method, METHODS, what="attention_methods entry")
+            check_name(method, method_names(), what="attention_methods entry")
         attention_options = _check_options(attention_methods, attention_options)
         if head_dim is None:
             if hidden_size % num_attention_heads:
@@ -130,12 +132,13 @@ def _check_options(methods: list[str], options) -> dict:
     if not isinstance(options, dict):
         raise TypeError(f"attention_options must be a dict of method options, "
                         f"got {type(options).__name__}")
-    sections = [name for name in options if name in METHODS]
+    sections = [name for name in options if name in method_names()]
     reject_renamed([name for name in options if name not in sections], "attention_options")
-    unknown = sorted(set(options) - set(OPTION_NAMES) - set(sections))
+    known = option_names()
+    unknown = sorted(set(options) - set(known) - set(sections))
     if unknown:
         raise ValueError(f"attention_options: unknown options {unknown}; known: "
-                         f"{list(OPTION_NAMES)} and a dict per method")
+                         f"{list(known)} and a dict per method")
     for name in sections:
         if name not in methods:
             raise ValueError(f"attention_options has an entry for {name!r} layers, and "
@@ -147,9 +150,10 @@ def _check_options(methods: list[str], options) -> dict:
             raise ValueError(f"attention_options: {name!r} is an option of {owners[0]!r} "
                              f"layers only, and attention_methods has none; remove it or add "
                              "such layers")
-    if options.get("decode") == "stochastic" and not set(methods) & set(SPARSE_DECODE_METHODS):
+    sparse = sparse_decode_methods()
+    if options.get("decode") == "stochastic" and not set(methods) & set(sparse):
         raise ValueError(f"attention_options: decode='stochastic' needs a layer whose method "
-                         f"samples keys ({', '.join(SPARSE_DECODE_METHODS)}); "
+                         f"samples keys ({', '.join(sparse)}); "
                          "attention_methods has none, use 'full'")
     for method in dict.fromkeys(methods):
         options_for(method, options)  # each method's own checks, where the config is written

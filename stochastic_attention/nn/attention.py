@@ -1,20 +1,23 @@
 """Multi-head self-attention with a choice of method: full, sliding_window, stochastic,
-stochastic_local, gated, moba, fractional or bigbird (see :mod:`.options` for each method's
-options).
+stochastic_local, gated, moba, fractional, bigbird, or any method registered in
+:mod:`stochastic_attention.nn.methods` (one module per method: its options, how it attends,
+its budget).
 
-The layer owns the projections, QK-norm, rotary embedding, permutation sampling and the KV
-cache; the token mixing itself is one of the package's pure operators. Data flow:
+The layer owns what every method shares: the projections, QK-norm, rotary embedding,
+permutation sampling, masks, packed documents and the KV cache; the token mixing itself is the
+method's (a call of one of the package's pure operators). Data flow:
 
     x -> q, k, v projections -> (QK-norm) -> RoPE at original positions -> cache
-      -> operator (stochastic attention permutes internally) -> (gate) -> output projection
+      -> method.attend / method.attend_cached (stochastic attention permutes internally)
+      -> output projection
 
-Decoding with a cache (any call whose queries follow cached keys) uses full causal attention
-over the cache for stochastic attention and the stochastic branch of the gated layer (the paper
-decodes SA with full attention); sliding_window and the gated layer's sliding-window branch
-keep their window, and moba and fractional run their own operator for the new positions (see
-``MultiHeadAttention._attend_cached``); stochastic_local and bigbird decode like stochastic.
-With ``decode="stochastic"`` those layers attend instead to the sinks, a local window and a
-random sample of cached keys, gathered so that a generated token costs
+Decoding with a cache (any call whose queries follow cached keys) is the method's
+``attend_cached``: full causal attention over the cache for stochastic attention and the
+stochastic branch of the gated layer (the paper decodes SA with full attention);
+sliding_window and the gated layer's sliding-window branch keep their window, and moba and
+fractional run their own operator for the new positions; stochastic_local and bigbird decode
+like stochastic. With ``decode="stochastic"`` those layers attend instead to the sinks, a local
+window and a random sample of cached keys, gathered so that a generated token costs
 O(sinks + local + window) whatever the cache length (see :mod:`stochastic_attention.ops.decode`).
 """
 
@@ -23,17 +26,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..functional import BACKENDS, sliding_window_attention, stochastic_attention
-from ..ops import bigbird, decode, documents, fractional, moba
+from ..functional import BACKENDS
+from ..ops import documents
 from ..ops.decode import cached_attention
 from ..ops.permute import routing_permutation
 from ..vocabulary import reject_renamed
-from .gate import BranchGate
-from .options import OPTION_NAMES, MethodOptions, SamplingOptions, method_options
+from .methods import method_named, option_names
+from .options import MethodOptions, SamplingOptions, method_options
 from .rotary import RotaryEmbedding
 
-# The methods that draw a permutation (fractional too, with windows="stochastic").
-PERMUTED_METHODS = ("stochastic", "stochastic_local", "gated")
+__all__ = ["MultiHeadAttention", "cached_attention"]
 
 
 class MultiHeadAttention(nn.Module):
@@ -42,7 +44,8 @@ class MultiHeadAttention(nn.Module):
     Args:
         hidden_size: model width; num_heads: query heads; num_kv_heads: key/value heads
             (grouped-query attention, default num_heads); head_dim: default hidden / heads.
-        method: one of :data:`~stochastic_attention.vocabulary.METHODS`.
+        method: one of :data:`~stochastic_attention.vocabulary.METHODS`, or a method
+            registered with :func:`stochastic_attention.nn.methods.register`.
         options: the method's options: its options object (e.g.
             :class:`~stochastic_attention.nn.StochasticOptions`) or a dict of its fields
             (e.g. ``{"window": 64, "sinks": 4}``); None for the defaults. See
@@ -91,6 +94,8 @@ class MultiHeadAttention(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.method, self.layer_idx, self.backend = method, layer_idx, backend
+        self.method_impl = method_named(method)
+        self.hidden_size = hidden_size
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
 
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
@@ -100,15 +105,11 @@ class MultiHeadAttention(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
         self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
         self.rotary = RotaryEmbedding(head_dim, rope_theta)
-        o = self.options
-        self.gate = (BranchGate(hidden_size, num_heads, head_dim, gate=o.gate,
-                                granularity=o.gate_granularity, bias=o.gate_bias)
-                     if method == "gated" else None)
+        self.method_impl.build(self)  # the method's own modules (the gated method's gate)
 
     @property
     def uses_permutation(self) -> bool:
-        return self.method in PERMUTED_METHODS or (
-            self.method == "fractional" and self.options.windows == "stochastic")
+        return self.method_impl.uses_permutation(self.options)
 
     def draw_permutation(self, batch: int, seq_len: int, device=None,
                          key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,9 +124,9 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"method {self.method!r} draws no permutation")
         heads = self.num_heads if self.options.perm_per_head else 1
         return routing_permutation(batch, heads, seq_len, key_mask=key_mask,
-                                   generator=self._generator(), device=device)
+                                   generator=self.sampling_generator(), device=device)
 
-    def _generator(self) -> torch.Generator | None:
+    def sampling_generator(self) -> torch.Generator | None:
         """None (global RNG) in training; in eval mode a generator seeded per layer if asked."""
         if not self.training and self.options.eval_perm == "seeded":
             # Seeded per layer so that layers still use independent draws.
@@ -135,14 +136,10 @@ class MultiHeadAttention(nn.Module):
 
     def draw_random_keys(self, batch: int, seq_len: int, device=None,
                          key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """BigBird's random earlier keys a forward pass would use: [batch, heads or 1, n, r],
-        drawn over each row's real tokens (see :func:`~stochastic_attention.ops.bigbird.
-        bigbird_indices`)."""
-        o = self.options
-        heads = self.num_heads if o.perm_per_head else 1
-        return bigbird.bigbird_indices(batch, heads, seq_len, o.window, o.random_keys,
-                                       sinks=o.sinks, generator=self._generator(),
-                                       device=device, key_mask=key_mask)
+        """The random keys a forward pass of a method that draws them (bigbird) would use:
+        [batch, heads or 1, n, r], drawn over each row's real tokens (see
+        :func:`~stochastic_attention.ops.bigbird.bigbird_indices`)."""
+        return self.method_impl.draw_random_keys(self, batch, seq_len, device, key_mask)
 
     def forward(
         self,
@@ -209,105 +206,13 @@ class MultiHeadAttention(nn.Module):
 
     def _attend(self, x, q, k, v, key_mask, perm):
         """Attention over a whole sequence (training, scoring, prefill)."""
-        n, method, o = q.shape[2], self.method, self.options
-        common = dict(key_mask=key_mask, backend=self.backend)
-        if method == "full":
-            return sliding_window_attention(q, k, v, max(n, 1), **common)
-        if method == "sliding_window":
-            return sliding_window_attention(q, k, v, o.window, sinks=o.sinks, **common)
         if self.uses_permutation and perm is None:
-            perm = self.draw_permutation(q.shape[0], n, q.device, key_mask)
-        if method in ("stochastic", "gated"):
-            out = stochastic_attention(q, k, v, o.window, perm=perm, layout=o.layout,
-                                       sinks=o.sinks, **common)
-            if method == "stochastic":
-                return out
-            sliding = sliding_window_attention(q, k, v, o.sliding_window, sinks=o.sinks,
-                                               **common)
-            return self.gate(x, out, sliding)
-        if method == "stochastic_local":
-            # The union runs on the blocked (or reference) backend only: a model-wide "flex"
-            # backend falls back to "blocked" for these layers instead of failing.
-            backend = "blocked" if self.backend == "flex" else self.backend
-            return stochastic_attention(q, k, v, o.window, perm=perm, layout=o.layout,
-                                        sinks=o.sinks, local=o.local,
-                                        key_mask=key_mask, backend=backend)
-        if method == "bigbird":
-            indices = self.draw_random_keys(q.shape[0], n, q.device, key_mask)
-            return bigbird.bigbird_attention(q, k, v, o.window, o.random_keys,
-                                             sinks=o.sinks, key_mask=key_mask,
-                                             indices=indices)
-        if method == "moba":
-            return moba.moba_attention(q, k, v, o.block_size, o.top_k, sinks=o.sinks,
-                                       key_mask=key_mask)
-        return fractional.fractional_attention(
-            q, k, v, o.alpha, eps=o.eps, causal=True, key_mask=key_mask, window=o.window,
-            perm=perm if o.windows == "stochastic" else None, layout=o.layout)
+            perm = self.draw_permutation(q.shape[0], q.shape[2], q.device, key_mask)
+        return self.method_impl.attend(self, x, q, k, v, key_mask, perm)
 
     def _attend_cached(self, x, q, k, v, key_mask):
-        """New queries at the last L of S cached positions.
-
-        stochastic (and the stochastic branch of the gated layer) decodes with full causal
-        attention over the cache, the protocol of the paper; sliding_window keeps its window.
-        moba and fractional run their own operator for the new rows, so cached decoding
-        computes what a forward pass over the whole sequence computes at those positions
-        (fractional in stochastic windows drops the windows at decode, as stochastic attention
-        does). With ``decode="stochastic"`` the stochastic methods attend to gathered sinks,
-        recent and sampled keys instead, and the gated layer's sliding-window branch to its
-        gathered band and sinks: O(window) per generated token.
-        """
-        method, o = self.method, self.options
-        if method == "sliding_window":
-            return cached_attention(q, k, v, o.window, o.sinks, key_mask)
-        if method in ("moba", "fractional"):
-            return self._operator_rows(q, k, v, key_mask)
-        sparse = getattr(o, "decode", "full") == "stochastic"
-        if sparse:
-            full = self._sparse_decode(q, k, v, key_mask)
-        else:
-            full = cached_attention(q, k, v, k.shape[2], 0, key_mask)
-        if method != "gated":
-            return full
-        if sparse:
-            # the same keys as cached_attention's band + sinks, gathered: the whole layer then
-            # decodes in O(window) per token
-            sliding = decode.sparse_decode(q, k, v, key_mask, window=0, sinks=o.sinks,
-                                           local=o.sliding_window)
-        else:
-            sliding = cached_attention(q, k, v, o.sliding_window, o.sinks, key_mask)
-        return self.gate(x, full, sliding)
-
-    def _sparse_decode(self, q, k, v, key_mask):
-        """decode="stochastic": sinks, recent and random cached keys, gathered (O(window))."""
-        o = self.options
-        if self.method == "bigbird":
-            window, local = o.random_keys, o.window
-        else:
-            window, local = o.window, max(getattr(o, "local", 0), 1)
-        seeded = not self.training and o.eval_perm == "seeded"
-        return decode.sparse_decode(q, k, v, key_mask, window=window, sinks=o.sinks,
-                                    local=local, seed=o.perm_seed if seeded else None,
-                                    layer_idx=self.layer_idx)
-
-    def _operator_rows(self, q, k, v, key_mask):
-        """moba / fractional outputs of the last L positions of the cached sequence.
-
-        Both operators are causal and row-wise (a row depends on its own query and on the keys
-        and values), so the rows before the new queries get zero queries and are discarded.
-        This costs one operator call over the whole cache per step: exact, not fast.
-        """
-        B, H, L, D = q.shape
-        S = k.shape[2]
-        o = self.options
-        q_all = torch.cat([q.new_zeros(B, H, S - L, D), q], dim=2)
-        if self.method == "moba":
-            out = moba.moba_attention(q_all, k, v, o.block_size, o.top_k, sinks=o.sinks,
-                                      key_mask=key_mask)
-        else:
-            out = fractional.fractional_attention(
-                q_all, k, v, o.alpha, eps=o.eps, causal=True, key_mask=key_mask,
-                window=None if o.windows == "stochastic" else o.window, layout=o.layout)
-        return out[:, :, S - L:]
+        """New queries at the last L of S cached positions (see the module docstring)."""
+        return self.method_impl.attend_cached(self, x, q, k, v, key_mask)
 
 
 def _reject_moved(moved: dict) -> None:
@@ -315,7 +220,7 @@ def _reject_moved(moved: dict) -> None:
     now go in ``options``."""
     reject_renamed(moved, "MultiHeadAttention()", error=TypeError)
     name = sorted(moved)[0]
-    if name in OPTION_NAMES:
+    if name in option_names():
         raise TypeError(f"MultiHeadAttention(): {name!r} is an option of the method: pass it "
                         f"in options, e.g. options={{{name!r}: {moved[name]!r}}}")
     raise TypeError(f"MultiHeadAttention() got unexpected keyword arguments {sorted(moved)}")

@@ -1,25 +1,22 @@
 """Attention budget of a method: the mean number of keys a query sees at a given length.
 
-Counts come from the operators' own counting rules (:func:`stochastic_attention.attended_keys`,
-:func:`..ops.moba.moba_attended_keys`, :func:`..ops.bigbird.bigbird_attended_keys`), so methods
-can be compared at equal budget. Random methods are averaged over a few seeded draws.
+Each method module's ``mean_keys`` counts with the operators' own counting rules
+(:func:`stochastic_attention.attended_keys`, :func:`..ops.moba.moba_attended_keys`,
+:func:`..ops.bigbird.bigbird_attended_keys`), so methods can be compared at equal budget.
+Random methods are averaged over a few seeded draws (:data:`BUDGET_SEEDS`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
-
-from ..functional import attended_keys
-from ..ops.bigbird import bigbird_attended_keys
-from ..ops.moba import moba_attended_keys
-from ..vocabulary import METHODS, check_name, reject_renamed
+from ..vocabulary import reject_renamed
 from .attention import MultiHeadAttention
+from .methods import method_named, method_names
+from .methods.base import BUDGET_SEEDS
 from .options import MethodOptions, options_for
 
-# Seeded draws averaged for the methods whose key sets are random (permutations, random keys).
-BUDGET_SEEDS = 4
+__all__ = ["BUDGET_SEEDS", "mean_attended_keys"]
 
 
 def _options(source, method: str) -> MethodOptions:
@@ -35,7 +32,7 @@ def _options(source, method: str) -> MethodOptions:
     elif not isinstance(source, Mapping):
         raise TypeError("mean_attended_keys needs an SALlamaConfig, a MultiHeadAttention, an "
                         f"options object or a dict of options, got {type(source).__name__}")
-    reject_renamed([k for k in source if k not in METHODS], "mean_attended_keys options")
+    reject_renamed([k for k in source if k not in method_names()], "mean_attended_keys options")
     return options_for(method, source)
 
 
@@ -51,46 +48,10 @@ def mean_attended_keys(options, method: str, seq_len: int) -> float:
     the union of its stochastic and sliding-window branches; moba ``moba_attended_keys`` plus
     the sinks outside the blocks it surely sees (an upper bound: a chosen earlier block may
     hold them); fractional its window (stochastic with ``windows="stochastic"``) or full;
-    bigbird its window, sinks and distinct random keys.
+    bigbird its window, sinks and distinct random keys. Each rule is its method module's
+    ``mean_keys`` (:mod:`stochastic_attention.nn.methods`).
     """
-    check_name(method, METHODS)
+    impl = method_named(method)
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
-    o = _options(options, method)
-    n = seq_len
-
-    def seeded(count) -> float:
-        draws = [count(torch.Generator().manual_seed(seed)).float().mean()
-                 for seed in range(BUDGET_SEEDS)]
-        return float(torch.stack(draws).mean())
-
-    def stochastic(window, local=0, sinks=None) -> float:
-        sinks = o.sinks if sinks is None else sinks
-        return seeded(lambda g: attended_keys(n, window, method="stochastic", generator=g,
-                                              layout=o.layout, sinks=sinks, local=local))
-
-    if method == "full" or (method == "fractional" and o.window is None):
-        return (n + 1) / 2
-    if method == "sliding_window":
-        return float(attended_keys(n, o.window, method="sliding_window",
-                                   sinks=o.sinks).float().mean())
-    if method == "stochastic":
-        return stochastic(o.window)
-    if method == "stochastic_local":
-        return stochastic(o.window, local=o.local)
-    if method == "gated":  # the sliding-window branch is exactly a local window
-        return stochastic(o.window, local=o.sliding_window)
-    if method == "fractional":
-        if o.windows == "stochastic":
-            return stochastic(o.window, sinks=0)
-        return float(attended_keys(n, o.window, method="sliding_window").float().mean())
-    if method == "moba":
-        block = o.block_size
-        counts = moba_attended_keys(n, block, o.top_k).float()
-        own = torch.div(torch.arange(n), block, rounding_mode="floor")
-        # Sinks before the own block, unless every earlier block is chosen anyway.
-        extra = torch.clamp(torch.minimum(own * block, torch.tensor(o.sinks)), min=0)
-        counts = counts + torch.where(own >= o.top_k, extra, 0)
-        return float(counts.mean())
-    return seeded(lambda g: bigbird_attended_keys(n, o.window, o.random_keys, o.sinks,
-                                                  generator=g))
+    return impl.mean_keys(_options(options, method), seq_len)
