@@ -13,6 +13,7 @@ from stochastic_attention.nn import KVCache, MultiHeadAttention
 from stochastic_attention.ops import bigbird, documents, fractional, moba
 from stochastic_attention.ops.permute import routing_permutation
 from stochastic_attention.ops.reference import masked_attention
+from stochastic_attention.testing import assert_matches_reference
 
 # Two packed rows of 24 tokens: odd lengths, length-1 documents, one longer than the window.
 ROWS = ((5, 1, 9, 3, 6), (1, 13, 2, 1, 7))
@@ -90,22 +91,15 @@ def alone(fn, q, k, v, rows=ROWS):
     return torch.cat(out, dim=0)
 
 
-def assert_same(fn_packed, fn_alone, inputs, atol=1e-10):
-    want = fn_alone(*inputs)
-    want_grads = torch.autograd.grad(loss_of(want), inputs)
-    got = fn_packed(*inputs)
-    got_grads = torch.autograd.grad(loss_of(got), inputs)
-    torch.testing.assert_close(got, want, atol=atol, rtol=atol)
-    for g, w in zip(got_grads, want_grads, strict=True):
-        torch.testing.assert_close(g, w, atol=atol, rtol=atol)
+TOL = dict(atol=1e-10, grad_atol=1e-10, rtol=1e-10)  # outputs and gradients
 
 
 @pytest.mark.parametrize("name,fn", op_cases(), ids=[c[0] for c in op_cases()])
 def test_op_packed_rows_equal_each_document_alone(name, fn):
     inputs = make_inputs(N, batch=2)
     ids = document_ids()
-    assert_same(lambda q, k, v: fn(q, k, v, document_ids=ids),
-                lambda q, k, v: alone(fn, q, k, v), inputs)
+    assert_matches_reference(lambda q, k, v: fn(q, k, v, document_ids=ids),
+                             lambda q, k, v: alone(fn, q, k, v), inputs, **TOL)
 
 
 @pytest.mark.parametrize("name,fn", op_cases()[::3], ids=[c[0] for c in op_cases()[::3]])
@@ -113,8 +107,8 @@ def test_op_cu_seqlens_equals_each_document_alone(name, fn):
     row = ROWS[1]
     inputs = make_inputs(sum(row), batch=1, seed=1)
     cu = torch.tensor([0, *torch.tensor(row).cumsum(0).tolist()], dtype=torch.int32)
-    assert_same(lambda q, k, v: fn(q, k, v, cu_seqlens=cu),
-                lambda q, k, v: alone(fn, q, k, v, rows=(row,)), inputs)
+    assert_matches_reference(lambda q, k, v: fn(q, k, v, cu_seqlens=cu),
+                             lambda q, k, v: alone(fn, q, k, v, rows=(row,)), inputs, **TOL)
     # the same boundaries as document_ids: the same result
     ids = document_ids((row,))
     torch.testing.assert_close(fn(*inputs, cu_seqlens=cu), fn(*inputs, document_ids=ids))

@@ -27,15 +27,6 @@ from stochastic_attention.analysis.receptive import (
 from stochastic_attention.ops.patterns import dense_mask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The pattern ops are small; on a busy CPU extra intra-op threads only wait on each other."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def dense_reference(layers: list[Edges]) -> np.ndarray:
     """R_L = (I + A_L) ... (I + A_1) with dense boolean matrices (obviously correct, O(n^3))."""
     n = layers[0].seq_len

@@ -15,15 +15,6 @@ from stochastic_attention.analysis.families import LayerStack, PatternSpec
 from stochastic_attention.analysis.layers import layer_edges
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The pattern ops are small; on a busy CPU extra intra-op threads only wait on each other."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def small_graph(name: str, n: int = 120, window: int = 6, layers: int = 1, seed: int = 0):
     stack = LayerStack(PatternSpec(name, window, causal=False), n, seed)
     return graphstats.union_graph([stack(i) for i in range(layers)])

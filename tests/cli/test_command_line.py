@@ -12,7 +12,7 @@ import stochastic_attention
 from stochastic_attention import cli_args
 from stochastic_attention.cli import build_parser, main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROGRESS_COMMANDS = ("bench", "bench-decode", "coverage", "graph", "fna", "train", "pretrain-compare", "eval",
                      "longrange run")
 

@@ -5,13 +5,13 @@ import random
 import sys
 
 import pytest
-from hf_tiny import tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from stochastic_attention.eval.harness import harness_sweep, harness_table, run_harness
 from stochastic_attention.eval.methods import parse_methods
 from stochastic_attention.hf import patch, unpatch
+from stochastic_attention.testing import tiny_hf_model
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
          "juliet", "kilo", "lima", "mike", "november", "oscar", "papa"]
@@ -58,7 +58,7 @@ def _loglikelihoods(out):
 def test_harness_scores_the_patched_model(tmp_path):
     pytest.importorskip("lm_eval")
     folder = _write_task(tmp_path)
-    model, tok = tiny_model("llama"), _tokenizer()
+    model, tok = tiny_hf_model("llama"), _tokenizer()
     kw = dict(include_path=folder, include_defaults=False, log_samples=True)
     full = run_harness(model, tok, TASK, **kw)
     assert TASK in full["results"] and "acc,none" in full["results"][TASK]
@@ -83,7 +83,7 @@ def test_harness_scores_the_patched_model(tmp_path):
 def test_harness_sweep_table(tmp_path):
     pytest.importorskip("lm_eval")
     folder = _write_task(tmp_path, items=2)
-    model, tok = tiny_model("llama"), _tokenizer()
+    model, tok = tiny_hf_model("llama"), _tokenizer()
     specs = parse_methods("full,stochastic+sinks=1")
     records = harness_sweep(model, tok, specs, [512], [0], TASK, include_path=folder,
                             include_defaults=False, limit=2)
@@ -98,15 +98,15 @@ def test_harness_sweep_table(tmp_path):
 def test_missing_harness_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(ImportError, match=r"stochastic-attention\[harness\]"):
-        run_harness(tiny_model("llama"), _tokenizer(), TASK)
+        run_harness(tiny_hf_model("llama"), _tokenizer(), TASK)
 
 
 def test_bad_arguments():
     pytest.importorskip("lm_eval")
     with pytest.raises(ValueError, match="tasks"):
-        run_harness(tiny_model("llama"), _tokenizer(), " , ")
+        run_harness(tiny_hf_model("llama"), _tokenizer(), " , ")
     with pytest.raises(ValueError, match="batch_size"):
-        run_harness(tiny_model("llama"), _tokenizer(), TASK, batch_size=0)
+        run_harness(tiny_hf_model("llama"), _tokenizer(), TASK, batch_size=0)
 
 
 def test_cli_eval_harness(tmp_path, capsys):
@@ -115,7 +115,7 @@ def test_cli_eval_harness(tmp_path, capsys):
 
     (tmp_path / "tasks").mkdir()
     folder = _write_task(tmp_path / "tasks")
-    tiny_model("llama").save_pretrained(tmp_path / "model")
+    tiny_hf_model("llama").save_pretrained(tmp_path / "model")
     _tokenizer().save_pretrained(tmp_path / "model")
     code = main(["eval", "--model", str(tmp_path / "model"), "--methods", "full,stochastic",
                  "--windows", "512", "--seeds", "0", "--harness", TASK, "--harness-limit", "3",
@@ -144,7 +144,7 @@ def test_written_choice_task_matches_the_builtin_scorer(tmp_path):
                                   choices=[torch.tensor(tok(" " + w)["input_ids"])
                                            for w in rng.sample(WORDS, 4)]))
     folder = write_choice_task(task, tok, tmp_path / "tasks")
-    model = tiny_model("llama", seed=2)
+    model = tiny_hf_model("llama", seed=2)
     out = run_harness(model, tok, "sattn_nextline", include_path=folder, include_defaults=False)
     assert out["results"]["sattn_nextline"]["acc,none"] == pytest.approx(score_nextline(model, task))
     with pytest.raises(ValueError, match="multiple choice"):
@@ -232,7 +232,7 @@ def test_load_trained_errors_and_tokenizer_choices(tmp_path):
 
     with pytest.raises(ValueError, match="config.json"):
         load_trained(tmp_path)
-    tiny_model("llama").save_pretrained(tmp_path / "llama")
+    tiny_hf_model("llama").save_pretrained(tmp_path / "llama")
     with pytest.raises(ValueError, match="load_pretrained"):
         load_trained(tmp_path / "llama")
     from stochastic_attention.models import SALlamaConfig, SALlamaForCausalLM

@@ -5,7 +5,6 @@ import random
 
 import pytest
 import torch
-from hf_tiny import tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -14,6 +13,7 @@ from stochastic_attention.data.corpora import Document
 from stochastic_attention.eval import aggregate, mean_keys, parse_method, parse_methods, run_sweep
 from stochastic_attention.eval import tasks as T
 from stochastic_attention.eval.report import load_records, save
+from stochastic_attention.testing import tiny_hf_model
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
          "juliet", "kilo", "lima", "mike", "november", "oscar", "papa"]
@@ -63,7 +63,7 @@ def test_tasks_are_reproducible_and_well_formed():
 
 def test_sweep_report_and_budget(tmp_path):
     tok, docs = _tokenizer(), _docs()
-    model = tiny_model("llama", vocab_size=len(tok))
+    model = tiny_hf_model("llama", vocab_size=len(tok))
     tasks = [T.perplexity_task(tok, docs, count=1, length=40, seed=0),
              T.lastword_task(tok, docs, count=1, context=24, seed=0),
              T.nextline_task(tok, docs, count=1, context=24, seed=0),
@@ -119,7 +119,7 @@ def test_equal_budget_table_interpolates_between_windows():
 
 
 def test_method_specs_and_budgets():
-    cfg = tiny_model("llama").config
+    cfg = tiny_hf_model("llama").config
     spec = parse_method("stochastic+sinks=4+local=0.25+layers=1:0")
     settings = spec.settings(64, 2)
     assert settings["local"] == 16 and settings["window"] == 48 and settings["layers"] == [1]
@@ -151,7 +151,7 @@ def test_old_names_in_method_specs_name_the_new_one(spec, new):
 def test_decode_cost_rows_agree_when_the_window_covers_the_context():
     from stochastic_attention.eval.sweep import decode_cost
 
-    model = tiny_model("llama", vocab_size=40)
+    model = tiny_hf_model("llama", vocab_size=40)
     ids = torch.randint(0, 40, (30,), generator=torch.Generator().manual_seed(0))
     rows = decode_cost(model, ids, 24, window=64, sinks=1, local=2)
     assert [r["steps"] for r in rows] == [6, 6, 6]
@@ -164,7 +164,7 @@ def test_decode_cost_rows_agree_when_the_window_covers_the_context():
 def test_prefill_timing_reports_ratios_to_full():
     from stochastic_attention.eval.sweep import time_prefill
 
-    model = tiny_model("llama")
+    model = tiny_hf_model("llama")
     rows = time_prefill(model, parse_methods("full,moba"), 4, [16, 24], repeats=2)
     assert {(r["label"], r["length"]) for r in rows} == {(m, n) for m in ("full", "moba")
                                                          for n in (16, 24)}

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from hf_tiny import tiny_model
 
 from stochastic_attention.cli import main as sattn
 from stochastic_attention.data import ByteTokenizer, parse_source
@@ -28,6 +27,7 @@ from stochastic_attention.experiments.longrange.position_report import (
     plot,
 )
 from stochastic_attention.models import SALlamaConfig, SALlamaForCausalLM
+from stochastic_attention.testing import tiny_hf_model
 
 
 def tiny_sa_llama(method: str = "full", vocab: int = 257, hidden: int = 32, seed: int = 0,
@@ -131,7 +131,7 @@ def test_parse_position_method_reads_the_window():
 
 
 def test_compare_positions_patches_then_restores_the_model():
-    model = tiny_model("llama")
+    model = tiny_hf_model("llama")
     docs = list(torch.randint(0, 97, (3, 40), generator=torch.Generator().manual_seed(2)))
     methods = [parse_position_method(t, 8) for t in
                ("full", "sliding_window:64", "sliding_window:4+sinks=1",

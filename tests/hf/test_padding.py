@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from hf_tiny import tiny_model
 
 from stochastic_attention.hf import patch
+from stochastic_attention.testing import tiny_hf_model
 
 LENGTHS = (14, 9)
 N = 17
@@ -38,7 +38,7 @@ SETTINGS = [
 @pytest.mark.parametrize("left", [(True, True), (False, True)])
 @pytest.mark.parametrize("method,extra", SETTINGS)
 def test_patched_llama_logits_do_not_depend_on_padding(method, extra, left):
-    model = patch(tiny_model("llama"), method, **extra)
+    model = patch(tiny_hf_model("llama"), method, **extra)
     seqs = [_ids(n, seed) for seed, n in enumerate(LENGTHS)]
     ids, mask, spans = _batch(seqs, left)
     with torch.no_grad():
@@ -48,7 +48,7 @@ def test_patched_llama_logits_do_not_depend_on_padding(method, extra, left):
 
 
 def test_sampled_decoding_does_not_depend_on_padding():
-    model = patch(tiny_model("llama"), "stochastic", 3, sinks=1, decode="stochastic")
+    model = patch(tiny_hf_model("llama"), "stochastic", 3, sinks=1, decode="stochastic")
     seqs = [_ids(n, seed) for seed, n in enumerate(LENGTHS)]
     nxt = torch.tensor([[5], [11]])
     ids, mask, _ = _batch(seqs, (True, True))

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from hf_tiny import FAMILIES, tiny_model
 
 from stochastic_attention.hf import patch, patched_config, unpatch
+from stochastic_attention.testing import HF_FAMILIES, tiny_hf_model
 
 METHODS = ("full", "stochastic", "sliding_window", "moba")
 
@@ -18,9 +18,9 @@ def _logits(model, ids, mask=None):
         return model(ids, attention_mask=mask).logits
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", HF_FAMILIES)
 def test_window_covering_the_sequence_reproduces_the_model(family):
-    model = tiny_model(family)
+    model = tiny_hf_model(family)
     ids = _ids()
     ref = _logits(model, ids)
     settings = [dict(), dict(sinks=2), dict(local=3, sinks=1), dict(head_split=2, layout="block"),
@@ -37,8 +37,8 @@ def test_our_sliding_window_matches_transformers_sliding_window(family):
     own = {"sliding_window": 5}
     if family == "qwen3":
         own.update(use_sliding_window=True, max_window_layers=0)
-    reference = tiny_model(family, **own)
-    ours = tiny_model(family, sliding_window=None)
+    reference = tiny_hf_model(family, **own)
+    ours = tiny_hf_model(family, sliding_window=None)
     ours.load_state_dict(reference.state_dict())
     patch(ours, "sliding_window", 5)
     ids = _ids(30)
@@ -52,7 +52,7 @@ def test_our_sliding_window_matches_transformers_sliding_window(family):
                                           ("moba", dict(window=8, top_k=2, sinks=1)),
                                           ("stochastic", dict(window=40, local=4))])
 def test_left_padded_batch_matches_each_sequence_alone(method, extra):
-    model = patch(tiny_model("llama"), method, **extra)
+    model = patch(tiny_hf_model("llama"), method, **extra)
     a, b = _ids(20, 1, seed=1), _ids(13, 1, seed=2)
     batch = torch.zeros(2, 20, dtype=torch.long)
     batch[0], batch[1, 7:] = a[0], b[0]
@@ -64,7 +64,7 @@ def test_left_padded_batch_matches_each_sequence_alone(method, extra):
 
 
 def test_generate_after_patching():
-    model = tiny_model("qwen2")
+    model = tiny_hf_model("qwen2")
     prompt = _ids(16, 1)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     original = model.generate(prompt, **kw)
@@ -97,13 +97,13 @@ def test_permutation_ensemble_is_the_mean_over_independent_draws():
     torch.testing.assert_close(single, parts[0])
     assert not torch.allclose(out, single)
     with pytest.raises(ValueError, match="ensemble applies to method='stochastic'"):
-        patch(tiny_model("llama"), "moba", 8, ensemble=2)
+        patch(tiny_hf_model("llama"), "moba", 8, ensemble=2)
     with pytest.raises(ValueError, match="ensemble must be >= 1"):
-        patch(tiny_model("llama"), "stochastic", 8, ensemble=0)
+        patch(tiny_hf_model("llama"), "stochastic", 8, ensemble=0)
 
 
 def test_stochastic_decode_with_window_covering_the_cache_is_full_decode():
-    model = tiny_model("llama")
+    model = tiny_hf_model("llama")
     prompt = _ids(12, 2)
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     original = model.generate(prompt, **kw)
@@ -112,7 +112,7 @@ def test_stochastic_decode_with_window_covering_the_cache_is_full_decode():
 
 
 def test_small_windows_change_the_output_and_unpatch_restores():
-    model = tiny_model("llama")
+    model = tiny_hf_model("llama")
     ids = _ids(32)
     ref = _logits(model, ids)
     for method in ("stochastic", "sliding_window", "moba"):
@@ -124,7 +124,7 @@ def test_small_windows_change_the_output_and_unpatch_restores():
 
 
 def test_head_split_extremes_are_sliding_window_and_stochastic():
-    model = tiny_model("llama")
+    model = tiny_hf_model("llama")
     ids = _ids(32)
     patch(model, "stochastic", 4, head_split=0)
     split0 = _logits(model, ids)
@@ -139,7 +139,7 @@ def test_head_split_extremes_are_sliding_window_and_stochastic():
 
 
 def test_unpatched_layers_and_two_models_do_not_interfere():
-    a, b = tiny_model("llama"), tiny_model("llama")
+    a, b = tiny_hf_model("llama"), tiny_hf_model("llama")
     ids = _ids(32)
     ref = _logits(a, ids)
     patch(a, "stochastic", 4, layers=[])  # no layer selected: the model's own attention
@@ -154,7 +154,7 @@ def test_unpatched_layers_and_two_models_do_not_interfere():
 def test_bad_input_is_rejected_clearly():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = tiny_model("llama")
+    model = tiny_hf_model("llama")
     with pytest.raises(ValueError, match="method must be one of"):
         patch(model, "linear", 8)
     with pytest.raises(ValueError, match="layout must be one of"):
@@ -175,7 +175,7 @@ def test_bad_input_is_rejected_clearly():
 def test_settings_survive_save_and_reload(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = patch(tiny_model("qwen3"), "stochastic", 6, sinks=1, local=2, seed=5)
+    model = patch(tiny_hf_model("qwen3"), "stochastic", 6, sinks=1, local=2, seed=5)
     ids = _ids(24)
     expected = _logits(model, ids)
     model.save_pretrained(tmp_path)
@@ -196,7 +196,7 @@ def test_plain_from_pretrained_loads_the_patched_model(tmp_path, method, extra):
     """A saved patched model must not come back with full attention (it used to: sdpa)."""
     from transformers import AutoModelForCausalLM
 
-    original = tiny_model("llama")
+    original = tiny_hf_model("llama")
     ids = _ids(24)
     full = _logits(original, ids)
     model = patch(original, method, 6, **extra)
@@ -219,7 +219,7 @@ def test_plain_from_pretrained_loads_the_patched_model(tmp_path, method, extra):
 def test_full_method_saves_the_models_own_attention(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = patch(tiny_model("llama"), "full", 6)
+    model = patch(tiny_hf_model("llama"), "full", 6)
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert again.config._attn_implementation == "sdpa"
@@ -231,7 +231,7 @@ def test_loading_a_patched_model_without_the_package_fails_loudly(tmp_path):
     import subprocess
     import sys
 
-    patch(tiny_model("llama"), "stochastic", 6).save_pretrained(tmp_path)
+    patch(tiny_hf_model("llama"), "stochastic", 6).save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["attn_implementation"] == "stochastic"
     code = ("import sys; from transformers import AutoModelForCausalLM; "
             "AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
@@ -247,7 +247,7 @@ def test_load_pretrained_reapplies_saved_settings(tmp_path):
 
     from stochastic_attention.models import load_pretrained
 
-    model = patch(tiny_model("mistral"), "moba", 8, top_k=2, sinks=1)
+    model = patch(tiny_hf_model("mistral"), "moba", 8, top_k=2, sinks=1)
     ids = _ids(24)
     expected = _logits(model, ids)
     model.save_pretrained(tmp_path)
@@ -269,7 +269,7 @@ def test_load_pretrained_patches_folders_without_the_implementation_name(tmp_pat
 
     from stochastic_attention.models import load_pretrained
 
-    model = patch(tiny_model("llama"), "stochastic", 6, ensemble=3, seed=2)
+    model = patch(tiny_hf_model("llama"), "stochastic", 6, ensemble=3, seed=2)
     ids = _ids(24)
     expected = _logits(model, ids)
     model.save_pretrained(tmp_path)

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from hf_tiny import tiny_model
 
 from stochastic_attention.eval import parse_methods, run_sweep
 from stochastic_attention.eval import sweep as sweep_module
 from stochastic_attention.eval.tasks import Task
 from stochastic_attention.hf import patch, patched, patched_config, unpatch
 from stochastic_attention.hf.config import CONFIG_KEY
+from stochastic_attention.testing import tiny_hf_model
 
 
 def _ids(n=32, batch=2, seed=0):
@@ -28,7 +28,7 @@ def _assert_unpatched(model, ids, reference):
 
 @pytest.mark.parametrize("method", ["stochastic", "sliding_window", "moba"])
 def test_patched_inside_the_block_and_restored_after(method):
-    model = tiny_model("llama")
+    model = tiny_hf_model("llama")
     ids = _ids()
     reference = _logits(model, ids)
     with patched(model, method, 4, sinks=1) as inside:
@@ -40,7 +40,7 @@ def test_patched_inside_the_block_and_restored_after(method):
 
 @pytest.mark.parametrize("method", ["stochastic", "sliding_window", "moba", "full"])
 def test_an_exception_in_the_block_leaves_the_model_unpatched(method):
-    model = tiny_model("qwen3")
+    model = tiny_hf_model("qwen3")
     ids = _ids()
     reference = _logits(model, ids)
     with pytest.raises(RuntimeError, match="mid-sweep"):
@@ -52,7 +52,7 @@ def test_an_exception_in_the_block_leaves_the_model_unpatched(method):
 
 
 def test_bad_arguments_raise_before_anything_changes():
-    model = tiny_model("llama")
+    model = tiny_hf_model("llama")
     ids = _ids()
     reference = _logits(model, ids)
     with pytest.raises(ValueError, match="window must be >= 1"):
@@ -62,7 +62,7 @@ def test_bad_arguments_raise_before_anything_changes():
 
 
 def test_a_patched_model_returns_to_its_own_settings():
-    model = tiny_model("llama")
+    model = tiny_hf_model("llama")
     ids = _ids()
     reference = _logits(model, ids)
     patch(model, "sliding_window", 6, sinks=1)
@@ -79,7 +79,7 @@ def test_a_patched_model_returns_to_its_own_settings():
 
 
 def test_a_failing_task_in_an_eval_sweep_leaves_the_model_unpatched(monkeypatch):
-    model = tiny_model("llama")
+    model = tiny_hf_model("llama")
     ids = _ids()
     reference = _logits(model, ids)
     seen = []

@@ -143,7 +143,7 @@ def test_the_recipe_in_docs_pretraining_runs(tmp_path, monkeypatch):
     """docs/pretraining.md's Trainer + accelerate snippet, as written."""
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "pretraining.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "pretraining.md").read_text()
     section = text.split("## Training with the Hugging Face Trainer and accelerate", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     monkeypatch.setenv("TMPDIR", str(tmp_path))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_nn_attention import HEADS, HIDDEN, KV_HEADS, _projected, make
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import stochastic_attention as sa
@@ -16,9 +15,11 @@ from stochastic_attention.ops.bigbird import bigbird_indices, bigbird_mask, bigb
 from stochastic_attention.ops.moba import chosen_blocks
 from stochastic_attention.ops.patterns import dense_mask
 from stochastic_attention.ops.reference import masked_attention
+from stochastic_attention.testing import assert_matches_reference, projected_qkv
 
 # The union and BigBird merge their parts in fp32 (attend_with_lse), even for fp64 inputs.
 TOL = dict(rtol=1e-5, atol=1e-5)
+GRAD_TOL = dict(TOL, grad_atol=1e-5)  # outputs and gradients
 UNION_METHODS = {"stochastic_local": {"local": 3}, "bigbird": {"random_keys": 4, "sinks": 1}}
 
 
@@ -30,7 +31,7 @@ def left_padding(batch: int, n: int) -> torch.Tensor:
 
 def mixed(layer, x, mask):
     """The layer's output computed from its projections and a dense mask [B|1, H|1, n, n]."""
-    q, k, v = _projected(layer, x)
+    q, k, v = projected_qkv(layer, x)
     groups = layer.num_heads // layer.num_kv_heads
     out = masked_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
                            mask, layer.head_dim**-0.5)
@@ -38,47 +39,43 @@ def mixed(layer, x, mask):
 
 
 @pytest.mark.parametrize("layout,sinks", [("band", 0), ("block", 2)])
-def test_stochastic_local_layer_matches_dense_union(layout, sinks):
-    layer = make("stochastic_local", local=3, sinks=sinks, layout=layout, perm_per_head=True)
-    x = torch.randn(2, 21, HIDDEN, dtype=torch.double, requires_grad=True)
+def test_stochastic_local_layer_matches_dense_union(layout, sinks, layers):
+    layer = layers.make("stochastic_local", local=3, sinks=sinks, layout=layout, perm_per_head=True)
+    x = torch.randn(2, 21, layers.hidden, dtype=torch.double, requires_grad=True)
     padding = left_padding(2, 21)
     perm = layer.draw_permutation(2, 21)
-    out = layer(x, perm=perm, attention_mask=padding)
     mask = dense_mask(21, layer.options.window, perm=perm, layout=layout, sinks=sinks,
                       key_mask=padding, local=3)
-    ref = mixed(layer, x, mask)
-    torch.testing.assert_close(out, ref, **TOL)
-    g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, [x, *layer.parameters()], g),
-                    torch.autograd.grad(ref, [x, *layer.parameters()], g), strict=True):
-        torch.testing.assert_close(a, b, **TOL)
+    # gradients with respect to the input and every parameter (the functions use the layer's own)
+    assert_matches_reference(lambda x, *_: layer(x, perm=perm, attention_mask=padding),
+                             lambda x, *_: mixed(layer, x, mask), (x, *layer.parameters()), **GRAD_TOL)
 
 
 @pytest.mark.parametrize("per_head", [False, True])
-def test_bigbird_layer_matches_dense_reference(per_head):
-    layer = make("bigbird", window=3, random_keys=4, sinks=2, perm_per_head=per_head).eval()
-    x = torch.randn(2, 25, HIDDEN, dtype=torch.double, requires_grad=True)
+def test_bigbird_layer_matches_dense_reference(per_head, layers):
+    layer = layers.make("bigbird", window=3, random_keys=4, sinks=2, perm_per_head=per_head).eval()
+    x = torch.randn(2, 25, layers.hidden, dtype=torch.double, requires_grad=True)
     padding = left_padding(2, 25)
     out = layer(x, attention_mask=padding)  # eval: the seeded draw below
     idx = layer.draw_random_keys(2, 25, key_mask=padding)
-    assert idx.shape == (2, HEADS if per_head else 1, 25, 4)
-    q, k, v = _projected(layer, x)
-    mixed_ref = bigbird_reference(q, k, v, 3, 4, sinks=2, key_mask=padding, indices=idx)
-    ref = layer.o_proj(mixed_ref.transpose(1, 2).reshape(2, 25, -1))
-    torch.testing.assert_close(out, ref, **TOL)
+    assert idx.shape == (2, layers.heads if per_head else 1, 25, 4)
+
+    def reference(x, *_):
+        q, k, v = projected_qkv(layer, x)
+        mixed_ref = bigbird_reference(q, k, v, 3, 4, sinks=2, key_mask=padding, indices=idx)
+        return layer.o_proj(mixed_ref.transpose(1, 2).reshape(2, 25, -1))
+
+    assert_matches_reference(lambda x, *_: layer(x, attention_mask=padding), reference,
+                             (x, *layer.parameters()), **GRAD_TOL)
     # Independent of the operator: the dense mask of the same draw.
     mask = bigbird_mask(25, 3, idx, sinks=2, key_mask=padding)
     torch.testing.assert_close(out, mixed(layer, x, mask), **TOL)
-    g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, [x, *layer.parameters()], g),
-                    torch.autograd.grad(ref, [x, *layer.parameters()], g), strict=True):
-        torch.testing.assert_close(a, b, **TOL)
 
 
 @pytest.mark.parametrize("method", UNION_METHODS)
-def test_training_redraws_and_eval_is_seeded(method):
-    layer = make(method, window=4, **UNION_METHODS[method])
-    x = torch.randn(2, 40, HIDDEN, dtype=torch.double, requires_grad=True)
+def test_training_redraws_and_eval_is_seeded(method, layers):
+    layer = layers.make(method, window=4, **UNION_METHODS[method])
+    x = torch.randn(2, 40, layers.hidden, dtype=torch.double, requires_grad=True)
     layer.train()
     first, second = layer(x), layer(x)
     assert not torch.equal(first, second)
@@ -90,18 +87,18 @@ def test_training_redraws_and_eval_is_seeded(method):
     torch.testing.assert_close(layer(x), first, rtol=0, atol=0)
     layer.eval()
     torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)
-    other = make(method, window=4, layer_idx=1, **UNION_METHODS[method]).eval()
+    other = layers.make(method, window=4, layer_idx=1, **UNION_METHODS[method]).eval()
     assert not torch.equal(other(x), layer(x))  # layers draw independently
-    reseeded = make(method, window=4, perm_seed=1, **UNION_METHODS[method]).eval()
+    reseeded = layers.make(method, window=4, perm_seed=1, **UNION_METHODS[method]).eval()
     assert not torch.equal(reseeded(x), layer(x))
 
 
 @pytest.mark.parametrize("method", UNION_METHODS)
-def test_kv_cache_decoding_is_full_attention_over_the_cache(method):
+def test_kv_cache_decoding_is_full_attention_over_the_cache(method, layers):
     n = 15
-    layer = make(method, window=3, **UNION_METHODS[method]).eval()
-    full = make("full").eval()  # same seed, same shapes: same weights
-    x = torch.randn(2, n, HIDDEN, dtype=torch.double)
+    layer = layers.make(method, window=3, **UNION_METHODS[method]).eval()
+    full = layers.make("full").eval()  # same seed, same shapes: same weights
+    x = torch.randn(2, n, layers.hidden, dtype=torch.double)
     cache, ref_cache = KVCache(), KVCache()
     layer(x[:, :8], cache=cache)
     full(x[:, :8], cache=ref_cache)
@@ -110,17 +107,17 @@ def test_kv_cache_decoding_is_full_attention_over_the_cache(method):
                                    full(x[:, i:i + 1], cache=ref_cache))
 
 
-def test_method_options_are_refused_where_they_are_ignored():
+def test_method_options_are_refused_where_they_are_ignored(layers):
     with pytest.raises(ValueError, match="local"):
-        MultiHeadAttention(HIDDEN, HEADS, method="stochastic", options={"local": 4})
+        MultiHeadAttention(layers.hidden, layers.heads, method="stochastic", options={"local": 4})
     with pytest.raises(TypeError, match="local"):
-        MultiHeadAttention(HIDDEN, HEADS, method="stochastic_local")  # local has no default
+        MultiHeadAttention(layers.hidden, layers.heads, method="stochastic_local")  # local has no default
     with pytest.raises(ValueError, match="local must be >= 1"):
-        MultiHeadAttention(HIDDEN, HEADS, method="stochastic_local", options={"local": 0})
+        MultiHeadAttention(layers.hidden, layers.heads, method="stochastic_local", options={"local": 0})
     with pytest.raises(ValueError, match="random_keys"):
-        MultiHeadAttention(HIDDEN, HEADS, method="sliding_window", options={"random_keys": 2})
+        MultiHeadAttention(layers.hidden, layers.heads, method="sliding_window", options={"random_keys": 2})
     with pytest.raises(ValueError, match="random_keys"):
-        MultiHeadAttention(HIDDEN, HEADS, method="bigbird", options={"random_keys": -1})
+        MultiHeadAttention(layers.hidden, layers.heads, method="bigbird", options={"random_keys": -1})
     with pytest.raises(ValueError, match="local"):
         SALlamaConfig(num_hidden_layers=2, attention_methods=["stochastic", "full"],
                       attention_options={"local": 4})
@@ -219,7 +216,7 @@ def test_mean_attended_keys_equals_dense_mask_row_sums(method):
     assert mean_attended_keys(OPTIONS, method, N) == pytest.approx(dense_budget(method, OPTIONS))
 
 
-def test_mean_attended_keys_block_layout_and_sources_agree():
+def test_mean_attended_keys_block_layout_and_sources_agree(layers):
     block = dict(OPTIONS, layout="block")
     for method in ("stochastic", "stochastic_local"):
         assert mean_attended_keys(block, method, N) == pytest.approx(
@@ -227,7 +224,7 @@ def test_mean_attended_keys_block_layout_and_sources_agree():
     config = SALlamaConfig(num_hidden_layers=2, attention_methods=["stochastic_local", "bigbird"],
                            attention_options={k: v for k, v in OPTIONS.items()
                                               if k in ("window", "sinks", "local", "random_keys")})
-    layer = MultiHeadAttention(HIDDEN, HEADS, num_kv_heads=KV_HEADS, method="bigbird",
+    layer = MultiHeadAttention(layers.hidden, layers.heads, num_kv_heads=layers.kv_heads, method="bigbird",
                                options={k: OPTIONS[k] for k in ("window", "random_keys", "sinks")})
     for method in ("stochastic_local", "bigbird", "sliding_window", "stochastic"):
         assert mean_attended_keys(config, method, N) == mean_attended_keys(OPTIONS, method, N)

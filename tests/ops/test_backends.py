@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from functools import partial
 
 import pytest
 import torch
@@ -11,32 +12,13 @@ import torch.nn.functional as F
 import stochastic_attention as sa
 from stochastic_attention.ops import blocked
 from stochastic_attention.ops.patterns import dense_mask, pattern_edges
+from stochastic_attention.testing import assert_matches_reference, outputs_and_grads, random_key_mask, random_qkv
 
 LENGTHS = (1, 7, 63, 130, 257)
 
 
-def make_qkv(n, *, batch=2, heads=4, kv_heads=2, dim=16, dtype=torch.float32, seed=0, grad=True):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, heads, n, dim, generator=g).to(dtype)
-    k = torch.randn(batch, kv_heads, n, dim, generator=g).to(dtype)
-    v = torch.randn(batch, kv_heads, n, dim, generator=g).to(dtype)
-    return [t.requires_grad_(grad) for t in (q, k, v)]
-
-
-def padding_mask(batch, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.ones(batch, n, dtype=torch.bool)
-    mask[0, : n // 3] = False  # left padding
-    mask[-1, n - n // 4:] = False  # right padding
-    mask &= torch.rand(batch, n, generator=g) > 0.1  # holes
-    return mask
-
-
-def run(fn, q, k, v, **kw):
-    out = fn(q, k, v, **kw)
-    # A non-linear loss so that every output element gets its own gradient.
-    grads = torch.autograd.grad((out.float() * torch.cos(out.float())).sum(), (q, k, v))
-    return out, grads
+def on(backend, fn=sa.stochastic_attention):
+    return partial(fn, backend=backend)
 
 
 def assert_close(a, b, atol, rtol=0.0):
@@ -47,73 +29,61 @@ CASES = list(itertools.product(LENGTHS, (True, False), ("band", "block"), (0, 3)
 
 
 @pytest.mark.parametrize("n,causal,layout,sinks,pad", CASES)
-def test_blocked_matches_reference_sa(n, causal, layout, sinks, pad):
-    q, k, v = make_qkv(n)
-    kpm = padding_mask(2, n) if pad else None
-    perm = sa.random_permutation(2, 4, n, generator=torch.Generator().manual_seed(n))
+def test_blocked_matches_reference_sa(n, causal, layout, sinks, pad, device):
+    q, k, v = random_qkv(n, device=device)
+    kpm = random_key_mask(2, n, device=device) if pad else None
+    perm = sa.random_permutation(2, 4, n, generator=torch.Generator().manual_seed(n)).to(device)
     kw = dict(window=8, perm=perm, causal=causal, layout=layout, sinks=sinks, key_mask=kpm)
-    ref, ref_g = run(sa.stochastic_attention, q, k, v, backend="reference", **kw)
-    out, out_g = run(sa.stochastic_attention, q, k, v, backend="blocked", **kw)
-    assert_close(out, ref, 1e-5)
-    for a, b in zip(out_g, ref_g):
-        assert_close(a, b, 1e-4)
+    assert_matches_reference(on("blocked"), on("reference"), (q, k, v), **kw)
 
 
 @pytest.mark.parametrize("n,causal,sinks,pad", list(itertools.product(LENGTHS, (True, False), (0, 3), (False, True))))
-def test_blocked_matches_reference_swa(n, causal, sinks, pad):
-    q, k, v = make_qkv(n)
-    kpm = padding_mask(2, n) if pad else None
+def test_blocked_matches_reference_swa(n, causal, sinks, pad, device):
+    q, k, v = random_qkv(n, device=device)
+    kpm = random_key_mask(2, n, device=device) if pad else None
     kw = dict(window=8, causal=causal, sinks=sinks, key_mask=kpm)
-    ref, ref_g = run(sa.sliding_window_attention, q, k, v, backend="reference", **kw)
-    out, out_g = run(sa.sliding_window_attention, q, k, v, backend="blocked", **kw)
-    assert_close(out, ref, 1e-5)
-    for a, b in zip(out_g, ref_g):
-        assert_close(a, b, 1e-4)
+    swa = sa.sliding_window_attention
+    assert_matches_reference(on("blocked", swa), on("reference", swa), (q, k, v), **kw)
 
 
 @pytest.mark.parametrize("perm_shape", ["seq", "batch", "batch_heads"])
 @pytest.mark.parametrize("window", [1, 2, 16, 129, 300])
-def test_perm_shapes_and_windows(perm_shape, window):
+def test_perm_shapes_and_windows(perm_shape, window, device):
     n = 130
-    q, k, v = make_qkv(n, batch=3, heads=6, kv_heads=3)
+    q, k, v = random_qkv(n, batch=3, heads=6, kv_heads=3, device=device)
     g = torch.Generator().manual_seed(window)
     shape = {"seq": (n,), "batch": (3, n), "batch_heads": (3, 6, n)}[perm_shape]
-    perm = torch.rand(*shape, generator=g).argsort(-1)
+    perm = torch.rand(*shape, generator=g).argsort(-1).to(device)
     for layout in ("band", "block"):
         kw = dict(window=window, perm=perm, layout=layout, sinks=2)
-        ref, ref_g = run(sa.stochastic_attention, q, k, v, backend="reference", **kw)
-        out, out_g = run(sa.stochastic_attention, q, k, v, backend="blocked", **kw)
-        assert_close(out, ref, 1e-5)
-        for a, b in zip(out_g, ref_g):
-            assert_close(a, b, 1e-4)
+        assert_matches_reference(on("blocked"), on("reference"), (q, k, v), **kw)
 
 
 @pytest.mark.parametrize("fn", ["sa_band", "sa_block", "swa"])
-def test_bf16_matches_fp32_reference(fn):
+def test_bf16_matches_fp32_reference(fn, device):
     n = 130
-    q, k, v = make_qkv(n, dtype=torch.bfloat16)
-    kpm = padding_mask(2, n)
-    perm = sa.random_permutation(2, 4, n, generator=torch.Generator().manual_seed(1))
+    q, k, v = random_qkv(n, dtype=torch.bfloat16, device=device)
+    kpm = random_key_mask(2, n, device=device)
+    perm = sa.random_permutation(2, 4, n, generator=torch.Generator().manual_seed(1)).to(device)
     if fn == "swa":
         call = lambda *a, **kw: sa.sliding_window_attention(*a, 16, sinks=2, key_mask=kpm, **kw)
     else:
         layout = fn.split("_")[1]
         call = lambda *a, **kw: sa.stochastic_attention(*a, 16, perm=perm, layout=layout, sinks=2,
                                                         key_mask=kpm, **kw)
-    out, out_g = run(call, q, k, v, backend="blocked")
+    out = assert_matches_reference(
+        partial(call, backend="blocked"),
+        lambda *qkv: call(*(t.float() for t in qkv), backend="reference"),  # fp32 from the same numbers
+        (q, k, v), atol=3e-2, rtol=3e-2, grad_atol=1e-1, grad_rtol=5e-2)
     assert out.dtype == torch.bfloat16
-    ref, ref_g = run(call, *[t.detach().float().requires_grad_() for t in (q, k, v)], backend="reference")
-    assert_close(out, ref, 3e-2, 3e-2)
-    for a, b in zip(out_g, ref_g):
-        assert_close(a, b, 1e-1, 5e-2)
 
 
 @pytest.mark.parametrize("layout,sinks,pad", [("band", 0, False), ("band", 3, True), ("block", 0, False),
                                               ("block", 200, True)])
 def test_flex_cpu_inference_matches_reference(layout, sinks, pad):
     n = 257
-    q, k, v = make_qkv(n, grad=False)
-    kpm = padding_mask(2, n) if pad else None
+    q, k, v = random_qkv(n, grad=False)
+    kpm = random_key_mask(2, n) if pad else None
     perm = sa.random_permutation(2, 4, n, generator=torch.Generator().manual_seed(3))
     kw = dict(window=40, perm=perm, layout=layout, sinks=sinks, key_mask=kpm)
     with torch.no_grad():
@@ -123,7 +93,7 @@ def test_flex_cpu_inference_matches_reference(layout, sinks, pad):
 
 
 def test_flex_cpu_refuses_backward_with_a_clear_error():
-    q, k, v = make_qkv(16)
+    q, k, v = random_qkv(16)
     with pytest.raises(ValueError, match="backend='flex'.*blocked"):
         sa.stochastic_attention(q, k, v, 4, backend="flex")
 
@@ -134,8 +104,8 @@ def test_flex_cpu_refuses_backward_with_a_clear_error():
 @pytest.mark.parametrize("causal", [True, False])
 def test_identity_perm_is_swa(causal):
     n = 130
-    q, k, v = make_qkv(n, grad=False)
-    kpm = padding_mask(2, n)
+    q, k, v = random_qkv(n, grad=False)
+    kpm = random_key_mask(2, n)
     ident = torch.arange(n)
     got = sa.stochastic_attention(q, k, v, 16, perm=ident, causal=causal, sinks=2, key_mask=kpm)
     want = sa.sliding_window_attention(q, k, v, 16, causal=causal, sinks=2, key_mask=kpm)
@@ -146,7 +116,7 @@ def test_identity_perm_is_swa(causal):
 @pytest.mark.parametrize("causal", [True, False])
 def test_window_covering_sequence_is_full_attention(backend, causal):
     n = 63
-    q, k, v = make_qkv(n, grad=False)
+    q, k, v = random_qkv(n, grad=False)
     full = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                           is_causal=causal)
     for layout in ("band", "block"):
@@ -159,7 +129,7 @@ def test_window_covering_sequence_is_full_attention(backend, causal):
 @pytest.mark.parametrize("backend", ["reference", "blocked"])
 def test_no_future_leak(method, backend):
     n, t = 130, 70
-    q, k, v = make_qkv(n, grad=False)
+    q, k, v = random_qkv(n, grad=False)
     perm = sa.random_permutation(2, 4, n, generator=torch.Generator().manual_seed(5))
 
     def call(q, k, v):
@@ -177,7 +147,7 @@ def test_no_future_leak(method, backend):
 
 
 def test_same_seed_same_output_different_seed_different_output():
-    q, k, v = make_qkv(257, grad=False)
+    q, k, v = random_qkv(257, grad=False)
 
     def call(seed):
         return sa.stochastic_attention(q, k, v, 16, generator=torch.Generator().manual_seed(seed))
@@ -205,7 +175,7 @@ def test_block_layout_tiles_are_dense():
 def test_sparse_pattern_equals_dense_mask(layout, causal):
     n = 130
     perm = sa.random_permutation(1, 1, n, generator=torch.Generator().manual_seed(2))[0, 0]
-    key_valid = padding_mask(1, n)[0]
+    key_valid = random_key_mask(1, n)[0]
     qi, ki = pattern_edges(n, 16, perm=perm, layout=layout, causal=causal, sinks=3, key_valid=key_valid)
     sparse = torch.zeros(n, n, dtype=torch.bool)
     sparse[qi, ki] = True
@@ -222,7 +192,7 @@ def test_attended_keys():
     full = sa.attended_keys(n, w, method="full")
     assert torch.equal(full[0, 0], torch.arange(n) + 1)
     perm = sa.random_permutation(2, 3, n, generator=torch.Generator().manual_seed(0))
-    kpm = padding_mask(2, n)
+    kpm = random_key_mask(2, n)
     for layout in ("band", "block"):
         got = sa.attended_keys(n, w, perm=perm, layout=layout, sinks=4, key_mask=kpm)
         want = dense_mask(n, w, perm=perm, layout=layout, sinks=4, key_mask=kpm).sum(-1)
@@ -245,7 +215,7 @@ def test_random_permutation():
 
 
 def test_bad_inputs_raise_clear_errors():
-    q, k, v = make_qkv(10, grad=False)
+    q, k, v = random_qkv(10, grad=False)
     with pytest.raises(ValueError, match="window must be >= 1"):
         sa.stochastic_attention(q, k, v, 0)
     with pytest.raises(TypeError, match="window must be an int"):
@@ -281,12 +251,12 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_empty_and_fully_padded_rows_are_zero_not_nan():
-    q, k, v = make_qkv(7)
+    q, k, v = random_qkv(7)
     kpm = torch.zeros(2, 7, dtype=torch.bool)
     kpm[1, 3] = True
     for backend in ("reference", "blocked"):
-        out, grads = run(sa.stochastic_attention, q, k, v, window=2, key_mask=kpm, backend=backend,
-                         generator=torch.Generator().manual_seed(0))
+        out, grads = outputs_and_grads(sa.stochastic_attention, (q, k, v), window=2, key_mask=kpm,
+                                       backend=backend, generator=torch.Generator().manual_seed(0))
         assert torch.all(out[0] == 0)
         assert all(torch.isfinite(g).all() for g in grads)
     empty = sa.stochastic_attention(*(t[:, :, :0] for t in (q, k, v)), 4)
@@ -294,17 +264,13 @@ def test_empty_and_fully_padded_rows_are_zero_not_nan():
 
 
 @pytest.mark.parametrize("tile", [1, 5])
-def test_tiny_ragged_tiles_match_reference(monkeypatch, tile):
+def test_tiny_ragged_tiles_match_reference(monkeypatch, tile, device):
     """Many tiles and a ragged last one, whatever the tile size is tuned to."""
     monkeypatch.setattr(blocked, "BAND_TILE", tile)
     n = 37
-    q, k, v = make_qkv(n)
-    kpm = padding_mask(2, n)
-    perm = sa.random_permutation(2, 4, n, generator=torch.Generator().manual_seed(tile))
+    q, k, v = random_qkv(n, device=device)
+    kpm = random_key_mask(2, n, device=device)
+    perm = sa.random_permutation(2, 4, n, generator=torch.Generator().manual_seed(tile)).to(device)
     for causal in (True, False):
         kw = dict(window=6, perm=perm, causal=causal, sinks=2, key_mask=kpm)
-        ref, ref_g = run(sa.stochastic_attention, q, k, v, backend="reference", **kw)
-        out, out_g = run(sa.stochastic_attention, q, k, v, backend="blocked", **kw)
-        assert_close(out, ref, 1e-5)
-        for a, b in zip(out_g, ref_g):
-            assert_close(a, b, 1e-4)
+        assert_matches_reference(on("blocked"), on("reference"), (q, k, v), **kw)

@@ -15,16 +15,13 @@ from stochastic_attention.ops.bigbird import (
     bigbird_mask,
     bigbird_reference,
 )
+from stochastic_attention.testing import assert_matches_reference, random_qkv
 
 B, HQ, HKV, D = 2, 4, 2, 8
 
 
-def make_qkv(n: int, kv_heads: int = HKV, dtype=torch.float32, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, HQ, n, D, generator=g, dtype=dtype, requires_grad=True)
-    k = torch.randn(B, kv_heads, n, D, generator=g, dtype=dtype, requires_grad=True)
-    v = torch.randn(B, kv_heads, n, D, generator=g, dtype=dtype, requires_grad=True)
-    return q, k, v
+def make_qkv(n: int, kv_heads: int = HKV, dtype=torch.float32, seed: int = 0, device="cpu"):
+    return random_qkv(n, batch=B, heads=HQ, kv_heads=kv_heads, dim=D, dtype=dtype, seed=seed, device=device)
 
 
 def left_padding(n: int) -> torch.Tensor:
@@ -34,28 +31,19 @@ def left_padding(n: int) -> torch.Tensor:
     return mask
 
 
-def outputs_and_grads(fn, q, k, v, *args, **kw):
-    out = fn(q, k, v, *args, **kw)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
-    return out, torch.autograd.grad(out, (q, k, v), grad_out)
-
-
 CASES = list(itertools.product((1, 7, 63, 130), (1, 5, 16), (0, 1, 8), (0, 2)))
 
 
 @pytest.mark.parametrize("n,window,random_keys,sinks", CASES)
 @pytest.mark.parametrize("per_head,pad", [(False, False), (True, True)])
-def test_fast_path_matches_dense_reference(n, window, random_keys, sinks, per_head, pad):
-    q, k, v = make_qkv(n)
-    kpm = left_padding(n) if pad else None
+def test_fast_path_matches_dense_reference(n, window, random_keys, sinks, per_head, pad, device):
+    q, k, v = make_qkv(n, device=device)
+    kpm = left_padding(n).to(device) if pad else None
     idx = bigbird_indices(B, HQ if per_head else 1, n, window, random_keys, sinks=sinks,
                           generator=torch.Generator().manual_seed(n + window))
-    kw = dict(sinks=sinks, key_mask=kpm, indices=idx)
-    out, grads = outputs_and_grads(bigbird_attention, q, k, v, window, random_keys, **kw)
-    ref, ref_grads = outputs_and_grads(bigbird_reference, q, k, v, window, random_keys, **kw)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    for a, b in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_matches_reference(bigbird_attention, bigbird_reference, (q, k, v), window=window,
+                             random_keys=random_keys, sinks=sinks, key_mask=kpm, indices=idx.to(device),
+                             atol=1e-5, grad_atol=1e-5, rtol=1e-5)
 
 
 def test_float64_inputs_keep_their_dtype_and_match():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+from functools import partial
 
 import pytest
 import torch
@@ -18,15 +19,16 @@ from stochastic_attention.ops.decode import cached_attention
 from stochastic_attention.ops.patterns import dense_mask, visible_keys
 from stochastic_attention.ops.permute import random_permutation, routing_permutation
 from stochastic_attention.ops.validate import check_bool, check_int
+from stochastic_attention.testing import assert_matches_reference, outputs_and_grads, random_qkv
 
 BACKEND_MODULES = (reference, blocked, flex)
 CONTRACT = ("q", "k", "v", "window", "perm", "layout", "causal", "sinks", "key_mask", "scale",
             "local")
+TOL = dict(atol=1e-5, grad_atol=1e-5, rtol=1e-5)  # outputs and gradients
 
 
-def make(B, Hq, Hkv, n, D=8, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, h, n, D, generator=g, dtype=dtype).requires_grad_() for h in (Hq, Hkv, Hkv)]
+def make(B, Hq, Hkv, n, D=8, seed=0, device="cpu"):
+    return random_qkv(n, batch=B, heads=Hq, kv_heads=Hkv, dim=D, seed=seed, device=device)
 
 
 def pad_mask(kind, B, n, seed=0):
@@ -41,21 +43,6 @@ def pad_mask(kind, B, n, seed=0):
         mask = torch.rand(B, n, generator=torch.Generator().manual_seed(seed)) < 0.6
         mask[0] = False
     return mask
-
-
-def out_and_grads(fn, q, k, v):
-    out = fn(q, k, v)
-    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
-    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
-    return out, grads
-
-
-def assert_same(a, b, tol=1e-5):
-    out_a, grads_a = a
-    out_b, grads_b = b
-    torch.testing.assert_close(out_a, out_b, atol=tol, rtol=tol)
-    for name, ga, gb in zip("qkv", grads_a, grads_b):
-        torch.testing.assert_close(ga, gb, atol=tol, rtol=tol, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,25 +80,26 @@ AWKWARD = [
 ]
 
 
-def contract_args(case):
+def contract_args(case, device="cpu"):
     n, window, hq, hkv, pad, sinks, layout, causal, local, perm_kind = case
     B = 3 if pad == "random" else 2
-    perm = None
+    perm = key_mask = None
     if perm_kind is not None:
         heads = hq if perm_kind == "per_head" else 1
-        perm = random_permutation(B, heads, n, generator=torch.Generator().manual_seed(n))
-    kw = dict(perm=perm, layout=layout, causal=causal, sinks=sinks,
-              key_mask=pad_mask(pad, B, n, seed=n), scale=0.3, local=local)
-    return make(B, hq, hkv, n, seed=n + window), window, kw
+        perm = random_permutation(B, heads, n, generator=torch.Generator().manual_seed(n)).to(device)
+    if pad is not None:
+        key_mask = pad_mask(pad, B, n, seed=n).to(device)
+    kw = dict(perm=perm, layout=layout, causal=causal, sinks=sinks, key_mask=key_mask, scale=0.3,
+              local=local)
+    return make(B, hq, hkv, n, seed=n + window, device=device), window, kw
 
 
 @pytest.mark.parametrize("case", AWKWARD)
-def test_blocked_backend_equals_the_reference_with_gradients(case):
-    (q, k, v), window, kw = contract_args(case)
-    ref = out_and_grads(lambda q, k, v: reference.attention(q, k, v, window, **kw), q, k, v)
-    got = out_and_grads(lambda q, k, v: blocked.attention(q, k, v, window, **kw), q, k, v)
-    assert_same(got, ref)
-    assert not any(torch.isnan(t).any() for t in (got[0], *got[1]))
+def test_blocked_backend_equals_the_reference_with_gradients(case, device):
+    (q, k, v), window, kw = contract_args(case, device)
+    # assert_close fails on NaN, so a NaN output or gradient cannot pass either
+    out = assert_matches_reference(blocked.attention, reference.attention, (q, k, v), window=window, **kw, **TOL)
+    assert not torch.isnan(out).any()
 
 
 @pytest.mark.parametrize("case", [AWKWARD[0], AWKWARD[2], AWKWARD[4]])
@@ -249,11 +237,12 @@ def test_masked_sdpa_gives_zero_rows_and_zero_gradients_for_queries_without_keys
     mask = torch.rand(2, 1, 6, 6, generator=torch.Generator().manual_seed(0)) < 0.5
     mask[:, :, 2] = False  # query 2 sees nothing
     for m in (mask, torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))):
-        got = out_and_grads(lambda q, k, v, m=m: dense.masked_sdpa(q, k, v, m, 0.5), q, k, v)
-        ref = out_and_grads(lambda q, k, v: dense.masked_attention(q, k, v, mask, 0.5), q, k, v)
-        assert_same(got, ref)
-        assert torch.equal(got[0][:, :, 2], torch.zeros(2, 2, 8))
-        assert torch.equal(got[1][0][:, :, 2], torch.zeros(2, 2, 8))
+        fast = lambda q, k, v, m=m: dense.masked_sdpa(q, k, v, m, 0.5)
+        assert_matches_reference(fast, lambda q, k, v: dense.masked_attention(q, k, v, mask, 0.5),
+                                 (q, k, v), **TOL)
+        out, (dq, _, _) = outputs_and_grads(fast, (q, k, v))
+        assert torch.equal(out[:, :, 2], torch.zeros(2, 2, 8))
+        assert torch.equal(dq[:, :, 2], torch.zeros(2, 2, 8))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,9 +265,9 @@ def test_ensemble_is_the_mean_of_its_members_under_the_drawn_routings(members, p
     q, k, v = make(3, 4, 2, n, seed=members)
     key_mask = pad_mask(pad, 3, n, seed=5)
     kw = dict(layout="block" if members == 2 else "band", sinks=1, local=local, key_mask=key_mask)
-    got = out_and_grads(lambda q, k, v: ensemble_attention(
-        q, k, v, 4, members=members, generator=torch.Generator().manual_seed(9), scale=0.4,
-        **kw), q, k, v)
+    def fast(q, k, v):
+        return ensemble_attention(q, k, v, 4, members=members, generator=torch.Generator().manual_seed(9),
+                                  scale=0.4, **kw)
 
     def slow(q, k, v):
         g = torch.Generator().manual_seed(9)
@@ -286,7 +275,7 @@ def test_ensemble_is_the_mean_of_its_members_under_the_drawn_routings(members, p
         assert all(not torch.equal(perms[0], p) for p in perms[1:])  # independent draws
         return sum(dense_sa(q, k, v, 4, p, scale=0.4, **kw) for p in perms) / members
 
-    assert_same(got, out_and_grads(slow, q, k, v))
+    assert_matches_reference(fast, slow, (q, k, v), **TOL)
 
 
 @pytest.mark.parametrize("split", [0, 1, 3, 4, 9])
@@ -309,7 +298,7 @@ def test_head_split_runs_each_operator_on_its_heads(split):
                            dense_mask(n, 3, perm=perm, sinks=1), dense_mask(n, 3, perm=swa, sinks=1))
         return dense.masked_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), mask, 0.5)
 
-    assert_same(out_and_grads(fast, q, k, v), out_and_grads(slow, q, k, v))
+    assert_matches_reference(fast, slow, (q, k, v), **TOL)
 
 
 @pytest.mark.parametrize("window,sinks,L,pad", [(3, 0, 1, False), (4, 2, 3, True), (40, 1, 2, True),
@@ -372,12 +361,10 @@ def test_fractional_and_bigbird_keep_their_reference_paths():
     q, k, v = make(2, 4, 2, 11, seed=3)
     key_mask = pad_mask("random", 2, 11, seed=2)
     kw = dict(causal=True, key_mask=key_mask, window=4)
-    assert_same(out_and_grads(lambda q, k, v: fractional.fractional_attention(q, k, v, 1.2, **kw), q, k, v),
-                out_and_grads(lambda q, k, v: fractional.fractional_attention(
-                    q, k, v, 1.2, backend="reference", **kw), q, k, v))
+    assert_matches_reference(fractional.fractional_attention, partial(fractional.fractional_attention,
+                                                                      backend="reference"),
+                             (q, k, v), alpha=1.2, **kw, **TOL)
     idx = bigbird.bigbird_indices(2, 1, 11, 3, 2, sinks=1, generator=torch.Generator().manual_seed(0),
                                   key_mask=key_mask)
-    assert_same(out_and_grads(lambda q, k, v: bigbird.bigbird_attention(
-                    q, k, v, 3, 2, sinks=1, key_mask=key_mask, indices=idx), q, k, v),
-                out_and_grads(lambda q, k, v: bigbird.bigbird_reference(
-                    q, k, v, 3, 2, sinks=1, key_mask=key_mask, indices=idx), q, k, v))
+    assert_matches_reference(bigbird.bigbird_attention, bigbird.bigbird_reference, (q, k, v), window=3,
+                             random_keys=2, sinks=1, key_mask=key_mask, indices=idx, **TOL)

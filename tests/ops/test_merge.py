@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import stochastic_attention as sa
 from stochastic_attention.ops import blocked, merge, parts
 from stochastic_attention.ops.merge import Part, attend_parts, attend_parts_reference
 from stochastic_attention.ops.parts import window_part
+from stochastic_attention.testing import assert_matches_reference, outputs_and_grads
 
 SCALE = 0.37
 
@@ -50,10 +52,15 @@ def expand(x, gqa):
     return x.repeat_interleave(gqa, dim=1)
 
 
-def grads(fn, q, ks, vs):
-    out = fn()
-    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
-    return out, torch.autograd.grad((out * weight).sum(), [q, *ks, *vs])
+def tolerance(dtype):
+    """Outputs and gradients: float32 to 1e-5 / 1e-4, float64 to assert_close's defaults."""
+    if dtype == torch.float32:
+        return dict(atol=1e-5, grad_atol=1e-5, rtol=1e-4)
+    return dict(atol=1e-7, grad_atol=1e-7, rtol=1e-7)
+
+
+# The functions compared below are closures over their leaf tensors: assert_matches_reference
+# passes the leaves (to take gradients with respect to them), the closures ignore the arguments.
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -70,16 +77,14 @@ def test_parts_equal_one_softmax_over_all_keys(dtype, n_parts, gqa, additive):
             out.append(Part(q, expand(k, gqa), expand(v, gqa), mask))
         return out
 
-    ref, ref_grads = grads(lambda: dense(q, [expand(k, gqa) for k in ks],
-                                         [expand(v, gqa) for v in vs], masks), q, ks, vs)
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-10)
+    def reference(*_):
+        return dense(q, [expand(k, gqa) for k in ks], [expand(v, gqa) for v in vs], masks)
+
+    tol = tolerance(dtype) if dtype == torch.float32 else dict(atol=1e-12, grad_atol=1e-12, rtol=1e-10)
     for fn in (attend_parts, attend_parts_reference):
-        out, got = grads(lambda fn=fn: fn(parts(), SCALE), q, ks, vs)
+        # assert_close fails on NaN: a NaN gradient cannot pass
+        out = assert_matches_reference(lambda *_, fn=fn: fn(parts(), SCALE), reference, (q, *ks, *vs), **tol)
         assert out.dtype == dtype
-        torch.testing.assert_close(out, ref, **tol)
-        for a, b in zip(got, ref_grads):
-            assert not a.isnan().any()
-            torch.testing.assert_close(a, b, **tol)
 
 
 @pytest.mark.parametrize("fn", [attend_parts, attend_parts_reference])
@@ -87,8 +92,8 @@ def test_rows_without_keys_give_zeros_and_zero_gradients(fn):
     q, ks, vs, masks = make_case(3, torch.float32)
     masks = [torch.zeros_like(m) for m in masks]
     masks[1][..., 3, 0] = True  # one row sees one key in one part
-    out, got = grads(lambda: fn([Part(q, k, v, m) for k, v, m in zip(ks, vs, masks)], SCALE),
-                     q, ks, vs)
+    out, got = outputs_and_grads(lambda *_: fn([Part(q, k, v, m) for k, v, m in zip(ks, vs, masks)], SCALE),
+                                 (q, *ks, *vs))
     assert torch.isfinite(out).all() and all(torch.isfinite(x).all() for x in got)
     empty = torch.ones(out.shape[2], dtype=torch.bool)
     empty[3] = False
@@ -99,12 +104,8 @@ def test_rows_without_keys_give_zeros_and_zero_gradients(fn):
 def test_parts_without_masks_and_one_key():
     q, ks, vs, masks = make_case(3, torch.float64, empty_in_one=False, empty_in_all=False)
     full = [torch.ones_like(m) for m in masks]
-    ref, ref_grads = grads(lambda: dense(q, ks, vs, full), q, ks, vs)
-    out, got = grads(lambda: attend_parts([Part(q, k, v) for k, v in zip(ks, vs)], SCALE),
-                     q, ks, vs)
-    torch.testing.assert_close(out, ref)
-    for a, b in zip(got, ref_grads):
-        torch.testing.assert_close(a, b)
+    assert_matches_reference(lambda *_: attend_parts([Part(q, k, v) for k, v in zip(ks, vs)], SCALE),
+                             lambda *_: dense(q, ks, vs, full), (q, *ks, *vs), **tolerance(torch.float64))
 
 
 def test_gradcheck_float64():
@@ -127,13 +128,12 @@ def test_part_layouts_map_back_with_tile_padding():
     key_valid = torch.rand(B, 1, n, generator=g) > 0.3
     kw = dict(pos=None, key_valid=key_valid, layout="block", causal=True, sinks=0, sink_k=None,
               sink_v=None, sink_valid=None, scale=SCALE)
-    ref, ref_grads = grads(lambda: blocked.windowed_attention(q, k, v, window, **kw), q, [k], [v])
     for fn in (attend_parts, attend_parts_reference):
-        out, got = grads(lambda fn=fn: fn([window_part(blocked.windowed_attention(
-            q, k, v, window, return_tiles=True, **kw))], SCALE), q, [k], [v])
-        torch.testing.assert_close(out, ref)
-        for a, b in zip(got, ref_grads):
-            torch.testing.assert_close(a, b)
+        assert_matches_reference(
+            lambda q, k, v, fn=fn: fn([window_part(blocked.windowed_attention(
+                q, k, v, window, return_tiles=True, **kw))], SCALE),
+            lambda q, k, v: blocked.windowed_attention(q, k, v, window, **kw),
+            (q, k, v), **tolerance(torch.float64))
 
 
 def test_no_parts_is_an_error():
@@ -153,14 +153,11 @@ def test_recent_band_part_equals_dense_window(width, dtype):
     kpm[0, :7] = False  # left padding: its first queries see nothing
     i, j = torch.arange(n).view(n, 1), torch.arange(n).view(1, n)
     mask = ((j <= i) & (j > i - width) & (j >= sinks))[None, None] & kpm[:, None, None, :]
-    ref, ref_grads = grads(lambda: dense(q, [k], [v], [mask]), q, [k], [v])
     for fn in (attend_parts, attend_parts_reference):
-        out, got = grads(lambda fn=fn: fn([parts.recent_band_part(
-            q, k, v, width, skip_first=sinks, key_mask=kpm)], SCALE), q, [k], [v])
-        tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else {}
-        torch.testing.assert_close(out, ref, **tol)
-        for a, b in zip(got, ref_grads):
-            torch.testing.assert_close(a, b, **tol)
+        assert_matches_reference(
+            lambda q, k, v, fn=fn: fn([parts.recent_band_part(q, k, v, width, skip_first=sinks,
+                                                               key_mask=kpm)], SCALE),
+            lambda q, k, v: dense(q, [k], [v], [mask]), (q, k, v), **tolerance(dtype))
 
 
 def test_gradcheck_band_and_kernel_parts_float64():
@@ -190,13 +187,9 @@ def test_union_on_both_sides_of_the_band_part_threshold(window, local):
     kpm[1, :9] = False
     perm = sa.random_permutation(B, 1, n, generator=g)
     kw = dict(window=window, perm=perm, sinks=2, key_mask=kpm, local=local)
-    ref, ref_grads = grads(lambda: sa.stochastic_attention(q, k, v, backend="reference", **kw),
-                           q, [k], [v])
-    out, got = grads(lambda: sa.stochastic_attention(q, k, v, backend="blocked", **kw),
-                     q, [k], [v])
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    for a, b in zip(got, ref_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert_matches_reference(partial(sa.stochastic_attention, backend="blocked"),
+                             partial(sa.stochastic_attention, backend="reference"), (q, k, v), **kw,
+                             **tolerance(torch.float32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -232,17 +225,10 @@ def test_rows_part_with_shared_and_expanded_keys_equals_dense(dtype):
                           sink_seen.expand(B, Hkv * G, n, S)], dim=-1)
         return dense(q.unsqueeze(-2), [k_all], [v_all], [mask.unsqueeze(-2)]).squeeze(-2)
 
-    out_ref = reference()
-    weight = torch.linspace(-1, 1, out_ref.numel(), dtype=dtype).view_as(out_ref)
-    ref_grads = torch.autograd.grad((out_ref * weight).sum(), leaves)
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else {}
     for fn in (attend_parts, attend_parts_reference):
-        out = fn(parts(), SCALE)
-        got = torch.autograd.grad((out * weight).sum(), leaves)
-        torch.testing.assert_close(out, out_ref, **tol)
+        out = assert_matches_reference(lambda *_, fn=fn: fn(parts(), SCALE), lambda *_: reference(), leaves,
+                                       **tolerance(dtype))
         assert (out[:, :, 1] == 0).all()
-        for a, b in zip(got, ref_grads):
-            torch.testing.assert_close(a, b, **tol)
     if dtype == torch.float64:
         def sinks_only(q, ks, vs_):
             return attend_parts([merge.RowsPart(q, ks[:, :, None].expand(B, Hkv * G, n, S, D),

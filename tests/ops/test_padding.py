@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_ops import make_qkv
 
 import stochastic_attention as sa
 from stochastic_attention.nn import KVCache, MultiHeadAttention
 from stochastic_attention.ops import fractional, moba
 from stochastic_attention.ops.patterns import dense_mask
 from stochastic_attention.ops.permute import routing_permutation
+from stochastic_attention.testing import random_qkv
 
 N = 15  # padded length
 LENGTHS = (11, 6)  # real tokens of the two sequences
@@ -34,7 +34,7 @@ def batch_of(parts, n, left):
 def sequences(heads=4, kv_heads=2, dim=8, seed=0):
     seqs = []
     for i, r in enumerate(LENGTHS):
-        q, k, v = make_qkv(r, batch=1, heads=heads, kv_heads=kv_heads, dim=dim, seed=seed + i,
+        q, k, v = random_qkv(r, batch=1, heads=heads, kv_heads=kv_heads, dim=dim, seed=seed + i,
                            grad=False)
         seqs.append((q, k, v))
     return seqs
@@ -210,7 +210,7 @@ def _nan_run(method, q, k, v, kpm, backend, kw, perm):
 
 
 def _padded_batch():
-    q, k, v = make_qkv(N, batch=2, heads=4, kv_heads=2, dim=8, grad=False)
+    q, k, v = random_qkv(N, batch=2, heads=4, kv_heads=2, dim=8, grad=False)
     kpm = torch.ones(2, N, dtype=torch.bool)
     kpm[0, :4] = False
     kpm[1, 10:] = False

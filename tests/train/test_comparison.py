@@ -14,7 +14,7 @@ from stochastic_attention.train import build_model, load_config
 from stochastic_attention.train.compare import run_comparison
 from stochastic_attention.train.passkey import QUESTION, passkey_accuracy, passkey_examples
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
 METHODS = ("full", "sliding_window", "stochastic", "gated")
 
 

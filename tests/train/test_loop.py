@@ -172,7 +172,7 @@ def _free_port() -> int:
 
 
 def _python_env() -> dict:
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     return dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 OMP_NUM_THREADS="1")
 
