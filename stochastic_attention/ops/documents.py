@@ -16,7 +16,7 @@ method's window are not padded, see below), the operator runs on each
 bucket with a ``key_mask`` marking the real tokens, and the outputs are moved back. The package
 guarantees that a sequence gives the same output alone or right-padded in any batch (routing
 drawn over each row's real tokens, with a ``generator`` from each row's own copy of its state;
-``tests/test_padding.py``), and every bucket starts from the generator's same state, so a
+``tests/ops/test_padding.py``), and every bucket starts from the generator's same state, so a
 document in a packed batch equals the same document alone with the same generator.
 
 A window that covers a whole sequence (``window >= seq_len``) makes every method full attention
