@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from hf_tiny import tiny_model
 
 from stochastic_attention.eval.methods import parse_method
 from stochastic_attention.hf import patch, patched_config
 from stochastic_attention.nn import MultiHeadAttention
+from stochastic_attention.testing import tiny_hf_model
 
 
 def test_layer_checks_layout_backend_and_sinks_at_construction():
@@ -26,7 +26,7 @@ def test_layer_forward_names_the_expected_shape_of_x():
 
 
 def test_patch_checks_head_split_against_the_model():
-    model = tiny_model("llama", hidden_size=72, num_attention_heads=9, num_key_value_heads=3)
+    model = tiny_hf_model("llama", hidden_size=72, num_attention_heads=9, num_key_value_heads=3)
     with pytest.raises(ValueError, match="head_split must be between 0 and the model's 9"):
         patch(model, "stochastic", 8, head_split=100)
     patch(model, "stochastic", 8, head_split=9)
@@ -34,7 +34,7 @@ def test_patch_checks_head_split_against_the_model():
 
 
 def test_patch_accepts_local_as_a_share_of_the_window_like_eval_specs():
-    model = tiny_model("llama")
+    model = tiny_hf_model("llama")
     spec = parse_method("stochastic+sinks=2+local=0.75")
     want = spec.settings(16, 2)
     patch(model, "stochastic", 16, sinks=2, local=0.75)
@@ -45,11 +45,11 @@ def test_patch_accepts_local_as_a_share_of_the_window_like_eval_specs():
 @pytest.mark.parametrize("local", [1.5, 0.0, -0.25, 1.0])
 def test_patch_and_eval_specs_refuse_the_same_bad_local(local):
     with pytest.raises(ValueError, match="local"):
-        patch(tiny_model("llama"), "stochastic", 16, local=local)
+        patch(tiny_hf_model("llama"), "stochastic", 16, local=local)
     with pytest.raises(ValueError, match="local"):
         parse_method(f"stochastic+local={local}").settings(16, 2)
     with pytest.raises(TypeError, match="local"):
-        patch(tiny_model("llama"), "stochastic", 16, local="half")
+        patch(tiny_hf_model("llama"), "stochastic", 16, local="half")
 
 
 @pytest.mark.parametrize("name", ["sliding_window_attention", "stochastic_attention", "moba_attention",

@@ -93,7 +93,7 @@ class SALlamaPreTrainedModel(PreTrainedModel):
 
 # Recent transformers (5.24) name the KV cache ``cache`` and generate passes it so; earlier
 # releases used ``past_key_values``. Both are accepted; tests/test_dependency_versions.py and
-# tests/test_models_generation.py check that the installed version passes one of them.
+# tests/models/test_generation.py check that the installed version passes one of them.
 CACHE_KEYWORDS = ("cache", "past_key_values")
 # Keywords transformers may pass that change nothing here (outputs are always a ModelOutput;
 # positions come from position_ids / the attention mask / the cache length; a decoder has no

@@ -16,7 +16,7 @@ bucket with a ``key_mask`` marking the real tokens, and the outputs are moved ba
 guarantees that a sequence gives the same output alone or right-padded in any batch (routing
 drawn over each row's real tokens, with a ``generator`` from each row's own copy of its state;
 a row the window covers is full attention over its real tokens, however long the padded row;
-``tests/test_padding.py``), and every bucket starts from the generator's same state, so a
+``tests/ops/test_padding.py``), and every bucket starts from the generator's same state, so a
 document in a packed batch equals the same document alone with the same generator.
 
 The block layout's groups restart at each document's start: the groups are the consecutive
