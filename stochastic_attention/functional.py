@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .ops import blocked, merge, parts, reference
+from .ops import blocked, flashband, merge, parts, reference
 from .ops import flex as flex_backend
 from .ops.patterns import in_window, inverse_permutation, sink_keys, visible, window_candidates
 from .ops.permute import gather_mask, permute_seq, random_permutation, routing_permutation
@@ -225,6 +225,9 @@ def _blocked(q, k, v, window, *, perm, layout, causal, sinks, key_mask, scale, l
     if local:
         return _blocked_union(q, k, v, window, perm=perm, layout=layout, sinks=sinks,
                               key_mask=key_mask, scale=scale, local=local)
+    if flashband.serves(q, key_mask, sinks) and blocked.all_finite(k):
+        return flashband.windowed(q, k, v, window, perm=perm, layout=layout, causal=causal,
+                                  scale=scale)
     sink = _SinkParts(k, v, sinks, key_mask, groups)
 
     if perm is None:  # SWA: slot == position, nothing to move
@@ -295,6 +298,8 @@ def _blocked_union(q, k, v, window, *, perm, layout, sinks, key_mask, scale, loc
     sinks. Part B (original order): a sliding window of ``local`` without the sink positions.
     Together they are exactly the keys :func:`.ops.patterns.visible` gives with ``local``.
     """
+    if flashband.serves(q, key_mask, sinks) and blocked.all_finite(k):
+        return flashband.union(q, k, v, window, perm=perm, layout=layout, local=local, scale=scale)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

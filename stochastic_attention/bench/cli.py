@@ -14,6 +14,8 @@ from .run import METHODS, Cell, as_records, benchmark, machine_info
 DEFAULT_SEQ_LENS = "1024,2048,4096,8192,16384,32768,65536"
 MODES = ("fwd", "fwd+bwd")
 DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_METHODS = ("dense", "swa", "sa_band", "sa_block", "sa_band_per_head", "sa_local",
+                   "sa_local_block", "swa_flex")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -27,7 +29,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=positive_int, default=64, help="features per head")
     p.add_argument("--methods", type=choice_list(METHODS), default=None,
                    help=f"comma-separated, from {','.join(METHODS)} (default: dense,swa,sa_band,"
-                        "sa_block,sa_band_per_head,sa_local; on GPU the flex variants too)")
+                        "sa_block,sa_band_per_head,sa_local,sa_local_block and swa_flex, the "
+                        "compiled FlexAttention peer (forward only on CPU); on GPU the other "
+                        "flex variants too)")
     p.add_argument("--modes", type=choice_list(MODES), default="fwd,fwd+bwd",
                    help="comma-separated, from fwd,fwd+bwd")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -59,9 +63,8 @@ def main(args: argparse.Namespace) -> int:
 
     seq_lens = tuple(args.seq_lens)
     _check_device(args.device)
-    methods = tuple(args.methods) if args.methods else (
-        ("dense", "swa", "sa_band", "sa_block", "sa_band_per_head", "sa_local")
-        + (("swa_flex", "sa_band_flex", "sa_block_flex") if args.device.startswith("cuda") else ()))
+    methods = tuple(args.methods) if args.methods else DEFAULT_METHODS + (
+        ("sa_band_flex", "sa_block_flex") if args.device.startswith("cuda") else ())
     dtype_name = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     dtype = getattr(torch, dtype_name)
     modes = tuple(args.modes)
@@ -83,7 +86,8 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError("no method ran: " + "; ".join(f"{m}: {why}" for m, why in failed))
     config = {k: v for k, v in vars(args).items() if k != "func"} | {"dtype": dtype_name, "methods": methods}
     info = machine_info(args.device)
-    table = markdown_tables(cells, methods, seq_lens, modes)
+    io_bytes = 4 * args.batch * args.heads * args.head_dim * itemsize  # q, k, v, out per token
+    table = markdown_tables(cells, methods, seq_lens, modes, io_bytes_per_token=io_bytes)
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,44 +107,77 @@ def _get(cells, method, n, mode) -> Cell | None:
     return next((c for c in cells if c.method == method and c.seq_len == n and c.mode == mode), None)
 
 
-def markdown_tables(cells: list[Cell], methods, seq_lens, modes) -> str:
-    """Median times (ms), ratios against SWA, achieved GFLOP/s and peak memory."""
-    ratio_pairs = [(a, b) for a, b in (("sa_band", "swa"), ("sa_block", "swa"), ("sa_band_per_head", "swa"),
-                                       ("sa_local", "swa"), ("dense", "swa"),
-                                       ("dense", "sa_band"), ("sa_band_flex", "swa_flex"), ("dense", "swa_flex"))
-                   if a in methods and b in methods]
+RATIO_PAIRS = (("sa_band", "swa"), ("sa_block", "swa"), ("sa_band_per_head", "swa"),
+               ("sa_local", "swa"), ("sa_local_block", "swa"), ("swa", "swa_flex"), ("dense", "swa"),
+               ("dense", "sa_band"), ("sa_band_flex", "swa_flex"), ("dense", "swa_flex"))
+
+
+def markdown_tables(cells: list[Cell], methods, seq_lens, modes, io_bytes_per_token: int = 0) -> str:
+    """Median times (ms) and ratios; against the FLOP bound; achieved GFLOP/s and peak memory.
+
+    ``io_bytes_per_token``: bytes of q, k, v and the output per position, for the forward's
+    memory ratio (the forward + backward's is against dense attention's peak).
+    """
+    ratio_pairs = [(a, b) for a, b in RATIO_PAIRS if a in methods and b in methods]
+    bounded = [m for m in methods if m != "dense"]
     lines = []
     for mode in modes:
-        lines.append(f"### {mode}: median time (ms) and ratios\n")
-        head = ["seq_len", *methods, *[f"{a}/{b}" for a, b in ratio_pairs]]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        def ran(m, n, mode=mode):
+            c = _get(cells, m, n, mode)
+            return c if c is not None and c.median_s else None
+
+        rows = []
         for n in seq_lens:
-            row = [str(n)]
-            for m in methods:
-                c = _get(cells, m, n, mode)
-                row.append(f"{c.median_s * 1e3:.1f}" if c and c.median_s else "-")
-            for a, b in ratio_pairs:
-                ca, cb = _get(cells, a, n, mode), _get(cells, b, n, mode)
-                row.append(f"{ca.median_s / cb.median_s:.2f}" if ca and cb and ca.median_s and cb.median_s else "-")
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
-        lines.append(f"### {mode}: achieved GFLOP/s (useful FLOPs / time) and peak memory (MB)\n")
-        head = ["seq_len", *[f"{m} GFLOP/s" for m in methods], *[f"{m} MB" for m in methods]]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            times = [_fmt(c.median_s * 1e3 if (c := ran(m, n)) else None, ".1f") for m in methods]
+            ratios = [_fmt(a.median_s / b.median_s if (a := ran(x, n)) and (b := ran(y, n)) else None,
+                           ".2f") for x, y in ratio_pairs]
+            rows.append([str(n), *times, *ratios])
+        _table(lines, f"### {mode}: median time (ms) and ratios",
+               ["seq_len", *methods, *[f"{a}/{b}" for a, b in ratio_pairs]], rows)
+
+        rows = []
         for n in seq_lens:
-            row = [str(n)]
-            for m in methods:
-                c = _get(cells, m, n, mode)
-                row.append(f"{c.gflops_per_s:.1f}" if c and c.gflops_per_s else "-")
-            for m in methods:
-                c = _get(cells, m, n, mode)
-                row.append(f"{c.peak_mem_mb:.0f}" if c and c.peak_mem_mb is not None and c.median_s else "-")
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
+            share = [_fmt(c.pairs_vs_dense if (c := ran(m, n)) else None, ".4f") for m in bounded]
+            vs_bound = [_fmt(c.median_s / c.bound_s if (c := ran(m, n)) and c.bound_s else None, ".2f")
+                        for m in bounded]
+            rows.append([str(n), *share, *vs_bound])
+        _table(lines, f"### {mode}: against the FLOP bound (useful pairs at dense flash attention's "
+                      "time per pair)",
+               ["seq_len", *[f"{m} pairs/dense" for m in bounded],
+                *[f"{m} time/bound" for m in bounded]], rows)
+
+        rows = []
+        for n in seq_lens:
+            dense = ran("dense", n)
+            rate = [_fmt(c.gflops_per_s if (c := ran(m, n)) else None, ".1f") for m in methods]
+            mb = [_fmt(c.peak_mem_mb if (c := ran(m, n)) else None, ".0f") for m in methods]
+            if mode == "fwd":
+                rel = [_fmt(c.peak_mem_mb * 2**20 / (io_bytes_per_token * n) if (c := ran(m, n))
+                            and c.peak_mem_mb is not None and io_bytes_per_token else None, ".2f")
+                       for m in methods]
+            else:
+                rel = [_fmt(c.peak_mem_mb / dense.peak_mem_mb if (c := ran(m, n)) and dense
+                            and c.peak_mem_mb is not None and dense.peak_mem_mb else None, ".2f")
+                       for m in methods]
+            rows.append([str(n), *rate, *mb, *rel])
+        rel_name = "MB / (q+k+v+out)" if mode == "fwd" else "MB / dense MB"
+        _table(lines, f"### {mode}: achieved GFLOP/s (useful FLOPs / time) and peak memory (MB)",
+               ["seq_len", *[f"{m} GFLOP/s" for m in methods], *[f"{m} MB" for m in methods],
+                *[f"{m} {rel_name}" for m in methods]], rows)
     skipped = sorted({(c.method, c.skipped) for c in cells if c.skipped})
     if skipped:
         lines.append("Skipped: " + "; ".join(f"{m} ({why})" for m, why in skipped))
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _table(lines: list[str], title: str, head: list[str], rows: list[list[str]]) -> None:
+    lines += [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines.append("")
 
 
 def plot(cells, methods, modes, path: Path, title: str) -> None:
@@ -149,7 +186,7 @@ def plot(cells, methods, modes, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(modes) + 1, figsize=(5 * (len(modes) + 1), 4))
+    fig, axes = plt.subplots(1, len(modes) + 2, figsize=(5 * (len(modes) + 2), 4))
     for ax, mode in zip(axes, modes, strict=False):
         for m in methods:
             pts = [(c.seq_len, c.median_s * 1e3) for c in cells if c.method == m and c.mode == mode and c.median_s]
@@ -157,7 +194,19 @@ def plot(cells, methods, modes, path: Path, title: str) -> None:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=m)
         ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="median time (ms)", title=mode)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
+    ax = axes[len(modes)]
+    for mode, style in zip(modes, ("-", "--"), strict=False):
+        for i, m in enumerate(methods):
+            pts = [(c.seq_len, c.median_s / c.bound_s) for c in cells
+                   if c.method == m and c.mode == mode and c.median_s and c.bound_s and m != "dense"]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, marker="o", color=f"C{i}", label=f"{m} {mode}")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set(xscale="log", xlabel="sequence length", ylabel="time / FLOP bound",
+           title="against dense flash attention's time per useful pair")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="x-small", ncol=2)
     ax = axes[-1]
     for m in methods:
         pts = [(c.seq_len, c.peak_mem_mb) for c in cells
@@ -167,7 +216,7 @@ def plot(cells, methods, modes, path: Path, title: str) -> None:
     ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="peak memory (MB)",
            title=f"peak memory, {modes[-1]}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -8,6 +8,7 @@ a shared machine hits every method alike; speed claims are ratios between method
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
 import statistics
 import threading
@@ -22,10 +23,11 @@ import stochastic_attention as sa
 
 # sa_*: one permutation per sample shared by the heads (the operators' default);
 # sa_band_per_head: one per sample and head (each head then needs its own mask).
-# sa_local: the SA + local union at the same nominal budget, an SA window of window // 2 plus the
-# last window // 2 positions (two passes merged by log-sum-exp).
-METHODS = ("dense", "swa", "sa_band", "sa_block", "sa_band_per_head", "sa_local", "swa_flex",
-           "sa_band_flex", "sa_block_flex")
+# sa_local / sa_local_block: the SA + local union at the same mean attended keys as SWA's window:
+# the last window // 2 positions plus an SA window (band / block layout) sized by
+# :func:`matched_union_window`. *_flex: FlexAttention under torch.compile (on CPU, inference).
+METHODS = ("dense", "swa", "sa_band", "sa_block", "sa_band_per_head", "sa_local", "sa_local_block",
+           "swa_flex", "sa_band_flex", "sa_block_flex")
 
 
 @dataclass
@@ -36,25 +38,61 @@ class Cell:
     median_s: float | None = None
     times_s: list[float] = field(default_factory=list)
     peak_mem_mb: float | None = None
+    pairs: float | None = None  # visible (query, key) pairs: the useful work
+    pairs_vs_dense: float | None = None  # pairs / dense causal attention's pairs
     gflop: float | None = None
     gflops_per_s: float | None = None
+    bound_s: float | None = None  # time at dense flash attention's rate per useful pair
     skipped: str | None = None
 
 
-def attention_flops(method: str, seq_len: int, window: int, batch: int, heads: int, head_dim: int) -> float:
-    """Useful FLOPs of one causal forward: 4 * D per visible (query, key) pair (QK^T and PV)."""
+def _union_layout(method: str) -> str:
+    return "block" if method.endswith("_block") else "band"
+
+
+@functools.lru_cache(maxsize=64)
+def matched_union_window(seq_len: int, window: int, layout: str = "band") -> int:
+    """The union's SA window whose mean attended keys (with ``local = window // 2``) first reach
+    SWA's at ``window``, counted by the operators' own rule on one seeded permutation (at
+    16,384 tokens at most: the mean no longer moves with the length by then)."""
+    n = min(seq_len, 16384)
+    target = sa.attended_keys(n, window, method="sliding_window").float().mean().item()
+
+    def mean_keys(w: int) -> float:
+        return sa.attended_keys(n, w, local=window // 2, layout=layout,
+                                generator=torch.Generator().manual_seed(0)).float().mean().item()
+
+    lo, hi = 1, 2 * window + 2  # the SA part sees about half its window
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if mean_keys(mid) < target else (lo, mid)
+    return lo
+
+
+def visible_pairs(method: str, seq_len: int, window: int, batch: int, heads: int) -> float:
+    """Visible (query, key) pairs of one causal call, by the operators' own rule."""
     n = seq_len
     if method == "dense":
         pairs = n * (n + 1) / 2
     elif method.startswith("swa"):
         w = min(window, n)
         pairs = w * (w + 1) / 2 + (n - w) * w
-    else:  # SA: visible pairs of a sample permutation, by the operators' own rule
-        layout = "block" if "block" in method else "band"
-        w, local = (max(1, window // 2), window // 2) if method == "sa_local" else (window, 0)
-        pairs = sa.attended_keys(n, w, layout=layout, local=local,
-                                 generator=torch.Generator().manual_seed(0)).sum().item()
-    return 4.0 * batch * heads * head_dim * pairs
+    else:  # SA: visible pairs of a sample permutation
+        base = method.removesuffix("_flex")
+        g = torch.Generator().manual_seed(0)
+        if base.startswith("sa_local"):
+            layout = _union_layout(base)
+            pairs = sa.attended_keys(n, matched_union_window(n, window, layout), local=window // 2,
+                                     layout=layout, generator=g).sum().item()
+        else:
+            layout = "block" if "block" in base else "band"
+            pairs = sa.attended_keys(n, window, layout=layout, generator=g).sum().item()
+    return float(batch * heads * pairs)
+
+
+def attention_flops(method: str, seq_len: int, window: int, batch: int, heads: int, head_dim: int) -> float:
+    """Useful FLOPs of one causal forward: 4 * D per visible (query, key) pair (QK^T and PV)."""
+    return 4.0 * head_dim * visible_pairs(method, seq_len, window, batch, heads)
 
 
 def method_fn(method: str, window: int) -> Callable:
@@ -64,10 +102,11 @@ def method_fn(method: str, window: int) -> Callable:
         return lambda q, k, v, perm: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if base == "swa":
         return lambda q, k, v, perm: sa.sliding_window_attention(q, k, v, window, backend=backend)
-    if base == "sa_local":
-        half = max(1, window // 2)
-        return lambda q, k, v, perm: sa.stochastic_attention(q, k, v, half, perm=perm[:, :1],
-                                                             local=window // 2, backend=backend)
+    if base.startswith("sa_local"):
+        layout = _union_layout(base)
+        return lambda q, k, v, perm: sa.stochastic_attention(
+            q, k, v, matched_union_window(q.shape[2], window, layout), perm=perm[:, :1],
+            local=window // 2, layout=layout, backend=backend)
     layout = base.split("_")[1]
     if base.endswith("_per_head"):
         return lambda q, k, v, perm: sa.stochastic_attention(q, k, v, window, perm=perm, layout=layout,
@@ -195,10 +234,29 @@ def benchmark(
                         progress()
             for cell, _ in active:
                 cell.median_s = statistics.median(cell.times_s)
-                fwd = attention_flops(cell.method, n, window, batch, heads, head_dim)
+                cell.pairs = visible_pairs(cell.method, n, window, batch, heads)
+                cell.pairs_vs_dense = cell.pairs / visible_pairs("dense", n, window, batch, heads)
+                fwd = 4.0 * head_dim * cell.pairs
                 cell.gflop = fwd * (3.0 if mode == "fwd+bwd" else 1.0) / 1e9  # backward ~ 2x forward
                 cell.gflops_per_s = cell.gflop / cell.median_s
+    add_bounds(cells)
     return cells
+
+
+def add_bounds(cells: list[Cell]) -> None:
+    """Each cell's FLOP bound: its useful pairs at the time per pair of dense flash attention in
+    the same mode (at the same length, or at the longest length dense ran; the kernels are
+    judged against what PyTorch's fused kernel achieves on this machine, as NATTEN's profiler
+    reports its kernels against the dense bound)."""
+    for mode in {c.mode for c in cells}:
+        dense = {c.seq_len: c.median_s / c.pairs for c in cells
+                 if c.method == "dense" and c.mode == mode and c.median_s}
+        if not dense:
+            continue
+        for c in cells:
+            if c.mode == mode and c.median_s and c.pairs:
+                rate = dense.get(c.seq_len, dense[max(dense)])
+                c.bound_s = rate * c.pairs
 
 
 def _runner(method, window, q, k, v, perm, mode):
