@@ -46,19 +46,20 @@ __all__ = ["WindowPart", "attention", "serves"]
 _FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 NEG_INF = float("-inf")
+_HIDE = 2.0**100  # scale of the position masks (see _mask); a power of two keeps it exact
 
 # Query tile of the band layout. The kernel splits fewer than 192 queries into blocks of 32, so a
 # tile of 32 is one block and reads the fewest keys (T + window - 1 when causal). Its backward
 # does better with larger tiles. Measured on a 2-core CPU, fp32, window 256, head_dim 64.
 FORWARD_TILE = 32
-BACKWARD_TILE = 64
+BACKWARD_TILE = 128
 # Query slots per kernel call: enough tiles for every thread, small enough that a chunk's rows,
 # mask and key-tile gradients stay in cache and come back from the allocator's free lists.
 FORWARD_CHUNK = 2048
 BACKWARD_CHUNK = 1024
 # A chunk's mask is [tiles, heads (1 unless every head has its own permutation), T, L]; fewer rows
 # per chunk keep it in cache, which halves the cost of building and reading it.
-MASK_BYTES = 4 << 20
+MASK_BYTES = 8 << 20
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -122,16 +123,13 @@ class _Tiling:
     def L(self) -> int:
         return self.T + self.left + self.right
 
-    def chunks(self, rows: int, mask_heads: int = 1, itemsize: int = 4):
-        """(s, e, m): real query slots [s, e), m = whole tiles' worth of slots (>= e - s)."""
+    def chunks(self, rows: int, mask_heads: int, itemsize: int):
+        """(s, e, m): real query slots [s, e); m (>= e - s) whole tiles' worth of slots."""
         rows = min(rows, MASK_BYTES // (self.L * mask_heads * itemsize))
         step = max(1, rows // self.T) * self.T
         for s in range(0, self.n, step):
             e = min(self.n, s + step)
             yield s, e, -(-(e - s) // self.T) * self.T
-
-    def key_slots(self, s: int, m: int) -> tuple[int, int]:
-        return s - self.left, s + m + self.right
 
 
 @functools.lru_cache(maxsize=32)
@@ -143,104 +141,121 @@ def _band_table(T: int, left: int, right: int, dtype: torch.dtype, device: torch
     return torch.zeros(band.shape, dtype=dtype, device=device).masked_fill_(~band, NEG_INF)
 
 
-class _Rows:
-    """Rows of one sample's [Hx, n, C] tensors in a part's slot order, as [m, H, C] chunks."""
+@dataclass
+class _Chunk:
+    """Query slots [s, e) as m = nt * T tile rows, reading key slots [ks, ke)."""
 
-    def __init__(self, perm: torch.Tensor | None, b: int, H: int, n: int, device):
-        self.perm = None if perm is None else perm[b if perm.shape[0] > 1 else 0]  # [Hp, n]
+    s: int
+    e: int
+    m: int
+    nt: int
+    ks: int
+    ke: int
+    q_pos: torch.Tensor | None  # [Hp, m] original positions (clamped), None: slot == position
+    k_pos: torch.Tensor | None  # [Hp, ke - ks]
+
+
+class _Order:
+    """One sample's slot order: rows of its [Hx, n, C] tensors as head-major [H, m, C] chunks."""
+
+    def __init__(self, perm: torch.Tensor | None, H: int, n: int, device):
+        self.perm = perm  # [Hp, n] or None
         self.H, self.n, self.device = H, n, device
 
-    def positions(self, a: int, b: int) -> torch.Tensor:
-        """Original positions of slots [a, b) (clamped into the sequence): [m, Hp] (Hp 1 or H)."""
-        slots = torch.arange(a, b, device=self.device).clamp_(0, self.n - 1)
+    def chunk(self, til: _Tiling, s: int, e: int, m: int) -> _Chunk:
+        ks, ke = s - til.left, s + m + til.right
         if self.perm is None:
-            return slots[:, None]
-        return self.perm[:, slots].t()
+            return _Chunk(s, e, m, m // til.T, ks, ke, None, None)
+        slots = torch.arange(ks, s + m + til.right, device=self.device).clamp_(0, self.n - 1)
+        k_pos = self.perm[:, slots]
+        return _Chunk(s, e, m, m // til.T, ks, ke, k_pos[:, s - ks: s - ks + m], k_pos)
 
-    def _index(self, pos: torch.Tensor, heads: int) -> torch.Tensor:
-        """Flat row indices [m * H] into a [heads, n, C] tensor (heads < H: GQA heads)."""
+    def _flat(self, pos: torch.Tensor, heads: int) -> torch.Tensor:
+        """Head-major flat row indices [H * m] into a [heads, n, C] tensor (GQA when heads < H)."""
         head = torch.arange(self.H, device=self.device) // (self.H // heads)
-        return (head * self.n + pos).reshape(-1)
+        return (head[:, None] * self.n + pos).reshape(-1)
 
-    def take(self, x: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        """x [Hx, n, C] at slots [a, b) -> [b - a, H, C]; out-of-range slots repeat an edge row."""
-        if self.perm is None and x.shape[0] == self.H and a >= 0 and b <= self.n:
-            return x[:, a:b].transpose(0, 1)
-        pos = self.positions(a, b)
-        if pos.shape[1] == 1 and x.shape[0] == self.H:  # one order for all heads
-            return x.index_select(1, pos[:, 0]).transpose(0, 1)
-        flat = x.reshape(-1, x.shape[-1]).index_select(0, self._index(pos, x.shape[0]))
-        return flat.view(b - a, self.H, x.shape[-1])
+    def take(self, x: torch.Tensor, a: int, b: int, pos: torch.Tensor | None) -> torch.Tensor:
+        """x [Hx, n, C] at slots [a, b) (positions ``pos`` [Hp, b - a]) -> [H, b - a, C]."""
+        if pos is None:
+            if x.shape[0] == self.H and a >= 0 and b <= self.n:
+                return x[:, a:b]
+            pos = torch.arange(a, b, device=self.device).clamp_(0, self.n - 1)[None]
+        if pos.shape[0] == 1 and x.shape[0] == self.H:  # one order for all heads
+            return x.index_select(1, pos[0])
+        flat = x.reshape(-1, x.shape[-1]).index_select(0, self._flat(pos, x.shape[0]))
+        return flat.view(self.H, b - a, x.shape[-1])
 
-    def put(self, dest: torch.Tensor, a: int, rows: torch.Tensor, add: bool = False) -> None:
-        """Write (or add) rows [m, H, C] into dest [Hd, n, C] at slots [a, a + m) (in range)."""
-        b = a + rows.shape[0]
-        if self.perm is None and dest.shape[0] == self.H:
-            view = dest[:, a:b].transpose(0, 1)
+    def put(self, dest: torch.Tensor, a: int, rows: torch.Tensor, pos: torch.Tensor | None,
+            add: bool = False) -> None:
+        """Write (or add) rows [H, m, C] into dest [Hd, n, C] at slots [a, a + m), in range."""
+        m = rows.shape[1]
+        if pos is None and dest.shape[0] == self.H:
+            view = dest[:, a:a + m]
             view.add_(rows) if add else view.copy_(rows)
             return
-        pos = self.positions(a, b)
-        if pos.shape[1] == 1 and dest.shape[0] == self.H:
-            rows = rows.transpose(0, 1)
-            dest.index_add_(1, pos[:, 0], rows) if add else dest.index_copy_(1, pos[:, 0], rows)
+        if pos is None:
+            pos = torch.arange(a, a + m, device=self.device)[None]
+        if pos.shape[0] == 1 and dest.shape[0] == self.H:
+            dest.index_add_(1, pos[0], rows) if add else dest.index_copy_(1, pos[0], rows)
             return
-        flat = dest.view(-1, dest.shape[-1])
-        index = self._index(pos, dest.shape[0])
+        flat, index = dest.view(-1, dest.shape[-1]), self._flat(pos, dest.shape[0])
         rows = rows.reshape(-1, dest.shape[-1])
         flat.index_add_(0, index, rows) if add else flat.index_copy_(0, index, rows)
 
 
-def _mask(part: WindowPart, til: _Tiling, rows: _Rows, s: int, m: int, dtype, device):
-    """The chunk's additive mask, broadcastable to [nt, H, T, L], or None; and is_causal."""
-    n, T, L = til.n, til.T, til.L
-    nt = m // T
-    ks, ke = til.key_slots(s, m)
-    keys_in = ks >= 0 and ke <= n
-    big = 2 * n + 1  # a position past every query: hides out-of-range key slots
+def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, dtype, device):
+    """The chunk's additive mask, broadcastable to [H, nt, T, L], or None; and is_causal."""
+    n, T, L, nt = til.n, til.T, til.L, ch.nt
+    keys_in = ch.ks >= 0 and ch.ke <= n
 
-    def key_positions():  # [nt, Hp, 1, L] with out-of-range slots at `big`
-        pos = rows.positions(ks, ke)
-        slot = torch.arange(ks, ke, device=device)[:, None]
-        pos = pos.masked_fill((slot < 0) | (slot >= n), big)
-        return pos.unfold(0, L, T).unsqueeze(-2) if not til.block else pos.view(nt, L, -1).permute(
-            0, 2, 1).unsqueeze(-2)
-
-    def query_positions():  # [nt, Hp, T, 1]
-        return rows.positions(s, s + m).view(nt, T, -1).transpose(1, 2).unsqueeze(-1)
+    def causal_bias(table=None):
+        """0 where the key's position is at most the query's (minus exclude_recent), at most
+        -2**100 elsewhere (exp gives exactly 0 there, as for -inf), plus ``table``. Scaled
+        positions are exact in fp32 and their difference keeps its sign, so this is four cheap
+        in-place passes instead of a comparison and a select."""
+        k_pos = ch.k_pos.to(torch.float32).mul_(_HIDE)
+        if not keys_in:  # slots outside the sequence: past every query
+            k_pos[:, : max(0, -ch.ks)] = 2 * n * _HIDE
+            k_pos[:, n - ch.ks:] = 2 * n * _HIDE
+        k_tiles = k_pos.view(-1, nt, T) if til.block else k_pos.unfold(1, L, T)
+        q_pos = (ch.q_pos.to(torch.float32) - part.exclude_recent).mul_(_HIDE)
+        bias = torch.sub(q_pos.view(-1, nt, T, 1), k_tiles.unsqueeze(-2)).clamp_(max=0)
+        if table is not None:
+            bias.add_(table)
+        return bias.to(dtype)
 
     if til.block:
-        if part.exclude_recent:
-            ok = key_positions() <= query_positions() - part.exclude_recent
-            return torch.zeros((), dtype=dtype, device=device).masked_fill(~ok, NEG_INF), False
+        if part.exclude_recent:  # visible keys precede the query in its sorted group
+            return causal_bias(), part.causal
         if part.causal or keys_in:  # padding slots sort last: no real query sees them
             return None, part.causal
-        slot = torch.arange(ks, ke, device=device).view(nt, 1, 1, L)
+        slot = torch.arange(ch.ks, ch.ke, device=device).view(1, nt, 1, L)
         return torch.zeros((), dtype=dtype, device=device).masked_fill(slot >= n, NEG_INF), False
     table = _band_table(T, til.left, til.right, dtype, device)
-    if part.perm is None or not part.causal:  # the window alone, in slot space
+    if ch.k_pos is None or not part.causal:  # the window alone, in slot space
         if keys_in:
             return table.view(1, 1, T, L), False
-        slot = torch.arange(ks, ke, device=device)
-        out = ((slot < 0) | (slot >= n)).unfold(0, L, T).view(nt, 1, 1, L)
+        slot = torch.arange(ch.ks, ch.ke, device=device)
+        out = ((slot < 0) | (slot >= n)).unfold(0, L, T).view(1, nt, 1, L)
         return table.masked_fill(out, NEG_INF), False
-    ok = key_positions() <= query_positions() - part.exclude_recent
-    return torch.where(ok, table, NEG_INF), False
+    return causal_bias(_band_table(T, til.left, til.right, torch.float32, device)), False
 
 
-def _tiles(rows_q, rows_k, rows_v, til: _Tiling, nt: int):
-    """Kernel views: q [nt, H, T, D], k/v [nt, H, L, D] (overlapping, never copied)."""
-    qt = rows_q.unflatten(0, (nt, til.T)).permute(0, 2, 1, 3)
+def _tiles(q_rows, k_rows, v_rows, til: _Tiling, nt: int):
+    """Kernel views, batch = heads, heads = tiles: q [H, nt, T, D], k/v [H, nt, L, D] (overlapping
+    windows of the key rows, never copied)."""
+    H, D = q_rows.shape[0], q_rows.shape[-1]
+    qt = q_rows.view(H, nt, til.T, D)
     if til.block:
-        kt, vt = (x.unflatten(0, (nt, til.T)).permute(0, 2, 1, 3) for x in (rows_k, rows_v))
-    else:
-        kt, vt = (x.unfold(0, til.L, til.T).permute(0, 1, 3, 2) for x in (rows_k, rows_v))
-    return qt, kt, vt
+        return qt, k_rows.view(H, nt, til.T, D), v_rows.view(H, nt, til.T, D)
+    return qt, *(x.unfold(1, til.L, til.T).transpose(-1, -2) for x in (k_rows, v_rows))
 
 
-def _has_key(mask: torch.Tensor, nt: int, H: int, T: int) -> torch.Tensor:
-    """[m, H, 1] bool: the chunk's rows that see at least one key."""
-    seen = (mask > NEG_INF).any(dim=-1).expand(nt, H, T)
-    return seen.transpose(1, 2).reshape(nt * T, H, 1)
+def _has_key(mask: torch.Tensor, H: int, m: int) -> torch.Tensor:
+    """[H, m, 1] bool: the chunk's rows that see at least one key (visible entries are 0)."""
+    seen = (mask == 0).any(dim=-1)  # [Hp, nt, T]
+    return seen.reshape(seen.shape[0], m, 1).expand(H, m, 1)
 
 
 def _mask_heads(part: WindowPart) -> int:
@@ -251,18 +266,26 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _sample(perm: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    return None if perm is None else perm[b if perm.shape[0] > 1 else 0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward and backward
 
 
 def _merge_rows(out, lse, o, l_):
-    """Log-sum-exp merge of rows (out, lse) with a new part's (o, l_), all [m, H, .]; -inf = none."""
+    """Log-sum-exp merge of rows (out, lse) with a new part's (o, l_); lse -inf = no key.
+
+    The merged row is ``out + (o - out) * w``, w = the new part's share of the softmax mass
+    (one ``lerp``); a row with no key in either part keeps ``out`` (0) and lse -inf.
+    """
     top = torch.maximum(lse, l_)
     top = torch.where(top > NEG_INF, top, torch.zeros((), dtype=top.dtype))
-    w1, w2 = torch.exp(lse - top), torch.exp(l_ - top)
-    total = w1 + w2
-    merged = (out * w1 + o * w2) / torch.where(total > 0, total, torch.ones((), dtype=total.dtype))
-    return merged, top + torch.log(total)
+    mine, theirs = torch.exp(lse - top), torch.exp(l_ - top)
+    total = mine + theirs
+    share = theirs / torch.where(total > 0, total, torch.ones((), dtype=total.dtype))
+    return torch.lerp(out, o, share), top + torch.log(total)
 
 
 def _forward(q, k, v, parts, scale, need_lse):
@@ -272,73 +295,98 @@ def _forward(q, k, v, parts, scale, need_lse):
     lse = torch.empty(B, H, n, 1, dtype=work, device=q.device) if need_lse or len(parts) > 1 else None
     for i, part in enumerate(parts):
         til = _Tiling.make(part, n, FORWARD_TILE)
-        empty_rows = part.exclude_recent > 0
         for b in range(B):
-            rows = _Rows(part.perm, b, H, n, q.device)
+            order = _Order(_sample(part.perm, b), H, n, q.device)
             for s, e, m in til.chunks(FORWARD_CHUNK, _mask_heads(part), q.element_size()):
-                ks, ke = til.key_slots(s, m)
-                nt = m // til.T
-                mask, causal = _mask(part, til, rows, s, m, q.dtype, q.device)
-                qt, kt, vt = _tiles(rows.take(q[b], s, s + m), rows.take(k[b], ks, ke),
-                                    rows.take(v[b], ks, ke), til, nt)
+                ch = order.chunk(til, s, e, m)
+                mask, causal = _mask(part, til, ch, q.dtype, q.device)
+                qt, kt, vt = _tiles(order.take(q[b], s, s + m, ch.q_pos),
+                                    order.take(k[b], ch.ks, ch.ke, ch.k_pos),
+                                    order.take(v[b], ch.ks, ch.ke, ch.k_pos), til, ch.nt)
                 o, l_ = _FORWARD(qt, kt, vt, 0.0, causal, attn_mask=mask, scale=scale)
-                o = o.permute(0, 2, 1, 3).reshape(m, H, D)[: e - s].to(work)
-                l_ = l_.permute(0, 2, 1).reshape(m, H, 1)[: e - s].to(work)
-                if empty_rows:  # the kernel gives such a row out 0 and a finite lse
-                    l_ = l_.masked_fill(~_has_key(mask, nt, H, til.T)[: e - s], NEG_INF)
+                count = e - s
+                o = o.reshape(H, m, D)[:, :count].to(work)
+                pos = None if ch.q_pos is None else ch.q_pos[:, :count]
+                if lse is None:
+                    order.put(out[b], s, o, pos)
+                    continue
+                l_ = l_.reshape(H, m, 1)[:, :count].to(work)
+                if part.exclude_recent:  # the kernel gives a row with no key out 0, a finite lse
+                    l_ = l_.masked_fill(~_has_key(mask, H, m)[:, :count], NEG_INF)
                 if i > 0:
-                    o, l_ = _merge_rows(rows.take(out[b], s, e), rows.take(lse[b], s, e), o, l_)
-                rows.put(out[b], s, o)
-                if lse is not None:
-                    rows.put(lse[b], s, l_)
+                    o, l_ = _merge_rows(order.take(out[b], s, e, pos), order.take(lse[b], s, e, pos),
+                                        o, l_)
+                order.put(out[b], s, o, pos)
+                order.put(lse[b], s, l_, pos)
     return out, lse
 
 
 def _fold(gk: torch.Tensor, til: _Tiling, nt: int) -> torch.Tensor:
-    """Key-tile gradients [nt, H, L, D] -> gradients of the chunk's key rows [m + L - T, H, D]."""
-    T, L = til.T, til.L
+    """Key-tile gradients [H, nt, L, D] -> gradients of the chunk's key rows [H, m + L - T, D]."""
+    H, T, L, D = gk.shape[0], til.T, til.L, gk.shape[-1]
     if til.block:
-        return gk.permute(0, 2, 1, 3).reshape(nt * T, gk.shape[1], gk.shape[-1])
-    H, D = gk.shape[1], gk.shape[-1]
+        return gk.reshape(H, nt * T, D)
     segments = -(-L // T)
-    acc = torch.zeros((nt + segments - 1) * T, H, D, dtype=gk.dtype, device=gk.device)
-    tiles = gk.permute(0, 2, 1, 3)  # [nt, L, H, D]
-    for j in range(segments):
+    acc = torch.empty(H, (nt + segments - 1) * T, D, dtype=gk.dtype, device=gk.device)
+    acc[:, : nt * T].view(H, nt, T, D).copy_(gk[:, :, :T])
+    acc[:, nt * T:].zero_()
+    for j in range(1, segments):
         width = min(T, L - j * T)
-        acc[j * T: j * T + nt * T].view(nt, T, H, D)[:, :width] += tiles[:, j * T: j * T + width]
-    return acc[: nt * T + L - T]
+        acc[:, j * T: (j + nt) * T].view(H, nt, T, D)[:, :, :width] += gk[:, :, j * T: j * T + width]
+    return acc[:, : nt * T + L - T]
+
+
+def _fold_into(dest: torch.Tensor, gk: torch.Tensor, til: _Tiling, nt: int, ks: int) -> None:
+    """Add key-tile gradients [H, nt, L, D] onto dest [H, n, D] rows ks.. (all in range): tile t's
+    column c is row ks + t * T + c, so each run of T columns is one strided add."""
+    T, L = til.T, til.L
+    for j in range(-(-L // T)):
+        width = min(T, L - j * T)
+        rows = dest[:, ks + j * T:].unfold(1, width, T)[:, :nt].transpose(-1, -2)
+        rows.add_(gk[:, :, j * T: j * T + width])
 
 
 def _backward(grad, q, k, v, out, lse_b, parts, scale):
     B, H, n, D = q.shape
     work = _work_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=work, device=q.device)
+    dq = (torch.empty if len(parts) == 1 else torch.zeros)(q.shape, dtype=work, device=q.device)
     dk = torch.zeros(k.shape, dtype=work, device=q.device)
     dv = torch.zeros(v.shape, dtype=work, device=q.device)
     for part in parts:
         til = _Tiling.make(part, n, BACKWARD_TILE)
         for b in range(B):
-            rows = _Rows(part.perm, b, H, n, q.device)
+            order = _Order(_sample(part.perm, b), H, n, q.device)
             for s, e, m in til.chunks(BACKWARD_CHUNK, _mask_heads(part), q.element_size()):
-                ks, ke = til.key_slots(s, m)
-                nt = m // til.T
-                mask, causal = _mask(part, til, rows, s, m, q.dtype, q.device)
-                g = rows.take(grad[b], s, s + m)
-                if e - s < m:  # padding rows of the last tile: no gradient flows from them
+                ch = order.chunk(til, s, e, m)
+                mask, causal = _mask(part, til, ch, q.dtype, q.device)
+                g = order.take(grad[b], s, s + m, ch.q_pos)
+                if e - s < m:  # the rows past the sequence in the last tile: no gradient
                     g = g.clone()
-                    g[e - s:] = 0
-                qt, kt, vt = _tiles(rows.take(q[b], s, s + m), rows.take(k[b], ks, ke),
-                                    rows.take(v[b], ks, ke), til, nt)
-                gt, ot = (x.unflatten(0, (nt, til.T)).permute(0, 2, 1, 3)
-                          for x in (g, rows.take(out[b], s, s + m)))
-                lt = rows.take(lse_b[b], s, s + m).reshape(nt, til.T, H).transpose(1, 2).contiguous()
-                gq, gk, gv = _BACKWARD(gt, qt, kt, vt, ot, lt, 0.0, causal, attn_mask=mask,
-                                       scale=scale)
-                rows.put(dq[b], s, gq.permute(0, 2, 1, 3).reshape(m, H, D)[: e - s].to(work),
-                         add=True)
-                lo, hi = max(ks, 0), min(ke, n)
+                    g[:, e - s:] = 0
+                qt, kt, vt = _tiles(order.take(q[b], s, s + m, ch.q_pos),
+                                    order.take(k[b], ch.ks, ch.ke, ch.k_pos),
+                                    order.take(v[b], ch.ks, ch.ke, ch.k_pos), til, ch.nt)
+                ot = order.take(out[b], s, s + m, ch.q_pos).view(H, ch.nt, til.T, D)
+                lt = order.take(lse_b[b], s, s + m, ch.q_pos).reshape(H, ch.nt, til.T).contiguous()
+                gq, gk, gv = _BACKWARD(g.view(H, ch.nt, til.T, D), qt, kt, vt, ot, lt, 0.0, causal,
+                                       attn_mask=mask, scale=scale)
+                count, add = e - s, len(parts) > 1
+                if ch.q_pos is None and count == m and gq.dtype == work:  # one strided write
+                    view = dq[b][:, s:e].view(H, ch.nt, til.T, D)
+                    view.add_(gq) if add else view.copy_(gq)
+                else:
+                    order.put(dq[b], s, gq.reshape(H, m, D)[:, :count].to(work),
+                              None if ch.q_pos is None else ch.q_pos[:, :count], add=add)
+                direct = (ch.k_pos is None and not til.block and k.shape[1] == H and ch.ks >= 0
+                          and ch.ke <= n and gk.dtype == work)
+                lo, hi = max(ch.ks, 0), min(ch.ke, n)
+                k_pos = None if ch.k_pos is None else ch.k_pos[:, lo - ch.ks: hi - ch.ks]
                 for dest, gx in ((dk, gk), (dv, gv)):
-                    rows.put(dest[b], lo, _fold(gx, til, nt)[lo - ks: hi - ks].to(work), add=True)
+                    if direct:  # keys in original order: add the tiles straight onto the rows
+                        _fold_into(dest[b], gx, til, ch.nt, ch.ks)
+                        continue
+                    rows = _fold(gx, til, ch.nt)[:, lo - ch.ks: hi - ch.ks].to(work)
+                    order.put(dest[b], lo, rows, k_pos, add=True)
     return dq, dk, dv
 
 
