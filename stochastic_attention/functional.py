@@ -225,7 +225,7 @@ def _blocked(q, k, v, window, *, perm, layout, causal, sinks, key_mask, scale, l
     if local:
         return _blocked_union(q, k, v, window, perm=perm, layout=layout, sinks=sinks,
                               key_mask=key_mask, scale=scale, local=local)
-    if flashband.serves(q, key_mask, sinks) and blocked.all_finite(k):
+    if flashband.serves(q, k, v, key_mask=key_mask, sinks=sinks, layout=layout, perm=perm):
         return flashband.windowed(q, k, v, window, perm=perm, layout=layout, causal=causal,
                                   scale=scale)
     sink = _SinkParts(k, v, sinks, key_mask, groups)
@@ -298,7 +298,8 @@ def _blocked_union(q, k, v, window, *, perm, layout, sinks, key_mask, scale, loc
     sinks. Part B (original order): a sliding window of ``local`` without the sink positions.
     Together they are exactly the keys :func:`.ops.patterns.visible` gives with ``local``.
     """
-    if flashband.serves(q, key_mask, sinks) and blocked.all_finite(k):
+    if flashband.serves(q, k, v, key_mask=key_mask, sinks=sinks, layout=layout, perm=perm,
+                        window=window, local=local):
         return flashband.union(q, k, v, window, perm=perm, layout=layout, local=local, scale=scale)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:

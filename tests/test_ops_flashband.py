@@ -113,22 +113,28 @@ def test_gradcheck_through_the_kernel(monkeypatch):
 
 
 def test_dispatcher_routes_plain_calls_here_and_the_rest_to_the_selecting_path(monkeypatch):
-    """Padding, sinks and non-finite keys keep the blocked path that selects hidden keys."""
+    """Padding, sinks and non-finite keys keep the blocked path that selects hidden keys; so do
+    the block layout in training and a union with a band of a few keys, where it is faster."""
     calls = []
     real = flashband.attention
     monkeypatch.setattr(flashband, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    q, k, v = make(20, dtype=torch.float32)
+    q, k, v = make(40, dtype=torch.float32)
     sa.sliding_window_attention(q, k, v, 5)
+    sa.stochastic_attention(q, k, v, 5)
+    sa.stochastic_attention(q, k, v, 16, local=3)
+    with torch.no_grad():
+        sa.stochastic_attention(q, k, v, 5, layout="block")
+    assert len(calls) == 4
+    sa.stochastic_attention(q, k, v, 5, layout="block")
     sa.stochastic_attention(q, k, v, 5, local=3)
-    assert len(calls) == 2
-    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask = torch.ones(2, 40, dtype=torch.bool)
     mask[0, :4] = False
     sa.sliding_window_attention(q, k, v, 5, key_mask=mask)
     sa.stochastic_attention(q, k, v, 5, sinks=2)
     bad = k.detach().clone()
     bad[0, 0, 3, 0] = float("nan")
     sa.sliding_window_attention(q, bad, v, 5)
-    assert len(calls) == 2
+    assert len(calls) == 4
 
 
 def test_all_finite_sees_every_kind_of_non_finite_entry():

@@ -39,6 +39,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="float32 / bfloat16 / float16 (default fp32 on CPU, bf16 on GPU)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per cell (median kept)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or this process's CPU time (CPU only; on a shared machine it "
+                        "leaves out waiting for a core, and is exact with OMP_NUM_THREADS=1)")
     p.add_argument("--dense-max-len", type=int_at_least(0), default=16384,
                    help="skip dense attention above this length")
     p.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and bench.png")
@@ -62,6 +65,8 @@ def main(args: argparse.Namespace) -> int:
     from ..progress import tqdm
 
     seq_lens = tuple(args.seq_lens)
+    if args.clock == "cpu" and args.device != "cpu":
+        raise UsageError("--clock cpu measures CPU time; use it with --device cpu")
     _check_device(args.device)
     methods = tuple(args.methods) if args.methods else DEFAULT_METHODS + (
         ("sa_band_flex", "sa_block_flex") if args.device.startswith("cuda") else ())
@@ -79,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
         cells = benchmark(methods=methods, seq_lens=seq_lens, window=args.window, batch=args.batch,
                           heads=args.heads, head_dim=args.head_dim, dtype=dtype, device=args.device,
                           modes=modes, repeats=args.repeats, dense_max_len=args.dense_max_len,
-                          progress=bar.update)
+                          progress=bar.update, clock=args.clock)
     failed = sorted({(c.method, c.skipped) for c in cells if c.skipped and c.median_s is None
                      and not c.skipped.startswith(("seq_len > dense_max_len", "no FlexAttention"))})
     if failed and all(c.median_s is None for c in cells):
@@ -95,7 +100,8 @@ def main(args: argparse.Namespace) -> int:
                                                 "cells": as_records(cells)}, indent=1))
     header = (f"Machine: {info['processor']}, {info['threads']} threads, torch {info['torch']},"
               f" device {info.get('gpu', info['device'])}, {info['date']}. B={args.batch}, H={args.heads},"
-              f" D={args.head_dim}, window={args.window}, {dtype_name}, median of {args.repeats}.\n\n")
+              f" D={args.head_dim}, window={args.window}, {dtype_name}, median of {args.repeats}"
+              f" ({args.clock} clock).\n\n")
     (out / "bench.md").write_text(header + table)
     plot(cells, methods, modes, out / "bench.png", title=f"window {args.window}, H={args.heads}, "
          f"D={args.head_dim}, {dtype_name}, {info.get('gpu', info['device'])}")

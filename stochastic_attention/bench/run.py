@@ -95,7 +95,9 @@ def attention_flops(method: str, seq_len: int, window: int, batch: int, heads: i
     return 4.0 * head_dim * visible_pairs(method, seq_len, window, batch, heads)
 
 
-def method_fn(method: str, window: int) -> Callable:
+def method_fn(method: str, window: int, seq_len: int | None = None) -> Callable:
+    """fn(q, k, v, perm) for a method; the union's matched window is sized for ``seq_len`` here,
+    outside the timed call."""
     backend = "flex" if method.endswith("_flex") else "blocked"
     base = method.removesuffix("_flex")
     if base == "dense":
@@ -103,10 +105,12 @@ def method_fn(method: str, window: int) -> Callable:
     if base == "swa":
         return lambda q, k, v, perm: sa.sliding_window_attention(q, k, v, window, backend=backend)
     if base.startswith("sa_local"):
+        if seq_len is None:
+            raise ValueError(f"method {method!r} needs seq_len (its window matches SWA's keys)")
         layout = _union_layout(base)
+        sa_window = matched_union_window(seq_len, window, layout)
         return lambda q, k, v, perm: sa.stochastic_attention(
-            q, k, v, matched_union_window(q.shape[2], window, layout), perm=perm[:, :1],
-            local=window // 2, layout=layout, backend=backend)
+            q, k, v, sa_window, perm=perm[:, :1], local=window // 2, layout=layout, backend=backend)
     layout = base.split("_")[1]
     if base.endswith("_per_head"):
         return lambda q, k, v, perm: sa.stochastic_attention(q, k, v, window, perm=perm, layout=layout,
@@ -177,12 +181,19 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_call(fn: Callable, device: torch.device) -> float:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_call(fn: Callable, device: torch.device, clock: str = "wall") -> float:
+    """Seconds one call takes: wall time, or this process's CPU time (``clock="cpu"``, CPU only:
+    on a shared machine it leaves out the time spent waiting for a core; with one thread it is
+    the work itself, with more it also counts threads spinning at their barriers)."""
+    tick = CLOCKS[clock]
     _sync(device)
-    start = time.perf_counter()
+    start = tick()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return tick() - start
 
 
 def benchmark(
@@ -199,6 +210,7 @@ def benchmark(
     repeats: int = 5,
     dense_max_len: int = 16384,
     progress=None,
+    clock: str = "wall",
 ) -> list[Cell]:
     """Time every (method, seq_len, mode); returns one :class:`Cell` each."""
     dev = torch.device(device)
@@ -229,7 +241,7 @@ def benchmark(
             active = [(c, r) for c, r in active if c.skipped is None]
             for _ in range(repeats):
                 for cell, run in active:
-                    cell.times_s.append(time_call(run, dev))
+                    cell.times_s.append(time_call(run, dev, clock))
                     if progress is not None:
                         progress()
             for cell, _ in active:
@@ -260,7 +272,7 @@ def add_bounds(cells: list[Cell]) -> None:
 
 
 def _runner(method, window, q, k, v, perm, mode):
-    fn = method_fn(method, window)
+    fn = method_fn(method, window, q.shape[2])
     if mode == "fwd":
         def run():
             with torch.no_grad():

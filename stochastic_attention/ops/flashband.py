@@ -39,6 +39,9 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
+from .blocked import all_finite as _all_finite
+from .blocked import sort_groups as _sort_groups
+from .merge import BAND_PART_MAX_WIDTH
 from .patterns import band_extent
 
 __all__ = ["WindowPart", "attention", "serves"]
@@ -81,10 +84,25 @@ class WindowPart:
     exclude_recent: int = 0
 
 
-def serves(q: torch.Tensor, key_mask: torch.Tensor | None, sinks: int) -> bool:
-    """Can this path serve the call? (The caller still checks that the keys are finite.)"""
-    return (q.device.type == "cpu" and key_mask is None and sinks == 0 and q.dtype in DTYPES
-            and q.shape[-2] > 0)
+def serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None,
+           sinks: int, layout: str = "band", perm: torch.Tensor | None = None, window: int = 0,
+           local: int = 0) -> bool:
+    """Does this path serve the call, and is it the faster one?
+
+    It serves CPU calls without padding or sinks, with finite keys. It is not the faster one for
+    the block layout in training (the blocked path's gathered copies, kept by autograd, spare
+    its backward the re-gathers) nor for a union whose SA band is a few keys wide (computed
+    offset by offset there, see :data:`.merge.BAND_PART_MAX_WIDTH`).
+    """
+    if not (q.device.type == "cpu" and key_mask is None and sinks == 0 and q.dtype in DTYPES
+            and q.shape[-2] > 0):
+        return False
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if layout == "block" and perm is not None and not local and needs_grad:
+        return False
+    if local and layout == "band" and window <= BAND_PART_MAX_WIDTH:
+        return False
+    return _all_finite(k)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: Sequence[WindowPart],
@@ -151,61 +169,67 @@ class _Chunk:
     nt: int
     ks: int
     ke: int
-    q_pos: torch.Tensor | None  # [Hp, m] original positions (clamped), None: slot == position
-    k_pos: torch.Tensor | None  # [Hp, ke - ks]
+    q_pos: torch.Tensor | None  # [Bp, Hp, m] original positions (clamped); None: slot == position
+    k_pos: torch.Tensor | None  # [Bp, Hp, ke - ks]
 
 
 class _Order:
-    """One sample's slot order: rows of its [Hx, n, C] tensors as head-major [H, m, C] chunks."""
+    """A part's slot order: rows of [B, Hx, n, C] tensors as [B, H, m, C] chunks, and back."""
 
-    def __init__(self, perm: torch.Tensor | None, H: int, n: int, device):
-        self.perm = perm  # [Hp, n] or None
-        self.H, self.n, self.device = H, n, device
+    def __init__(self, perm: torch.Tensor | None, B: int, H: int, n: int, device):
+        self.perm = perm  # [Bp, Hp, n] or None
+        self.B, self.H, self.n, self.device = B, H, n, device
 
     def chunk(self, til: _Tiling, s: int, e: int, m: int) -> _Chunk:
         ks, ke = s - til.left, s + m + til.right
         if self.perm is None:
             return _Chunk(s, e, m, m // til.T, ks, ke, None, None)
-        slots = torch.arange(ks, s + m + til.right, device=self.device).clamp_(0, self.n - 1)
-        k_pos = self.perm[:, slots]
-        return _Chunk(s, e, m, m // til.T, ks, ke, k_pos[:, s - ks: s - ks + m], k_pos)
+        slots = torch.arange(ks, ke, device=self.device).clamp_(0, self.n - 1)
+        k_pos = self.perm[..., slots]
+        return _Chunk(s, e, m, m // til.T, ks, ke, k_pos[..., s - ks: s - ks + m], k_pos)
 
     def _flat(self, pos: torch.Tensor, heads: int) -> torch.Tensor:
-        """Head-major flat row indices [H * m] into a [heads, n, C] tensor (GQA when heads < H)."""
+        """Flat row indices [B * H * m] into a [B, heads, n, C] tensor (GQA when heads < H)."""
         head = torch.arange(self.H, device=self.device) // (self.H // heads)
-        return (head[:, None] * self.n + pos).reshape(-1)
+        base = (torch.arange(self.B, device=self.device)[:, None] * heads + head) * self.n
+        return (base[:, :, None] + pos).reshape(-1)
+
+    def _positions(self, a: int, b: int, pos: torch.Tensor | None) -> torch.Tensor:
+        if pos is None:
+            return torch.arange(a, b, device=self.device).clamp_(0, self.n - 1).view(1, 1, -1)
+        return pos
 
     def take(self, x: torch.Tensor, a: int, b: int, pos: torch.Tensor | None) -> torch.Tensor:
-        """x [Hx, n, C] at slots [a, b) (positions ``pos`` [Hp, b - a]) -> [H, b - a, C]."""
-        if pos is None:
-            if x.shape[0] == self.H and a >= 0 and b <= self.n:
-                return x[:, a:b]
-            pos = torch.arange(a, b, device=self.device).clamp_(0, self.n - 1)[None]
-        if pos.shape[0] == 1 and x.shape[0] == self.H:  # one order for all heads
-            return x.index_select(1, pos[0])
-        flat = x.reshape(-1, x.shape[-1]).index_select(0, self._flat(pos, x.shape[0]))
-        return flat.view(self.H, b - a, x.shape[-1])
+        """x [B, Hx, n, C] at slots [a, b) (positions ``pos`` [Bp, Hp, b - a]) -> [B, H, b - a, C];
+        slots outside the sequence repeat an edge row (their keys are masked)."""
+        if pos is None and x.shape[1] == self.H and a >= 0 and b <= self.n:
+            return x[:, :, a:b]
+        pos = self._positions(a, b, pos)
+        if pos.shape[0] * pos.shape[1] == 1 and x.shape[1] == self.H:  # one order for all rows
+            return x.index_select(2, pos[0, 0])
+        flat = x.reshape(-1, x.shape[-1]).index_select(0, self._flat(pos, x.shape[1]))
+        return flat.view(self.B, self.H, b - a, x.shape[-1])
 
     def put(self, dest: torch.Tensor, a: int, rows: torch.Tensor, pos: torch.Tensor | None,
             add: bool = False) -> None:
-        """Write (or add) rows [H, m, C] into dest [Hd, n, C] at slots [a, a + m), in range."""
-        m = rows.shape[1]
-        if pos is None and dest.shape[0] == self.H:
-            view = dest[:, a:a + m]
+        """Write (or add) rows [B, H, m, C] into dest [B, Hd, n, C] at slots [a, a + m), in range."""
+        m = rows.shape[2]
+        if pos is None and dest.shape[1] == self.H:
+            view = dest[:, :, a:a + m]
             view.add_(rows) if add else view.copy_(rows)
             return
-        if pos is None:
-            pos = torch.arange(a, a + m, device=self.device)[None]
-        if pos.shape[0] == 1 and dest.shape[0] == self.H:
-            dest.index_add_(1, pos[0], rows) if add else dest.index_copy_(1, pos[0], rows)
+        pos = self._positions(a, a + m, pos)
+        if pos.shape[0] * pos.shape[1] == 1 and dest.shape[1] == self.H:
+            dest.index_add_(2, pos[0, 0], rows) if add else dest.index_copy_(2, pos[0, 0], rows)
             return
-        flat, index = dest.view(-1, dest.shape[-1]), self._flat(pos, dest.shape[0])
+        flat, index = dest.view(-1, dest.shape[-1]), self._flat(pos, dest.shape[1])
         rows = rows.reshape(-1, dest.shape[-1])
         flat.index_add_(0, index, rows) if add else flat.index_copy_(0, index, rows)
 
 
-def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, dtype, device):
-    """The chunk's additive mask, broadcastable to [H, nt, T, L], or None; and is_causal."""
+def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, B: int, H: int, dtype, device):
+    """The chunk's additive mask, broadcastable to the kernel's [B * H, nt, T, L], or None; and
+    whether the kernel should add its own causal triangle."""
     n, T, L, nt = til.n, til.T, til.L, ch.nt
     keys_in = ch.ks >= 0 and ch.ke <= n
 
@@ -216,14 +240,18 @@ def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, dtype, device):
         in-place passes instead of a comparison and a select."""
         k_pos = ch.k_pos.to(torch.float32).mul_(_HIDE)
         if not keys_in:  # slots outside the sequence: past every query
-            k_pos[:, : max(0, -ch.ks)] = 2 * n * _HIDE
-            k_pos[:, n - ch.ks:] = 2 * n * _HIDE
-        k_tiles = k_pos.view(-1, nt, T) if til.block else k_pos.unfold(1, L, T)
+            k_pos[..., : max(0, -ch.ks)] = 2 * n * _HIDE
+            k_pos[..., n - ch.ks:] = 2 * n * _HIDE
+        Bp, Hp = k_pos.shape[:2]
+        k_tiles = k_pos.view(Bp, Hp, nt, T) if til.block else k_pos.unfold(2, L, T)
         q_pos = (ch.q_pos.to(torch.float32) - part.exclude_recent).mul_(_HIDE)
-        bias = torch.sub(q_pos.view(-1, nt, T, 1), k_tiles.unsqueeze(-2)).clamp_(max=0)
+        bias = torch.sub(q_pos.view(Bp, Hp, nt, T, 1), k_tiles.unsqueeze(-2)).clamp_(max=0)
         if table is not None:
             bias.add_(table)
-        return bias.to(dtype)
+        if Bp * Hp == 1:
+            return bias.view(1, nt, T, L).to(dtype)
+        # One mask per (sample, head): the kernel's batch axis is B * H.
+        return bias.to(dtype).expand(B, H, nt, T, L).reshape(B * H, nt, T, L)
 
     if til.block:
         if part.exclude_recent:  # visible keys precede the query in its sorted group
@@ -232,8 +260,8 @@ def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, dtype, device):
             return None, part.causal
         slot = torch.arange(ch.ks, ch.ke, device=device).view(1, nt, 1, L)
         return torch.zeros((), dtype=dtype, device=device).masked_fill(slot >= n, NEG_INF), False
-    table = _band_table(T, til.left, til.right, dtype, device)
     if ch.k_pos is None or not part.causal:  # the window alone, in slot space
+        table = _band_table(T, til.left, til.right, dtype, device)
         if keys_in:
             return table.view(1, 1, T, L), False
         slot = torch.arange(ch.ks, ch.ke, device=device)
@@ -243,31 +271,30 @@ def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, dtype, device):
 
 
 def _tiles(q_rows, k_rows, v_rows, til: _Tiling, nt: int):
-    """Kernel views, batch = heads, heads = tiles: q [H, nt, T, D], k/v [H, nt, L, D] (overlapping
-    windows of the key rows, never copied)."""
-    H, D = q_rows.shape[0], q_rows.shape[-1]
-    qt = q_rows.view(H, nt, til.T, D)
+    """Kernel views, batch = samples * heads, heads = tiles: q [X, nt, T, D], k/v [X, nt, L, D]
+    (overlapping windows of the key rows, never copied)."""
+    X, D = q_rows.shape[0] * q_rows.shape[1], q_rows.shape[-1]
+    qt = q_rows.reshape(X, nt, til.T, D)
     if til.block:
-        return qt, k_rows.view(H, nt, til.T, D), v_rows.view(H, nt, til.T, D)
-    return qt, *(x.unfold(1, til.L, til.T).transpose(-1, -2) for x in (k_rows, v_rows))
+        return qt, k_rows.reshape(X, nt, til.T, D), v_rows.reshape(X, nt, til.T, D)
+    return qt, *(x.reshape(X, -1, D).unfold(1, til.L, til.T).transpose(-1, -2) for x in (k_rows, v_rows))
 
 
-def _has_key(mask: torch.Tensor, H: int, m: int) -> torch.Tensor:
-    """[H, m, 1] bool: the chunk's rows that see at least one key (visible entries are 0)."""
-    seen = (mask == 0).any(dim=-1)  # [Hp, nt, T]
-    return seen.reshape(seen.shape[0], m, 1).expand(H, m, 1)
+def _has_key(mask: torch.Tensor, B: int, H: int, m: int) -> torch.Tensor:
+    """[B, H, m, 1] bool: the chunk's rows that see at least one key (visible entries are 0)."""
+    seen = (mask == 0).any(dim=-1).reshape(-1, m)  # [1 or B * H, m]
+    return seen.expand(B * H, m).reshape(B, H, m, 1)
 
 
-def _mask_heads(part: WindowPart) -> int:
-    return 1 if part.perm is None else part.perm.shape[1]
+def _mask_planes(part: WindowPart, B: int, H: int) -> int:
+    """How many distinct [T, L] planes each tile's mask has (for the chunk size)."""
+    if part.perm is None or part.perm.shape[0] * part.perm.shape[1] == 1:
+        return 1
+    return B * H
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _sample(perm: torch.Tensor | None, b: int) -> torch.Tensor | None:
-    return None if perm is None else perm[b if perm.shape[0] > 1 else 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,49 +322,46 @@ def _forward(q, k, v, parts, scale, need_lse):
     lse = torch.empty(B, H, n, 1, dtype=work, device=q.device) if need_lse or len(parts) > 1 else None
     for i, part in enumerate(parts):
         til = _Tiling.make(part, n, FORWARD_TILE)
-        for b in range(B):
-            order = _Order(_sample(part.perm, b), H, n, q.device)
-            for s, e, m in til.chunks(FORWARD_CHUNK, _mask_heads(part), q.element_size()):
-                ch = order.chunk(til, s, e, m)
-                mask, causal = _mask(part, til, ch, q.dtype, q.device)
-                qt, kt, vt = _tiles(order.take(q[b], s, s + m, ch.q_pos),
-                                    order.take(k[b], ch.ks, ch.ke, ch.k_pos),
-                                    order.take(v[b], ch.ks, ch.ke, ch.k_pos), til, ch.nt)
-                o, l_ = _FORWARD(qt, kt, vt, 0.0, causal, attn_mask=mask, scale=scale)
-                count = e - s
-                o = o.reshape(H, m, D)[:, :count].to(work)
-                pos = None if ch.q_pos is None else ch.q_pos[:, :count]
-                if lse is None:
-                    order.put(out[b], s, o, pos)
-                    continue
-                l_ = l_.reshape(H, m, 1)[:, :count].to(work)
-                if part.exclude_recent:  # the kernel gives a row with no key out 0, a finite lse
-                    l_ = l_.masked_fill(~_has_key(mask, H, m)[:, :count], NEG_INF)
-                if i > 0:
-                    o, l_ = _merge_rows(order.take(out[b], s, e, pos), order.take(lse[b], s, e, pos),
-                                        o, l_)
-                order.put(out[b], s, o, pos)
-                order.put(lse[b], s, l_, pos)
+        order = _Order(part.perm, B, H, n, q.device)
+        for s, e, m in til.chunks(FORWARD_CHUNK, _mask_planes(part, B, H), q.element_size()):
+            ch = order.chunk(til, s, e, m)
+            mask, causal = _mask(part, til, ch, B, H, q.dtype, q.device)
+            qt, kt, vt = _tiles(order.take(q, s, s + m, ch.q_pos), order.take(k, ch.ks, ch.ke, ch.k_pos),
+                                order.take(v, ch.ks, ch.ke, ch.k_pos), til, ch.nt)
+            o, l_ = _FORWARD(qt, kt, vt, 0.0, causal, attn_mask=mask, scale=scale)
+            count = e - s
+            o = o.view(B, H, m, D)[:, :, :count].to(work)
+            pos = None if ch.q_pos is None else ch.q_pos[..., :count]
+            if lse is None:
+                order.put(out, s, o, pos)
+                continue
+            l_ = l_.reshape(B, H, m, 1)[:, :, :count].to(work)
+            if part.exclude_recent:  # the kernel gives a row with no key out 0 and a finite lse
+                l_ = l_.masked_fill(~_has_key(mask, B, H, m)[:, :, :count], NEG_INF)
+            if i > 0:
+                o, l_ = _merge_rows(order.take(out, s, e, pos), order.take(lse, s, e, pos), o, l_)
+            order.put(out, s, o, pos)
+            order.put(lse, s, l_, pos)
     return out, lse
 
 
 def _fold(gk: torch.Tensor, til: _Tiling, nt: int) -> torch.Tensor:
-    """Key-tile gradients [H, nt, L, D] -> gradients of the chunk's key rows [H, m + L - T, D]."""
-    H, T, L, D = gk.shape[0], til.T, til.L, gk.shape[-1]
+    """Key-tile gradients [X, nt, L, D] -> gradients of the chunk's key rows [X, m + L - T, D]."""
+    X, T, L, D = gk.shape[0], til.T, til.L, gk.shape[-1]
     if til.block:
-        return gk.reshape(H, nt * T, D)
+        return gk.reshape(X, nt * T, D)
     segments = -(-L // T)
-    acc = torch.empty(H, (nt + segments - 1) * T, D, dtype=gk.dtype, device=gk.device)
-    acc[:, : nt * T].view(H, nt, T, D).copy_(gk[:, :, :T])
+    acc = torch.empty(X, (nt + segments - 1) * T, D, dtype=gk.dtype, device=gk.device)
+    acc[:, : nt * T].view(X, nt, T, D).copy_(gk[:, :, :T])
     acc[:, nt * T:].zero_()
     for j in range(1, segments):
         width = min(T, L - j * T)
-        acc[:, j * T: (j + nt) * T].view(H, nt, T, D)[:, :, :width] += gk[:, :, j * T: j * T + width]
+        acc[:, j * T: (j + nt) * T].view(X, nt, T, D)[:, :, :width] += gk[:, :, j * T: j * T + width]
     return acc[:, : nt * T + L - T]
 
 
 def _fold_into(dest: torch.Tensor, gk: torch.Tensor, til: _Tiling, nt: int, ks: int) -> None:
-    """Add key-tile gradients [H, nt, L, D] onto dest [H, n, D] rows ks.. (all in range): tile t's
+    """Add key-tile gradients [X, nt, L, D] onto dest [X, n, D] rows ks.. (all in range): tile t's
     column c is row ks + t * T + c, so each run of T columns is one strided add."""
     T, L = til.T, til.L
     for j in range(-(-L // T)):
@@ -352,41 +376,42 @@ def _backward(grad, q, k, v, out, lse_b, parts, scale):
     dq = (torch.empty if len(parts) == 1 else torch.zeros)(q.shape, dtype=work, device=q.device)
     dk = torch.zeros(k.shape, dtype=work, device=q.device)
     dv = torch.zeros(v.shape, dtype=work, device=q.device)
+    add_q = len(parts) > 1
     for part in parts:
         til = _Tiling.make(part, n, BACKWARD_TILE)
-        for b in range(B):
-            order = _Order(_sample(part.perm, b), H, n, q.device)
-            for s, e, m in til.chunks(BACKWARD_CHUNK, _mask_heads(part), q.element_size()):
-                ch = order.chunk(til, s, e, m)
-                mask, causal = _mask(part, til, ch, q.dtype, q.device)
-                g = order.take(grad[b], s, s + m, ch.q_pos)
-                if e - s < m:  # the rows past the sequence in the last tile: no gradient
-                    g = g.clone()
-                    g[:, e - s:] = 0
-                qt, kt, vt = _tiles(order.take(q[b], s, s + m, ch.q_pos),
-                                    order.take(k[b], ch.ks, ch.ke, ch.k_pos),
-                                    order.take(v[b], ch.ks, ch.ke, ch.k_pos), til, ch.nt)
-                ot = order.take(out[b], s, s + m, ch.q_pos).view(H, ch.nt, til.T, D)
-                lt = order.take(lse_b[b], s, s + m, ch.q_pos).reshape(H, ch.nt, til.T).contiguous()
-                gq, gk, gv = _BACKWARD(g.view(H, ch.nt, til.T, D), qt, kt, vt, ot, lt, 0.0, causal,
-                                       attn_mask=mask, scale=scale)
-                count, add = e - s, len(parts) > 1
-                if ch.q_pos is None and count == m and gq.dtype == work:  # one strided write
-                    view = dq[b][:, s:e].view(H, ch.nt, til.T, D)
-                    view.add_(gq) if add else view.copy_(gq)
-                else:
-                    order.put(dq[b], s, gq.reshape(H, m, D)[:, :count].to(work),
-                              None if ch.q_pos is None else ch.q_pos[:, :count], add=add)
-                direct = (ch.k_pos is None and not til.block and k.shape[1] == H and ch.ks >= 0
-                          and ch.ke <= n and gk.dtype == work)
-                lo, hi = max(ch.ks, 0), min(ch.ke, n)
-                k_pos = None if ch.k_pos is None else ch.k_pos[:, lo - ch.ks: hi - ch.ks]
-                for dest, gx in ((dk, gk), (dv, gv)):
-                    if direct:  # keys in original order: add the tiles straight onto the rows
-                        _fold_into(dest[b], gx, til, ch.nt, ch.ks)
-                        continue
-                    rows = _fold(gx, til, ch.nt)[:, lo - ch.ks: hi - ch.ks].to(work)
-                    order.put(dest[b], lo, rows, k_pos, add=True)
+        order = _Order(part.perm, B, H, n, q.device)
+        for s, e, m in til.chunks(BACKWARD_CHUNK, _mask_planes(part, B, H), q.element_size()):
+            ch = order.chunk(til, s, e, m)
+            nt, T = ch.nt, til.T
+            mask, causal = _mask(part, til, ch, B, H, q.dtype, q.device)
+            g = order.take(grad, s, s + m, ch.q_pos)
+            if e - s < m:  # the rows past the sequence in the last tile: no gradient
+                g = g.clone()
+                g[:, :, e - s:] = 0
+            qt, kt, vt = _tiles(order.take(q, s, s + m, ch.q_pos), order.take(k, ch.ks, ch.ke, ch.k_pos),
+                                order.take(v, ch.ks, ch.ke, ch.k_pos), til, nt)
+            ot = order.take(out, s, s + m, ch.q_pos).reshape(B * H, nt, T, D)
+            lt = order.take(lse_b, s, s + m, ch.q_pos).reshape(B * H, nt, T).contiguous()
+            gq, gk, gv = _BACKWARD(g.reshape(B * H, nt, T, D), qt, kt, vt, ot, lt, 0.0, causal,
+                                   attn_mask=mask, scale=scale)
+            count = e - s
+            if ch.q_pos is None and count == m and gq.dtype == work:  # one strided write
+                view = dq[:, :, s:e].view(B, H, nt, T, D)
+                gq = gq.view(B, H, nt, T, D)
+                view.add_(gq) if add_q else view.copy_(gq)
+            else:
+                order.put(dq, s, gq.reshape(B, H, m, D)[:, :, :count].to(work),
+                          None if ch.q_pos is None else ch.q_pos[..., :count], add=add_q)
+            direct = (ch.k_pos is None and not til.block and k.shape[1] == H and ch.ks >= 0
+                      and ch.ke <= n and gk.dtype == work)
+            lo, hi = max(ch.ks, 0), min(ch.ke, n)
+            k_pos = None if ch.k_pos is None else ch.k_pos[..., lo - ch.ks: hi - ch.ks]
+            for dest, gx in ((dk, gk), (dv, gv)):
+                if direct:  # keys in original order: add the tiles straight onto the rows
+                    _fold_into(dest.view(B * H, n, D), gx, til, nt, ch.ks)
+                    continue
+                rows = _fold(gx, til, nt)[:, lo - ch.ks: hi - ch.ks].to(work)
+                order.put(dest, lo, rows.view(B, H, hi - lo, D), k_pos, add=True)
     return dq, dk, dv
 
 
@@ -432,9 +457,3 @@ def union(q, k, v, window: int, *, perm: torch.Tensor, layout: str, local: int,
         perm = _sort_groups(perm, window)
     return attention(q, k, v, [WindowPart(window, layout, True, perm, exclude_recent=local),
                                WindowPart(local, "band", True, None)], scale)
-
-
-def _sort_groups(perm, window):
-    from .blocked import sort_groups  # blocked imports nothing from here; kept local for clarity
-
-    return sort_groups(perm, window)
