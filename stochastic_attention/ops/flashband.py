@@ -179,6 +179,19 @@ class _Order:
     def __init__(self, perm: torch.Tensor | None, B: int, H: int, n: int, device):
         self.perm = perm  # [Bp, Hp, n] or None
         self.B, self.H, self.n, self.device = B, H, n, device
+        self._stores: dict[str, torch.Tensor] = {}
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous tensor re-used by every chunk of the call (the first chunk is the largest):
+        freeing and re-allocating megabytes per chunk would hand pages back to the system and
+        fault them in again each time."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        store = self._stores.get(name)
+        if store is None or store.numel() < numel or store.dtype != dtype:
+            store = self._stores[name] = torch.empty(numel, dtype=dtype, device=self.device)
+        return store[:numel].view(shape)
 
     def chunk(self, til: _Tiling, s: int, e: int, m: int) -> _Chunk:
         ks, ke = s - til.left, s + m + til.right
@@ -199,16 +212,20 @@ class _Order:
             return torch.arange(a, b, device=self.device).clamp_(0, self.n - 1).view(1, 1, -1)
         return pos
 
-    def take(self, x: torch.Tensor, a: int, b: int, pos: torch.Tensor | None) -> torch.Tensor:
-        """x [B, Hx, n, C] at slots [a, b) (positions ``pos`` [Bp, Hp, b - a]) -> [B, H, b - a, C];
-        slots outside the sequence repeat an edge row (their keys are masked)."""
+    def take(self, x: torch.Tensor, a: int, b: int, pos: torch.Tensor | None,
+             name: str) -> torch.Tensor:
+        """x [B, Hx, n, C] at slots [a, b) (positions ``pos`` [Bp, Hp, b - a]) -> [B, H, b - a, C],
+        gathered into the buffer ``name`` (a view when nothing moves); slots outside the sequence
+        repeat an edge row (their keys are masked)."""
         if pos is None and x.shape[1] == self.H and a >= 0 and b <= self.n:
             return x[:, :, a:b]
         pos = self._positions(a, b, pos)
+        rows = self.buffer(name, (self.B, self.H, b - a, x.shape[-1]), x.dtype)
         if pos.shape[0] * pos.shape[1] == 1 and x.shape[1] == self.H:  # one order for all rows
-            return x.index_select(2, pos[0, 0])
-        flat = x.reshape(-1, x.shape[-1]).index_select(0, self._flat(pos, x.shape[1]))
-        return flat.view(self.B, self.H, b - a, x.shape[-1])
+            return torch.index_select(x, 2, pos[0, 0], out=rows)
+        flat = rows.view(-1, x.shape[-1])
+        torch.index_select(x.reshape(-1, x.shape[-1]), 0, self._flat(pos, x.shape[1]), out=flat)
+        return rows
 
     def put(self, dest: torch.Tensor, a: int, rows: torch.Tensor, pos: torch.Tensor | None,
             add: bool = False) -> None:
@@ -227,10 +244,11 @@ class _Order:
         flat.index_add_(0, index, rows) if add else flat.index_copy_(0, index, rows)
 
 
-def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, B: int, H: int, dtype, device):
+def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, order: _Order, dtype, device):
     """The chunk's additive mask, broadcastable to the kernel's [B * H, nt, T, L], or None; and
     whether the kernel should add its own causal triangle."""
     n, T, L, nt = til.n, til.T, til.L, ch.nt
+    B, H = order.B, order.H
     keys_in = ch.ks >= 0 and ch.ke <= n
 
     def causal_bias(table=None):
@@ -245,7 +263,8 @@ def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, B: int, H: int, dtype, dev
         Bp, Hp = k_pos.shape[:2]
         k_tiles = k_pos.view(Bp, Hp, nt, T) if til.block else k_pos.unfold(2, L, T)
         q_pos = (ch.q_pos.to(torch.float32) - part.exclude_recent).mul_(_HIDE)
-        bias = torch.sub(q_pos.view(Bp, Hp, nt, T, 1), k_tiles.unsqueeze(-2)).clamp_(max=0)
+        bias = order.buffer("mask", (Bp, Hp, nt, T, L), torch.float32)
+        torch.sub(q_pos.view(Bp, Hp, nt, T, 1), k_tiles.unsqueeze(-2), out=bias).clamp_(max=0)
         if table is not None:
             bias.add_(table)
         if Bp * Hp == 1:
@@ -325,9 +344,10 @@ def _forward(q, k, v, parts, scale, need_lse):
         order = _Order(part.perm, B, H, n, q.device)
         for s, e, m in til.chunks(FORWARD_CHUNK, _mask_planes(part, B, H), q.element_size()):
             ch = order.chunk(til, s, e, m)
-            mask, causal = _mask(part, til, ch, B, H, q.dtype, q.device)
-            qt, kt, vt = _tiles(order.take(q, s, s + m, ch.q_pos), order.take(k, ch.ks, ch.ke, ch.k_pos),
-                                order.take(v, ch.ks, ch.ke, ch.k_pos), til, ch.nt)
+            mask, causal = _mask(part, til, ch, order, q.dtype, q.device)
+            qt, kt, vt = _tiles(order.take(q, s, s + m, ch.q_pos, "q"),
+                                order.take(k, ch.ks, ch.ke, ch.k_pos, "k"),
+                                order.take(v, ch.ks, ch.ke, ch.k_pos, "v"), til, ch.nt)
             o, l_ = _FORWARD(qt, kt, vt, 0.0, causal, attn_mask=mask, scale=scale)
             count = e - s
             o = o.view(B, H, m, D)[:, :, :count].to(work)
@@ -339,7 +359,8 @@ def _forward(q, k, v, parts, scale, need_lse):
             if part.exclude_recent:  # the kernel gives a row with no key out 0 and a finite lse
                 l_ = l_.masked_fill(~_has_key(mask, B, H, m)[:, :, :count], NEG_INF)
             if i > 0:
-                o, l_ = _merge_rows(order.take(out, s, e, pos), order.take(lse, s, e, pos), o, l_)
+                o, l_ = _merge_rows(order.take(out, s, e, pos, "out"), order.take(lse, s, e, pos, "lse"),
+                                    o, l_)
             order.put(out, s, o, pos)
             order.put(lse, s, l_, pos)
     return out, lse
@@ -383,15 +404,16 @@ def _backward(grad, q, k, v, out, lse_b, parts, scale):
         for s, e, m in til.chunks(BACKWARD_CHUNK, _mask_planes(part, B, H), q.element_size()):
             ch = order.chunk(til, s, e, m)
             nt, T = ch.nt, til.T
-            mask, causal = _mask(part, til, ch, B, H, q.dtype, q.device)
-            g = order.take(grad, s, s + m, ch.q_pos)
+            mask, causal = _mask(part, til, ch, order, q.dtype, q.device)
+            g = order.take(grad, s, s + m, ch.q_pos, "grad")
             if e - s < m:  # the rows past the sequence in the last tile: no gradient
                 g = g.clone()
                 g[:, :, e - s:] = 0
-            qt, kt, vt = _tiles(order.take(q, s, s + m, ch.q_pos), order.take(k, ch.ks, ch.ke, ch.k_pos),
-                                order.take(v, ch.ks, ch.ke, ch.k_pos), til, nt)
-            ot = order.take(out, s, s + m, ch.q_pos).reshape(B * H, nt, T, D)
-            lt = order.take(lse_b, s, s + m, ch.q_pos).reshape(B * H, nt, T).contiguous()
+            qt, kt, vt = _tiles(order.take(q, s, s + m, ch.q_pos, "q"),
+                                order.take(k, ch.ks, ch.ke, ch.k_pos, "k"),
+                                order.take(v, ch.ks, ch.ke, ch.k_pos, "v"), til, nt)
+            ot = order.take(out, s, s + m, ch.q_pos, "out").reshape(B * H, nt, T, D)
+            lt = order.take(lse_b, s, s + m, ch.q_pos, "lse").reshape(B * H, nt, T).contiguous()
             gq, gk, gv = _BACKWARD(g.reshape(B * H, nt, T, D), qt, kt, vt, ot, lt, 0.0, causal,
                                    attn_mask=mask, scale=scale)
             count = e - s
