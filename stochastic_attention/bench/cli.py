@@ -209,7 +209,7 @@ def plot(cells, methods, modes, path: Path, title: str) -> None:
             if pts:
                 ax.plot(*zip(*pts, strict=True), style, marker="o", color=f"C{i}", label=f"{m} {mode}")
     ax.axhline(1.0, color="black", lw=0.8)
-    ax.set(xscale="log", xlabel="sequence length", ylabel="time / FLOP bound",
+    ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="time / FLOP bound",
            title="against dense flash attention's time per useful pair")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="x-small", ncol=2)
