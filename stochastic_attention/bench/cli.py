@@ -29,6 +29,8 @@ from .run import METHODS, RENAMED, Cell, as_records, benchmark, machine_info
 
 DEFAULT_SEQ_LENS = "1024,2048,4096,8192,16384,32768,65536"
 MODES = ("fwd", "fwd+bwd")
+DEFAULT_METHODS = ("full", "sliding_window", "stochastic", "stochastic_block", "stochastic_per_head",
+                   "stochastic_local", "stochastic_local_block", "sliding_window_flex")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -41,13 +43,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--heads", type=positive_int, default=8, help="attention heads")
     p.add_argument("--head-dim", type=positive_int, default=64, help="features per head")
     p.add_argument("--methods", type=method_list(METHODS, RENAMED), default=None,
-                   help=f"comma-separated, from {','.join(METHODS)} (default: full,sliding_window,"
-                        "stochastic,stochastic_block,stochastic_per_head,stochastic_local; on GPU "
-                        "the flex variants too)")
+                   help=f"comma-separated, from {','.join(METHODS)} (default: "
+                        f"{','.join(DEFAULT_METHODS)}; sliding_window_flex is the compiled "
+                        "FlexAttention peer (forward only on CPU); on GPU the other flex variants "
+                        "too)")
     p.add_argument("--modes", type=choice_list(MODES), default="fwd,fwd+bwd",
                    help="comma-separated, from fwd,fwd+bwd")
     add_device(p)
     p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per cell (median kept)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or this process's CPU time (CPU only; on a shared machine it "
+                        "leaves out waiting for a core, and is exact with OMP_NUM_THREADS=1)")
     p.add_argument("--full-max-len", type=int_at_least(0), default=16384,
                    help="skip full attention above this length")
     renamed_option(p, "--dense-max-len", "--full-max-len")
@@ -61,12 +67,11 @@ def main(args: argparse.Namespace) -> int:
     from ..progress import tqdm
 
     seq_lens = tuple(args.seq_lens)
+    if args.clock == "cpu" and args.device != "cpu":
+        raise UsageError("--clock cpu measures CPU time; use it with --device cpu")
     check_device(args.device)
-    methods = tuple(args.methods) if args.methods else (
-        ("full", "sliding_window", "stochastic", "stochastic_block", "stochastic_per_head",
-         "stochastic_local")
-        + (("sliding_window_flex", "stochastic_flex", "stochastic_block_flex")
-           if args.device.startswith("cuda") else ()))
+    methods = tuple(args.methods) if args.methods else DEFAULT_METHODS + (
+        ("stochastic_flex", "stochastic_block_flex") if args.device.startswith("cuda") else ())
     dtype_name = resolve_dtype(args.device, args.dtype)
     dtype = getattr(torch, dtype_name)
     modes = tuple(args.modes)
@@ -81,16 +86,15 @@ def main(args: argparse.Namespace) -> int:
         cells = benchmark(methods=methods, seq_lens=seq_lens, window=args.window, batch=args.batch,
                           heads=args.heads, head_dim=args.head_dim, dtype=dtype, device=args.device,
                           modes=modes, repeats=args.repeats, full_max_len=args.full_max_len,
-                          progress=bar.update)
+                          progress=bar.update, clock=args.clock)
     failed = sorted({(c.method, c.skipped) for c in cells if c.skipped and c.median_s is None
                      and not c.skipped.startswith(("seq_len > full_max_len", "no FlexAttention"))})
     if failed and all(c.median_s is None for c in cells):
         raise UsageError("no method ran: " + "; ".join(f"{m}: {why}" for m, why in failed))
-    config = {k: v for k, v in vars(args).items()
-              if k != "func" and not k.startswith("renamed_")} | {"dtype": dtype_name,
-                                                                   "methods": methods}
+    config = {k: v for k, v in vars(args).items() if k != "func"} | {"dtype": dtype_name, "methods": methods}
     info = machine_info(args.device)
-    table = markdown_tables(cells, methods, seq_lens, modes)
+    io_bytes = 4 * args.batch * args.heads * args.head_dim * itemsize  # q, k, v, out per token
+    table = markdown_tables(cells, methods, seq_lens, modes, io_bytes_per_token=io_bytes)
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +102,8 @@ def main(args: argparse.Namespace) -> int:
                                                 "cells": as_records(cells)}, indent=1))
     header = (f"Machine: {info['processor']}, {info['threads']} threads, torch {info['torch']},"
               f" device {info.get('gpu', info['device'])}, {info['date']}. B={args.batch}, H={args.heads},"
-              f" D={args.head_dim}, window={args.window}, {dtype_name}, median of {args.repeats}.\n\n")
+              f" D={args.head_dim}, window={args.window}, {dtype_name}, median of {args.repeats}"
+              f" ({args.clock} clock).\n\n")
     (out / "bench.md").write_text(header + table)
     plot(cells, methods, modes, out / "bench.png", title=f"window {args.window}, H={args.heads}, "
          f"D={args.head_dim}, {dtype_name}, {info.get('gpu', info['device'])}")
@@ -110,59 +115,86 @@ def _get(cells, method, n, mode) -> Cell | None:
     return next((c for c in cells if c.method == method and c.seq_len == n and c.mode == mode), None)
 
 
-def _table(head: list[str], rows: list[list[str]]) -> list[str]:
-    """The lines of a markdown table."""
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-            *("| " + " | ".join(row) + " |" for row in rows)]
+RATIO_PAIRS = (("stochastic", "sliding_window"), ("stochastic_block", "sliding_window"),
+               ("stochastic_per_head", "sliding_window"), ("stochastic_local", "sliding_window"),
+               ("stochastic_local_block", "sliding_window"), ("sliding_window", "sliding_window_flex"),
+               ("full", "sliding_window"), ("full", "stochastic"),
+               ("stochastic_flex", "sliding_window_flex"), ("full", "sliding_window_flex"))
 
 
-def _ms(c: Cell | None) -> str:
-    return f"{c.median_s * 1e3:.1f}" if c and c.median_s else "-"
+def markdown_tables(cells: list[Cell], methods, seq_lens, modes, io_bytes_per_token: int = 0) -> str:
+    """Median times (ms) and ratios; against the FLOP bound; achieved GFLOP/s and peak memory.
 
-
-def _ratio(a: Cell | None, b: Cell | None) -> str:
-    return f"{a.median_s / b.median_s:.2f}" if a and b and a.median_s and b.median_s else "-"
-
-
-def _gflops(c: Cell | None) -> str:
-    return f"{c.gflops_per_s:.1f}" if c and c.gflops_per_s else "-"
-
-
-def _megabytes(c: Cell | None) -> str:
-    return f"{c.peak_mem_mb:.0f}" if c and c.peak_mem_mb is not None and c.median_s else "-"
-
-
-def markdown_tables(cells: list[Cell], methods, seq_lens, modes) -> str:
-    """Median times (ms), ratios against the sliding window, achieved GFLOP/s and peak memory."""
-    pairs = (("stochastic", "sliding_window"), ("stochastic_block", "sliding_window"),
-             ("stochastic_per_head", "sliding_window"), ("stochastic_local", "sliding_window"),
-             ("full", "sliding_window"), ("full", "stochastic"),
-             ("stochastic_flex", "sliding_window_flex"), ("full", "sliding_window_flex"))
-    ratio_pairs = [(a, b) for a, b in pairs if a in methods and b in methods]
+    ``io_bytes_per_token``: bytes of q, k, v and the output per position, for the forward's
+    memory ratio (the forward + backward's is against dense attention's peak).
+    """
+    ratio_pairs = [(a, b) for a, b in RATIO_PAIRS if a in methods and b in methods]
+    bounded = [m for m in methods if m != "full"]
     lines = []
     for mode in modes:
-        by = {(m, n): _get(cells, m, n, mode) for m in methods for n in seq_lens}
-        lines.append(f"### {mode}: median time (ms) and ratios\n")
-        lines += _table(["seq_len", *methods, *[f"{a}/{b}" for a, b in ratio_pairs]],
-                        [[str(n), *(_ms(by[m, n]) for m in methods),
-                          *(_ratio(by[a, n], by[b, n]) for a, b in ratio_pairs)] for n in seq_lens])
-        lines.append("")
-        lines.append(f"### {mode}: achieved GFLOP/s (useful FLOPs / time) and peak memory (MB)\n")
-        lines += _table(["seq_len", *[f"{m} GFLOP/s" for m in methods], *[f"{m} MB" for m in methods]],
-                        [[str(n), *(_gflops(by[m, n]) for m in methods),
-                          *(_megabytes(by[m, n]) for m in methods)] for n in seq_lens])
-        lines.append("")
+        def ran(m, n, mode=mode):
+            c = _get(cells, m, n, mode)
+            return c if c is not None and c.median_s else None
+
+        rows = []
+        for n in seq_lens:
+            times = [_fmt(c.median_s * 1e3 if (c := ran(m, n)) else None, ".1f") for m in methods]
+            ratios = [_fmt(a.median_s / b.median_s if (a := ran(x, n)) and (b := ran(y, n)) else None,
+                           ".2f") for x, y in ratio_pairs]
+            rows.append([str(n), *times, *ratios])
+        _table(lines, f"### {mode}: median time (ms) and ratios",
+               ["seq_len", *methods, *[f"{a}/{b}" for a, b in ratio_pairs]], rows)
+
+        rows = []
+        for n in seq_lens:
+            share = [_fmt(c.pairs_vs_full if (c := ran(m, n)) else None, ".4f") for m in bounded]
+            vs_bound = [_fmt(c.median_s / c.bound_s if (c := ran(m, n)) and c.bound_s else None, ".2f")
+                        for m in bounded]
+            rows.append([str(n), *share, *vs_bound])
+        _table(lines, f"### {mode}: against the FLOP bound (useful pairs at dense flash attention's "
+                      "time per pair)",
+               ["seq_len", *[f"{m} pairs/dense" for m in bounded],
+                *[f"{m} time/bound" for m in bounded]], rows)
+
+        rows = []
+        for n in seq_lens:
+            dense = ran("full", n)
+            rate = [_fmt(c.gflops_per_s if (c := ran(m, n)) else None, ".1f") for m in methods]
+            mb = [_fmt(c.peak_mem_mb if (c := ran(m, n)) else None, ".0f") for m in methods]
+            if mode == "fwd":
+                rel = [_fmt(c.peak_mem_mb * 2**20 / (io_bytes_per_token * n) if (c := ran(m, n))
+                            and c.peak_mem_mb is not None and io_bytes_per_token else None, ".2f")
+                       for m in methods]
+            else:
+                rel = [_fmt(c.peak_mem_mb / dense.peak_mem_mb if (c := ran(m, n)) and dense
+                            and c.peak_mem_mb is not None and dense.peak_mem_mb else None, ".2f")
+                       for m in methods]
+            rows.append([str(n), *rate, *mb, *rel])
+        rel_name = "MB / (q+k+v+out)" if mode == "fwd" else "MB / dense MB"
+        _table(lines, f"### {mode}: achieved GFLOP/s (useful FLOPs / time) and peak memory (MB)",
+               ["seq_len", *[f"{m} GFLOP/s" for m in methods], *[f"{m} MB" for m in methods],
+                *[f"{m} {rel_name}" for m in methods]], rows)
     skipped = sorted({(c.method, c.skipped) for c in cells if c.skipped})
     if skipped:
         lines.append("Skipped: " + "; ".join(f"{m} ({why})" for m, why in skipped))
     return "\n".join(lines) + "\n"
 
 
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _table(lines: list[str], title: str, head: list[str], rows: list[list[str]]) -> None:
+    lines += [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines.append("")
+
+
 def plot(cells, methods, modes, path: Path, title: str) -> None:
     from ..viz import pyplot, save_figure
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(modes) + 1, figsize=(5 * (len(modes) + 1), 4))
+    fig, axes = plt.subplots(1, len(modes) + 2, figsize=(5 * (len(modes) + 2), 4))
     for ax, mode in zip(axes, modes, strict=False):
         for m in methods:
             pts = [(c.seq_len, c.median_s * 1e3) for c in cells if c.method == m and c.mode == mode and c.median_s]
@@ -170,7 +202,19 @@ def plot(cells, methods, modes, path: Path, title: str) -> None:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=m)
         ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="median time (ms)", title=mode)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
+    ax = axes[len(modes)]
+    for mode, style in zip(modes, ("-", "--"), strict=False):
+        for i, m in enumerate(methods):
+            pts = [(c.seq_len, c.median_s / c.bound_s) for c in cells
+                   if c.method == m and c.mode == mode and c.median_s and c.bound_s and m != "full"]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, marker="o", color=f"C{i}", label=f"{m} {mode}")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="time / FLOP bound",
+           title="against dense flash attention's time per useful pair")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="x-small", ncol=2)
     ax = axes[-1]
     for m in methods:
         pts = [(c.seq_len, c.peak_mem_mb) for c in cells
@@ -180,6 +224,6 @@ def plot(cells, methods, modes, path: Path, title: str) -> None:
     ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="peak memory (MB)",
            title=f"peak memory, {modes[-1]}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.suptitle(title)
     save_figure(fig, path)

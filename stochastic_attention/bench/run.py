@@ -8,6 +8,7 @@ a shared machine hits every method alike; speed claims are ratios between method
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
 import statistics
 import threading
@@ -22,16 +23,19 @@ import stochastic_attention as sa
 
 # stochastic*: one permutation per sample shared by the heads (the operators' default), band
 # layout unless "_block"; stochastic_per_head: one per sample and head (each head then needs its
-# own mask). stochastic_local: the SA + local union at the same nominal budget, an SA window of
-# window // 2 plus the last window // 2 positions (two passes merged by log-sum-exp).
-# "_flex": the same on the FlexAttention backend.
+# own mask). stochastic_local / stochastic_local_block: the SA + local union at the same mean
+# attended keys as SWA's window: the last window // 2 positions plus an SA window (band / block
+# layout) sized by :func:`matched_union_window`. "_flex": FlexAttention under torch.compile (on
+# CPU, inference).
 METHODS = ("full", "sliding_window", "stochastic", "stochastic_block", "stochastic_per_head",
-           "stochastic_local", "sliding_window_flex", "stochastic_flex", "stochastic_block_flex")
+           "stochastic_local", "stochastic_local_block", "sliding_window_flex", "stochastic_flex",
+           "stochastic_block_flex")
 # The former labels, for the errors that name the new ones.
 RENAMED = {"dense": "full", "swa": "sliding_window", "sa_band": "stochastic",
            "sa_block": "stochastic_block", "sa_band_per_head": "stochastic_per_head",
-           "sa_local": "stochastic_local", "swa_flex": "sliding_window_flex",
-           "sa_band_flex": "stochastic_flex", "sa_block_flex": "stochastic_block_flex"}
+           "sa_local": "stochastic_local", "sa_local_block": "stochastic_local_block",
+           "swa_flex": "sliding_window_flex", "sa_band_flex": "stochastic_flex",
+           "sa_block_flex": "stochastic_block_flex"}
 
 
 @dataclass
@@ -42,40 +46,80 @@ class Cell:
     median_s: float | None = None
     times_s: list[float] = field(default_factory=list)
     peak_mem_mb: float | None = None
+    pairs: float | None = None  # visible (query, key) pairs: the useful work
+    pairs_vs_full: float | None = None  # pairs / dense causal attention's pairs
     gflop: float | None = None
     gflops_per_s: float | None = None
+    bound_s: float | None = None  # time at dense flash attention's rate per useful pair
     skipped: str | None = None
 
 
-def attention_flops(method: str, seq_len: int, window: int, batch: int, heads: int, head_dim: int) -> float:
-    """Useful FLOPs of one causal forward: 4 * D per visible (query, key) pair (QK^T and PV)."""
+def _union_layout(method: str) -> str:
+    return "block" if method.endswith("_block") else "band"
+
+
+@functools.lru_cache(maxsize=64)
+def matched_union_window(seq_len: int, window: int, layout: str = "band") -> int:
+    """The union's SA window whose mean attended keys (with ``local = window // 2``) first reach
+    SWA's at ``window``, counted by the operators' own rule on one seeded permutation (at
+    16,384 tokens at most: the mean no longer moves with the length by then)."""
+    n = min(seq_len, 16384)
+    target = sa.attended_keys(n, window, method="sliding_window").float().mean().item()
+
+    def mean_keys(w: int) -> float:
+        return sa.attended_keys(n, w, local=window // 2, layout=layout,
+                                generator=torch.Generator().manual_seed(0)).float().mean().item()
+
+    lo, hi = 1, 2 * window + 2  # the SA part sees about half its window
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if mean_keys(mid) < target else (lo, mid)
+    return lo
+
+
+def visible_pairs(method: str, seq_len: int, window: int, batch: int, heads: int) -> float:
+    """Visible (query, key) pairs of one causal call, by the operators' own rule."""
     n = seq_len
     if method == "full":
         pairs = n * (n + 1) / 2
     elif method.startswith("sliding_window"):
         w = min(window, n)
         pairs = w * (w + 1) / 2 + (n - w) * w
-    else:  # SA: visible pairs of a sample permutation, by the operators' own rule
-        layout = "block" if "block" in method else "band"
-        w, local = ((max(1, window // 2), window // 2) if method == "stochastic_local"
-                    else (window, 0))
-        pairs = sa.attended_keys(n, w, layout=layout, local=local,
-                                 generator=torch.Generator().manual_seed(0)).sum().item()
-    return 4.0 * batch * heads * head_dim * pairs
+    else:  # SA: visible pairs of a sample permutation
+        base = method.removesuffix("_flex")
+        g = torch.Generator().manual_seed(0)
+        if base.startswith("stochastic_local"):
+            layout = _union_layout(base)
+            pairs = sa.attended_keys(n, matched_union_window(n, window, layout), local=window // 2,
+                                     layout=layout, generator=g).sum().item()
+        else:
+            layout = "block" if "block" in base else "band"
+            pairs = sa.attended_keys(n, window, layout=layout, generator=g).sum().item()
+    return float(batch * heads * pairs)
 
 
-def method_fn(method: str, window: int) -> Callable:
+def attention_flops(method: str, seq_len: int, window: int, batch: int, heads: int, head_dim: int) -> float:
+    """Useful FLOPs of one causal forward: 4 * D per visible (query, key) pair (QK^T and PV)."""
+    return 4.0 * head_dim * visible_pairs(method, seq_len, window, batch, heads)
+
+
+def method_fn(method: str, window: int, seq_len: int | None = None) -> Callable:
+    """fn(q, k, v, perm) for a method; the union's matched window is sized for ``seq_len`` here,
+    outside the timed call."""
     backend = "flex" if method.endswith("_flex") else "blocked"
     base = method.removesuffix("_flex")
     if base == "full":
         return lambda q, k, v, perm: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if base == "sliding_window":
         return lambda q, k, v, perm: sa.sliding_window_attention(q, k, v, window, backend=backend)
-    if base == "stochastic_local":
-        half = max(1, window // 2)
-        return lambda q, k, v, perm: sa.stochastic_attention(q, k, v, half, perm=perm[:, :1],
-                                                             local=window // 2, backend=backend)
-    layout = "block" if base == "stochastic_block" else "band"
+    if base.startswith("stochastic_local"):
+        if seq_len is None:
+            raise ValueError(f"method {method!r} needs seq_len (its window matches SWA's keys)")
+        layout = _union_layout(base)
+        sa_window = matched_union_window(seq_len, window, layout)
+        return lambda q, k, v, perm: sa.stochastic_attention(
+            q, k, v, sa_window, perm=perm[:, :1], local=window // 2, layout=layout, backend=backend)
+    layout = "block" if base.endswith("_block") else "band"
     if base.endswith("_per_head"):
         return lambda q, k, v, perm: sa.stochastic_attention(q, k, v, window, perm=perm, layout=layout,
                                                              backend=backend)
@@ -145,12 +189,19 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_call(fn: Callable, device: torch.device) -> float:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_call(fn: Callable, device: torch.device, clock: str = "wall") -> float:
+    """Seconds one call takes: wall time, or this process's CPU time (``clock="cpu"``, CPU only:
+    on a shared machine it leaves out the time spent waiting for a core; with one thread it is
+    the work itself, with more it also counts threads spinning at their barriers)."""
+    tick = CLOCKS[clock]
     _sync(device)
-    start = time.perf_counter()
+    start = tick()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return tick() - start
 
 
 def benchmark(
@@ -167,6 +218,7 @@ def benchmark(
     repeats: int = 5,
     full_max_len: int = 16384,
     progress=None,
+    clock: str = "wall",
 ) -> list[Cell]:
     """Time every (method, seq_len, mode); returns one :class:`Cell` each."""
     dev = torch.device(device)
@@ -197,19 +249,38 @@ def benchmark(
             active = [(c, r) for c, r in active if c.skipped is None]
             for _ in range(repeats):
                 for cell, run in active:
-                    cell.times_s.append(time_call(run, dev))
+                    cell.times_s.append(time_call(run, dev, clock))
                     if progress is not None:
                         progress()
             for cell, _ in active:
                 cell.median_s = statistics.median(cell.times_s)
-                fwd = attention_flops(cell.method, n, window, batch, heads, head_dim)
+                cell.pairs = visible_pairs(cell.method, n, window, batch, heads)
+                cell.pairs_vs_full = cell.pairs / visible_pairs("full", n, window, batch, heads)
+                fwd = 4.0 * head_dim * cell.pairs
                 cell.gflop = fwd * (3.0 if mode == "fwd+bwd" else 1.0) / 1e9  # backward ~ 2x forward
                 cell.gflops_per_s = cell.gflop / cell.median_s
+    add_bounds(cells)
     return cells
 
 
+def add_bounds(cells: list[Cell]) -> None:
+    """Each cell's FLOP bound: its useful pairs at the time per pair of dense flash attention in
+    the same mode (at the same length, or at the longest length dense ran; the kernels are
+    judged against what PyTorch's fused kernel achieves on this machine, as NATTEN's profiler
+    reports its kernels against the dense bound)."""
+    for mode in {c.mode for c in cells}:
+        dense = {c.seq_len: c.median_s / c.pairs for c in cells
+                 if c.method == "full" and c.mode == mode and c.median_s}
+        if not dense:
+            continue
+        for c in cells:
+            if c.mode == mode and c.median_s and c.pairs:
+                rate = dense.get(c.seq_len, dense[max(dense)])
+                c.bound_s = rate * c.pairs
+
+
 def _runner(method, window, q, k, v, perm, mode):
-    fn = method_fn(method, window)
+    fn = method_fn(method, window, q.shape[2])
     if mode == "fwd":
         def run():
             with torch.no_grad():

@@ -355,6 +355,11 @@ def attention(
 
 def _windowed(q, k, v, window, *, perm, layout, causal, sinks, key_mask, scale):
     """SA (``perm``) or SWA (None) with window < n: move to slot order, attend tiles, move back."""
+    from . import flashband  # late import: flashband builds on this module's group sorting
+
+    if flashband.serves(q, k, v, key_mask=key_mask, sinks=sinks, layout=layout, perm=perm):
+        return flashband.windowed(q, k, v, window, perm=perm, layout=layout, causal=causal,
+                                  scale=scale)
     groups = q.shape[1] // k.shape[1]
     sink = SinkParts(k, v, sinks, key_mask, groups)
 

@@ -44,8 +44,13 @@ def zero_padding(x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor
 def all_finite(x: torch.Tensor) -> bool:
     """Are all entries finite? SDPA adds its mask to the scores, and NaN + -inf is NaN, so a
     non-finite key would reach the queries that do not see it: callers then take an explicit
-    path that selects (:func:`masked_attention`, :func:`.blocked.attend_with_lse`)."""
-    return bool(torch.isfinite(x).all())
+    path that selects (:func:`masked_attention`, :func:`.blocked.attend_with_lse`).
+
+    Read through the sum, one pass without a temporary (a quarter of the time of
+    ``isfinite(x).all()``): a non-finite entry always makes the sum non-finite. Finite entries
+    whose sum overflows also answer False, which only sends them down the exact selecting path.
+    """
+    return bool(torch.isfinite(x.sum(dtype=compute_dtype(x))))
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import merge, parts
+from . import flashband, merge, parts
 from .blocked import SinkParts, sort_groups, windowed_attention
 from .dense import all_finite, merge_attention, repeat_kv
 from .patterns import inverse_permutation
@@ -28,6 +28,9 @@ def union_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
     Together they are exactly the keys :func:`.patterns.visible` gives with ``local``.
     Inputs as for :func:`.blocked.attention` (padding already zeroed, window and local < n).
     """
+    if flashband.serves(q, k, v, key_mask=key_mask, sinks=sinks, layout=layout, perm=perm,
+                        window=window, local=local):
+        return flashband.union(q, k, v, window, perm=perm, layout=layout, local=local, scale=scale)
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     sink = SinkParts(k, v, sinks, key_mask, 1)

@@ -1,0 +1,481 @@
+"""Windowed attention through PyTorch's fused CPU flash kernel, one chunk of query tiles at a time.
+
+The fast CPU path of the blocked backend for inputs without padding or sinks (SWA, SA in the band
+and block layouts, the SA + local union). Queries, in slot order, are cut into tiles of ``T``
+slots; a tile reads the run of key slots its windows reach (band: ``T + window - 1`` when causal;
+block: its own group). A chunk of tiles is one call of
+``aten._scaled_dot_product_flash_attention_for_cpu`` (one sample; the kernel's batch axis is the
+tiles, its head axis the heads), and:
+
+- key tiles are an overlapping strided view of the chunk's keys: no tile is ever copied;
+- without a permutation (SWA, and the local part of the union) the rows are views of q, k, v and
+  the band is the same in every tile: one additive [T, L] table broadcast over tiles and heads
+  (only chunks whose key run leaves the sequence build their own);
+- with a permutation, the chunk's rows are gathered (``index_select`` by flat row index, which
+  also maps a query head to its GQA key/value head) and the outputs written back to original
+  order (``index_copy_``): no full-size permuted copy of q, k, v or the output is made. The mask
+  is the band table AND position causality, built per chunk (per head only when each head has
+  its own permutation); the kernel visits a tile's heads one after the other, so that mask stays
+  in cache;
+- chunk-sized buffers are re-used by the allocator, where full-size ones (32 MB at 16k tokens)
+  would be fresh pages to fault in on every call.
+
+Several parts (the union's SA window and local window) are merged by log-sum-exp as they are
+produced. The backward pass recomputes chunk by chunk through the kernel's own backward, given
+the MERGED output and log-sum-exp (the split-KV identity, see :mod:`.merge`), with its own tile
+size; the key-tile gradients are folded back onto the keys by shifted adds.
+
+Every key in a tile is multiplied, then masked by addition, so keys must be finite (a NaN key
+would reach queries that do not see it): callers check (:func:`.blocked.all_finite`) and send
+other inputs to :func:`.blocked.windowed_attention`, which selects.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .blocked import sort_groups as _sort_groups
+from .dense import all_finite as _all_finite
+from .merge import BAND_PART_MAX_WIDTH
+from .patterns import band_extent
+
+__all__ = ["WindowPart", "attention", "serves"]
+
+_FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+NEG_INF = float("-inf")
+_HIDE = 2.0**100  # scale of the position masks (see _mask); a power of two keeps it exact
+
+# Query tile of the band layout. The kernel splits fewer than 192 queries into blocks of 32, so a
+# tile of 32 is one block and reads the fewest keys (T + window - 1 when causal). Its backward
+# does better with larger tiles. Measured on a 2-core CPU, fp32, window 256, head_dim 64.
+FORWARD_TILE = 32
+BACKWARD_TILE = 128
+# Query slots per kernel call: enough tiles for every thread, small enough that a chunk's rows,
+# mask and key-tile gradients stay in cache and come back from the allocator's free lists.
+FORWARD_CHUNK = 2048
+BACKWARD_CHUNK = 1024
+# A chunk's mask is [tiles, heads (1 unless every head has its own permutation), T, L]; fewer rows
+# per chunk keep it in cache, which halves the cost of building and reading it.
+MASK_BYTES = 8 << 20
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class WindowPart:
+    """One window of a (merged) attention, in a slot order.
+
+    ``perm`` [B|1, H|1, n]: the original position of each slot, or None when slot == position.
+    For ``layout="block"`` each group of ``window`` slots must be sorted by position
+    (:func:`.blocked.sort_groups`), so that causality inside a group is a lower triangle.
+    ``exclude_recent`` (causal, with ``perm``): window keys among the query's last
+    ``exclude_recent`` positions are left to another part.
+    """
+
+    window: int
+    layout: str = "band"
+    causal: bool = True
+    perm: torch.Tensor | None = None
+    exclude_recent: int = 0
+
+
+def serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None,
+           sinks: int, layout: str = "band", perm: torch.Tensor | None = None, window: int = 0,
+           local: int = 0) -> bool:
+    """Does this path serve the call, and is it the faster one?
+
+    It serves CPU calls without padding or sinks, with finite keys. It is not the faster one for
+    the block layout in training (the blocked path's gathered copies, kept by autograd, spare
+    its backward the re-gathers) nor for a union whose SA band is a few keys wide (computed
+    offset by offset there, see :data:`.merge.BAND_PART_MAX_WIDTH`).
+    """
+    if not (q.device.type == "cpu" and key_mask is None and sinks == 0 and q.dtype in DTYPES
+            and q.shape[-2] > 0):
+        return False
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if layout == "block" and perm is not None and not local and needs_grad:
+        return False
+    if local and layout == "band" and window <= BAND_PART_MAX_WIDTH:
+        return False
+    return _all_finite(k)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: Sequence[WindowPart],
+              scale: float) -> torch.Tensor:
+    """One softmax over the union of the parts' (disjoint) key sets, in original order.
+
+    q [B, H, n, D]; k, v [B, Hkv, n, D] with H a multiple of Hkv; finite keys. Returns
+    [B, H, n, D] in q's dtype. A row with no visible key in any part gives 0 (zero gradients).
+    """
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    return _WindowParts.apply(float(scale), tuple(parts), q, k, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry
+
+
+@dataclass(frozen=True)
+class _Tiling:
+    """Query tiles of ``T`` slots; a tile reads key slots [start - left, start + T + right)."""
+
+    n: int
+    T: int
+    left: int
+    right: int
+    block: bool
+
+    @classmethod
+    def make(cls, part: WindowPart, n: int, tile: int) -> _Tiling:
+        if part.layout == "block":
+            return cls(n, part.window, 0, 0, True)
+        left, right = band_extent(part.window, part.causal)
+        return cls(n, max(1, min(tile, n)), left, right, False)
+
+    @property
+    def L(self) -> int:
+        return self.T + self.left + self.right
+
+    def chunks(self, rows: int, mask_heads: int, itemsize: int):
+        """(s, e, m): real query slots [s, e); m (>= e - s) whole tiles' worth of slots."""
+        rows = min(rows, MASK_BYTES // (self.L * mask_heads * itemsize))
+        step = max(1, rows // self.T) * self.T
+        for s in range(0, self.n, step):
+            e = min(self.n, s + step)
+            yield s, e, -(-(e - s) // self.T) * self.T
+
+
+@functools.lru_cache(maxsize=32)
+def _band_table(T: int, left: int, right: int, dtype: torch.dtype, device: torch.device):
+    """[T, L] additive band of a tile: query a sees key column c when a <= c <= a + left + right."""
+    a = torch.arange(T, device=device)[:, None]
+    c = torch.arange(T + left + right, device=device)[None, :]
+    band = (c >= a) & (c <= a + left + right)
+    return torch.zeros(band.shape, dtype=dtype, device=device).masked_fill_(~band, NEG_INF)
+
+
+@dataclass
+class _Chunk:
+    """Query slots [s, e) as m = nt * T tile rows, reading key slots [ks, ke)."""
+
+    s: int
+    e: int
+    m: int
+    nt: int
+    ks: int
+    ke: int
+    q_pos: torch.Tensor | None  # [Bp, Hp, m] original positions (clamped); None: slot == position
+    k_pos: torch.Tensor | None  # [Bp, Hp, ke - ks]
+
+
+class _Order:
+    """A part's slot order: rows of [B, Hx, n, C] tensors as [B, H, m, C] chunks, and back."""
+
+    def __init__(self, perm: torch.Tensor | None, B: int, H: int, n: int, device):
+        self.perm = perm  # [Bp, Hp, n] or None
+        self.B, self.H, self.n, self.device = B, H, n, device
+        self._stores: dict[str, torch.Tensor] = {}
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous tensor re-used by every chunk of the call (the first chunk is the largest):
+        freeing and re-allocating megabytes per chunk would hand pages back to the system and
+        fault them in again each time."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        store = self._stores.get(name)
+        if store is None or store.numel() < numel or store.dtype != dtype:
+            store = self._stores[name] = torch.empty(numel, dtype=dtype, device=self.device)
+        return store[:numel].view(shape)
+
+    def chunk(self, til: _Tiling, s: int, e: int, m: int) -> _Chunk:
+        ks, ke = s - til.left, s + m + til.right
+        if self.perm is None:
+            return _Chunk(s, e, m, m // til.T, ks, ke, None, None)
+        slots = torch.arange(ks, ke, device=self.device).clamp_(0, self.n - 1)
+        k_pos = self.perm[..., slots]
+        return _Chunk(s, e, m, m // til.T, ks, ke, k_pos[..., s - ks: s - ks + m], k_pos)
+
+    def _flat(self, pos: torch.Tensor, heads: int) -> torch.Tensor:
+        """Flat row indices [B * H * m] into a [B, heads, n, C] tensor (GQA when heads < H)."""
+        head = torch.arange(self.H, device=self.device) // (self.H // heads)
+        base = (torch.arange(self.B, device=self.device)[:, None] * heads + head) * self.n
+        return (base[:, :, None] + pos).reshape(-1)
+
+    def _positions(self, a: int, b: int, pos: torch.Tensor | None) -> torch.Tensor:
+        if pos is None:
+            return torch.arange(a, b, device=self.device).clamp_(0, self.n - 1).view(1, 1, -1)
+        return pos
+
+    def take(self, x: torch.Tensor, a: int, b: int, pos: torch.Tensor | None,
+             name: str) -> torch.Tensor:
+        """x [B, Hx, n, C] at slots [a, b) (positions ``pos`` [Bp, Hp, b - a]) -> [B, H, b - a, C],
+        gathered into the buffer ``name`` (a view when nothing moves); slots outside the sequence
+        repeat an edge row (their keys are masked)."""
+        if pos is None and x.shape[1] == self.H and a >= 0 and b <= self.n:
+            return x[:, :, a:b]
+        pos = self._positions(a, b, pos)
+        rows = self.buffer(name, (self.B, self.H, b - a, x.shape[-1]), x.dtype)
+        if pos.shape[0] * pos.shape[1] == 1 and x.shape[1] == self.H:  # one order for all rows
+            return torch.index_select(x, 2, pos[0, 0], out=rows)
+        flat = rows.view(-1, x.shape[-1])
+        torch.index_select(x.reshape(-1, x.shape[-1]), 0, self._flat(pos, x.shape[1]), out=flat)
+        return rows
+
+    def put(self, dest: torch.Tensor, a: int, rows: torch.Tensor, pos: torch.Tensor | None,
+            add: bool = False) -> None:
+        """Write (or add) rows [B, H, m, C] into dest [B, Hd, n, C] at slots [a, a + m), in range."""
+        m = rows.shape[2]
+        if pos is None and dest.shape[1] == self.H:
+            view = dest[:, :, a:a + m]
+            view.add_(rows) if add else view.copy_(rows)
+            return
+        pos = self._positions(a, a + m, pos)
+        if pos.shape[0] * pos.shape[1] == 1 and dest.shape[1] == self.H:
+            dest.index_add_(2, pos[0, 0], rows) if add else dest.index_copy_(2, pos[0, 0], rows)
+            return
+        flat, index = dest.view(-1, dest.shape[-1]), self._flat(pos, dest.shape[1])
+        rows = rows.reshape(-1, dest.shape[-1])
+        flat.index_add_(0, index, rows) if add else flat.index_copy_(0, index, rows)
+
+
+def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, order: _Order, dtype, device):
+    """The chunk's additive mask, broadcastable to the kernel's [B * H, nt, T, L], or None; and
+    whether the kernel should add its own causal triangle."""
+    n, T, L, nt = til.n, til.T, til.L, ch.nt
+    B, H = order.B, order.H
+    keys_in = ch.ks >= 0 and ch.ke <= n
+
+    def causal_bias(table=None):
+        """0 where the key's position is at most the query's (minus exclude_recent), at most
+        -2**100 elsewhere (exp gives exactly 0 there, as for -inf), plus ``table``. Scaled
+        positions are exact in fp32 and their difference keeps its sign, so this is four cheap
+        in-place passes instead of a comparison and a select."""
+        k_pos = ch.k_pos.to(torch.float32).mul_(_HIDE)
+        if not keys_in:  # slots outside the sequence: past every query
+            k_pos[..., : max(0, -ch.ks)] = 2 * n * _HIDE
+            k_pos[..., n - ch.ks:] = 2 * n * _HIDE
+        Bp, Hp = k_pos.shape[:2]
+        k_tiles = k_pos.view(Bp, Hp, nt, T) if til.block else k_pos.unfold(2, L, T)
+        q_pos = (ch.q_pos.to(torch.float32) - part.exclude_recent).mul_(_HIDE)
+        bias = order.buffer("mask", (Bp, Hp, nt, T, L), torch.float32)
+        torch.sub(q_pos.view(Bp, Hp, nt, T, 1), k_tiles.unsqueeze(-2), out=bias).clamp_(max=0)
+        if table is not None:
+            bias.add_(table)
+        if Bp * Hp == 1:
+            return bias.view(1, nt, T, L).to(dtype)
+        # One mask per (sample, head): the kernel's batch axis is B * H.
+        return bias.to(dtype).expand(B, H, nt, T, L).reshape(B * H, nt, T, L)
+
+    if til.block:
+        if part.exclude_recent:  # visible keys precede the query in its sorted group
+            return causal_bias(), part.causal
+        if part.causal or keys_in:  # padding slots sort last: no real query sees them
+            return None, part.causal
+        slot = torch.arange(ch.ks, ch.ke, device=device).view(1, nt, 1, L)
+        return torch.zeros((), dtype=dtype, device=device).masked_fill(slot >= n, NEG_INF), False
+    if ch.k_pos is None or not part.causal:  # the window alone, in slot space
+        table = _band_table(T, til.left, til.right, dtype, device)
+        if keys_in:
+            return table.view(1, 1, T, L), False
+        slot = torch.arange(ch.ks, ch.ke, device=device)
+        out = ((slot < 0) | (slot >= n)).unfold(0, L, T).view(1, nt, 1, L)
+        return table.masked_fill(out, NEG_INF), False
+    return causal_bias(_band_table(T, til.left, til.right, torch.float32, device)), False
+
+
+def _tiles(q_rows, k_rows, v_rows, til: _Tiling, nt: int):
+    """Kernel views, batch = samples * heads, heads = tiles: q [X, nt, T, D], k/v [X, nt, L, D]
+    (overlapping windows of the key rows, never copied)."""
+    X, D = q_rows.shape[0] * q_rows.shape[1], q_rows.shape[-1]
+    qt = q_rows.reshape(X, nt, til.T, D)
+    if til.block:
+        return qt, k_rows.reshape(X, nt, til.T, D), v_rows.reshape(X, nt, til.T, D)
+    return qt, *(x.reshape(X, -1, D).unfold(1, til.L, til.T).transpose(-1, -2) for x in (k_rows, v_rows))
+
+
+def _has_key(mask: torch.Tensor, B: int, H: int, m: int) -> torch.Tensor:
+    """[B, H, m, 1] bool: the chunk's rows that see at least one key (visible entries are 0)."""
+    seen = (mask == 0).any(dim=-1).reshape(-1, m)  # [1 or B * H, m]
+    return seen.expand(B * H, m).reshape(B, H, m, 1)
+
+
+def _mask_planes(part: WindowPart, B: int, H: int) -> int:
+    """How many distinct [T, L] planes each tile's mask has (for the chunk size)."""
+    if part.perm is None or part.perm.shape[0] * part.perm.shape[1] == 1:
+        return 1
+    return B * H
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward and backward
+
+
+def _merge_rows(out, lse, o, l_):
+    """Log-sum-exp merge of rows (out, lse) with a new part's (o, l_); lse -inf = no key.
+
+    The merged row is ``out + (o - out) * w``, w = the new part's share of the softmax mass
+    (one ``lerp``); a row with no key in either part keeps ``out`` (0) and lse -inf.
+    """
+    top = torch.maximum(lse, l_)
+    top = torch.where(top > NEG_INF, top, torch.zeros((), dtype=top.dtype))
+    mine, theirs = torch.exp(lse - top), torch.exp(l_ - top)
+    total = mine + theirs
+    share = theirs / torch.where(total > 0, total, torch.ones((), dtype=total.dtype))
+    return torch.lerp(out, o, share), top + torch.log(total)
+
+
+def _forward(q, k, v, parts, scale, need_lse):
+    B, H, n, D = q.shape
+    work = _work_dtype(q.dtype)
+    out = torch.empty(B, H, n, D, dtype=work, device=q.device)
+    lse = torch.empty(B, H, n, 1, dtype=work, device=q.device) if need_lse or len(parts) > 1 else None
+    for i, part in enumerate(parts):
+        til = _Tiling.make(part, n, FORWARD_TILE)
+        order = _Order(part.perm, B, H, n, q.device)
+        for s, e, m in til.chunks(FORWARD_CHUNK, _mask_planes(part, B, H), q.element_size()):
+            ch = order.chunk(til, s, e, m)
+            mask, causal = _mask(part, til, ch, order, q.dtype, q.device)
+            qt, kt, vt = _tiles(order.take(q, s, s + m, ch.q_pos, "q"),
+                                order.take(k, ch.ks, ch.ke, ch.k_pos, "k"),
+                                order.take(v, ch.ks, ch.ke, ch.k_pos, "v"), til, ch.nt)
+            o, l_ = _FORWARD(qt, kt, vt, 0.0, causal, attn_mask=mask, scale=scale)
+            count = e - s
+            o = o.view(B, H, m, D)[:, :, :count].to(work)
+            pos = None if ch.q_pos is None else ch.q_pos[..., :count]
+            if lse is None:
+                order.put(out, s, o, pos)
+                continue
+            l_ = l_.reshape(B, H, m, 1)[:, :, :count].to(work)
+            if part.exclude_recent:  # the kernel gives a row with no key out 0 and a finite lse
+                l_ = l_.masked_fill(~_has_key(mask, B, H, m)[:, :, :count], NEG_INF)
+            if i > 0:
+                o, l_ = _merge_rows(order.take(out, s, e, pos, "out"), order.take(lse, s, e, pos, "lse"),
+                                    o, l_)
+            order.put(out, s, o, pos)
+            order.put(lse, s, l_, pos)
+    return out, lse
+
+
+def _fold(gk: torch.Tensor, til: _Tiling, nt: int) -> torch.Tensor:
+    """Key-tile gradients [X, nt, L, D] -> gradients of the chunk's key rows [X, m + L - T, D]."""
+    X, T, L, D = gk.shape[0], til.T, til.L, gk.shape[-1]
+    if til.block:
+        return gk.reshape(X, nt * T, D)
+    segments = -(-L // T)
+    acc = torch.empty(X, (nt + segments - 1) * T, D, dtype=gk.dtype, device=gk.device)
+    acc[:, : nt * T].view(X, nt, T, D).copy_(gk[:, :, :T])
+    acc[:, nt * T:].zero_()
+    for j in range(1, segments):
+        width = min(T, L - j * T)
+        acc[:, j * T: (j + nt) * T].view(X, nt, T, D)[:, :, :width] += gk[:, :, j * T: j * T + width]
+    return acc[:, : nt * T + L - T]
+
+
+def _fold_into(dest: torch.Tensor, gk: torch.Tensor, til: _Tiling, nt: int, ks: int) -> None:
+    """Add key-tile gradients [X, nt, L, D] onto dest [X, n, D] rows ks.. (all in range): tile t's
+    column c is row ks + t * T + c, so each run of T columns is one strided add."""
+    T, L = til.T, til.L
+    for j in range(-(-L // T)):
+        width = min(T, L - j * T)
+        rows = dest[:, ks + j * T:].unfold(1, width, T)[:, :nt].transpose(-1, -2)
+        rows.add_(gk[:, :, j * T: j * T + width])
+
+
+def _backward(grad, q, k, v, out, lse_b, parts, scale):
+    B, H, n, D = q.shape
+    work = _work_dtype(q.dtype)
+    dq = (torch.empty if len(parts) == 1 else torch.zeros)(q.shape, dtype=work, device=q.device)
+    dk = torch.zeros(k.shape, dtype=work, device=q.device)
+    dv = torch.zeros(v.shape, dtype=work, device=q.device)
+    add_q = len(parts) > 1
+    for part in parts:
+        til = _Tiling.make(part, n, BACKWARD_TILE)
+        order = _Order(part.perm, B, H, n, q.device)
+        for s, e, m in til.chunks(BACKWARD_CHUNK, _mask_planes(part, B, H), q.element_size()):
+            ch = order.chunk(til, s, e, m)
+            nt, T = ch.nt, til.T
+            mask, causal = _mask(part, til, ch, order, q.dtype, q.device)
+            g = order.take(grad, s, s + m, ch.q_pos, "grad")
+            if e - s < m:  # the rows past the sequence in the last tile: no gradient
+                g = g.clone()
+                g[:, :, e - s:] = 0
+            qt, kt, vt = _tiles(order.take(q, s, s + m, ch.q_pos, "q"),
+                                order.take(k, ch.ks, ch.ke, ch.k_pos, "k"),
+                                order.take(v, ch.ks, ch.ke, ch.k_pos, "v"), til, nt)
+            ot = order.take(out, s, s + m, ch.q_pos, "out").reshape(B * H, nt, T, D)
+            lt = order.take(lse_b, s, s + m, ch.q_pos, "lse").reshape(B * H, nt, T).contiguous()
+            gq, gk, gv = _BACKWARD(g.reshape(B * H, nt, T, D), qt, kt, vt, ot, lt, 0.0, causal,
+                                   attn_mask=mask, scale=scale)
+            count = e - s
+            if ch.q_pos is None and count == m and gq.dtype == work:  # one strided write
+                view = dq[:, :, s:e].view(B, H, nt, T, D)
+                gq = gq.view(B, H, nt, T, D)
+                view.add_(gq) if add_q else view.copy_(gq)
+            else:
+                order.put(dq, s, gq.reshape(B, H, m, D)[:, :, :count].to(work),
+                          None if ch.q_pos is None else ch.q_pos[..., :count], add=add_q)
+            direct = (ch.k_pos is None and not til.block and k.shape[1] == H and ch.ks >= 0
+                      and ch.ke <= n and gk.dtype == work)
+            lo, hi = max(ch.ks, 0), min(ch.ke, n)
+            k_pos = None if ch.k_pos is None else ch.k_pos[..., lo - ch.ks: hi - ch.ks]
+            for dest, gx in ((dk, gk), (dv, gv)):
+                if direct:  # keys in original order: add the tiles straight onto the rows
+                    _fold_into(dest.view(B * H, n, D), gx, til, nt, ch.ks)
+                    continue
+                rows = _fold(gx, til, nt)[:, lo - ch.ks: hi - ch.ks].to(work)
+                order.put(dest, lo, rows.view(B, H, hi - lo, D), k_pos, add=True)
+    return dq, dk, dv
+
+
+class _WindowParts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scale, parts, q, k, v):
+        need_grad = any(ctx.needs_input_grad[2:])
+        out, lse = _forward(q, k, v, parts, scale, need_grad)
+        result = out.to(q.dtype)
+        if need_grad:
+            # The backward reads P = exp(S - lse): +inf on rows with no key makes every P there 0.
+            lse_b = torch.where(lse > NEG_INF, lse, float("inf"))
+            ctx.scale, ctx.parts = scale, parts
+            ctx.save_for_backward(q, k, v, result, lse_b)
+        return result
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        q, k, v, out, lse_b = ctx.saved_tensors
+        grad = grad.to(q.dtype).contiguous()
+        dq, dk, dv = _backward(grad, q, k, v, out, lse_b, ctx.parts, ctx.scale)
+        return None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The operators' parts
+
+
+def windowed(q, k, v, window: int, *, perm: torch.Tensor | None, layout: str, causal: bool,
+             scale: float) -> torch.Tensor:
+    """SWA (``perm`` None) or SA in ``layout`` (window < n, validated inputs, finite keys)."""
+    if perm is not None and layout == "block":
+        perm = _sort_groups(perm, window)
+    return attention(q, k, v, [WindowPart(window, layout, causal, perm)], scale)
+
+
+def union(q, k, v, window: int, *, perm: torch.Tensor, layout: str, local: int,
+          scale: float) -> torch.Tensor:
+    """The causal SA + local union: the SA window without each query's last ``local`` positions,
+    and a sliding window of ``local``, merged (window, local < n; finite keys)."""
+    if layout == "block":
+        perm = _sort_groups(perm, window)
+    return attention(q, k, v, [WindowPart(window, layout, True, perm, exclude_recent=local),
+                               WindowPart(local, "band", True, None)], scale)

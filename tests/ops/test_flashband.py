@@ -1,0 +1,150 @@
+"""The chunked flash-kernel path (ops/flashband.py) against the dense reference.
+
+Tiles and chunks are shrunk so that short sequences cross many chunk boundaries, edge chunks
+(key runs leaving the sequence at both ends) and ragged last tiles.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import stochastic_attention as sa
+from stochastic_attention.ops import blocked, flashband, reference
+
+SCALE = 0.3
+
+
+@pytest.fixture(params=[(32, 128, 2048, 1024), (5, 7, 15, 18), (3, 4, 3, 4)],
+                ids=["default", "small", "one-tile-chunks"])
+def tiles(request, monkeypatch):
+    fwd_tile, bwd_tile, fwd_chunk, bwd_chunk = request.param
+    monkeypatch.setattr(flashband, "FORWARD_TILE", fwd_tile)
+    monkeypatch.setattr(flashband, "BACKWARD_TILE", bwd_tile)
+    monkeypatch.setattr(flashband, "FORWARD_CHUNK", fwd_chunk)
+    monkeypatch.setattr(flashband, "BACKWARD_CHUNK", bwd_chunk)
+    return request.param
+
+
+def make(n, *, batch=2, heads=4, kv_heads=2, dim=8, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, h, n, dim, generator=g).to(dtype).requires_grad_()
+            for h in (heads, kv_heads, kv_heads)]
+
+
+def grads(out, q, k, v):
+    return torch.autograd.grad((out * torch.cos(out)).sum(), (q, k, v))
+
+
+def perm_of(kind, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"swa": None, "shared": sa.random_permutation(1, 1, n, generator=g),
+            "per-sample": sa.random_permutation(2, 1, n, generator=g),
+            "per-head": sa.random_permutation(2, 4, n, generator=g)}[kind]
+
+
+def assert_matches(out, ref, q, k, v):
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    for a, b in zip(grads(out, q, k, v), grads(ref, q, k, v)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+CASES = [c for c in itertools.product((1, 9, 131), (1, 8, 33), ("band", "block"), (True, False),
+                                      ("swa", "shared", "per-sample", "per-head"))
+         if c[1] < c[0] and not (c[4] == "swa" and c[2] == "block")]
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("n,window,layout,causal,order", CASES)
+def test_window_part_matches_reference(tiles, n, window, layout, causal, order, kv_heads):
+    q, k, v = make(n, kv_heads=kv_heads)
+    perm = perm_of(order, n, n + window)
+    ref = reference.attention(q, k, v, window, perm=perm, layout=layout, causal=causal, sinks=0,
+                              key_mask=None, scale=SCALE, local=0)
+    if perm is not None and layout == "block":
+        perm = blocked.sort_groups(perm, window)
+    out = flashband.attention(q, k, v, [flashband.WindowPart(window, layout, causal, perm)], SCALE)
+    assert_matches(out, ref, q, k, v)
+
+
+@pytest.mark.parametrize("n,window,local,layout,order", [
+    c for c in itertools.product((9, 131), (1, 33), (1, 17), ("band", "block"),
+                                 ("shared", "per-sample", "per-head")) if max(c[1], c[2]) < c[0]])
+def test_union_matches_reference(tiles, n, window, local, layout, order):
+    """Two parts merged by log-sum-exp, rows with no key in the SA part included."""
+    q, k, v = make(n, kv_heads=4 if order == "shared" else 2)
+    perm = perm_of(order, n, n + window + local)
+    ref = reference.attention(q, k, v, window, perm=perm, layout=layout, causal=True, sinks=0,
+                              key_mask=None, scale=SCALE, local=local)
+    out = flashband.union(q, k, v, window, perm=perm, layout=layout, local=local, scale=SCALE)
+    assert_matches(out, ref, q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_is_close_to_the_fp64_reference(tiles, dtype):
+    q, k, v = make(70, dtype=torch.float64)
+    perm = perm_of("shared", 70, 0)
+    ref = reference.attention(q, k, v, 9, perm=perm, layout="band", causal=True, sinks=0,
+                              key_mask=None, scale=SCALE, local=4)
+    ref_g = grads(ref, q, k, v)
+    low = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    out = flashband.union(*low, 9, perm=perm, layout="band", local=4, scale=SCALE)
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 4e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    for a, b in zip(grads(out.float(), *low), ref_g):
+        torch.testing.assert_close(a.double(), b, atol=5 * tol, rtol=5 * tol)
+
+
+def test_gradcheck_through_the_kernel(monkeypatch):
+    monkeypatch.setattr(flashband, "FORWARD_TILE", 3)
+    monkeypatch.setattr(flashband, "BACKWARD_TILE", 4)
+    monkeypatch.setattr(flashband, "FORWARD_CHUNK", 6)
+    monkeypatch.setattr(flashband, "BACKWARD_CHUNK", 8)
+    q, k, v = make(11, batch=1, heads=2, kv_heads=1, dim=3)
+    perm = perm_of("per-head", 11, 3)[:1, :2]
+    fn = lambda q, k, v: flashband.union(q, k, v, 4, perm=perm, layout="band", local=2, scale=SCALE)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    fn = lambda q, k, v: flashband.windowed(q, k, v, 4, perm=None, layout="band", causal=False,  # noqa: E731
+                                            scale=SCALE)
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_dispatcher_routes_plain_calls_here_and_the_rest_to_the_selecting_path(monkeypatch):
+    """Padding, sinks and non-finite keys keep the blocked path that selects hidden keys; so do
+    the block layout in training and a union with a band of a few keys, where it is faster."""
+    calls = []
+    real = flashband.attention
+    monkeypatch.setattr(flashband, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = make(40, dtype=torch.float32)
+    sa.sliding_window_attention(q, k, v, 5)
+    sa.stochastic_attention(q, k, v, 5)
+    sa.stochastic_attention(q, k, v, 16, local=3)
+    with torch.no_grad():
+        sa.stochastic_attention(q, k, v, 5, layout="block")
+    assert len(calls) == 4
+    sa.stochastic_attention(q, k, v, 5, layout="block")
+    sa.stochastic_attention(q, k, v, 5, local=3)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[0, :4] = False
+    sa.sliding_window_attention(q, k, v, 5, key_mask=mask)
+    sa.stochastic_attention(q, k, v, 5, sinks=2)
+    bad = k.detach().clone()
+    bad[0, 0, 3, 0] = float("nan")
+    sa.sliding_window_attention(q, bad, v, 5)
+    assert len(calls) == 4
+
+
+def test_all_finite_sees_every_kind_of_non_finite_entry():
+    x = torch.randn(4, 5)
+    assert blocked.all_finite(x)
+    for value in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[2, 3] = value
+        assert not blocked.all_finite(y)
+    both = x.clone()
+    both[0, 0], both[1, 1] = float("inf"), float("-inf")
+    assert not blocked.all_finite(both)
+    assert blocked.all_finite(torch.full((3,), 60000.0, dtype=torch.float16))  # sums in fp32
