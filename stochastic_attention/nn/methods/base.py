@@ -40,6 +40,16 @@ def check_int(name: str, value, low: int, why: str = "") -> None:
         raise ValueError(f"{name} must be >= {low}{why}, got {value}")
 
 
+def check_window(value) -> None:
+    """``window``: keys per query, the query included (>= 1)."""
+    check_int("window", value, 1, " (keys per query, the query included)")
+
+
+def check_sinks(value) -> None:
+    """``sinks``: leading tokens every query sees (>= 0)."""
+    check_int("sinks", value, 0, " (leading tokens every query sees)")
+
+
 def check_choice(name: str, value, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")

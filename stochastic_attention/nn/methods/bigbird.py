@@ -13,6 +13,8 @@ from .base import (
     SamplingOptions,
     check_choice,
     check_int,
+    check_sinks,
+    check_window,
     full_or_sampled_decode,
     seeded_mean,
 )
@@ -33,9 +35,9 @@ class BigBirdOptions(SamplingOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("window", self.window, 1, " (keys per query, the query included)")
+        check_window(self.window)
         check_int("random_keys", self.random_keys, 0)
-        check_int("sinks", self.sinks, 0, " (leading tokens every query sees)")
+        check_sinks(self.sinks)
         check_choice("decode", self.decode, DECODES)
 
 

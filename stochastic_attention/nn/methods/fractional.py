@@ -16,8 +16,8 @@ from .base import (
     Method,
     SamplingOptions,
     check_choice,
-    check_int,
     check_number,
+    check_window,
     last_rows,
     stochastic_keys,
     window_keys,
@@ -51,7 +51,7 @@ class FractionalOptions(SamplingOptions):
             raise ValueError(f"alpha must be in (0, 2], got {self.alpha}")
         check_number("eps", self.eps, "the kernel bandwidth")
         if self.window is not None:
-            check_int("window", self.window, 1, " (keys per query, the query included)")
+            check_window(self.window)
         check_choice("windows", self.windows, WINDOWS)
         if self.windows == "stochastic" and self.window is None:
             raise ValueError("windows='stochastic' needs window (the keys per query)")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ...ops import moba
-from .base import Method, MethodOptions, check_int
+from .base import Method, MethodOptions, check_int, check_sinks
 from .registry import register
 
 
@@ -28,7 +28,7 @@ class MobaOptions(MethodOptions):
     def __post_init__(self) -> None:
         check_int("block_size", self.block_size, 1)
         check_int("top_k", self.top_k, 1, " (blocks per query, its own included)")
-        check_int("sinks", self.sinks, 0, " (leading tokens every query sees)")
+        check_sinks(self.sinks)
 
 
 @register

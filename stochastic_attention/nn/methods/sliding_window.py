@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ...functional import sliding_window_attention
 from ...ops.decode import cached_attention
-from .base import Method, MethodOptions, check_int, window_keys
+from .base import Method, MethodOptions, check_sinks, check_window, window_keys
 from .registry import register
 
 
@@ -20,8 +20,8 @@ class SlidingWindowOptions(MethodOptions):
     sinks: int = 0
 
     def __post_init__(self) -> None:
-        check_int("window", self.window, 1, " (keys per query, the query included)")
-        check_int("sinks", self.sinks, 0, " (leading tokens every query sees)")
+        check_window(self.window)
+        check_sinks(self.sinks)
 
 
 @register

@@ -15,7 +15,8 @@ from .base import (
     Method,
     SamplingOptions,
     check_choice,
-    check_int,
+    check_sinks,
+    check_window,
     full_or_sampled_decode,
     stochastic_keys,
 )
@@ -40,9 +41,9 @@ class StochasticOptions(SamplingOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("window", self.window, 1, " (keys per query, the query included)")
+        check_window(self.window)
         check_choice("layout", self.layout, LAYOUTS)
-        check_int("sinks", self.sinks, 0, " (leading tokens every query sees)")
+        check_sinks(self.sinks)
         check_choice("decode", self.decode, DECODES)
 
 
