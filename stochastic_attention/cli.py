@@ -22,6 +22,7 @@ from .cli_args import UsageError
 COMMANDS = (
     "stochastic_attention.bench.cli",
     "stochastic_attention.bench.decode_cli",
+    "stochastic_attention.bench.compile_cli",
     "stochastic_attention.viz",
     "stochastic_attention.analysis.cli",
     "stochastic_attention.experiments.fna.cli",

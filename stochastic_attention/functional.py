@@ -178,17 +178,25 @@ def _checked(q, k, v, window, *, layout, causal, sinks, local, key_mask, scale) 
 
 def _resolve_backend(backend: str, q, k, v, local: int = 0) -> str:
     """The backend that serves this call ("auto" resolved), or a ValueError saying why not."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return choose_backend(backend, device_type=q.device.type, needs_grad=needs_grad, local=local)
+
+
+def choose_backend(backend: str, *, device_type: str, needs_grad: bool, local: int = 0,
+                   flex_available: bool | None = None) -> str:
+    """The backend that serves a call on ``device_type`` ("auto" resolved), or a ValueError
+    saying why ``backend`` cannot. A function of facts only, so that the choice made on a GPU
+    is tested on any machine. ``flex_available`` None asks this PyTorch."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if flex_available is None:
+        flex_available = flex.available()
     if backend == "auto":
-        if q.is_cuda and flex.available() and not local:
-            return "flex"
-        return "blocked"
+        return "flex" if device_type == "cuda" and flex_available and not local else "blocked"
     if backend == "flex" and local:
         raise ValueError(flex.LOCAL_UNSUPPORTED)
     if backend == "flex":
-        reason = flex.unsupported_reason(q, needs_grad)
+        reason = flex.unsupported_reason(device_type, needs_grad, flex_available)
         if reason:
             raise ValueError(f"backend='flex' cannot serve this call: {reason}")
     return backend

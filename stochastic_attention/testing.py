@@ -7,6 +7,10 @@ row through).
 
 ``tiny_hf_model`` builds a small random Hugging Face model of each supported family, for tests of
 the patch and of anything that runs on a patched model.
+
+``compile_counted`` compiles a function whole (``fullgraph=True``) with a counter of the graphs it
+compiles, and ``graph_breaks`` reads dynamo's break counters: together they show that a path
+compiles without breaks and without recompiling on new permutations or lengths.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["HF_FAMILIES", "assert_matches_reference", "outputs_and_grads", "projected_qkv", "random_key_mask",
-           "random_qkv", "tiny_hf_model"]
+__all__ = ["HF_FAMILIES", "assert_matches_reference", "compile_counted", "graph_breaks", "outputs_and_grads",
+           "projected_qkv", "random_key_mask", "random_qkv", "tiny_hf_model"]
 
 
 def random_qkv(n: int, *, batch: int = 2, heads: int = 4, kv_heads: int = 2, dim: int = 16,
@@ -133,3 +137,23 @@ def tiny_hf_model(family: str, seed: int = 0, **overrides):
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     return getattr(transformers, model_name)(config).eval()
+
+
+def compile_counted(fn: Callable, backend: str = "aot_eager", **options):
+    """``torch.compile(fn, fullgraph=True)`` (any graph break raises) with ``backend``, and the
+    counter whose ``frame_count`` is the number of graphs compiled so far.
+
+    ``aot_eager`` traces forward and backward as inductor would, without generating code: the
+    cheap way to count breaks and recompiles; pass ``backend="inductor"`` to check the code.
+    """
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend(backend)
+    return torch.compile(fn, backend=counter, fullgraph=True, **options), counter
+
+
+def graph_breaks() -> int:
+    """Graph breaks dynamo has counted since ``torch._dynamo.utils.counters.clear()``."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())

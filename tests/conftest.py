@@ -23,3 +23,14 @@ def device() -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("SATTN_TEST_DEVICE=cuda, but this PyTorch sees no CUDA device")
     return dev
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile tests start from an empty dynamo cache and zeroed counters (and leave one)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()

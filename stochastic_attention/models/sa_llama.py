@@ -189,13 +189,16 @@ class SALlamaModel(SALlamaPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache()
         past = cache.get_seq_length() if cache is not None else 0
+        # Only positions the caller gives can restart (packed documents): positions made here
+        # never do, so they need no look at their values (which a compiled graph cannot branch on).
+        given_positions = position_ids is not None
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = positions_from_mask(attention_mask, x.shape[1])
             else:
                 position_ids = torch.arange(past, past + x.shape[1], device=x.device)[None]
         plan = None
-        if attention_mask is None and position_ids is not None and x.shape[1] > 1:
+        if attention_mask is None and given_positions and x.shape[1] > 1:
             plan = documents.packed_plan_from_positions(position_ids, x.shape[0])
         for layer in self.layers:
             x = layer(x, position_ids=position_ids, attention_mask=attention_mask, cache=cache,

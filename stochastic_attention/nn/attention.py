@@ -191,8 +191,9 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"attention_mask must be [batch, cached + new] = "
                                  f"{[B, k.shape[2]]}, got {list(attention_mask.shape)}")
             key_mask = attention_mask.bool()
-            if bool(key_mask.all()):
-                key_mask = None  # the operators' fast paths need no mask
+            # the operators' fast paths need no mask (compiled graphs keep it: no value branch)
+            if not torch.compiler.is_compiling() and bool(key_mask.all()):
+                key_mask = None
         if plan is not None:  # each document in a padded row of its own, then packed back
             out = documents.run_documents(
                 plan, lambda *t, key_mask, perm: self._attend(*t, key_mask, perm),

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .covered import attend_by_coverage, softmax_attend, take_rows
-from .dense import all_finite, compute_dtype, full_attention, masked_sdpa, repeat_kv, zero_padding
+from .dense import compute_dtype, full_attention, keys_finite, masked_sdpa, repeat_kv, zero_padding
 from .patterns import band_extent, in_window, inverse_permutation, sink_keys
 from .permute import gather_mask, permute_seq
 
@@ -34,8 +34,19 @@ def _tiles(x: torch.Tensor, size: int, step: int, pad_left: int, pad_right: int)
 
 def _tiles1d(x: torch.Tensor, size: int, step: int, pad_left: int, pad_right: int, value) -> torch.Tensor:
     """[..., n] -> [..., n_tiles, size] for index / mask tensors."""
-    x = F.pad(x, (pad_left, pad_right), value=value)
+    x = _pad_last(x, pad_left, pad_right, value)
     return x.unfold(-1, size, step)
+
+
+def _pad_last(x: torch.Tensor, left: int, right: int, value) -> torch.Tensor:
+    """``F.pad(x, (left, right), value=value)``. Under torch.compile the fill is written by
+    ``masked_fill``: it may be a length (symbolic with dynamic shapes), which F.pad's float
+    ``value`` would pin to a number, so that every new sequence length would recompile."""
+    if not torch.compiler.is_compiling():
+        return F.pad(x, (left, right), value=value)
+    index = torch.arange(left + x.shape[-1] + right, device=x.device)
+    return F.pad(x, (left, right)).masked_fill((index < left) | (index >= left + x.shape[-1]),
+                                               value)
 
 
 @dataclass(frozen=True)
@@ -58,7 +69,8 @@ class TilePlan:
         if layout == "block":
             return cls(n, window, 0, 0, layout)
         left, right = band_extent(window, causal)
-        return cls(n, min(BAND_TILE, n), left, right, layout)
+        # (a comparison, not min(): a symbolic n under torch.compile then gives T = n exactly)
+        return cls(n, n if n <= BAND_TILE else BAND_TILE, left, right, layout)
 
     @property
     def L(self) -> int:
@@ -80,16 +92,20 @@ class TilePlan:
         """[..., n, D] -> [..., nt, L, D]: the key slots each query tile reaches."""
         if self.layout == "block":
             return self.query_tiles(x)
+        if self.nt == 1:  # one tile reads every slot (and unfold would pin a symbolic length)
+            return F.pad(x, (0, 0, self.left, self.right + self.pad)).unsqueeze(-3)
         return _tiles(x, self.L, self.T, self.left, self.right + self.pad)
 
     def query_index(self, x: torch.Tensor, fill) -> torch.Tensor:
         """[..., n] -> [..., nt, T, 1] for per-slot values (positions, masks)."""
-        return F.pad(x, (0, self.pad), value=fill).view(*x.shape[:-1], self.nt, self.T, 1)
+        return _pad_last(x, 0, self.pad, fill).view(*x.shape[:-1], self.nt, self.T, 1)
 
     def key_index(self, x: torch.Tensor, fill) -> torch.Tensor:
         """[..., n] -> [..., nt, 1, L] for per-slot values (positions, masks)."""
         if self.layout == "block":
             return self.query_index(x, fill).transpose(-1, -2)
+        if self.nt == 1:
+            return _pad_last(x, self.left, self.right + self.pad, fill)[..., None, None, :]
         return _tiles1d(x, self.L, self.T, self.left, self.right + self.pad, fill).unsqueeze(-2)
 
     def unpad(self, out: torch.Tensor) -> torch.Tensor:
@@ -203,7 +219,9 @@ def windowed_attention(
     plan = TilePlan.make(n, window, layout, causal)
     L, n_pad = plan.L, plan.n + plan.pad
     qt, kt, vt = plan.query_tiles(q), plan.key_tiles(k), plan.key_tiles(v)
-    query_slot, key_slot, static = static_tiles(plan, window, causal, device)
+    # (compiled graphs build these tables once, at tracing: the cache is for eager calls)
+    tables = static_tiles.__wrapped__ if torch.compiler.is_compiling() else static_tiles
+    query_slot, key_slot, static = tables(plan, window, causal, device)
 
     def as_tiles(x, fill):  # [.., n] -> query tiles [.., nt, T, 1] and key tiles [.., nt, 1, L]
         return plan.query_index(x, fill), plan.key_index(x, fill)
@@ -262,7 +280,7 @@ def windowed_attention(
 
     if return_tiles:
         return plan, qt, kt, vt, bias
-    finite = all_finite(k)  # the sink keys are keys too
+    finite = keys_finite(k)  # the sink keys are keys too
     if return_lse:
         out, lse = attend_with_lse(qt, kt, vt, bias, scale, select=not finite)
         return plan.unpad(out), plan.unpad(lse.unsqueeze(-1)).squeeze(-1)
@@ -383,7 +401,7 @@ def _windowed(q, k, v, window, *, perm, layout, causal, sinks, key_mask, scale):
 
     n = q.shape[2]
     if (layout == "block" and sinks == 0 and key_mask is None
-            and (causal or n % window == 0) and all_finite(ks)):
+            and (causal or n % window == 0) and keys_finite(ks)):
         out = dense_tiles(qs, ks, vs, window, scale, causal)
     else:
         key_valid = gather_mask(key_mask, perm) if key_mask is not None else None

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from .dense import all_finite, masked_attention, masked_sdpa, repeat_kv
+from .dense import keys_finite, masked_attention, masked_sdpa, repeat_kv
 from .patterns import covered_rows, first_real
 
 # attend(q [B, H, n, D], k [B, H, W, D], v [B, H, W, D], mask bool [B, 1, n, W]) -> [B, H, n, D]
@@ -36,23 +36,25 @@ def softmax_attend(scale: float) -> Attend:
     """The softmax attention of the windowed operators, with the zero-row rule; a non-finite key
     takes the selecting path so that it reaches only the queries that see it."""
     def attend(q, k, v, mask):
-        if all_finite(k):
+        if keys_finite(k):
             return masked_sdpa(q, k, v, mask, scale)
         return masked_attention(q, k, v, mask, scale)
     return attend
 
 
 def covered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
-                      *, causal: bool, attend: Attend) -> torch.Tensor:
+                      *, causal: bool, attend: Attend, width: int | None = None) -> torch.Tensor:
     """Every query against every real key of its row (causal: at a position <= its own).
 
     q [B, Hq, n, D]; k, v [B, Hkv, n, D] (padding already zeroed); ``key_mask`` [B, n] with at
     most W real tokens per row. The real keys are gathered, in order, into [B, Hkv, W, D], so
     memory and time are O(n * W), never O(n^2). Padded queries see the real keys too (as in the
-    dense rule); a row without a real token gives zeros.
+    dense rule); a row without a real token gives zeros. ``width``: the keys gathered per row
+    (default: the most real tokens of any row); a row with more real tokens keeps its first.
     """
     B, Hkv, n, D = k.shape
-    width = max(int(key_mask.sum(-1).max()), 1) if B else 1  # >= 1 keeps the graph connected
+    if width is None:
+        width = max(int(key_mask.sum(-1).max()), 1) if B else 1  # >= 1 keeps the graph connected
     pos, real = first_real(key_mask, min(width, n))  # [B, W]
     index = pos[:, None, :, None].expand(B, Hkv, pos.shape[-1], D)
     groups = q.shape[1] // Hkv
@@ -75,6 +77,11 @@ def attend_by_coverage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window
     q, k, v as for :func:`covered_attention`; the result is [B, Hq, n, D] in the batch's order.
     """
     covered = covered_rows(key_mask, window)
+    if covered is not None and torch.compiler.is_compiling():
+        # A graph cannot branch on values: every row both ways, then each row takes its own.
+        full = covered_attention(q, k, v, key_mask, causal=causal, attend=attend,
+                                 width=min(window, q.shape[2]))
+        return torch.where(covered[:, None, None, None], full, windowed(None).to(full.dtype))
     if covered is None or not bool(covered.any()):
         return windowed(None)
     if bool(covered.all()):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 NEG_INF = float("-inf")
 
-__all__ = ["all_finite", "compute_dtype", "full_attention", "guard_empty_rows", "masked_attention",
+__all__ = ["all_finite", "compute_dtype", "full_attention", "guard_empty_rows", "keys_finite", "masked_attention",
            "masked_sdpa", "merge_attention", "repeat_kv", "zero_padding"]
 
 
@@ -51,6 +51,19 @@ def all_finite(x: torch.Tensor) -> bool:
     whose sum overflows also answer False, which only sends them down the exact selecting path.
     """
     return bool(torch.isfinite(x.sum(dtype=compute_dtype(x))))
+
+
+def keys_finite(x: torch.Tensor) -> bool:
+    """May the paths that are exact for finite keys only (SDPA, which adds its mask) read ``x``?
+
+    Eager code checks (:func:`all_finite`). A ``torch.compile`` graph cannot branch on tensor
+    values, so it decides from static facts and takes the keys as finite: padded keys are
+    replaced by selection before any kernel (:func:`zero_padding`), so padding never reaches
+    an output, compiled or not; a NaN or inf in a REAL key may reach the other queries of its
+    tile in compiled code (keeping it to the queries that see it, by selection, cost more than
+    compiling gains on a CPU: docs/benchmarks.md, "torch.compile").
+    """
+    return torch.compiler.is_compiling() or all_finite(x)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -116,7 +129,7 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     (NaN + -inf = NaN): such inputs take the explicit, selecting reference path instead.
     """
     n = q.shape[2]
-    finite = all_finite(k)
+    finite = keys_finite(k)
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     if not finite:

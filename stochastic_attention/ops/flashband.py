@@ -94,6 +94,8 @@ def serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch
     its backward the re-gathers) nor for a union whose SA band is a few keys wide (computed
     offset by offset there, see :data:`.merge.BAND_PART_MAX_WIDTH`).
     """
+    if torch.compiler.is_compiling():  # its chunk loop is eager code: compiled graphs tile
+        return False
     if not (q.device.type == "cpu" and key_mask is None and sinks == 0 and q.dtype in DTYPES
             and q.shape[-2] > 0):
         return False

@@ -35,15 +35,16 @@ def available() -> bool:
     return True
 
 
-def unsupported_reason(q: torch.Tensor, needs_grad: bool) -> str | None:
-    """Why this call cannot run on the flex backend, or None if it can."""
-    if not available():
+def unsupported_reason(device_type: str, needs_grad: bool,
+                       flex_available: bool | None = None) -> str | None:
+    """Why a call on ``device_type`` cannot run on the flex backend, or None if it can."""
+    if not (available() if flex_available is None else flex_available):
         return "torch.nn.attention.flex_attention is not available in this PyTorch"
-    if q.device.type == "cpu" and needs_grad:
+    if device_type == "cpu" and needs_grad:
         return ("PyTorch has no FlexAttention backward on CPU; use backend='blocked' for training,"
                 " or call under torch.no_grad()")
-    if q.device.type not in ("cpu", "cuda", "xpu"):
-        return f"FlexAttention does not run on device {q.device.type!r}"
+    if device_type not in ("cpu", "cuda", "xpu"):
+        return f"FlexAttention does not run on device {device_type!r}"
     return None
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from .dense import all_finite, masked_attention, masked_sdpa, repeat_kv
+from .dense import keys_finite, masked_attention, masked_sdpa, repeat_kv
 
 # Query rows per SDPA call: bounds the [B, H, rows, n] score matrix.
 ROW_CHUNK = 512
@@ -34,7 +34,7 @@ def chunked_masked_attention(
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     # SDPA adds its mask, so a NaN key would reach hidden queries: then select instead
-    attend = masked_sdpa if all_finite(k) else masked_attention
+    attend = masked_sdpa if keys_finite(k) else masked_attention
     outs = []
     for start in range(0, q.shape[2], chunk):
         stop = min(start + chunk, q.shape[2])

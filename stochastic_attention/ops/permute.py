@@ -23,8 +23,10 @@ def random_permutation(
     """
     for name, value in (("batch", batch), ("heads", heads), ("seq_len", seq_len)):
         check_int(name, value, 0)
-    draw_on = generator.device if generator is not None else device
-    keys = torch.rand(batch, heads, seq_len, generator=generator, device=draw_on)
+    if generator is None:  # (no generator=None: that overload of rand takes no symbolic sizes)
+        keys = torch.rand(batch, heads, seq_len, device=device)
+    else:
+        keys = torch.rand(batch, heads, seq_len, generator=generator, device=generator.device)
     return keys.argsort(dim=-1).to(device if device is not None else keys.device)
 
 

@@ -39,7 +39,9 @@ def union_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
     inv = inverse_permutation(perm)
     qs, ks, vs = (permute_seq(x, perm, inv) for x in (q, k, v))
     key_valid = gather_mask(key_mask, perm) if key_mask is not None else None
-    if key_mask is None and all_finite(k):
+    # (compiled graphs take the two passes below: torch.compile cannot trace the merged parts'
+    # autograd.Function, which gets the same tensor twice)
+    if key_mask is None and not torch.compiler.is_compiling() and all_finite(k):
         return _union_parts(q, k, v, qs, ks, vs, window, perm=perm, inv=inv, layout=layout,
                             sinks=sinks, sink=sink, scale=scale, local=local)
     out_a, lse_a = windowed_attention(

@@ -168,7 +168,9 @@ def normalize_perm(perm: torch.Tensor, batch: int, heads: int, seq: int, device)
     if perm.shape[1] not in (1, heads):
         raise ValueError(f"perm heads dimension must be 1 or the number of query heads {heads}, got {perm.shape[1]}")
     perm = perm.long()
-    if seq > 0:
+    if seq > 0 and torch.compiler.is_compiling():
+        _assert_permutation_in_graph(perm, seq)
+    elif seq > 0:
         # In range, and every value hit exactly once: O(n), cheaper than sorting on every call.
         in_range = bool(((perm >= 0) & (perm < seq)).all())
         ok = in_range and bool(
@@ -179,6 +181,15 @@ def normalize_perm(perm: torch.Tensor, batch: int, heads: int, seq: int, device)
                 " stochastic_attention.random_permutation or torch.randperm"
             )
     return perm
+
+
+def _assert_permutation_in_graph(perm: torch.Tensor, seq: int) -> None:
+    """The check of :func:`normalize_perm` under ``torch.compile``, where a Python branch on
+    tensor values would break the graph: an in-graph assertion (a RuntimeError when it fails)."""
+    in_range = ((perm >= 0) & (perm < seq)).all()
+    hits = torch.zeros_like(perm).scatter_add_(-1, perm.clamp(0, seq - 1), torch.ones_like(perm))
+    torch._assert_async(in_range & (hits == 1).all(),
+                        "perm is not a permutation of range(seq) along its last dim")
 
 
 def check_scale(scale: float | None, head_dim: int) -> float:

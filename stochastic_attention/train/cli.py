@@ -22,6 +22,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="delete the run already in train.out_dir (checkpoints, metrics, "
                             "final model) and start a new one")
     add_overrides(parser, "override a config value, e.g. --set train.steps=200 (repeatable)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model for the training steps (the same as "
+                             "--set train.compile=true)")
     add_no_progress(parser, "no progress bar")
     parser.set_defaults(func=run)
     return parser
@@ -34,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from .loop import train
 
     with disabled(args.no_progress):  # (again, now that transformers is imported)
-        summary = train(load_config(args.config, args.overrides), resume=args.resume,
+        overrides = args.overrides + (["train.compile=true"] if args.compile else [])
+        summary = train(load_config(args.config, overrides), resume=args.resume,
                         overwrite=args.overwrite, progress=not args.no_progress)
     if launched_rank() == 0:  # under torchrun, one summary rather than one per process
         print(json.dumps(summary))

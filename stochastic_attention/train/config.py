@@ -67,6 +67,7 @@ class TrainConfig:
     distributed: str = "ddp"      # used under torchrun: "ddp" or "fsdp"
     tensorboard: bool = True      # also log to TensorBoard when it is installed
     threads: int | None = None    # torch CPU threads (None: torch's default)
+    compile: bool = False         # torch.compile the model for the training steps
 
 
 @dataclass

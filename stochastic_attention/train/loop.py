@@ -241,6 +241,7 @@ class _Run:
     train_sampler: ChunkSampler
     val_samplers: dict[str, ChunkSampler]
     model: torch.nn.Module
+    step_model: torch.nn.Module  # what the training steps call: ``model``, compiled or not
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     run_id: str | None  # (rank 0 writes the checkpoints, so only it needs the id)
@@ -328,13 +329,16 @@ def _build(cfg: ExperimentConfig, info: dist_utils.DistInfo,
         clear_run(Path(t.out_dir))  # (only reached with overwrite=True, or when there is nothing)
         run_id = checkpoint.new_run_id(Path(t.out_dir))
     model = dist_utils.wrap(model, info, t.distributed)
+    # Only the training steps run compiled: the optimiser, checkpoints (no "_orig_mod." keys),
+    # evaluation and the final model all use the module itself.
+    step_model = torch.compile(model) if t.compile else model
     optimizer = _optimizer(model, t)
     scheduler = cosine_lambda_lr(optimizer, warmup=t.warmup_steps, total=t.steps, lr=t.lr,
                                  min_lr=t.min_lr)
     _seed_rank_stream(t, info)
     return _Run(cfg=cfg, info=info, config=cfg.to_dict(), accum=accum, tokenizer=tokenizer,
                 train_sampler=train_sampler, val_samplers=val_samplers, model=model,
-                optimizer=optimizer, scheduler=scheduler, run_id=run_id,
+                step_model=step_model, optimizer=optimizer, scheduler=scheduler, run_id=run_id,
                 pack_eos=tokenizer.eos_id if cfg.data.pack else None)
 
 
@@ -399,7 +403,7 @@ def _one_step(run: _Run) -> tuple[float, float]:
         if is_ddp and micro < run.accum - 1:
             sync = model.no_sync()  # gradients are all-reduced once per step
         with sync:
-            loss = _loss(model, batch, t.precision, run.pack_eos)
+            loss = _loss(run.step_model, batch, t.precision, run.pack_eos)
             (loss / run.accum).backward()
         total += loss.detach() / run.accum
     grad_norm = float("nan")

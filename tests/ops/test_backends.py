@@ -284,3 +284,40 @@ def test_tiny_ragged_tiles_match_reference(monkeypatch, tile, device):
     for causal in (True, False):
         kw = dict(window=6, perm=perm, causal=causal, sinks=2, key_mask=kpm)
         assert_matches_reference(on("blocked"), on("reference"), (q, k, v), **kw)
+
+
+# The dispatch on a GPU, tested here as a function of facts (device type, gradients, local).
+@pytest.mark.parametrize(("device_type", "needs_grad", "local", "expected"), [
+    ("cuda", True, 0, "flex"),      # GPU training: FlexAttention forward and backward
+    ("cuda", False, 0, "flex"),
+    ("cuda", True, 3, "blocked"),   # the SA + local union is the blocked backend's only
+    ("cpu", False, 0, "blocked"),   # CPU: the blocked backend (and its flash path)
+    ("cpu", True, 0, "blocked"),
+])
+def test_auto_chooses_flex_on_cuda_only(device_type, needs_grad, local, expected):
+    from stochastic_attention.functional import choose_backend
+
+    assert choose_backend("auto", device_type=device_type, needs_grad=needs_grad,
+                          local=local, flex_available=True) == expected
+    # a PyTorch without FlexAttention falls back to the blocked backend everywhere
+    assert choose_backend("auto", device_type=device_type, needs_grad=needs_grad,
+                          local=local, flex_available=False) == "blocked"
+
+
+def test_flex_is_refused_where_it_cannot_run_and_says_why():
+    from stochastic_attention.functional import choose_backend
+
+    assert choose_backend("flex", device_type="cuda", needs_grad=True,
+                          flex_available=True) == "flex"
+    assert choose_backend("flex", device_type="cpu", needs_grad=False,
+                          flex_available=True) == "flex"
+    with pytest.raises(ValueError, match="no FlexAttention backward on CPU"):
+        choose_backend("flex", device_type="cpu", needs_grad=True, flex_available=True)
+    with pytest.raises(ValueError, match="does not run on device 'mps'"):
+        choose_backend("flex", device_type="mps", needs_grad=False, flex_available=True)
+    with pytest.raises(ValueError, match="not available in this PyTorch"):
+        choose_backend("flex", device_type="cuda", needs_grad=False, flex_available=False)
+    with pytest.raises(ValueError, match="does not serve local"):
+        choose_backend("flex", device_type="cuda", needs_grad=False, local=2)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        choose_backend("triton", device_type="cuda", needs_grad=False)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import stochastic_attention as sa
-from stochastic_attention.ops import blocked, flashband, reference
+from stochastic_attention.ops import blocked, dense, flashband, reference
 
 SCALE = 0.3
 
@@ -139,12 +139,12 @@ def test_dispatcher_routes_plain_calls_here_and_the_rest_to_the_selecting_path(m
 
 def test_all_finite_sees_every_kind_of_non_finite_entry():
     x = torch.randn(4, 5)
-    assert blocked.all_finite(x)
+    assert dense.all_finite(x)
     for value in (float("nan"), float("inf"), float("-inf")):
         y = x.clone()
         y[2, 3] = value
-        assert not blocked.all_finite(y)
+        assert not dense.all_finite(y)
     both = x.clone()
     both[0, 0], both[1, 1] = float("inf"), float("-inf")
-    assert not blocked.all_finite(both)
-    assert blocked.all_finite(torch.full((3,), 60000.0, dtype=torch.float16))  # sums in fp32
+    assert not dense.all_finite(both)
+    assert dense.all_finite(torch.full((3,), 60000.0, dtype=torch.float16))  # sums in fp32

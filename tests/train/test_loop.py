@@ -18,6 +18,7 @@ import yaml
 from stochastic_attention.cli_args import UsageError
 from stochastic_attention.models import SALlamaForCausalLM
 from stochastic_attention.train import CheckpointError, config_from_dict, load_config, train
+from stochastic_attention.train.config import ConfigError
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven cats sing near old mills".split()
 
@@ -244,3 +245,50 @@ def test_a_config_key_added_after_the_checkpoint_takes_its_default():
     check_compatible(old, {"model": {}, "data": {"source": "x", "pack": False}, "train": train}, "ckpt")
     with pytest.raises(CheckpointError, match="data.pack"):
         check_compatible(old, {"model": {}, "data": {"source": "x", "pack": True}, "train": train}, "ckpt")
+
+
+@pytest.fixture
+def cheap_compile(monkeypatch, fresh_dynamo):
+    """torch.compile with the aot_eager backend (the loop's logic, not inductor's code, is what
+    these tests check), counting the frames it compiles."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend=counter, **kw))
+    return counter
+
+
+def test_train_compile_resumes_exactly_and_checkpoints_plain_weights(corpus, tmp_path,
+                                                                     cheap_compile):
+    from stochastic_attention.testing import graph_breaks
+
+    train(config_from_dict(raw_config(corpus, tmp_path / "eager")), progress=False)
+    cfg = config_from_dict(raw_config(corpus, tmp_path / "b", compile=True))
+    first = train(cfg, stop_after=4, progress=False)
+    assert cheap_compile.frame_count >= 1 and graph_breaks() == 0
+
+    def weights(run):
+        ckpt = next((tmp_path / run / "checkpoints").glob("step-*.pt"))
+        return set(torch.load(ckpt, weights_only=True)["model"])
+
+    assert weights("b") == weights("eager")  # no "_orig_mod." prefixes
+    resumed = train(cfg, resume=True, progress=False)
+    assert first["interrupted"] and resumed["step"] == 6 and not resumed["interrupted"]
+    full = train(config_from_dict(raw_config(corpus, tmp_path / "a", compile=True)),
+                 progress=False)
+    assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), rel=1e-6, abs=1e-7)
+    assert resumed["val_loss"]["toy"] == pytest.approx(full["val_loss"]["toy"], rel=1e-6)
+    # compiling changes rounding only: the same run as eager
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+    SALlamaForCausalLM.from_pretrained(tmp_path / "b" / "final")  # a plain HF folder
+
+
+def test_train_compile_option_and_flag():
+    from stochastic_attention.cli import build_parser
+
+    args = build_parser().parse_args(["train", "run.yaml", "--compile"])
+    assert args.compile
+    assert not build_parser().parse_args(["train", "run.yaml"]).compile
+    with pytest.raises(ConfigError, match="train.compile must be a bool"):
+        config_from_dict({"data": {"sources": ["shakespeare"]}, "train": {"compile": "yes"}})
