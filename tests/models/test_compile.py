@@ -76,3 +76,20 @@ def test_inductor_sa_llama_equals_eager():
     for g, r in zip(got, take_grads(model), strict=True):
         torch.testing.assert_close(g, r, **TOL)
     assert counter.frame_count == 1
+
+
+def test_packed_batch_compiles_in_pieces_and_equals_eager():
+    # Restarting position ids are packed documents: the document plan's shapes depend on the
+    # values, so the graph breaks there; the result is eager's.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = tiny_llama(["sliding_window"]).eval()
+    ids = torch.randint(0, 50, (1, 20), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(7), torch.arange(13)])[None]
+    fn = torch.compile(model, backend=CompileCounterWithBackend("aot_eager"))
+    got = fn(input_ids=ids, position_ids=positions, use_cache=False).logits
+    ref = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+    torch.testing.assert_close(got, ref, **TOL)
+    alone = model(input_ids=ids[:, 7:], use_cache=False).logits  # the second document alone
+    torch.testing.assert_close(got[:, 7:], alone, **TOL)
+    assert graph_breaks() > 0
