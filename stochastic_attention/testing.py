@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 __all__ = ["HF_FAMILIES", "assert_matches_reference", "compile_counted", "graph_breaks", "outputs_and_grads",
-           "projected_qkv", "random_key_mask", "random_qkv", "tiny_hf_model"]
+           "projected_qkv", "random_key_mask", "random_qkv", "take_grads", "tiny_hf_model"]
 
 
 def random_qkv(n: int, *, batch: int = 2, heads: int = 4, kv_heads: int = 2, dim: int = 16,
@@ -157,3 +157,11 @@ def graph_breaks() -> int:
     from torch._dynamo.utils import counters
 
     return sum(counters["graph_break"].values())
+
+
+def take_grads(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The ``.grad`` of each tensor (a copy), which is then cleared for the next backward."""
+    out = [t.grad.clone() for t in tensors]
+    for t in tensors:
+        t.grad = None
+    return out

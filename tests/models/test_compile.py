@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from stochastic_attention.models import SALlamaConfig, SALlamaForCausalLM
-from stochastic_attention.testing import compile_counted, graph_breaks
+from stochastic_attention.testing import compile_counted, graph_breaks, take_grads
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -31,12 +31,6 @@ def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
 
 
-def take_grads(model):
-    out = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    return out
-
-
 def test_sa_llama_compiles_whole_and_a_new_length_recompiles_once():
     model = tiny_llama(["gated", "full"], sinks=1)
     fn, counter = compile_counted(model)
@@ -44,12 +38,12 @@ def test_sa_llama_compiles_whole_and_a_new_length_recompiles_once():
     torch.manual_seed(1)
     loss = lm_loss(fn, ids[:, :41])
     loss.backward()
-    got = take_grads(model)
+    got = take_grads(*model.parameters())
     torch.manual_seed(1)
     ref = lm_loss(model, ids[:, :41])
     ref.backward()
     torch.testing.assert_close(loss, ref, **TOL)
-    for g, r in zip(got, take_grads(model), strict=True):
+    for g, r in zip(got, take_grads(*model.parameters()), strict=True):
         torch.testing.assert_close(g, r, **TOL)
     lm_loss(fn, ids[:, :41]).backward()  # a fresh permutation: no recompile
     assert counter.frame_count == 1
@@ -68,12 +62,12 @@ def test_inductor_sa_llama_equals_eager():
         torch.manual_seed(1)
         loss = lm_loss(fn, ids)
         loss.backward()
-    got = take_grads(model)
+    got = take_grads(*model.parameters())
     torch.manual_seed(1)
     ref = lm_loss(model, ids)
     ref.backward()
     torch.testing.assert_close(loss, ref, **TOL)
-    for g, r in zip(got, take_grads(model), strict=True):
+    for g, r in zip(got, take_grads(*model.parameters()), strict=True):
         torch.testing.assert_close(g, r, **TOL)
     assert counter.frame_count == 1
 

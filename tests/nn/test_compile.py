@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stochastic_attention.nn import MultiHeadAttention
-from stochastic_attention.testing import compile_counted, graph_breaks
+from stochastic_attention.testing import compile_counted, graph_breaks, take_grads
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -28,13 +28,6 @@ CASES = {
 def layer_of(method: str, options: dict) -> MultiHeadAttention:
     torch.manual_seed(0)
     return MultiHeadAttention(32, 4, num_kv_heads=2, method=method, options=options).train()
-
-
-def take_grads(*tensors):
-    out = [t.grad.clone() for t in tensors]
-    for t in tensors:
-        t.grad = None
-    return out
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import stochastic_attention as sa
-from stochastic_attention.testing import compile_counted, graph_breaks, random_qkv
+from stochastic_attention.testing import compile_counted, graph_breaks, random_qkv, take_grads
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -47,13 +47,6 @@ def run_op(method, q, k, v, perm, kw, key_mask=None):
 def two_perms():
     return torch.stack([torch.randperm(N, generator=torch.Generator().manual_seed(s))
                         for s in range(2)])[:, None]  # [B, 1, n]: shared by the heads
-
-
-def take_grads(*tensors):
-    out = [t.grad.clone() for t in tensors]
-    for t in tensors:
-        t.grad = None
-    return out
 
 
 @pytest.mark.parametrize("case", list(CASES))
