@@ -221,8 +221,6 @@ class _Order:
             return x[:, :, a:b]
         pos = self._positions(a, b, pos)
         rows = self.buffer(name, (self.B, self.H, b - a, x.shape[-1]), x.dtype)
-        if pos.shape[0] * pos.shape[1] == 1 and x.shape[1] == self.H:  # one order for all rows
-            return torch.index_select(x, 2, pos[0, 0], out=rows)
         flat = rows.view(-1, x.shape[-1])
         torch.index_select(x.reshape(-1, x.shape[-1]), 0, self._flat(pos, x.shape[1]), out=flat)
         return rows
@@ -236,12 +234,25 @@ class _Order:
             view.add_(rows) if add else view.copy_(rows)
             return
         pos = self._positions(a, a + m, pos)
-        if pos.shape[0] * pos.shape[1] == 1 and dest.shape[1] == self.H:
-            dest.index_add_(2, pos[0, 0], rows) if add else dest.index_copy_(2, pos[0, 0], rows)
+        if pos.shape[0] * pos.shape[1] == 1 and dest.shape[1] == self.H and add:
+            dest.index_add_(2, pos[0, 0], rows)
             return
         flat, index = dest.view(-1, dest.shape[-1]), self._flat(pos, dest.shape[1])
         rows = rows.reshape(-1, dest.shape[-1])
-        flat.index_add_(0, index, rows) if add else flat.index_copy_(0, index, rows)
+        if add:
+            flat.index_add_(0, index, rows)
+        else:
+            _wide(flat).index_copy_(0, index, _wide(rows.contiguous()))
+
+
+def _wide(rows: torch.Tensor) -> torch.Tensor:
+    """Contiguous rows [N, C] viewed with the widest element that tiles a row (16 bytes where it
+    fits): index_copy_ moves rows element by element, so fewer, wider elements move them faster."""
+    width = rows.shape[-1] * rows.element_size()
+    for dtype in (torch.complex128, torch.float64, torch.float32):
+        if width % dtype.itemsize == 0 and dtype.itemsize >= rows.element_size():
+            return rows.view(dtype)
+    return rows
 
 
 def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, order: _Order, dtype, device):
