@@ -270,9 +270,10 @@ def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, order: _Order, dtype, devi
 
     def causal_bias(table=None):
         """0 where the key's position is at most the query's (minus exclude_recent), at most
-        -2**100 elsewhere (exp gives exactly 0 there, as for -inf), plus ``table``. Scaled
-        positions are exact in fp32 and their difference keeps its sign, so this is four cheap
-        in-place passes instead of a comparison and a select."""
+        -2**100 elsewhere (exp gives exactly 0 there, as for -inf), and -inf where ``table``
+        (0 or -inf) is. Scaled positions are exact in fp32 and their difference keeps its sign,
+        so this is two cheap passes (a difference, then its minimum with the table or with 0)
+        instead of a comparison and a select."""
         k_pos = ch.k_pos.to(torch.float32).mul_(_HIDE)
         if not keys_in:  # slots outside the sequence: past every query
             k_pos[..., : max(0, -ch.ks)] = 2 * n * _HIDE
@@ -281,9 +282,11 @@ def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, order: _Order, dtype, devi
         k_tiles = k_pos.view(Bp, Hp, nt, T) if til.block else k_pos.unfold(2, L, T)
         q_pos = (ch.q_pos.to(torch.float32) - part.exclude_recent).mul_(_HIDE)
         bias = order.buffer("mask", (Bp, Hp, nt, T, L), torch.float32)
-        torch.sub(q_pos.view(Bp, Hp, nt, T, 1), k_tiles.unsqueeze(-2), out=bias).clamp_(max=0)
-        if table is not None:
-            bias.add_(table)
+        torch.sub(q_pos.view(Bp, Hp, nt, T, 1), k_tiles.unsqueeze(-2), out=bias)
+        if table is None:
+            bias.clamp_(max=0)
+        else:
+            torch.minimum(bias, table, out=bias)
         if Bp * Hp == 1:
             return bias.view(1, nt, T, L).to(dtype)
         # One mask per (sample, head): the kernel's batch axis is B * H.
