@@ -4,8 +4,8 @@ The fast CPU path of the blocked backend for inputs without padding or sinks (SW
 and block layouts, the SA + local union). Queries, in slot order, are cut into tiles of ``T``
 slots; a tile reads the run of key slots its windows reach (band: ``T + window - 1`` when causal;
 block: its own group). A chunk of tiles is one call of
-``aten._scaled_dot_product_flash_attention_for_cpu`` (one sample; the kernel's batch axis is the
-tiles, its head axis the heads), and:
+``aten._scaled_dot_product_flash_attention_for_cpu`` (the kernel's batch axis is samples x
+heads, its head axis the tiles), and:
 
 - key tiles are an overlapping strided view of the chunk's keys: no tile is ever copied;
 - without a permutation (SWA, and the local part of the union) the rows are views of q, k, v and
@@ -15,8 +15,8 @@ tiles, its head axis the heads), and:
   also maps a query head to its GQA key/value head) and the outputs written back to original
   order (``index_copy_``): no full-size permuted copy of q, k, v or the output is made. The mask
   is the band table AND position causality, built per chunk (per head only when each head has
-  its own permutation); the kernel visits a tile's heads one after the other, so that mask stays
-  in cache;
+  its own permutation: the forward then sends the heads to the kernel a few at a time, so that
+  chunks stay long while their mask stays small);
 - chunk-sized buffers are re-used by the allocator, where full-size ones (32 MB at 16k tokens)
   would be fresh pages to fault in on every call.
 
@@ -176,12 +176,18 @@ class _Chunk:
 
 
 class _Order:
-    """A part's slot order: rows of [B, Hx, n, C] tensors as [B, H, m, C] chunks, and back."""
+    """A part's slot order for the query heads [h0, h0 + H) of q's ``q_heads``: rows of
+    [B, Hx, n, C] tensors as [B, H, m, C] chunks, and back."""
 
-    def __init__(self, perm: torch.Tensor | None, B: int, H: int, n: int, device):
+    def __init__(self, perm: torch.Tensor | None, B: int, q_heads: int, n: int, device,
+                 heads: tuple[int, int] | None = None, stores: dict | None = None):
+        h0, h1 = heads or (0, q_heads)
+        if perm is not None and perm.shape[1] > 1:
+            perm = perm[:, h0:h1]
         self.perm = perm  # [Bp, Hp, n] or None
-        self.B, self.H, self.n, self.device = B, H, n, device
-        self._stores: dict[str, torch.Tensor] = {}
+        self.B, self.H, self.n, self.device = B, h1 - h0, n, device
+        self.h0, self.q_heads = h0, q_heads
+        self._stores: dict[str, torch.Tensor] = {} if stores is None else stores
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A contiguous tensor re-used by every chunk of the call (the first chunk is the largest):
@@ -204,8 +210,8 @@ class _Order:
         return _Chunk(s, e, m, m // til.T, ks, ke, k_pos[..., s - ks: s - ks + m], k_pos)
 
     def _flat(self, pos: torch.Tensor, heads: int) -> torch.Tensor:
-        """Flat row indices [B * H * m] into a [B, heads, n, C] tensor (GQA when heads < H)."""
-        head = torch.arange(self.H, device=self.device) // (self.H // heads)
+        """Flat row indices [B * H * m] into a [B, heads, n, C] tensor (GQA when heads < q_heads)."""
+        head = (self.h0 + torch.arange(self.H, device=self.device)) // (self.q_heads // heads)
         base = (torch.arange(self.B, device=self.device)[:, None] * heads + head) * self.n
         return (base[:, :, None] + pos).reshape(-1)
 
@@ -219,12 +225,10 @@ class _Order:
         """x [B, Hx, n, C] at slots [a, b) (positions ``pos`` [Bp, Hp, b - a]) -> [B, H, b - a, C],
         gathered into the buffer ``name`` (a view when nothing moves); slots outside the sequence
         repeat an edge row (their keys are masked)."""
-        if pos is None and x.shape[1] == self.H and a >= 0 and b <= self.n:
-            return x[:, :, a:b]
+        if pos is None and x.shape[1] == self.q_heads and a >= 0 and b <= self.n:
+            return x[:, self.h0:self.h0 + self.H, a:b]
         pos = self._positions(a, b, pos)
         rows = self.buffer(name, (self.B, self.H, b - a, x.shape[-1]), x.dtype)
-        if pos.shape[0] * pos.shape[1] == 1 and x.shape[1] == self.H:  # one order for all rows
-            return torch.index_select(x, 2, pos[0, 0], out=rows)
         flat = rows.view(-1, x.shape[-1])
         torch.index_select(x.reshape(-1, x.shape[-1]), 0, self._flat(pos, x.shape[1]), out=flat)
         return rows
@@ -233,17 +237,30 @@ class _Order:
             add: bool = False) -> None:
         """Write (or add) rows [B, H, m, C] into dest [B, Hd, n, C] at slots [a, a + m), in range."""
         m = rows.shape[2]
-        if pos is None and dest.shape[1] == self.H:
-            view = dest[:, :, a:a + m]
+        if pos is None and dest.shape[1] == self.q_heads:
+            view = dest[:, self.h0:self.h0 + self.H, a:a + m]
             view.add_(rows) if add else view.copy_(rows)
             return
         pos = self._positions(a, a + m, pos)
-        if pos.shape[0] * pos.shape[1] == 1 and dest.shape[1] == self.H:
-            dest.index_add_(2, pos[0, 0], rows) if add else dest.index_copy_(2, pos[0, 0], rows)
+        if pos.shape[0] * pos.shape[1] == 1 and dest.shape[1] == self.q_heads == self.H and add:
+            dest.index_add_(2, pos[0, 0], rows)
             return
         flat, index = dest.view(-1, dest.shape[-1]), self._flat(pos, dest.shape[1])
         rows = rows.reshape(-1, dest.shape[-1])
-        flat.index_add_(0, index, rows) if add else flat.index_copy_(0, index, rows)
+        if add:
+            flat.index_add_(0, index, rows)
+        else:
+            _wide(flat).index_copy_(0, index, _wide(rows.contiguous()))
+
+
+def _wide(rows: torch.Tensor) -> torch.Tensor:
+    """Contiguous rows [N, C] viewed with the widest element that tiles a row (16 bytes where it
+    fits): index_copy_ moves rows element by element, so fewer, wider elements move them faster."""
+    width = rows.shape[-1] * rows.element_size()
+    for dtype in (torch.complex128, torch.float64, torch.float32):
+        if width % dtype.itemsize == 0 and dtype.itemsize >= rows.element_size():
+            return rows.view(dtype)
+    return rows
 
 
 def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, order: _Order, dtype, device):
@@ -255,9 +272,10 @@ def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, order: _Order, dtype, devi
 
     def causal_bias(table=None):
         """0 where the key's position is at most the query's (minus exclude_recent), at most
-        -2**100 elsewhere (exp gives exactly 0 there, as for -inf), plus ``table``. Scaled
-        positions are exact in fp32 and their difference keeps its sign, so this is four cheap
-        in-place passes instead of a comparison and a select."""
+        -2**100 elsewhere (exp gives exactly 0 there, as for -inf), and -inf where ``table``
+        (0 or -inf) is. Scaled positions are exact in fp32 and their difference keeps its sign,
+        so this is two cheap passes (a difference, then its minimum with the table or with 0)
+        instead of a comparison and a select."""
         k_pos = ch.k_pos.to(torch.float32).mul_(_HIDE)
         if not keys_in:  # slots outside the sequence: past every query
             k_pos[..., : max(0, -ch.ks)] = 2 * n * _HIDE
@@ -266,9 +284,11 @@ def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, order: _Order, dtype, devi
         k_tiles = k_pos.view(Bp, Hp, nt, T) if til.block else k_pos.unfold(2, L, T)
         q_pos = (ch.q_pos.to(torch.float32) - part.exclude_recent).mul_(_HIDE)
         bias = order.buffer("mask", (Bp, Hp, nt, T, L), torch.float32)
-        torch.sub(q_pos.view(Bp, Hp, nt, T, 1), k_tiles.unsqueeze(-2), out=bias).clamp_(max=0)
-        if table is not None:
-            bias.add_(table)
+        torch.sub(q_pos.view(Bp, Hp, nt, T, 1), k_tiles.unsqueeze(-2), out=bias)
+        if table is None:
+            bias.clamp_(max=0)
+        else:
+            torch.minimum(bias, table, out=bias)
         if Bp * Hp == 1:
             return bias.view(1, nt, T, L).to(dtype)
         # One mask per (sample, head): the kernel's batch axis is B * H.
@@ -308,10 +328,32 @@ def _has_key(mask: torch.Tensor, B: int, H: int, m: int) -> torch.Tensor:
 
 
 def _mask_planes(part: WindowPart, B: int, H: int) -> int:
-    """How many distinct [T, L] planes each tile's mask has (for the chunk size)."""
+    """How many distinct [T, L] planes each tile's mask has, H heads a call (for the chunk size)."""
     if part.perm is None or part.perm.shape[0] * part.perm.shape[1] == 1:
         return 1
     return B * H
+
+
+def _orders(part: WindowPart, til: _Tiling, B: int, H: int, rows: int, x: torch.Tensor,
+            split_heads: bool):
+    """The part's orders, one per group of query heads sent to the kernel together. With a
+    permutation per head the mask has a plane per head: fewer heads per call (``split_heads``)
+    keep chunks of ``rows`` queries within MASK_BYTES (shorter chunks re-read more of their
+    neighbours' keys; the forward gains, the backward, whose chunks are shorter, does not)."""
+    if part.perm is None or part.perm.shape[1] == 1 or not split_heads:
+        return [_Order(part.perm, B, H, til.n, x.device)]
+    plane = _mask_planes(part, B, 1) * til.L * min(rows, til.n) * x.element_size()
+    group, stores = max(1, min(H, MASK_BYTES // plane)), {}
+    return [_Order(part.perm, B, H, til.n, x.device, (h, min(H, h + group)), stores)
+            for h in range(0, H, group)]
+
+
+def _chunks(part: WindowPart, til: _Tiling, B: int, H: int, rows: int, x: torch.Tensor,
+            split_heads: bool = False):
+    """(order, s, e, m) for every chunk of the part: its heads' order, then :meth:`_Tiling.chunks`."""
+    for order in _orders(part, til, B, H, rows, x, split_heads):
+        for s, e, m in til.chunks(rows, _mask_planes(part, B, order.H), x.element_size()):
+            yield order, s, e, m
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -343,8 +385,8 @@ def _forward(q, k, v, parts, scale, need_lse):
     lse = torch.empty(B, H, n, 1, dtype=work, device=q.device) if need_lse or len(parts) > 1 else None
     for i, part in enumerate(parts):
         til = _Tiling.make(part, n, FORWARD_TILE)
-        order = _Order(part.perm, B, H, n, q.device)
-        for s, e, m in til.chunks(FORWARD_CHUNK, _mask_planes(part, B, H), q.element_size()):
+        for order, s, e, m in _chunks(part, til, B, H, FORWARD_CHUNK, q, split_heads=True):
+            Hg = order.H
             ch = order.chunk(til, s, e, m)
             mask, causal = _mask(part, til, ch, order, q.dtype, q.device)
             qt, kt, vt = _tiles(order.take(q, s, s + m, ch.q_pos, "q"),
@@ -352,14 +394,14 @@ def _forward(q, k, v, parts, scale, need_lse):
                                 order.take(v, ch.ks, ch.ke, ch.k_pos, "v"), til, ch.nt)
             o, l_ = _FORWARD(qt, kt, vt, 0.0, causal, attn_mask=mask, scale=scale)
             count = e - s
-            o = o.view(B, H, m, D)[:, :, :count].to(work)
+            o = o.view(B, Hg, m, D)[:, :, :count].to(work)
             pos = None if ch.q_pos is None else ch.q_pos[..., :count]
             if lse is None:
                 order.put(out, s, o, pos)
                 continue
-            l_ = l_.reshape(B, H, m, 1)[:, :, :count].to(work)
+            l_ = l_.reshape(B, Hg, m, 1)[:, :, :count].to(work)
             if part.exclude_recent:  # the kernel gives a row with no key out 0 and a finite lse
-                l_ = l_.masked_fill(~_has_key(mask, B, H, m)[:, :, :count], NEG_INF)
+                l_ = l_.masked_fill(~_has_key(mask, B, Hg, m)[:, :, :count], NEG_INF)
             if i > 0:
                 o, l_ = _merge_rows(order.take(out, s, e, pos, "out"), order.take(lse, s, e, pos, "lse"),
                                     o, l_)
@@ -402,8 +444,8 @@ def _backward(grad, q, k, v, out, lse_b, parts, scale):
     add_q = len(parts) > 1
     for part in parts:
         til = _Tiling.make(part, n, BACKWARD_TILE)
-        order = _Order(part.perm, B, H, n, q.device)
-        for s, e, m in til.chunks(BACKWARD_CHUNK, _mask_planes(part, B, H), q.element_size()):
+        for order, s, e, m in _chunks(part, til, B, H, BACKWARD_CHUNK, q):
+            Hg = order.H
             ch = order.chunk(til, s, e, m)
             nt, T = ch.nt, til.T
             mask, causal = _mask(part, til, ch, order, q.dtype, q.device)
@@ -414,9 +456,9 @@ def _backward(grad, q, k, v, out, lse_b, parts, scale):
             qt, kt, vt = _tiles(order.take(q, s, s + m, ch.q_pos, "q"),
                                 order.take(k, ch.ks, ch.ke, ch.k_pos, "k"),
                                 order.take(v, ch.ks, ch.ke, ch.k_pos, "v"), til, nt)
-            ot = order.take(out, s, s + m, ch.q_pos, "out").reshape(B * H, nt, T, D)
-            lt = order.take(lse_b, s, s + m, ch.q_pos, "lse").reshape(B * H, nt, T).contiguous()
-            gq, gk, gv = _BACKWARD(g.reshape(B * H, nt, T, D), qt, kt, vt, ot, lt, 0.0, causal,
+            ot = order.take(out, s, s + m, ch.q_pos, "out").reshape(B * Hg, nt, T, D)
+            lt = order.take(lse_b, s, s + m, ch.q_pos, "lse").reshape(B * Hg, nt, T).contiguous()
+            gq, gk, gv = _BACKWARD(g.reshape(B * Hg, nt, T, D), qt, kt, vt, ot, lt, 0.0, causal,
                                    attn_mask=mask, scale=scale)
             count = e - s
             if ch.q_pos is None and count == m and gq.dtype == work:  # one strided write
@@ -424,7 +466,7 @@ def _backward(grad, q, k, v, out, lse_b, parts, scale):
                 gq = gq.view(B, H, nt, T, D)
                 view.add_(gq) if add_q else view.copy_(gq)
             else:
-                order.put(dq, s, gq.reshape(B, H, m, D)[:, :, :count].to(work),
+                order.put(dq, s, gq.reshape(B, Hg, m, D)[:, :, :count].to(work),
                           None if ch.q_pos is None else ch.q_pos[..., :count], add=add_q)
             direct = (ch.k_pos is None and not til.block and k.shape[1] == H and ch.ks >= 0
                       and ch.ke <= n and gk.dtype == work)
@@ -435,7 +477,7 @@ def _backward(grad, q, k, v, out, lse_b, parts, scale):
                     _fold_into(dest.view(B * H, n, D), gx, til, nt, ch.ks)
                     continue
                 rows = _fold(gx, til, nt)[:, lo - ch.ks: hi - ch.ks].to(work)
-                order.put(dest, lo, rows.view(B, H, hi - lo, D), k_pos, add=True)
+                order.put(dest, lo, rows.view(B, Hg, hi - lo, D), k_pos, add=True)
     return dq, dk, dv
 
 

@@ -69,6 +69,34 @@ def test_window_part_matches_reference(tiles, n, window, layout, causal, order, 
     assert_matches(out, ref, q, k, v)
 
 
+@pytest.mark.parametrize("heads_per_call", [1, 3])
+@pytest.mark.parametrize("layout,causal,local", [("band", True, 0), ("band", False, 0),
+                                                 ("block", True, 0), ("band", True, 5)])
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_per_head_orders_in_head_groups(tiles, heads_per_call, layout, causal, local, kv_heads,
+                                        monkeypatch):
+    """A permutation per head: the forward sends the heads to the kernel in groups (here of one,
+    and of three: the second group starts inside a GQA group), outputs and gradients unchanged."""
+    n, window = 61, 9
+    q, k, v = make(n, kv_heads=kv_heads)
+    perm = perm_of("per-head", n, 3)
+    part = flashband.WindowPart(window, layout, causal, perm)
+    tiling = flashband._Tiling.make(part, n, flashband.FORWARD_TILE)
+    plane = 2 * tiling.L * min(flashband.FORWARD_CHUNK, n) * q.element_size()  # 2 samples
+    monkeypatch.setattr(flashband, "MASK_BYTES", heads_per_call * plane)
+    groups = flashband._orders(part, tiling, 2, 4, flashband.FORWARD_CHUNK, q, split_heads=True)
+    assert [o.H for o in groups] == ([1, 1, 1, 1] if heads_per_call == 1 else [3, 1])
+    ref = reference.attention(q, k, v, window, perm=perm, layout=layout, causal=causal, sinks=0,
+                              key_mask=None, scale=SCALE, local=local)
+    if local:
+        out = flashband.union(q, k, v, window, perm=perm, layout=layout, local=local, scale=SCALE)
+    else:
+        part_perm = blocked.sort_groups(perm, window) if layout == "block" else perm
+        out = flashband.attention(q, k, v, [flashband.WindowPart(window, layout, causal, part_perm)],
+                                  SCALE)
+    assert_matches(out, ref, q, k, v)
+
+
 @pytest.mark.parametrize("n,window,local,layout,order", [
     c for c in itertools.product((9, 131), (1, 33), (1, 17), ("band", "block"),
                                  ("shared", "per-sample", "per-head")) if max(c[1], c[2]) < c[0]])
