@@ -9,6 +9,7 @@ from collections import defaultdict
 import torch
 
 from ..hf import patched
+from ..models.sa_llama import cache_argument, output_cache
 from ..progress import tqdm
 from .methods import MethodSpec, mean_keys
 from .tasks import SCORERS, Task
@@ -110,13 +111,13 @@ def decode_cost(model, ids: torch.Tensor, prompt_len: int, window: int, *, sinks
         nll, seconds = 0.0, 0.0
         with patched(model, **options, **kw), torch.no_grad():
             out = model(ids[None, :prompt_len], use_cache=True, logits_to_keep=1)
-            cache, logits = out.past_key_values, out.logits[0, -1]
+            cache, logits = output_cache(out), out.logits[0, -1]
             for t in range(len(cont)):
                 nll -= torch.log_softmax(logits.float(), -1)[cont[t]].item()
                 start = time.perf_counter()
-                out = model(cont[None, t:t + 1], past_key_values=cache, use_cache=True)
+                out = model(cont[None, t:t + 1], **cache_argument(cache), use_cache=True)
                 seconds += time.perf_counter() - start
-                cache, logits = out.past_key_values, out.logits[0, -1]
+                cache, logits = output_cache(out), out.logits[0, -1]
         rows.append(dict(label=label, prompt=prompt_len, steps=len(cont), window=window,
                          perplexity=float(torch.exp(torch.tensor(nll / len(cont)))),
                          seconds_per_step=seconds / len(cont)))

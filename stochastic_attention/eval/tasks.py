@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..models.sa_llama import cache_argument, output_cache
+
 TASKS = ("perplexity", "passkey", "lastword", "nextline")
 SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
@@ -165,7 +167,7 @@ def _prefill(model, ids: torch.Tensor):
     """(log-probs of the next token after the prompt [V], KV cache)."""
     with torch.no_grad():
         out = model(ids[None], use_cache=True, logits_to_keep=1)
-    return torch.log_softmax(out.logits[0, -1].float(), -1), out.past_key_values
+    return torch.log_softmax(out.logits[0, -1].float(), -1), output_cache(out)
 
 
 def _continuation_logprobs(model, ids: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
@@ -174,7 +176,7 @@ def _continuation_logprobs(model, ids: torch.Tensor, answer: torch.Tensor) -> to
     if len(answer) == 1:
         return first[None]
     with torch.no_grad():
-        rest = model(answer[None, :-1], past_key_values=cache, use_cache=True).logits[0]
+        rest = model(answer[None, :-1], **cache_argument(cache), use_cache=True).logits[0]
     return torch.cat([first[None], torch.log_softmax(rest.float(), -1)])
 
 
@@ -218,7 +220,7 @@ def score_nextline(model, task: Task, tokenizer=None) -> float:
             logp = first[choice[0]]
             if len(choice) > 1:
                 with torch.no_grad():
-                    rest = model(choice[None, :-1], past_key_values=copy.deepcopy(cache),
+                    rest = model(choice[None, :-1], **cache_argument(copy.deepcopy(cache)),
                                  use_cache=True).logits[0].float()
                 logp = logp + torch.log_softmax(rest, -1).gather(-1, choice[1:, None]).sum()
             scores.append(logp.item() / len(choice))

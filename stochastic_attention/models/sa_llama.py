@@ -108,6 +108,17 @@ OUTPUT_CACHE_FIELD = ("cache" if "cache" in BaseModelOutputWithPast.__dataclass_
                       else "past_key_values")
 
 
+def cache_argument(cache) -> dict:
+    """The keyword that hands ``cache`` to a transformers model's forward in the installed
+    version (``cache`` since 5.x; the old ``past_key_values`` is deprecated there)."""
+    return {OUTPUT_CACHE_FIELD: cache}
+
+
+def output_cache(out):
+    """The KV cache of a transformers model's output, under the installed version's name."""
+    return getattr(out, OUTPUT_CACHE_FIELD)
+
+
 def _resolve_cache(cache, past_key_values):
     if cache is not None and past_key_values is not None:
         raise ValueError("pass the KV cache once: cache= or past_key_values=, not both")

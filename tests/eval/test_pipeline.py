@@ -171,3 +171,19 @@ def test_prefill_timing_reports_ratios_to_full():
     assert all(r["ratio_to_full"] == 1.0 for r in rows if r["label"] == "full")
     assert all(r["seconds"] > 0 for r in rows)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_cached_scoring_uses_the_installed_cache_keyword_and_equals_uncached():
+    # The KV cache goes to the model under the installed transformers' own name (no deprecation
+    # warning), and the cached answer log-probs equal one uncached pass over prompt + answer.
+    import warnings
+
+    model = tiny_hf_model("llama")
+    g = torch.Generator().manual_seed(0)
+    prompt, answer = torch.randint(0, 97, (12,), generator=g), torch.randint(0, 97, (4,), generator=g)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        cached = T._continuation_logprobs(model, prompt, answer)
+    with torch.no_grad():
+        logits = model(torch.cat([prompt, answer])[None]).logits[0, len(prompt) - 1:-1]
+    torch.testing.assert_close(cached, torch.log_softmax(logits.float(), -1), rtol=1e-4, atol=1e-4)
