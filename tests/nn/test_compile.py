@@ -73,3 +73,25 @@ def test_seeded_eval_compiles_in_pieces_and_equals_eager():
     fn = torch.compile(layer, backend=counter)
     torch.testing.assert_close(fn(x), layer(x), **TOL)
     assert graph_breaks() > 0
+
+
+@pytest.mark.parametrize(("method", "options"), [
+    ("moba", dict(block_size=4, top_k=2)),   # top-k block routing: data-dependent, in pieces
+    ("fractional", dict(window=4)),
+    ("bigbird", dict(window=4)),             # random keys per row, in pieces
+])
+def test_other_methods_compile_and_equal_eager(method, options):
+    # Not promised whole (fullgraph): these compile with the default settings, breaking the
+    # graph where they must, and give eager's outputs and gradients.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    layer = layer_of(method, options)
+    x = torch.randn(2, N, 32, requires_grad=True)
+    fn = torch.compile(layer, backend=CompileCounterWithBackend("aot_eager"))
+    torch.manual_seed(1)
+    fn(x).square().sum().backward()
+    got = take_grads(x, *layer.parameters())
+    torch.manual_seed(1)
+    layer(x).square().sum().backward()
+    for g, r in zip(got, take_grads(x, *layer.parameters()), strict=True):
+        torch.testing.assert_close(g, r, **TOL)
