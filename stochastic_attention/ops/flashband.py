@@ -94,8 +94,6 @@ def serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch
     its backward the re-gathers) nor for a union whose SA band is a few keys wide (computed
     offset by offset there, see :data:`.merge.BAND_PART_MAX_WIDTH`).
     """
-    if torch.compiler.is_compiling():  # its chunk loop is eager code: compiled graphs tile
-        return False
     if not (q.device.type == "cpu" and key_mask is None and sinks == 0 and q.dtype in DTYPES
             and q.shape[-2] > 0):
         return False
@@ -104,7 +102,9 @@ def serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch
         return False
     if local and layout == "band" and window <= BAND_PART_MAX_WIDTH:
         return False
-    return _all_finite(k)
+    # Compiled graphs take the keys as finite (no branch on values; see dense.keys_finite) and
+    # reach this path through the custom operators of .flashband_ops.
+    return torch.compiler.is_compiling() or _all_finite(k)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: Sequence[WindowPart],
@@ -512,7 +512,17 @@ def windowed(q, k, v, window: int, *, perm: torch.Tensor | None, layout: str, ca
     """SWA (``perm`` None) or SA in ``layout`` (window < n, validated inputs, finite keys)."""
     if perm is not None and layout == "block":
         perm = _sort_groups(perm, window)
+    if torch.compiler.is_compiling():
+        return _as_operator(q, k, v, perm, window, layout, causal, 0, scale)
     return attention(q, k, v, [WindowPart(window, layout, causal, perm)], scale)
+
+
+def _as_operator(q, k, v, perm, window, layout, causal, local, scale) -> torch.Tensor:
+    """Inside a compiled graph: the same path as one opaque operator (:mod:`.flashband_ops`)."""
+    from . import flashband_ops  # late import: the operators are built on this module
+
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    return flashband_ops.attention(q, k, v, perm, window, layout, causal, local, scale)
 
 
 def union(q, k, v, window: int, *, perm: torch.Tensor, layout: str, local: int,
@@ -521,5 +531,7 @@ def union(q, k, v, window: int, *, perm: torch.Tensor, layout: str, local: int,
     and a sliding window of ``local``, merged (window, local < n; finite keys)."""
     if layout == "block":
         perm = _sort_groups(perm, window)
+    if torch.compiler.is_compiling():
+        return _as_operator(q, k, v, perm, window, layout, True, local, scale)
     return attention(q, k, v, [WindowPart(window, layout, True, perm, exclude_recent=local),
                                WindowPart(local, "band", True, None)], scale)

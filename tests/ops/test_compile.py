@@ -151,3 +151,39 @@ def test_inductor_blocked_op_equals_eager():
     for g, r in zip(got, take_grads(q, k, v), strict=True):
         torch.testing.assert_close(g, r, **TOL)
     assert counter.frame_count == 1
+
+
+def graph_targets(fn, *args) -> set[str]:
+    """The operators of the graphs dynamo captures for fn(*args) (fullgraph)."""
+    seen: set[str] = set()
+
+    def backend(gm, example_inputs):
+        seen.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return seen
+
+
+@pytest.mark.parametrize("case", ["sliding_window", "stochastic_band", "stochastic_local_block"])
+def test_compiled_graphs_keep_the_cpu_flash_path(case):
+    # Without padding or sinks the CPU flash path serves eager calls; compiled graphs call the
+    # same code as one custom operator instead of tracing or replacing it.
+    method, kw = CASES[case]
+    q, k, v = random_qkv(N, batch=2, heads=4, kv_heads=2, dim=8, grad=False)
+    targets = graph_targets(functools.partial(run_op, method, kw=kw), q, k, v, two_perms())
+    assert any("flashband_forward" in t for t in targets), targets
+
+
+def test_flash_operators_pass_torch_library_checks():
+    # Schema, fake (shape) implementation, autograd registration and dispatch, as PyTorch's own
+    # checker sees them, for SWA, SA band and block, and the union.
+    from stochastic_attention.ops import flashband_ops
+    from stochastic_attention.ops.blocked import sort_groups
+
+    q, k, v = random_qkv(N, batch=2, heads=4, kv_heads=2, dim=8)
+    perm = two_perms()
+    for args in ((None, WINDOW, "band", True, 0), (perm, WINDOW, "band", True, 0),
+                 (sort_groups(perm, WINDOW), WINDOW, "block", True, 0),
+                 (perm, WINDOW, "band", True, 3), (None, WINDOW, "band", False, 0)):
+        torch.library.opcheck(flashband_ops._forward, (q, k, v, *args, 0.35))
