@@ -507,31 +507,36 @@ class _WindowParts(torch.autograd.Function):
 # The operators' parts
 
 
+def window_parts(perm: torch.Tensor | None, window: int, layout: str, causal: bool,
+                 local: int) -> list[WindowPart]:
+    """The parts of SWA (``perm`` None) or SA in ``layout`` (``local`` 0), or of the causal
+    SA + local union: the SA window without each query's last ``local`` positions, and a
+    sliding window of ``local`` (block layout: ``perm`` already sorted by group)."""
+    if local:
+        return [WindowPart(window, layout, True, perm, exclude_recent=local),
+                WindowPart(local, "band", True, None)]
+    return [WindowPart(window, layout, causal, perm)]
+
+
 def windowed(q, k, v, window: int, *, perm: torch.Tensor | None, layout: str, causal: bool,
              scale: float) -> torch.Tensor:
     """SWA (``perm`` None) or SA in ``layout`` (window < n, validated inputs, finite keys)."""
     if perm is not None and layout == "block":
         perm = _sort_groups(perm, window)
-    if torch.compiler.is_compiling():
-        return _as_operator(q, k, v, perm, window, layout, causal, 0, scale)
-    return attention(q, k, v, [WindowPart(window, layout, causal, perm)], scale)
-
-
-def _as_operator(q, k, v, perm, window, layout, causal, local, scale) -> torch.Tensor:
-    """Inside a compiled graph: the same path as one opaque operator (:mod:`.flashband_ops`)."""
-    from . import flashband_ops  # late import: the operators are built on this module
-
-    q, k, v = (x.contiguous() for x in (q, k, v))
-    return flashband_ops.attention(q, k, v, perm, window, layout, causal, local, scale)
+    return _run(q, k, v, perm, window, layout, causal, 0, scale)
 
 
 def union(q, k, v, window: int, *, perm: torch.Tensor, layout: str, local: int,
           scale: float) -> torch.Tensor:
-    """The causal SA + local union: the SA window without each query's last ``local`` positions,
-    and a sliding window of ``local``, merged (window, local < n; finite keys)."""
+    """The causal SA + local union (window, local < n; finite keys)."""
     if layout == "block":
         perm = _sort_groups(perm, window)
-    if torch.compiler.is_compiling():
-        return _as_operator(q, k, v, perm, window, layout, True, local, scale)
-    return attention(q, k, v, [WindowPart(window, layout, True, perm, exclude_recent=local),
-                               WindowPart(local, "band", True, None)], scale)
+    return _run(q, k, v, perm, window, layout, True, local, scale)
+
+
+def _run(q, k, v, perm, window, layout, causal, local, scale) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # the same path, as one opaque operator of the graph
+        from . import flashband_ops  # late import: the operators are built on this module
+
+        return flashband_ops.attention(q, k, v, perm, window, layout, causal, local, scale)
+    return attention(q, k, v, window_parts(perm, window, layout, causal, local), scale)

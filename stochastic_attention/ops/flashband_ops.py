@@ -4,9 +4,9 @@
 ``torch.compile`` would otherwise have to trace. Registered as two opaque operators (forward
 and backward) with shape-only fake implementations and an autograd formula, it enters a graph
 as one node: no graph break, no recompile for a new permutation or length, and the same kernel
-calls as eager code. The windows an operator serves are rebuilt from plain arguments (the
-:class:`.flashband.WindowPart` list is not a type an operator schema can carry): SWA (``perm``
-None), SA in a layout, and the SA + local union (``local`` > 0).
+calls as eager code. The windows are passed as plain arguments and turned into parts inside
+(:func:`.flashband.window_parts`: a list of dataclasses is not a type an operator schema can
+carry): SWA (``perm`` None), SA in a layout, and the SA + local union (``local`` > 0).
 """
 
 from __future__ import annotations
@@ -18,20 +18,12 @@ from . import flashband
 __all__ = ["attention"]
 
 
-def _parts(perm: torch.Tensor | None, window: int, layout: str, causal: bool,
-           local: int) -> list[flashband.WindowPart]:
-    if local:
-        return [flashband.WindowPart(window, layout, True, perm, exclude_recent=local),
-                flashband.WindowPart(local, "band", True, None)]
-    return [flashband.WindowPart(window, layout, causal, perm)]
-
-
 @torch.library.custom_op("stochastic_attention::flashband_forward", mutates_args=())
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor | None,
              window: int, layout: str, causal: bool, local: int,
              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out in q's dtype, the backward's log-sum-exp: +inf on rows with no key)."""
-    parts = _parts(perm, window, layout, causal, local)
+    parts = flashband.window_parts(perm, window, layout, causal, local)
     out, lse = flashband._forward(q, k, v, parts, scale, True)
     return out.to(q.dtype), torch.where(lse > flashband.NEG_INF, lse, float("inf"))
 
@@ -48,7 +40,7 @@ def _backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
               out: torch.Tensor, lse: torch.Tensor, perm: torch.Tensor | None, window: int,
               layout: str, causal: bool, local: int,
               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    parts = _parts(perm, window, layout, causal, local)
+    parts = flashband.window_parts(perm, window, layout, causal, local)
     dq, dk, dv = flashband._backward(grad.to(q.dtype).contiguous(), q, k, v, out, lse, parts,
                                      scale)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -77,6 +69,7 @@ _forward.register_autograd(_backward_formula, setup_context=_setup_context)
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor | None,
               window: int, layout: str, causal: bool, local: int, scale: float) -> torch.Tensor:
-    """:func:`.flashband.attention` of the parts :func:`_parts` builds, as one operator
-    (contiguous inputs, finite keys; ``perm`` sorted by group for the block layout)."""
+    """:func:`.flashband.attention` of :func:`.flashband.window_parts`, as one operator (finite
+    keys; ``perm`` sorted by group for the block layout)."""
+    q, k, v = (x.contiguous() for x in (q, k, v))
     return _forward(q, k, v, perm, window, layout, causal, local, float(scale))[0]
