@@ -54,6 +54,9 @@ class Cell:
     skipped: str | None = None
 
 
+INPUTS = ("contiguous", "projected")
+
+
 def _union_layout(method: str) -> str:
     return "block" if method.endswith("_block") else "band"
 
@@ -219,13 +222,21 @@ def benchmark(
     full_max_len: int = 16384,
     progress=None,
     clock: str = "wall",
+    inputs: str = "contiguous",
 ) -> list[Cell]:
-    """Time every (method, seq_len, mode); returns one :class:`Cell` each."""
+    """Time every (method, seq_len, mode); returns one :class:`Cell` each.
+
+    ``inputs``: "contiguous" q, k, v [B, H, n, D]; or "projected", as a model's projections give
+    them (transposed views of [B, n, H, D] tensors), the timed call ending as a model's does
+    before its output projection (the output as [B, n, H * D])."""
+    if inputs not in INPUTS:
+        raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
     dev = torch.device(device)
     cells = []
     for n in seq_lens:
         g = torch.Generator().manual_seed(n)
-        q, k, v = (torch.randn(batch, heads, n, head_dim, generator=g).to(dev, dtype) for _ in range(3))
+        shape = (batch, heads, n, head_dim) if inputs == "contiguous" else (batch, n, heads, head_dim)
+        q, k, v = (torch.randn(shape, generator=g).to(dev, dtype) for _ in range(3))
         perm = sa.random_permutation(batch, heads, n, generator=g, device=dev)
         for mode in modes:
             active = []
@@ -237,7 +248,7 @@ def benchmark(
                 elif m.endswith("_flex") and (mode != "fwd" and dev.type == "cpu"):
                     cell.skipped = "no FlexAttention backward on CPU"
                 else:
-                    active.append((cell, _runner(m, window, q, k, v, perm, mode)))
+                    active.append((cell, _runner(m, window, q, k, v, perm, mode, inputs)))
             for cell, run in active:  # warm-up (and compilation for flex), with the memory peak
                 try:
                     with PeakMemory(dev) as mem:
@@ -279,8 +290,16 @@ def add_bounds(cells: list[Cell]) -> None:
                 c.bound_s = rate * c.pairs
 
 
-def _runner(method, window, q, k, v, perm, mode):
-    fn = method_fn(method, window, q.shape[2])
+def _runner(method, window, q, k, v, perm, mode, inputs="contiguous"):
+    """A call of the method on q, k, v (as created for ``inputs``), forward or forward + backward."""
+    if inputs == "projected":  # q, k, v are [B, n, H, D]; the method sees [B, H, n, D] views
+        method_call = method_fn(method, window, q.shape[1])
+
+        def fn(q, k, v, perm):
+            out = method_call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), perm)
+            return out.transpose(1, 2).flatten(2)  # as a model hands it to its output projection
+    else:
+        fn = method_fn(method, window, q.shape[2])
     if mode == "fwd":
         def run():
             with torch.no_grad():

@@ -114,8 +114,35 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: Sequence
     q [B, H, n, D]; k, v [B, Hkv, n, D] with H a multiple of Hkv; finite keys. Returns
     [B, H, n, D] in q's dtype. A row with no visible key in any part gives 0 (zero gradients).
     """
-    q, k, v = (x.contiguous() for x in (q, k, v))
+    q, k, v = (addressable(x) for x in (q, k, v))
     return _WindowParts.apply(float(scale), tuple(parts), q, k, v)
+
+
+def addressable(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its rows (last dim) can be addressed by one row index (see :func:`_row_view`):
+    any layout of [B, H, n, D] whose last dim is contiguous and whose other strides are whole
+    rows, such as the [B, n, H, D] projection output a model transposes (copying it would cost
+    a pass over q, k and v each); otherwise a contiguous copy."""
+    D = x.shape[-1]
+    if x.stride(-1) == 1 and all(st % D == 0 for size, st in zip(x.shape[:-1], x.stride()[:-1])
+                                 if size > 1):
+        return x
+    return x.contiguous()
+
+
+def _row_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """Strides of an addressable [B, H, n, D] tensor in rows of D (0 for a dim of size 1)."""
+    D = x.shape[-1]
+    return tuple(st // D if size > 1 else 0 for size, st in zip(x.shape[:-1], x.stride()[:-1]))
+
+
+def _row_view(x: torch.Tensor) -> torch.Tensor:
+    """The addressable tensor x [B, H, n, D] as rows [N, D] of its storage, where the row of
+    (b, h, i) is b * sB + h * sH + i * sN (:func:`_row_strides`); rows between x's own ones
+    (other tensors sharing the storage) are never indexed."""
+    D = x.shape[-1]
+    last = sum((size - 1) * st for size, st in zip(x.shape[:-1], _row_strides(x)))
+    return x.as_strided((last + 1, D), (D, 1), x.storage_offset())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,11 +236,13 @@ class _Order:
         k_pos = self.perm[..., slots]
         return _Chunk(s, e, m, m // til.T, ks, ke, k_pos[..., s - ks: s - ks + m], k_pos)
 
-    def _flat(self, pos: torch.Tensor, heads: int) -> torch.Tensor:
-        """Flat row indices [B * H * m] into a [B, heads, n, C] tensor (GQA when heads < q_heads)."""
-        head = (self.h0 + torch.arange(self.H, device=self.device)) // (self.q_heads // heads)
-        base = (torch.arange(self.B, device=self.device)[:, None] * heads + head) * self.n
-        return (base[:, :, None] + pos).reshape(-1)
+    def _flat(self, pos: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Row indices [B * H * m] into :func:`_row_view` of x [B, heads, n, C] (GQA when
+        heads < q_heads)."""
+        s_b, s_h, s_n = _row_strides(x)
+        head = (self.h0 + torch.arange(self.H, device=self.device)) // (self.q_heads // x.shape[1])
+        base = torch.arange(self.B, device=self.device)[:, None] * s_b + head * s_h
+        return (base[:, :, None] + pos * s_n).reshape(-1)
 
     def _positions(self, a: int, b: int, pos: torch.Tensor | None) -> torch.Tensor:
         if pos is None:
@@ -225,12 +254,15 @@ class _Order:
         """x [B, Hx, n, C] at slots [a, b) (positions ``pos`` [Bp, Hp, b - a]) -> [B, H, b - a, C],
         gathered into the buffer ``name`` (a view when nothing moves); slots outside the sequence
         repeat an edge row (their keys are masked)."""
+        C = x.shape[-1]
         if pos is None and x.shape[1] == self.q_heads and a >= 0 and b <= self.n:
-            return x[:, self.h0:self.h0 + self.H, a:b]
+            view = x[:, self.h0:self.h0 + self.H, a:b]
+            if self.B == 1 or view.stride(0) == view.shape[1] * view.stride(1):
+                return view  # samples and heads merge: the kernel's [B * H, ...] views exist
+            return self.buffer(name, view.shape, x.dtype).copy_(view)
         pos = self._positions(a, b, pos)
-        rows = self.buffer(name, (self.B, self.H, b - a, x.shape[-1]), x.dtype)
-        flat = rows.view(-1, x.shape[-1])
-        torch.index_select(x.reshape(-1, x.shape[-1]), 0, self._flat(pos, x.shape[1]), out=flat)
+        rows = self.buffer(name, (self.B, self.H, b - a, C), x.dtype)
+        torch.index_select(_row_view(x), 0, self._flat(pos, x), out=rows.view(-1, C))
         return rows
 
     def put(self, dest: torch.Tensor, a: int, rows: torch.Tensor, pos: torch.Tensor | None,
@@ -245,7 +277,7 @@ class _Order:
         if pos.shape[0] * pos.shape[1] == 1 and dest.shape[1] == self.q_heads == self.H and add:
             dest.index_add_(2, pos[0, 0], rows)
             return
-        flat, index = dest.view(-1, dest.shape[-1]), self._flat(pos, dest.shape[1])
+        flat, index = _row_view(dest), self._flat(pos, dest)
         rows = rows.reshape(-1, dest.shape[-1])
         if add:
             flat.index_add_(0, index, rows)
@@ -257,8 +289,10 @@ def _wide(rows: torch.Tensor) -> torch.Tensor:
     """Contiguous rows [N, C] viewed with the widest element that tiles a row (16 bytes where it
     fits): index_copy_ moves rows element by element, so fewer, wider elements move them faster."""
     width = rows.shape[-1] * rows.element_size()
+    offset = rows.storage_offset() * rows.element_size()
     for dtype in (torch.complex128, torch.float64, torch.float32):
-        if width % dtype.itemsize == 0 and dtype.itemsize >= rows.element_size():
+        if (width % dtype.itemsize == 0 and offset % dtype.itemsize == 0
+                and dtype.itemsize >= rows.element_size()):
             return rows.view(dtype)
     return rows
 
@@ -356,6 +390,11 @@ def _chunks(part: WindowPart, til: _Tiling, B: int, H: int, rows: int, x: torch.
             yield order, s, e, m
 
 
+def _like(x: torch.Tensor, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
+    """A tensor of x's shape and layout (contiguous when x's is not dense) in ``dtype``."""
+    return (torch.zeros_like if zero else torch.empty_like)(x, dtype=dtype)
+
+
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -381,7 +420,7 @@ def _merge_rows(out, lse, o, l_):
 def _forward(q, k, v, parts, scale, need_lse):
     B, H, n, D = q.shape
     work = _work_dtype(q.dtype)
-    out = torch.empty(B, H, n, D, dtype=work, device=q.device)
+    out = _like(q, work)  # q's layout: a model's transpose back to [B, n, H * D] is then a view
     lse = torch.empty(B, H, n, 1, dtype=work, device=q.device) if need_lse or len(parts) > 1 else None
     for i, part in enumerate(parts):
         til = _Tiling.make(part, n, FORWARD_TILE)
@@ -426,21 +465,20 @@ def _fold(gk: torch.Tensor, til: _Tiling, nt: int) -> torch.Tensor:
 
 
 def _fold_into(dest: torch.Tensor, gk: torch.Tensor, til: _Tiling, nt: int, ks: int) -> None:
-    """Add key-tile gradients [X, nt, L, D] onto dest [X, n, D] rows ks.. (all in range): tile t's
-    column c is row ks + t * T + c, so each run of T columns is one strided add."""
+    """Add key-tile gradients [B, H, nt, L, D] onto dest [B, H, n, D] rows ks.. (all in range):
+    tile t's column c is row ks + t * T + c, so each run of T columns is one strided add."""
     T, L = til.T, til.L
     for j in range(-(-L // T)):
         width = min(T, L - j * T)
-        rows = dest[:, ks + j * T:].unfold(1, width, T)[:, :nt].transpose(-1, -2)
-        rows.add_(gk[:, :, j * T: j * T + width])
+        rows = dest[:, :, ks + j * T:].unfold(2, width, T)[:, :, :nt].transpose(-1, -2)
+        rows.add_(gk[:, :, :, j * T: j * T + width])
 
 
 def _backward(grad, q, k, v, out, lse_b, parts, scale):
     B, H, n, D = q.shape
     work = _work_dtype(q.dtype)
-    dq = (torch.empty if len(parts) == 1 else torch.zeros)(q.shape, dtype=work, device=q.device)
-    dk = torch.zeros(k.shape, dtype=work, device=q.device)
-    dv = torch.zeros(v.shape, dtype=work, device=q.device)
+    dq = _like(q, work, zero=len(parts) > 1)
+    dk, dv = _like(k, work, zero=True), _like(v, work, zero=True)
     add_q = len(parts) > 1
     for part in parts:
         til = _Tiling.make(part, n, BACKWARD_TILE)
@@ -474,7 +512,7 @@ def _backward(grad, q, k, v, out, lse_b, parts, scale):
             k_pos = None if ch.k_pos is None else ch.k_pos[..., lo - ch.ks: hi - ch.ks]
             for dest, gx in ((dk, gk), (dv, gv)):
                 if direct:  # keys in original order: add the tiles straight onto the rows
-                    _fold_into(dest.view(B * H, n, D), gx, til, nt, ch.ks)
+                    _fold_into(dest, gx.view(B, H, nt, til.L, D), til, nt, ch.ks)
                     continue
                 rows = _fold(gx, til, nt)[:, lo - ch.ks: hi - ch.ks].to(work)
                 order.put(dest, lo, rows.view(B, Hg, hi - lo, D), k_pos, add=True)
@@ -498,7 +536,7 @@ class _WindowParts(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         q, k, v, out, lse_b = ctx.saved_tensors
-        grad = grad.to(q.dtype).contiguous()
+        grad = addressable(grad.to(q.dtype))
         dq, dk, dv = _backward(grad, q, k, v, out, lse_b, ctx.parts, ctx.scale)
         return None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 

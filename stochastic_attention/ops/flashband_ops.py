@@ -41,8 +41,8 @@ def _backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
               layout: str, causal: bool, local: int,
               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     parts = flashband.window_parts(perm, window, layout, causal, local)
-    dq, dk, dv = flashband._backward(grad.to(q.dtype).contiguous(), q, k, v, out, lse, parts,
-                                     scale)
+    dq, dk, dv = flashband._backward(flashband.addressable(grad.to(q.dtype)), q, k, v, out, lse,
+                                     parts, scale)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -71,5 +71,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, perm: torch.Ten
               window: int, layout: str, causal: bool, local: int, scale: float) -> torch.Tensor:
     """:func:`.flashband.attention` of :func:`.flashband.window_parts`, as one operator (finite
     keys; ``perm`` sorted by group for the block layout)."""
-    q, k, v = (x.contiguous() for x in (q, k, v))
+    q, k, v = (flashband.addressable(x) for x in (q, k, v))
     return _forward(q, k, v, perm, window, layout, causal, local, float(scale))[0]

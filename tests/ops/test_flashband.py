@@ -110,6 +110,64 @@ def test_union_matches_reference(tiles, n, window, local, layout, order):
     assert_matches(out, ref, q, k, v)
 
 
+def laid_out(q, k, v, layout):
+    """q, k, v (leaves) as the operator would get them in ``layout``; returns (leaves, inputs):
+    - "bnhd": transposed views of [B, n, H, D] tensors, as a model's projections give them;
+    - "fused": slices of one [B, n, (H + 2 Hkv) D] projection (not dense, offset rows);
+    - "strided-dim": the last dim not contiguous (the operator copies these)."""
+    if layout == "bnhd":
+        leaves = [x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v)]
+        return leaves, [x.transpose(1, 2) for x in leaves]
+    if layout == "fused":
+        B, n, D = q.shape[0], q.shape[2], q.shape[3]
+        fused = torch.cat([x.detach().transpose(1, 2).reshape(B, n, -1) for x in (q, k, v)], -1)
+        fused.requires_grad_()
+        sizes = [x.shape[1] * D for x in (q, k, v)]
+        views = [part.view(B, n, -1, D).transpose(1, 2) for part in fused.split(sizes, -1)]
+        return [fused], views
+    leaves = [x.detach().transpose(-1, -2).contiguous().requires_grad_() for x in (q, k, v)]
+    return leaves, [x.transpose(-1, -2) for x in leaves]
+
+
+@pytest.mark.parametrize("layout", ["bnhd", "fused", "strided-dim"])
+@pytest.mark.parametrize("method", ["swa", "band", "block", "per-head", "union", "union-block"])
+def test_inputs_in_any_row_layout(tiles, layout, method):
+    """q, k, v in a model's layouts give what contiguous ones give (outputs and gradients); the
+    row-addressable ones are read in place, and the output takes q's layout when q is dense."""
+    n, window, local = 47, 9, 4 if method.startswith("union") else 0
+    base = make(n, kv_heads=2)
+    perm = None if method == "swa" else perm_of("per-head" if method == "per-head" else "per-sample",
+                                                  n, 5)
+    part_layout = "block" if method in ("block", "union-block") else "band"
+    leaves, inputs = laid_out(*base, layout)
+    for x in inputs:
+        assert (flashband.addressable(x) is x) == (layout != "strided-dim")
+
+    def run(q, k, v):
+        if local:
+            return flashband.union(q, k, v, window, perm=perm, layout=part_layout, local=local,
+                                   scale=SCALE)
+        p = blocked.sort_groups(perm, window) if perm is not None and part_layout == "block" else perm
+        return flashband.attention(q, k, v, [flashband.WindowPart(window, part_layout, True, p)],
+                                   SCALE)
+
+    expected = run(*base)
+    out = run(*inputs)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    if layout == "bnhd":
+        assert out.stride() == inputs[0].stride()  # out.transpose(1, 2).reshape(B, n, -1): a view
+    weight = torch.cos(expected.detach())
+    want = torch.autograd.grad((expected * weight).sum(), base)
+    got = torch.autograd.grad((out * weight).sum(), leaves)
+    if layout == "fused":
+        B = base[0].shape[0]
+        want = [torch.cat([g.transpose(1, 2).reshape(B, n, -1) for g in want], -1)]
+    else:
+        want = [g.transpose(1, 2) if layout == "bnhd" else g.transpose(-1, -2) for g in want]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_precision_is_close_to_the_fp64_reference(tiles, dtype):
     q, k, v = make(70, dtype=torch.float64)
