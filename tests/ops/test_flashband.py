@@ -110,6 +110,22 @@ def test_union_matches_reference(tiles, n, window, local, layout, order):
     assert_matches(out, ref, q, k, v)
 
 
+@pytest.mark.parametrize("window,tile", [(20, 32), (100, 64), (150, 128)])
+@pytest.mark.parametrize("order", ["swa", "per-sample"])
+def test_backward_tile_follows_the_window(window, tile, order):
+    """The backward's band tile grows with the window (:func:`flashband.backward_tile`); every
+    size, ragged last tile included, gives the reference's gradients."""
+    assert flashband.backward_tile(window) == tile
+    n = 301
+    q, k, v = make(n, batch=1, heads=2, kv_heads=1)
+    perm = None if order == "swa" else sa.random_permutation(1, 1, n,
+                                                             generator=torch.Generator().manual_seed(1))
+    ref = reference.attention(q, k, v, window, perm=perm, layout="band", causal=True, sinks=0,
+                              key_mask=None, scale=SCALE, local=0)
+    out = flashband.attention(q, k, v, [flashband.WindowPart(window, "band", True, perm)], SCALE)
+    assert_matches(out, ref, q, k, v)
+
+
 def laid_out(q, k, v, layout):
     """q, k, v (leaves) as the operator would get them in ``layout``; returns (leaves, inputs):
     - "bnhd": transposed views of [B, n, H, D] tensors, as a model's projections give them;
