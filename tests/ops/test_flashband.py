@@ -130,6 +130,7 @@ def laid_out(q, k, v, layout):
     """q, k, v (leaves) as the operator would get them in ``layout``; returns (leaves, inputs):
     - "bnhd": transposed views of [B, n, H, D] tensors, as a model's projections give them;
     - "fused": slices of one [B, n, (H + 2 Hkv) D] projection (not dense, offset rows);
+    - "expanded": k and v one head expanded over the key/value heads (stride 0);
     - "strided-dim": the last dim not contiguous (the operator copies these)."""
     if layout == "bnhd":
         leaves = [x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v)]
@@ -141,21 +142,25 @@ def laid_out(q, k, v, layout):
         sizes = [x.shape[1] * D for x in (q, k, v)]
         views = [part.view(B, n, -1, D).transpose(1, 2) for part in fused.split(sizes, -1)]
         return [fused], views
+    if layout == "expanded":
+        leaves = [q.detach().requires_grad_(), *(x.detach()[:, :1].clone().requires_grad_()
+                                                  for x in (k, v))]
+        return leaves, [leaves[0], *(x.expand_as(k) for x in leaves[1:])]
     leaves = [x.detach().transpose(-1, -2).contiguous().requires_grad_() for x in (q, k, v)]
     return leaves, [x.transpose(-1, -2) for x in leaves]
 
 
-@pytest.mark.parametrize("layout", ["bnhd", "fused", "strided-dim"])
+@pytest.mark.parametrize("layout", ["bnhd", "fused", "expanded", "strided-dim"])
 @pytest.mark.parametrize("method", ["swa", "band", "block", "per-head", "union", "union-block"])
 def test_inputs_in_any_row_layout(tiles, layout, method):
-    """q, k, v in a model's layouts give what contiguous ones give (outputs and gradients); the
-    row-addressable ones are read in place, and the output takes q's layout when q is dense."""
+    """q, k, v in a model's layouts give what contiguous copies of them give (outputs and
+    gradients); the row-addressable ones are read in place, and the output takes q's layout when
+    q is dense."""
     n, window, local = 47, 9, 4 if method.startswith("union") else 0
-    base = make(n, kv_heads=2)
     perm = None if method == "swa" else perm_of("per-head" if method == "per-head" else "per-sample",
                                                   n, 5)
     part_layout = "block" if method in ("block", "union-block") else "band"
-    leaves, inputs = laid_out(*base, layout)
+    leaves, inputs = laid_out(*make(n, kv_heads=2), layout)
     for x in inputs:
         assert (flashband.addressable(x) is x) == (layout != "strided-dim")
 
@@ -167,20 +172,15 @@ def test_inputs_in_any_row_layout(tiles, layout, method):
         return flashband.attention(q, k, v, [flashband.WindowPart(window, part_layout, True, p)],
                                    SCALE)
 
-    expected = run(*base)
+    expected = run(*(x.contiguous() for x in inputs))
     out = run(*inputs)
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
-    if layout == "bnhd":
-        assert out.stride() == inputs[0].stride()  # out.transpose(1, 2).reshape(B, n, -1): a view
+    if layout in ("bnhd", "expanded"):
+        assert out.stride() == inputs[0].stride()  # bnhd: out.transpose(1, 2).reshape(B, n, -1) is a view
     weight = torch.cos(expected.detach())
-    want = torch.autograd.grad((expected * weight).sum(), base)
+    want = torch.autograd.grad((expected * weight).sum(), leaves)
     got = torch.autograd.grad((out * weight).sum(), leaves)
-    if layout == "fused":
-        B = base[0].shape[0]
-        want = [torch.cat([g.transpose(1, 2).reshape(B, n, -1) for g in want], -1)]
-    else:
-        want = [g.transpose(1, 2) if layout == "bnhd" else g.transpose(-1, -2) for g in want]
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
