@@ -3,6 +3,9 @@ another git revision, both loaded in one process and timed interleaved (a slow s
 machine hits both alike), through ``sattn bench``'s own calls.
 
     python scripts/ab_flashband.py --against 1be3e84 --seq-len 16384 --repeats 7
+    python scripts/ab_flashband.py --against d06ff57 --sinks 4 --inputs projected
+
+Each version brings its own ``serves`` (which calls the path takes) and ``attention``.
 
 Prints, per inputs layout, mode and method, the median times and the ratios (previous / this,
 and each method / SWA under each version); ``--out`` saves them as JSON.
@@ -52,10 +55,13 @@ def main() -> None:
     p.add_argument("--methods", default="sliding_window,stochastic,stochastic_local")
     p.add_argument("--inputs", default="projected,contiguous")
     p.add_argument("--modes", default="fwd,fwd+bwd")
+    p.add_argument("--sinks", type=int, default=0, help="the methods also see the first SINKS positions")
     p.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     args = p.parse_args()
 
-    versions = {"previous": load_previous(args.against).attention, "this": flashband.attention}
+    previous = load_previous(args.against)
+    versions = {"previous": (previous.serves, previous.attention),
+                "this": (flashband.serves, flashband.attention)}
     methods = args.methods.split(",")
     n, g = args.seq_len, torch.Generator().manual_seed(0)
     perm = sa.random_permutation(1, 8, n, generator=g)
@@ -64,17 +70,19 @@ def main() -> None:
         shape = (1, 8, n, 64) if inputs == "contiguous" else (1, n, 8, 64)
         q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
         for mode in args.modes.split(","):
-            runs = {m: bench._runner(m, args.window, q, k, v, perm, mode, inputs) for m in methods}
+            runs = {m: bench._runner(m, args.window, q, k, v, perm, mode, inputs, args.sinks)
+                    for m in methods}
             times = {(m, ver): [] for m in methods for ver in versions}
             for i in range(args.repeats + 1):  # the first round warms up
                 for m in methods:
-                    for ver, attention in versions.items():
-                        flashband.attention = attention  # what every flashband entry point calls
+                    for ver, (serves, attention) in versions.items():
+                        # what the dispatchers ask, and what every flashband entry point calls
+                        flashband.serves, flashband.attention = serves, attention
                         start = time.perf_counter()
                         runs[m]()
                         if i:
                             times[(m, ver)].append(time.perf_counter() - start)
-            flashband.attention = versions["this"]
+            flashband.serves, flashband.attention = versions["this"]
             med = {key: statistics.median(t) for key, t in times.items()}
             for m in methods:
                 row = {"inputs": inputs, "mode": mode, "method": m,
@@ -87,6 +95,7 @@ def main() -> None:
                                  for k, v in row.items()), flush=True)
     if args.out:
         args.out.write_text(json.dumps({"against": args.against, "seq_len": n, "window": args.window,
+                                        "sinks": args.sinks,
                                         "repeats": args.repeats, "threads": torch.get_num_threads(),
                                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                         "rows": rows}, indent=1))

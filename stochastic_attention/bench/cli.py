@@ -61,6 +61,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="contiguous: q, k, v as [B, H, n, D] tensors; projected: as a model's "
                         "projections give them (views of [B, n, H, D]), each call ending with the "
                         "output as [B, n, H * D], as a model takes it to its output projection")
+    p.add_argument("--sinks", type=int_at_least(0), default=0,
+                   help="the windowed methods also see the first SINKS positions (as the "
+                        "training-free configurations do); dense attention sees them anyway")
     add_out(p, "bench-results", "folder for bench.json, bench.md and bench.png")
     add_no_progress(p, "no progress bar")
     p.set_defaults(func=main)
@@ -90,7 +93,8 @@ def main(args: argparse.Namespace) -> int:
         cells = benchmark(methods=methods, seq_lens=seq_lens, window=args.window, batch=args.batch,
                           heads=args.heads, head_dim=args.head_dim, dtype=dtype, device=args.device,
                           modes=modes, repeats=args.repeats, full_max_len=args.full_max_len,
-                          progress=bar.update, clock=args.clock, inputs=args.inputs)
+                          progress=bar.update, clock=args.clock, inputs=args.inputs,
+                          sinks=args.sinks)
     failed = sorted({(c.method, c.skipped) for c in cells if c.skipped and c.median_s is None
                      and not c.skipped.startswith(("seq_len > full_max_len", "no FlexAttention"))})
     if failed and all(c.median_s is None for c in cells):
@@ -106,7 +110,8 @@ def main(args: argparse.Namespace) -> int:
                                                 "cells": as_records(cells)}, indent=1))
     header = (f"Machine: {info['processor']}, {info['threads']} threads, torch {info['torch']},"
               f" device {info.get('gpu', info['device'])}, {info['date']}. B={args.batch}, H={args.heads},"
-              f" D={args.head_dim}, window={args.window}, {dtype_name}, {args.inputs} inputs,"
+              f" D={args.head_dim}, window={args.window}, sinks={args.sinks}, {dtype_name},"
+              f" {args.inputs} inputs,"
               f" median of {args.repeats} ({args.clock} clock).\n\n")
     (out / "bench.md").write_text(header + table)
     plot(cells, methods, modes, out / "bench.png", title=f"{args.inputs} inputs, window {args.window}, H={args.heads}, "

@@ -106,28 +106,30 @@ def attention_flops(method: str, seq_len: int, window: int, batch: int, heads: i
     return 4.0 * head_dim * visible_pairs(method, seq_len, window, batch, heads)
 
 
-def method_fn(method: str, window: int, seq_len: int | None = None) -> Callable:
+def method_fn(method: str, window: int, seq_len: int | None = None, sinks: int = 0) -> Callable:
     """fn(q, k, v, perm) for a method; the union's matched window is sized for ``seq_len`` here,
-    outside the timed call."""
+    outside the timed call. ``sinks``: every windowed method also sees the first ``sinks``
+    positions (dense attention sees them anyway)."""
     backend = "flex" if method.endswith("_flex") else "blocked"
     base = method.removesuffix("_flex")
     if base == "full":
         return lambda q, k, v, perm: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    options = {"backend": backend, "sinks": sinks}
     if base == "sliding_window":
-        return lambda q, k, v, perm: sa.sliding_window_attention(q, k, v, window, backend=backend)
+        return lambda q, k, v, perm: sa.sliding_window_attention(q, k, v, window, **options)
     if base.startswith("stochastic_local"):
         if seq_len is None:
             raise ValueError(f"method {method!r} needs seq_len (its window matches SWA's keys)")
         layout = _union_layout(base)
         sa_window = matched_union_window(seq_len, window, layout)
         return lambda q, k, v, perm: sa.stochastic_attention(
-            q, k, v, sa_window, perm=perm[:, :1], local=window // 2, layout=layout, backend=backend)
+            q, k, v, sa_window, perm=perm[:, :1], local=window // 2, layout=layout, **options)
     layout = "block" if base.endswith("_block") else "band"
     if base.endswith("_per_head"):
         return lambda q, k, v, perm: sa.stochastic_attention(q, k, v, window, perm=perm, layout=layout,
-                                                             backend=backend)
+                                                             **options)
     return lambda q, k, v, perm: sa.stochastic_attention(q, k, v, window, perm=perm[:, :1], layout=layout,
-                                                         backend=backend)
+                                                         **options)
 
 
 class PeakMemory:
@@ -223,12 +225,14 @@ def benchmark(
     progress=None,
     clock: str = "wall",
     inputs: str = "contiguous",
+    sinks: int = 0,
 ) -> list[Cell]:
     """Time every (method, seq_len, mode); returns one :class:`Cell` each.
 
     ``inputs``: "contiguous" q, k, v [B, H, n, D]; or "projected", as a model's projections give
     them (transposed views of [B, n, H, D] tensors), the timed call ending as a model's does
-    before its output projection (the output as [B, n, H * D])."""
+    before its output projection (the output as [B, n, H * D]). ``sinks``: the windowed methods
+    also see the first ``sinks`` positions (pairs and FLOPs count the window alone)."""
     if inputs not in INPUTS:
         raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
     dev = torch.device(device)
@@ -248,7 +252,7 @@ def benchmark(
                 elif m.endswith("_flex") and (mode != "fwd" and dev.type == "cpu"):
                     cell.skipped = "no FlexAttention backward on CPU"
                 else:
-                    active.append((cell, _runner(m, window, q, k, v, perm, mode, inputs)))
+                    active.append((cell, _runner(m, window, q, k, v, perm, mode, inputs, sinks)))
             for cell, run in active:  # warm-up (and compilation for flex), with the memory peak
                 try:
                     with PeakMemory(dev) as mem:
@@ -290,16 +294,16 @@ def add_bounds(cells: list[Cell]) -> None:
                 c.bound_s = rate * c.pairs
 
 
-def _runner(method, window, q, k, v, perm, mode, inputs="contiguous"):
+def _runner(method, window, q, k, v, perm, mode, inputs="contiguous", sinks=0):
     """A call of the method on q, k, v (as created for ``inputs``), forward or forward + backward."""
     if inputs == "projected":  # q, k, v are [B, n, H, D]; the method sees [B, H, n, D] views
-        method_call = method_fn(method, window, q.shape[1])
+        method_call = method_fn(method, window, q.shape[1], sinks)
 
         def fn(q, k, v, perm):
             out = method_call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), perm)
             return out.transpose(1, 2).flatten(2)  # as a model hands it to its output projection
     else:
-        fn = method_fn(method, window, q.shape[2])
+        fn = method_fn(method, window, q.shape[2], sinks)
     if mode == "fwd":
         def run():
             with torch.no_grad():

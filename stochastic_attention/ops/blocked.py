@@ -377,7 +377,7 @@ def _windowed(q, k, v, window, *, perm, layout, causal, sinks, key_mask, scale):
 
     if flashband.serves(q, k, v, key_mask=key_mask, sinks=sinks, layout=layout, perm=perm):
         return flashband.windowed(q, k, v, window, perm=perm, layout=layout, causal=causal,
-                                  scale=scale)
+                                  scale=scale, sinks=sinks)
     groups = q.shape[1] // k.shape[1]
     sink = SinkParts(k, v, sinks, key_mask, groups)
 

@@ -1,7 +1,7 @@
 """Windowed attention through PyTorch's fused CPU flash kernel, one chunk of query tiles at a time.
 
-The fast CPU path of the blocked backend for inputs without padding or sinks (SWA, SA in the band
-and block layouts, the SA + local union). Queries, in slot order, are cut into tiles of ``T``
+The fast CPU path of the blocked backend for inputs without padding (SWA, SA in the band and
+block layouts, the SA + local union; with or without sinks). Queries, in slot order, are cut into tiles of ``T``
 slots; a tile reads the run of key slots its windows reach (band: ``T + window - 1`` when causal;
 block: its own group). A chunk of tiles is one call of
 ``aten._scaled_dot_product_flash_attention_for_cpu`` (the kernel's batch axis is samples x
@@ -90,12 +90,12 @@ def serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch
            local: int = 0) -> bool:
     """Does this path serve the call, and is it the faster one?
 
-    It serves CPU calls without padding or sinks, with finite keys. It is not the faster one for
+    It serves CPU calls without padding, with finite keys (sinks are a part of their own). It is not the faster one for
     the block layout in training (the blocked path's gathered copies, kept by autograd, spare
     its backward the re-gathers) nor for a union whose SA band is a few keys wide (computed
     offset by offset there, see :data:`.merge.BAND_PART_MAX_WIDTH`).
     """
-    if not (q.device.type == "cpu" and key_mask is None and sinks == 0 and q.dtype in DTYPES
+    if not (q.device.type == "cpu" and key_mask is None and q.dtype in DTYPES
             and q.shape[-2] > 0):
         return False
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
@@ -109,14 +109,16 @@ def serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: Sequence[WindowPart],
-              scale: float) -> torch.Tensor:
-    """One softmax over the union of the parts' (disjoint) key sets, in original order.
+              scale: float, sinks: int = 0) -> torch.Tensor:
+    """One softmax over the union of the parts' (disjoint) key sets, in original order, and of
+    the first ``sinks`` positions (hidden from the parts; causal when the parts are).
 
-    q [B, H, n, D]; k, v [B, Hkv, n, D] with H a multiple of Hkv; finite keys. Returns
-    [B, H, n, D] in q's dtype. A row with no visible key in any part gives 0 (zero gradients).
+    q [B, H, n, D]; k, v [B, Hkv, n, D] with H a multiple of Hkv; finite keys; sinks <= n.
+    Returns [B, H, n, D] in q's dtype. A row with no visible key in any part gives 0 (zero
+    gradients).
     """
     q, k, v = (addressable(x) for x in (q, k, v))
-    return _WindowParts.apply(float(scale), tuple(parts), q, k, v)
+    return _WindowParts.apply(float(scale), tuple(parts), int(sinks), q, k, v)
 
 
 def addressable(x: torch.Tensor) -> torch.Tensor:
@@ -298,12 +300,33 @@ def _wide(rows: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, order: _Order, dtype, device):
+def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, order: _Order, dtype, device,
+          sinks: int = 0):
     """The chunk's additive mask, broadcastable to the kernel's [B * H, nt, T, L], or None; and
-    whether the kernel should add its own causal triangle."""
+    whether the kernel should add its own causal triangle. Keys at the first ``sinks`` positions
+    are hidden (the sink part has them)."""
     n, T, L, nt = til.n, til.T, til.L, ch.nt
     B, H = order.B, order.H
     keys_in = ch.ks >= 0 and ch.ke <= n
+
+    def key_positions():
+        """Scaled key positions [Bp, Hp, nt, L] (block: [.., nt, T]); slots outside the sequence
+        and sinks are put past every query."""
+        k_pos = ch.k_pos.to(torch.float32).mul_(_HIDE)
+        if not keys_in:  # slots outside the sequence
+            k_pos[..., : max(0, -ch.ks)] = 2 * n * _HIDE
+            k_pos[..., n - ch.ks:] = 2 * n * _HIDE
+        if sinks:
+            k_pos.masked_fill_(ch.k_pos < sinks, 2 * n * _HIDE)
+        Bp, Hp = k_pos.shape[:2]
+        return k_pos.view(Bp, Hp, nt, T) if til.block else k_pos.unfold(2, L, T)
+
+    def per_head(bias):
+        Bp, Hp = bias.shape[:2]
+        if Bp * Hp == 1:
+            return bias.view(1, nt, T, L).to(dtype)
+        # One mask per (sample, head): the kernel's batch axis is B * H.
+        return bias.to(dtype).expand(B, H, nt, T, L).reshape(B * H, nt, T, L)
 
     def causal_bias(table=None):
         """0 where the key's position is at most the query's (minus exclude_recent), at most
@@ -311,12 +334,8 @@ def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, order: _Order, dtype, devi
         (0 or -inf) is. Scaled positions are exact in fp32 and their difference keeps its sign,
         so this is two cheap passes (a difference, then its minimum with the table or with 0)
         instead of a comparison and a select."""
-        k_pos = ch.k_pos.to(torch.float32).mul_(_HIDE)
-        if not keys_in:  # slots outside the sequence: past every query
-            k_pos[..., : max(0, -ch.ks)] = 2 * n * _HIDE
-            k_pos[..., n - ch.ks:] = 2 * n * _HIDE
-        Bp, Hp = k_pos.shape[:2]
-        k_tiles = k_pos.view(Bp, Hp, nt, T) if til.block else k_pos.unfold(2, L, T)
+        k_tiles = key_positions()
+        Bp, Hp = k_tiles.shape[:2]
         q_pos = (ch.q_pos.to(torch.float32) - part.exclude_recent).mul_(_HIDE)
         bias = order.buffer("mask", (Bp, Hp, nt, T, L), torch.float32)
         torch.sub(q_pos.view(Bp, Hp, nt, T, 1), k_tiles.unsqueeze(-2), out=bias)
@@ -324,26 +343,46 @@ def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, order: _Order, dtype, devi
             bias.clamp_(max=0)
         else:
             torch.minimum(bias, table, out=bias)
-        if Bp * Hp == 1:
-            return bias.view(1, nt, T, L).to(dtype)
-        # One mask per (sample, head): the kernel's batch axis is B * H.
-        return bias.to(dtype).expand(B, H, nt, T, L).reshape(B * H, nt, T, L)
+        return per_head(bias)
+
+    def hidden_keys_bias(table=None):
+        """Without causality: 0 for the window's keys (``table``), -inf for sinks and slots
+        outside the sequence."""
+        k_tiles = key_positions()
+        Bp, Hp = k_tiles.shape[:2]
+        bias = order.buffer("mask", (Bp, Hp, nt, T, L), torch.float32).zero_()
+        bias.masked_fill_((k_tiles >= 2 * n * _HIDE).unsqueeze(-2), NEG_INF)
+        if table is not None:
+            torch.minimum(bias, table, out=bias)
+        return per_head(bias)
 
     if til.block:
-        if part.exclude_recent:  # visible keys precede the query in its sorted group
+        if part.exclude_recent or (sinks and part.causal):  # visible keys precede the query
             return causal_bias(), part.causal
+        if sinks:
+            return hidden_keys_bias(), False
         if part.causal or keys_in:  # padding slots sort last: no real query sees them
             return None, part.causal
         slot = torch.arange(ch.ks, ch.ke, device=device).view(1, nt, 1, L)
         return torch.zeros((), dtype=dtype, device=device).masked_fill(slot >= n, NEG_INF), False
-    if ch.k_pos is None or not part.causal:  # the window alone, in slot space
+    if ch.k_pos is None:  # the window alone, in slot space (slot == position)
         table = _band_table(T, til.left, til.right, dtype, device)
-        if keys_in:
+        if ch.ks >= sinks and ch.ke <= n:
             return table.view(1, 1, T, L), False
         slot = torch.arange(ch.ks, ch.ke, device=device)
-        out = ((slot < 0) | (slot >= n)).unfold(0, L, T).view(1, nt, 1, L)
+        out = ((slot < max(sinks, 0)) | (slot >= n)).unfold(0, L, T).view(1, nt, 1, L)
         return table.masked_fill(out, NEG_INF), False
-    return causal_bias(_band_table(T, til.left, til.right, torch.float32, device)), False
+    table = _band_table(T, til.left, til.right, torch.float32, device)
+    if part.causal:
+        return causal_bias(table), False
+    if sinks:
+        return hidden_keys_bias(table), False
+    table = _band_table(T, til.left, til.right, dtype, device)
+    if keys_in:
+        return table.view(1, 1, T, L), False
+    slot = torch.arange(ch.ks, ch.ke, device=device)
+    out = ((slot < 0) | (slot >= n)).unfold(0, L, T).view(1, nt, 1, L)
+    return table.masked_fill(out, NEG_INF), False
 
 
 def _tiles(q_rows, k_rows, v_rows, til: _Tiling, nt: int):
@@ -356,10 +395,12 @@ def _tiles(q_rows, k_rows, v_rows, til: _Tiling, nt: int):
     return qt, *(x.reshape(X, -1, D).unfold(1, til.L, til.T).transpose(-1, -2) for x in (k_rows, v_rows))
 
 
-def _has_key(mask: torch.Tensor, B: int, H: int, m: int) -> torch.Tensor:
-    """[B, H, m, 1] bool: the chunk's rows that see at least one key (visible entries are 0)."""
-    seen = (mask == 0).any(dim=-1).reshape(-1, m)  # [1 or B * H, m]
-    return seen.expand(B * H, m).reshape(B, H, m, 1)
+def _has_key(mask: torch.Tensor, B: int, H: int, nt: int, T: int) -> torch.Tensor:
+    """[B, H, nt * T, 1] bool: the chunk's rows that see at least one key (visible entries are
+    0; ``mask`` broadcastable to [B * H, nt, T, L])."""
+    seen = (mask == 0).any(dim=-1)  # [1 or B * H, 1 or nt, 1 or T]
+    seen = seen.expand(seen.shape[0], nt, T).reshape(-1, nt * T)
+    return seen.expand(B * H, nt * T).reshape(B, H, nt * T, 1)
 
 
 def _mask_planes(part: WindowPart, B: int, H: int) -> int:
@@ -427,17 +468,68 @@ def _merge_rows(out, lse, o, l_):
     return torch.lerp(out, o, share), top + torch.log(total)
 
 
-def _forward(q, k, v, parts, scale, need_lse):
+def _sink_keys(k: torch.Tensor, v: torch.Tensor, sinks: int, heads: int):
+    """The sinks' keys and values [B, heads, sinks, D] (GQA heads repeated: a few rows)."""
+    groups = heads // k.shape[1]
+    return [x[:, :, :sinks].repeat_interleave(groups, dim=1) for x in (k, v)]
+
+
+def _sink_mask(s: int, e: int, sinks: int, causal: bool, dtype, device) -> torch.Tensor | None:
+    """[e - s, sinks] additive mask of queries at positions [s, e): sink j is visible from
+    position j on (causal); every query sees sink 0."""
+    if not causal or s >= sinks:
+        return None
+    pos = torch.arange(s, e, device=device)[:, None]
+    later = torch.arange(sinks, device=device)[None, :] > pos
+    return torch.zeros(later.shape, dtype=dtype, device=device).masked_fill_(later, NEG_INF)
+
+
+def _forward_sinks(q, k, v, out, lse, sinks, causal, scale):
+    """Merge the sink part (every query and the first ``sinks`` keys) into (out, lse), in place,
+    a chunk of queries at a time."""
+    n = q.shape[2]
+    ks, vs = _sink_keys(k, v, sinks, q.shape[1])
+    for s in range(0, n, FORWARD_CHUNK):
+        e = min(n, s + FORWARD_CHUNK)
+        o, l_ = _FORWARD(q[:, :, s:e], ks, vs, 0.0, False, scale=scale,
+                         attn_mask=_sink_mask(s, e, sinks, causal, q.dtype, q.device))
+        rows, row_lse = out[:, :, s:e], lse[:, :, s:e]
+        o, l_ = _merge_rows(rows, row_lse, o.to(rows.dtype), l_.unsqueeze(-1).to(rows.dtype))
+        rows.copy_(o)
+        row_lse.copy_(l_)
+
+
+def _backward_sinks(grad, q, k, v, out, lse_b, dq, dk, dv, sinks, causal, scale):
+    """The sink part's gradients, added onto dq and the first ``sinks`` rows of dk, dv."""
+    B, H, n, D = q.shape
+    ks, vs = _sink_keys(k, v, sinks, H)
+    gk_sum = torch.zeros(B, H, sinks, D, dtype=dk.dtype, device=q.device)
+    gv_sum = torch.zeros_like(gk_sum)
+    for s in range(0, n, BACKWARD_CHUNK):
+        e = min(n, s + BACKWARD_CHUNK)
+        gq, gk, gv = _BACKWARD(grad[:, :, s:e], q[:, :, s:e], ks, vs, out[:, :, s:e],
+                               lse_b[:, :, s:e, 0].contiguous(), 0.0, False, scale=scale,
+                               attn_mask=_sink_mask(s, e, sinks, causal, q.dtype, q.device))
+        dq[:, :, s:e].add_(gq)
+        gk_sum.add_(gk)
+        gv_sum.add_(gv)
+    Hkv = k.shape[1]  # GQA: a key/value head's gradient sums its query heads'
+    dk[:, :, :sinks].add_(gk_sum.view(B, Hkv, H // Hkv, sinks, D).sum(2))
+    dv[:, :, :sinks].add_(gv_sum.view(B, Hkv, H // Hkv, sinks, D).sum(2))
+
+
+def _forward(q, k, v, parts, scale, need_lse, sinks=0):
     B, H, n, D = q.shape
     work = _work_dtype(q.dtype)
     out = _like(q, work)  # q's layout: a model's transpose back to [B, n, H * D] is then a view
-    lse = torch.empty(B, H, n, 1, dtype=work, device=q.device) if need_lse or len(parts) > 1 else None
+    merged = len(parts) > 1 or sinks > 0
+    lse = torch.empty(B, H, n, 1, dtype=work, device=q.device) if need_lse or merged else None
     for i, part in enumerate(parts):
         til = _Tiling.make(part, n, FORWARD_TILE)
         for order, s, e, m in _chunks(part, til, B, H, FORWARD_CHUNK, q, split_heads=True):
             Hg = order.H
             ch = order.chunk(til, s, e, m)
-            mask, causal = _mask(part, til, ch, order, q.dtype, q.device)
+            mask, causal = _mask(part, til, ch, order, q.dtype, q.device, sinks)
             qt, kt, vt = _tiles(order.take(q, s, s + m, ch.q_pos, "q"),
                                 order.take(k, ch.ks, ch.ke, ch.k_pos, "k"),
                                 order.take(v, ch.ks, ch.ke, ch.k_pos, "v"), til, ch.nt)
@@ -449,13 +541,15 @@ def _forward(q, k, v, parts, scale, need_lse):
                 order.put(out, s, o, pos)
                 continue
             l_ = l_.reshape(B, Hg, m, 1)[:, :, :count].to(work)
-            if part.exclude_recent:  # the kernel gives a row with no key out 0 and a finite lse
-                l_ = l_.masked_fill(~_has_key(mask, B, Hg, m)[:, :, :count], NEG_INF)
+            if part.exclude_recent or sinks:  # a row with no key: out 0, a finite lse
+                l_ = l_.masked_fill(~_has_key(mask, B, Hg, ch.nt, til.T)[:, :, :count], NEG_INF)
             if i > 0:
                 o, l_ = _merge_rows(order.take(out, s, e, pos, "out"), order.take(lse, s, e, pos, "lse"),
                                     o, l_)
             order.put(out, s, o, pos)
             order.put(lse, s, l_, pos)
+    if sinks:
+        _forward_sinks(q, k, v, out, lse, sinks, parts[0].causal, scale)
     return out, lse
 
 
@@ -484,19 +578,19 @@ def _fold_into(dest: torch.Tensor, gk: torch.Tensor, til: _Tiling, nt: int, ks: 
         rows.add_(gk[:, :, :, j * T: j * T + width])
 
 
-def _backward(grad, q, k, v, out, lse_b, parts, scale):
+def _backward(grad, q, k, v, out, lse_b, parts, scale, sinks=0):
     B, H, n, D = q.shape
     work = _work_dtype(q.dtype)
-    dq = _like(q, work, zero=len(parts) > 1)
+    add_q = len(parts) > 1 or sinks > 0
+    dq = _like(q, work, zero=add_q)
     dk, dv = _like(k, work, zero=True), _like(v, work, zero=True)
-    add_q = len(parts) > 1
     for part in parts:
         til = _Tiling.make(part, n, backward_tile(part.window))
         for order, s, e, m in _chunks(part, til, B, H, BACKWARD_CHUNK, q):
             Hg = order.H
             ch = order.chunk(til, s, e, m)
             nt, T = ch.nt, til.T
-            mask, causal = _mask(part, til, ch, order, q.dtype, q.device)
+            mask, causal = _mask(part, til, ch, order, q.dtype, q.device, sinks)
             g = order.take(grad, s, s + m, ch.q_pos, "grad")
             if e - s < m:  # the rows past the sequence in the last tile: no gradient
                 g = g.clone()
@@ -526,19 +620,21 @@ def _backward(grad, q, k, v, out, lse_b, parts, scale):
                     continue
                 rows = _fold(gx, til, nt)[:, lo - ch.ks: hi - ch.ks].to(work)
                 order.put(dest, lo, rows.view(B, Hg, hi - lo, D), k_pos, add=True)
+    if sinks:
+        _backward_sinks(grad, q, k, v, out, lse_b, dq, dk, dv, sinks, parts[0].causal, scale)
     return dq, dk, dv
 
 
 class _WindowParts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, scale, parts, q, k, v):
-        need_grad = any(ctx.needs_input_grad[2:])
-        out, lse = _forward(q, k, v, parts, scale, need_grad)
+    def forward(ctx, scale, parts, sinks, q, k, v):
+        need_grad = any(ctx.needs_input_grad[3:])
+        out, lse = _forward(q, k, v, parts, scale, need_grad, sinks)
         result = out.to(q.dtype)
         if need_grad:
             # The backward reads P = exp(S - lse): +inf on rows with no key makes every P there 0.
             lse_b = torch.where(lse > NEG_INF, lse, float("inf"))
-            ctx.scale, ctx.parts = scale, parts
+            ctx.scale, ctx.parts, ctx.sinks = scale, parts, sinks
             ctx.save_for_backward(q, k, v, result, lse_b)
         return result
 
@@ -547,8 +643,8 @@ class _WindowParts(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v, out, lse_b = ctx.saved_tensors
         grad = addressable(grad.to(q.dtype))
-        dq, dk, dv = _backward(grad, q, k, v, out, lse_b, ctx.parts, ctx.scale)
-        return None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        dq, dk, dv = _backward(grad, q, k, v, out, lse_b, ctx.parts, ctx.scale, ctx.sinks)
+        return None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,24 +663,25 @@ def window_parts(perm: torch.Tensor | None, window: int, layout: str, causal: bo
 
 
 def windowed(q, k, v, window: int, *, perm: torch.Tensor | None, layout: str, causal: bool,
-             scale: float) -> torch.Tensor:
-    """SWA (``perm`` None) or SA in ``layout`` (window < n, validated inputs, finite keys)."""
+             scale: float, sinks: int = 0) -> torch.Tensor:
+    """SWA (``perm`` None) or SA in ``layout``, with ``sinks`` (window < n, sinks <= n,
+    validated inputs, finite keys)."""
     if perm is not None and layout == "block":
         perm = _sort_groups(perm, window)
-    return _run(q, k, v, perm, window, layout, causal, 0, scale)
+    return _run(q, k, v, perm, window, layout, causal, 0, scale, sinks)
 
 
 def union(q, k, v, window: int, *, perm: torch.Tensor, layout: str, local: int,
-          scale: float) -> torch.Tensor:
-    """The causal SA + local union (window, local < n; finite keys)."""
+          scale: float, sinks: int = 0) -> torch.Tensor:
+    """The causal SA + local union, with ``sinks`` (window, local < n; finite keys)."""
     if layout == "block":
         perm = _sort_groups(perm, window)
-    return _run(q, k, v, perm, window, layout, True, local, scale)
+    return _run(q, k, v, perm, window, layout, True, local, scale, sinks)
 
 
-def _run(q, k, v, perm, window, layout, causal, local, scale) -> torch.Tensor:
+def _run(q, k, v, perm, window, layout, causal, local, scale, sinks=0) -> torch.Tensor:
     if torch.compiler.is_compiling():  # the same path, as one opaque operator of the graph
         from . import flashband_ops  # late import: the operators are built on this module
 
-        return flashband_ops.attention(q, k, v, perm, window, layout, causal, local, scale)
-    return attention(q, k, v, window_parts(perm, window, layout, causal, local), scale)
+        return flashband_ops.attention(q, k, v, perm, window, layout, causal, local, scale, sinks)
+    return attention(q, k, v, window_parts(perm, window, layout, causal, local), scale, sinks)

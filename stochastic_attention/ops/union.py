@@ -30,7 +30,8 @@ def union_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
     """
     if flashband.serves(q, k, v, key_mask=key_mask, sinks=sinks, layout=layout, perm=perm,
                         window=window, local=local):
-        return flashband.union(q, k, v, window, perm=perm, layout=layout, local=local, scale=scale)
+        return flashband.union(q, k, v, window, perm=perm, layout=layout, local=local, scale=scale,
+                               sinks=sinks)
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     sink = SinkParts(k, v, sinks, key_mask, 1)

@@ -90,3 +90,25 @@ def test_projected_inputs_through_the_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--inputs", "bnhd", "--out", str(tmp_path)])
     assert "--inputs" in capsys.readouterr().err
+
+
+def test_sinks_reach_every_windowed_method(tmp_path):
+    """``--sinks``: the windowed methods get the sinks (their outputs change, and equal the
+    operators called with them); dense attention is unchanged."""
+    n, heads, dim = 40, 2, 8
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, heads, n, dim, generator=g) for _ in range(3))
+    perm = sa.random_permutation(1, heads, n, generator=g)
+    with_sinks = {m: bench.method_fn(m, 8, n, sinks=3)(q, k, v, perm)
+                  for m in ("full", "sliding_window", "stochastic", "stochastic_local")}
+    for m, out in with_sinks.items():
+        plain = bench.method_fn(m, 8, n)(q, k, v, perm)
+        assert torch.equal(out, plain) == (m == "full"), m
+    torch.testing.assert_close(with_sinks["stochastic"],
+                               sa.stochastic_attention(q, k, v, 8, perm=perm[:, :1], sinks=3))
+    from stochastic_attention.cli import main
+
+    assert main(["bench", "--sinks", "3", "--seq-lens", "48", "--window", "8", "--heads", "2",
+                 "--head-dim", "8", "--methods", "sliding_window,stochastic", "--repeats", "1",
+                 "--no-progress", "--out", str(tmp_path)]) == 0
+    assert "sinks=3" in (tmp_path / "bench.md").read_text()

@@ -183,7 +183,8 @@ def test_flash_operators_pass_torch_library_checks():
 
     q, k, v = random_qkv(N, batch=2, heads=4, kv_heads=2, dim=8)
     perm = two_perms()
-    for args in ((None, WINDOW, "band", True, 0), (perm, WINDOW, "band", True, 0),
-                 (sort_groups(perm, WINDOW), WINDOW, "block", True, 0),
-                 (perm, WINDOW, "band", True, 3), (None, WINDOW, "band", False, 0)):
-        torch.library.opcheck(flashband_ops._forward, (q, k, v, *args, 0.35))
+    for args, sinks in (((None, WINDOW, "band", True, 0), 0), ((perm, WINDOW, "band", True, 0), 0),
+                        ((sort_groups(perm, WINDOW), WINDOW, "block", True, 0), 0),
+                        ((perm, WINDOW, "band", True, 3), 0), ((None, WINDOW, "band", False, 0), 0),
+                        ((perm, WINDOW, "band", True, 3), 2), ((None, WINDOW, "band", True, 0), 2)):
+        torch.library.opcheck(flashband_ops._forward, (q, k, v, *args, 0.35, sinks))

@@ -69,6 +69,37 @@ def test_window_part_matches_reference(tiles, n, window, layout, causal, order, 
     assert_matches(out, ref, q, k, v)
 
 
+@pytest.mark.parametrize("sinks", [1, 4])
+@pytest.mark.parametrize("n,window,layout,causal,order", [
+    c for c in itertools.product((9, 131), (1, 33), ("band", "block"), (True, False),
+                                 ("swa", "per-sample", "per-head"))
+    if c[1] < c[0] and not (c[4] == "swa" and c[2] == "block")])
+def test_sinks_as_a_part_of_their_own(tiles, n, window, layout, causal, order, sinks):
+    """The first ``sinks`` positions, seen by every (later) query and hidden from the window
+    parts: each key once, rows whose window holds only sinks included (GQA)."""
+    q, k, v = make(n, kv_heads=2)
+    perm = perm_of(order, n, n + window + sinks)
+    ref = reference.attention(q, k, v, window, perm=perm, layout=layout, causal=causal,
+                              sinks=sinks, key_mask=None, scale=SCALE, local=0)
+    out = flashband.windowed(q, k, v, window, perm=perm, layout=layout, causal=causal, scale=SCALE,
+                             sinks=sinks)
+    assert_matches(out, ref, q, k, v)
+
+
+@pytest.mark.parametrize("sinks", [1, 4])
+@pytest.mark.parametrize("layout,order", [("band", "shared"), ("band", "per-head"),
+                                          ("block", "per-sample")])
+def test_union_with_sinks(tiles, layout, order, sinks):
+    n, window, local = 70, 17, 5
+    q, k, v = make(n, kv_heads=2)
+    perm = perm_of(order, n, 9)
+    ref = reference.attention(q, k, v, window, perm=perm, layout=layout, causal=True, sinks=sinks,
+                              key_mask=None, scale=SCALE, local=local)
+    out = flashband.union(q, k, v, window, perm=perm, layout=layout, local=local, scale=SCALE,
+                          sinks=sinks)
+    assert_matches(out, ref, q, k, v)
+
+
 @pytest.mark.parametrize("heads_per_call", [1, 3])
 @pytest.mark.parametrize("layout,causal,local", [("band", True, 0), ("band", False, 0),
                                                  ("block", True, 0), ("band", True, 5)])
@@ -215,8 +246,9 @@ def test_gradcheck_through_the_kernel(monkeypatch):
 
 
 def test_dispatcher_routes_plain_calls_here_and_the_rest_to_the_selecting_path(monkeypatch):
-    """Padding, sinks and non-finite keys keep the blocked path that selects hidden keys; so do
-    the block layout in training and a union with a band of a few keys, where it is faster."""
+    """Padding and non-finite keys keep the blocked path that selects hidden keys; so do the
+    block layout in training and a union with a band of a few keys, where it is faster. Sinks
+    come here (a part of their own)."""
     calls = []
     real = flashband.attention
     monkeypatch.setattr(flashband, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -226,17 +258,20 @@ def test_dispatcher_routes_plain_calls_here_and_the_rest_to_the_selecting_path(m
     sa.stochastic_attention(q, k, v, 16, local=3)
     with torch.no_grad():
         sa.stochastic_attention(q, k, v, 5, layout="block")
-    assert len(calls) == 4
+    sa.stochastic_attention(q, k, v, 5, sinks=2)
+    sa.sliding_window_attention(q, k, v, 5, sinks=4)
+    sa.stochastic_attention(q, k, v, 16, local=3, sinks=4)
+    assert len(calls) == 7
     sa.stochastic_attention(q, k, v, 5, layout="block")
     sa.stochastic_attention(q, k, v, 5, local=3)
     mask = torch.ones(2, 40, dtype=torch.bool)
     mask[0, :4] = False
     sa.sliding_window_attention(q, k, v, 5, key_mask=mask)
-    sa.stochastic_attention(q, k, v, 5, sinks=2)
+    sa.stochastic_attention(q, k, v, 5, sinks=2, key_mask=mask)
     bad = k.detach().clone()
     bad[0, 0, 3, 0] = float("nan")
     sa.sliding_window_attention(q, bad, v, 5)
-    assert len(calls) == 4
+    assert len(calls) == 7
 
 
 def test_all_finite_sees_every_kind_of_non_finite_entry():
