@@ -4,7 +4,6 @@ JSON and plot."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from ..cli_args import (
     check_device,
     check_memory,
     choice_list,
+    ensure_folder,
     int_at_least,
     method_list,
     positive_int,
@@ -25,7 +25,7 @@ from ..cli_args import (
     renamed_option,
     resolve_dtype,
 )
-from .run import INPUTS, METHODS, RENAMED, Cell, as_records, benchmark, machine_info
+from .run import INPUTS, METHODS, RENAMED, Cell, as_records, benchmark, machine_info, save_results
 
 DEFAULT_SEQ_LENS = "1024,2048,4096,8192,16384,32768,65536"
 MODES = ("fwd", "fwd+bwd")
@@ -88,6 +88,7 @@ def main(args: argparse.Namespace) -> int:
     check_memory(copies * args.batch * args.heads * max(seq_lens) * args.head_dim * itemsize,
                  f"--seq-lens {max(seq_lens)} (batch {args.batch}, {args.heads} heads of "
                  f"{args.head_dim})", "use shorter --seq-lens or fewer --heads", device=args.device)
+    out = ensure_folder(args.out)  # before the run: a file in the way fails at once
     total = len(seq_lens) * len(modes) * len(methods) * args.repeats
     with tqdm(total=total, desc="bench", unit="run") as bar:
         cells = benchmark(methods=methods, seq_lens=seq_lens, window=args.window, batch=args.batch,
@@ -104,16 +105,13 @@ def main(args: argparse.Namespace) -> int:
     io_bytes = 4 * args.batch * args.heads * args.head_dim * itemsize  # q, k, v, out per token
     table = markdown_tables(cells, methods, seq_lens, modes, io_bytes_per_token=io_bytes)
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({"config": config, "machine": info,
-                                                "cells": as_records(cells)}, indent=1))
     header = (f"Machine: {info['processor']}, {info['threads']} threads, torch {info['torch']},"
               f" device {info.get('gpu', info['device'])}, {info['date']}. B={args.batch}, H={args.heads},"
               f" D={args.head_dim}, window={args.window}, sinks={args.sinks}, {dtype_name},"
               f" {args.inputs} inputs,"
               f" median of {args.repeats} ({args.clock} clock).\n\n")
-    (out / "bench.md").write_text(header + table)
+    save_results(out, "bench", config=config, machine=info, records=as_records(cells),
+                 markdown=header + table)
     plot(cells, methods, modes, out / "bench.png", title=f"{args.inputs} inputs, window {args.window}, H={args.heads}, "
          f"D={args.head_dim}, {dtype_name}, {info.get('gpu', info['device'])}")
     print(f"saved {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")

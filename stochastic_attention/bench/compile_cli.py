@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 
 import torch
 
@@ -18,7 +17,7 @@ from ..cli_args import (
     positive_int,
 )
 from .compile import METHODS, as_records, load_average, measure, plot, table
-from .run import RENAMED, machine_info
+from .run import RENAMED, machine_info, save_results
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -78,15 +77,14 @@ def main(args: argparse.Namespace) -> int:
                                   "load_average_after": load_average()}
     text = table(cells)
     print(text)
-    (out / "compile.json").write_text(json.dumps({"config": config, "machine": info,
-                                                  "cells": as_records(cells)}, indent=1))
     header = (f"Machine: {info['processor']}, {info['threads']} threads, torch {info['torch']}, "
               f"{info['date']}, load average {load_before} before, {info['load_average_after']} "
               f"after. SA-Llama {args.layers} x {args.hidden}, {args.heads} heads, window "
               f"{args.window}, batch {args.batch} x {args.seq_len} tokens, backend "
               f"{args.backend} ({'warm' if args.warm_cache else 'empty'} compile cache); "
               f"median of {args.steps} steps after {args.warmup} warm-up.\n\n")
-    (out / "compile.md").write_text(header + text)
+    save_results(out, "compile", config=config, machine=info, records=as_records(cells),
+                 markdown=header + text)
     plot(cells, out / "compile.png", title=f"torch.compile ({args.backend}) training step, "
          f"{info['threads']} threads, seq {args.seq_len}")
     print(f"saved {out / 'compile.json'}, {out / 'compile.md'}, {out / 'compile.png'}")

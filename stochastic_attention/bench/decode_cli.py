@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
@@ -22,7 +21,7 @@ from ..cli_args import (
     resolve_dtype,
 )
 from .decode import as_records, benchmark_decode, decode_table, plot_decode
-from .run import machine_info
+from .run import machine_info, save_results
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -78,9 +77,8 @@ def main(args: argparse.Namespace) -> int:
               f"{args.sinks} sinks + {args.local} local + {args.window} sampled keys, "
               f"{dtype_name}, median of {args.steps} steps.\n\n")
     print(header + table)
-    (out / "decode.json").write_text(json.dumps({"config": config, "machine": info,
-                                                 "cells": as_records(cells)}, indent=1))
-    (out / "decode.md").write_text(header + table)
+    save_results(out, "decode", config=config, machine=info, records=as_records(cells),
+                 markdown=header + table)
     plot_decode(cells, out / "decode.png",
                 title=f"one decode step, Hq={args.heads}/Hkv={args.kv_heads}, D={args.head_dim}, "
                       f"{dtype_name}")

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import platform
 import statistics
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -335,3 +337,11 @@ def machine_info(device: str) -> dict:
 
 def as_records(cells: list[Cell]) -> list[dict]:
     return [asdict(c) for c in cells]
+
+
+def save_results(out: Path, name: str, *, config: dict, machine: dict, records: list[dict],
+                 markdown: str) -> None:
+    """``out/name.json`` (config, machine, cells) and ``out/name.md``: what every bench saves."""
+    (out / f"{name}.json").write_text(json.dumps({"config": config, "machine": machine,
+                                                  "cells": records}, indent=1))
+    (out / f"{name}.md").write_text(markdown)

@@ -365,24 +365,16 @@ def _mask(part: WindowPart, til: _Tiling, ch: _Chunk, order: _Order, dtype, devi
             return None, part.causal
         slot = torch.arange(ch.ks, ch.ke, device=device).view(1, nt, 1, L)
         return torch.zeros((), dtype=dtype, device=device).masked_fill(slot >= n, NEG_INF), False
-    if ch.k_pos is None:  # the window alone, in slot space (slot == position)
+    if ch.k_pos is None or not (part.causal or sinks):  # the window alone, in slot space
+        first = sinks if ch.k_pos is None else 0  # slot == position: the sinks are the first slots
         table = _band_table(T, til.left, til.right, dtype, device)
-        if ch.ks >= sinks and ch.ke <= n:
+        if ch.ks >= first and ch.ke <= n:
             return table.view(1, 1, T, L), False
         slot = torch.arange(ch.ks, ch.ke, device=device)
-        out = ((slot < max(sinks, 0)) | (slot >= n)).unfold(0, L, T).view(1, nt, 1, L)
+        out = ((slot < first) | (slot >= n)).unfold(0, L, T).view(1, nt, 1, L)
         return table.masked_fill(out, NEG_INF), False
     table = _band_table(T, til.left, til.right, torch.float32, device)
-    if part.causal:
-        return causal_bias(table), False
-    if sinks:
-        return hidden_keys_bias(table), False
-    table = _band_table(T, til.left, til.right, dtype, device)
-    if keys_in:
-        return table.view(1, 1, T, L), False
-    slot = torch.arange(ch.ks, ch.ke, device=device)
-    out = ((slot < 0) | (slot >= n)).unfold(0, L, T).view(1, nt, 1, L)
-    return table.masked_fill(out, NEG_INF), False
+    return (causal_bias(table) if part.causal else hidden_keys_bias(table)), False
 
 
 def _tiles(q_rows, k_rows, v_rows, til: _Tiling, nt: int):
